@@ -1,0 +1,43 @@
+# cpuforge: base model + LoRA adapters -> merged HF model -> f16 GGUF -> quantized GGUF.
+# See README.md; the layout and targets are fixed in DESIGN.md.
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/llama_cpp.smk"
+include: "rules/demo.smk"
+include: "rules/merge.smk"
+include: "rules/convert.smk"
+include: "rules/quantize.smk"
+
+
+rule all:
+    input:
+        get_quantized(),
+
+
+rule llama_cpp:
+    input:
+        get_llama_tools(),
+
+
+rule merged_model:
+    input:
+        expand("results/{model}/merged", model=MODELS),
+
+
+rule f16_model:
+    input:
+        expand("results/{model}/ggml-model-f16.gguf", model=MODELS),
+
+
+rule q4_model:
+    input:
+        expand("results/{model}/ggml-model-q4_0.gguf", model=MODELS),
+
+
+rule quantized:
+    input:
+        get_quantized(),

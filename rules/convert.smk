@@ -1,0 +1,16 @@
+rule convert:
+    input:
+        model="results/{model}/merged",
+        source=get_llama_source(),
+    output:
+        "results/{model}/ggml-model-f16.gguf",
+    log:
+        "logs/{model}/convert.log",
+    benchmark:
+        "benchmarks/{model}/convert.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m scripts.convert --source {input.source} --model {input.model} --out {output}"
+        " --outtype f16 --threads {threads} > {log} 2>&1"

@@ -1,0 +1,34 @@
+rule make_demo_base:
+    output:
+        directory(DEMO_BASE),
+    log:
+        "logs/demo/make_demo_base.log",
+    benchmark:
+        "benchmarks/demo/make_demo_base.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+    shell:
+        "python -m scripts.make_demo_base --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule train_demo_adapter:
+    input:
+        base=DEMO_BASE,
+        train=workflow.source_path("../data/demo_task/train.jsonl"),
+        heldout=workflow.source_path("../data/demo_task/heldout.jsonl"),
+    output:
+        directory(DEMO_ADAPTER),
+    log:
+        "logs/demo/train_demo_adapter.log",
+    benchmark:
+        "benchmarks/demo/train_demo_adapter.tsv"
+    params:
+        **config["demo"],
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m scripts.train_demo_adapter --base {input.base} --out {output} --steps {params.steps}"
+        " --batch-size {params.batch_size} --lr {params.lr} --rank {params.rank} --alpha {params.alpha}"
+        " --seed {params.seed} --threads {threads} > {log} 2>&1"

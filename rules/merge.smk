@@ -1,0 +1,19 @@
+rule merge:
+    input:
+        unpack(get_merge_input),
+    output:
+        directory("results/{model}/merged"),
+    log:
+        "logs/{model}/merge.log",
+    benchmark:
+        "benchmarks/{model}/merge.tsv"
+    params:
+        base=get_base,
+        adapters=get_adapter_args,
+        dtype=config["merge"]["dtype"],
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    shell:
+        "python -m scripts.merge --base {params.base} {params.adapters} --out {output}"
+        " --dtype {params.dtype} --threads {threads} > {log} 2>&1"

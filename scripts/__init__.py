@@ -1,0 +1,1 @@
+"""cpuforge's steps: each module is a plain CLI (`python -m scripts.<step> --help`)."""

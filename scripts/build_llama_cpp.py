@@ -1,0 +1,65 @@
+"""Build the llama.cpp tools and shared libraries that cpuforge needs from a verified source.
+
+cmake builds in `--work` (kept, so a rebuild is incremental); the executables
+and shared libraries are then copied into `--out` as one folder, which is
+what the rules call and what llama-cpp-python loads through LLAMA_CPP_LIB_PATH.
+Binaries find their libraries through an $ORIGIN rpath, so the folder works
+wherever it lies.
+"""
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts.common import atomic_output, check_threads, run
+
+log = logging.getLogger(__name__)
+
+TOOLS = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "llama-imatrix")
+
+CMAKE_OPTIONS = {
+    "CMAKE_BUILD_TYPE": "Release",
+    "BUILD_SHARED_LIBS": "ON",
+    "CMAKE_BUILD_RPATH_USE_ORIGIN": "ON",
+    "LLAMA_BUILD_TESTS": "OFF",
+    "LLAMA_BUILD_EXAMPLES": "OFF",
+    "LLAMA_BUILD_APP": "OFF",
+    "LLAMA_BUILD_TOOLS": "ON",
+    "LLAMA_BUILD_SERVER": "ON",
+    # nothing may be downloaded at build time, and HTTPS is not needed locally
+    "LLAMA_USE_PREBUILT_UI": "OFF",
+    "LLAMA_OPENSSL": "OFF",
+}
+
+
+def build(source: Path, work: Path, out: Path, threads: int, tools=TOOLS) -> None:
+    options = [f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()]
+    subprocess.run(["cmake", "-S", str(source), "-B", str(work), *options], check=True, stdout=sys.stderr)
+    log.info("building %s with %d jobs", " ".join(tools), threads)
+    subprocess.run(
+        ["cmake", "--build", str(work), "--parallel", str(threads), "--target", *tools],
+        check=True, stdout=sys.stderr,
+    )  # fmt: skip
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        for f in sorted((work / "bin").iterdir()):
+            if f.name in tools or ".so" in f.name:
+                shutil.copy2(f, tmp / f.name, follow_symlinks=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, required=True, help="verified llama.cpp source folder")
+    parser.add_argument("--work", type=Path, required=True, help="cmake build folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the tools and libraries")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    build(args.source, args.work, args.out, check_threads(args.threads))
+    log.info("llama.cpp tools ready in %s", args.out)
+
+
+if __name__ == "__main__":
+    run(main)

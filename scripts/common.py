@@ -1,0 +1,181 @@
+"""Helpers shared by every cpuforge step: logging, errors, atomic outputs, hashes, provenance.
+
+This module is imported at workflow start-up (rules/common.smk), so it imports
+nothing heavy: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import struct
+import sys
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that
+# cpuforge knows how to make without an importance matrix.
+QUANT_TYPES = (
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "f16", "bf16",
+)  # fmt: skip
+
+PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
+
+
+class InputError(Exception):
+    """Bad input. The message is one sentence naming the file or key and the problem."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(main) -> None:
+    """Run a step's main(): bad input ends it with its one sentence and exit code 2."""
+    setup_logging()
+    try:
+        main()
+    except InputError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def check_threads(threads: int) -> int:
+    if threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}.")
+    return threads
+
+
+def check_quant_type(qtype: str) -> str:
+    if qtype.lower() in QUANT_TYPES:
+        return qtype.lower()
+    close = difflib.get_close_matches(qtype.lower(), QUANT_TYPES, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else f"; known types: {', '.join(QUANT_TYPES)}."
+    raise InputError(f"quant_types: unknown llama.cpp quantization type {qtype!r}{hint}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield `path.partial` to write to; rename it to `path` only when the body succeeds.
+
+    A killed or failed step leaves at most a `.partial`, never a file or folder
+    with the final name, and the next run removes the leftover first.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    _remove(partial)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)
+        raise
+    _remove(path)
+    os.replace(partial, path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under `path` (or of `path` itself), keyed by relative name."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_provenance(artifact: str | os.PathLike, inputs: dict[str, str | os.PathLike], **facts) -> Path:
+    """Write `<artifact>.provenance.json`: input hashes, package versions and the step's own facts."""
+    artifact = Path(artifact)
+    record = {
+        "artifact": artifact.name,
+        "inputs": {role: sha256_tree(p) for role, p in inputs.items()},
+        "versions": package_versions(),
+        **facts,
+    }
+    sidecar = artifact.with_name(artifact.name + ".provenance.json")
+    with atomic_output(sidecar) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return sidecar
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found.") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e}).") from None
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """Read a safetensors header (names, dtypes, shapes) without touching the weights."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise InputError(f"{path}: truncated safetensors file (header claims {n} bytes, file has {size}).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path}: corrupt safetensors header.") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise InputError(f"{path}: truncated safetensors file ({size} bytes, its tensors need {8 + n + end}).")
+    return header
+
+
+def llama_cpp_env(bin_dir: str | os.PathLike) -> dict[str, str]:
+    """Environment under which llama-cpp-python loads the pinned build instead of its own."""
+    return {**os.environ, "LLAMA_CPP_LIB_PATH": str(Path(bin_dir).resolve())}
+
+
+def load_llama_cpp(bin_dir: str | os.PathLike):
+    """Import llama_cpp bound to the pinned libllama in `bin_dir`."""
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(Path(bin_dir).resolve())
+    import llama_cpp
+
+    return llama_cpp

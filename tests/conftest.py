@@ -1,0 +1,114 @@
+"""Fixtures: the pinned llama.cpp build (made once, through the workflow) and tiny real models.
+
+The tiny model is a random-init Llama (2 layers, hidden 64: every row a
+multiple of 32, so q4_0 applies) with a sentencepiece tokenizer trained here
+on a few KB of real prose, and a LoRA adapter made with peft whose B matrices
+are not zero, so merging it changes the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+# shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
+BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
+BIN = BUILD_DIR / COMMIT / "bin"
+
+sys.path.insert(0, str(REPO))
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` as a user would; output captured for the assertions."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_config(path: Path, models: list[dict], **extra) -> Path:
+    import yaml
+
+    config = {"models": models, "llama_cpp": {"build_dir": str(BUILD_DIR)}, **extra}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_bin(tmp_path_factory) -> Path:
+    """The pinned llama.cpp tools and libraries, fetched, verified and built by the workflow."""
+    workdir = tmp_path_factory.mktemp("llama_cpp")
+    config = write_config(workdir / "config.yaml", [{"name": "none", "base": "demo", "adapters": ["demo"]}])
+    snakemake(workdir, "--configfile", str(config), "llama_cpp")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(BIN)
+    return BIN
+
+
+def prose(n_chars: int = 12000) -> str:
+    """Real prose nobody in this project wrote: Python's own documentation topics."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+def make_tokenizer(out: Path, extra_text: str = "") -> None:
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out.parent / f"{out.name}-corpus.txt"
+    corpus.write_text(prose() + "\n" + extra_text)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    )  # fmt: skip
+    (out / "tokenizer.vocab").unlink()
+    LlamaTokenizer(vocab_file=str(out / "tokenizer.model")).save_pretrained(out)
+
+
+def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    make_tokenizer(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, **overrides,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def make_lora(base: Path, out: Path, seed: int = 1, **lora) -> Path:
+    """A peft LoRA adapter with random (non-zero) A and B, as if trained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **lora}
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
+    return make_lora(tiny_base, tmp_path_factory.mktemp("tiny") / "adapter")
