@@ -2,7 +2,7 @@
 # See README.md; the layout and targets are fixed in DESIGN.md.
 
 
-configfile: "config.yaml"
+configfile: f"{workflow.basedir}/config.yaml"
 
 
 include: "rules/common.smk"

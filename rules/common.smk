@@ -6,14 +6,13 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# the scripts are a package of this repository; make `python -m scripts.<step>`
-# and the imports below work from any working directory
+# the scripts are a package of this repository: make `python -m scripts.<step>`
+# (in every job) and the imports below work from any working directory
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join([workflow.basedir, os.environ.get("PYTHONPATH", "")])
+shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{PYTHONPATH:+:$PYTHONPATH}}; ")
 
 from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type
 from scripts.merge import check_inputs
-
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -77,8 +76,8 @@ def get_llama_bin():
 
 
 def get_llama_tools():
-    return [f"{get_llama_bin()}/{tool}" for tool in ("llama-quantize", "llama-cli", "llama-perplexity",
-                                                      "llama-bench", "llama-server", "libllama.so")]
+    tools = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "libllama.so")
+    return [f"{get_llama_bin()}/{tool}" for tool in tools]
 
 
 def get_fetch_args():

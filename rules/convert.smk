@@ -8,6 +8,8 @@ rule convert:
         "logs/{model}/convert.log",
     benchmark:
         "benchmarks/{model}/convert.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -5,6 +5,8 @@ rule make_demo_base:
         "logs/demo/make_demo_base.log",
     benchmark:
         "benchmarks/demo/make_demo_base.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=3000,
@@ -23,11 +25,13 @@ rule train_demo_adapter:
         "logs/demo/train_demo_adapter.log",
     benchmark:
         "benchmarks/demo/train_demo_adapter.tsv"
-    params:
-        **config["demo"],
+    conda:
+        "../envs/torch.yaml"
     threads: workflow.cores
     resources:
         mem_mb=4000,
+    params:
+        **config["demo"],
     shell:
         "python -m scripts.train_demo_adapter --base {input.base} --out {output} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --rank {params.rank} --alpha {params.alpha}"

@@ -5,13 +5,15 @@ rule fetch_llama_cpp:
         "logs/llama_cpp/fetch_llama_cpp.log",
     benchmark:
         "benchmarks/llama_cpp/fetch_llama_cpp.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
     params:
         kind=LLAMA["source"],
         commit=COMMIT,
         args=get_fetch_args(),
-    threads: 1
-    resources:
-        mem_mb=1000,
     shell:
         "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args}"
         " --out {output} > {log} 2>&1"
@@ -26,12 +28,10 @@ rule build_llama_cpp:
         "logs/llama_cpp/build_llama_cpp.log",
     benchmark:
         "benchmarks/llama_cpp/build_llama_cpp.tsv"
-    params:
-        work=f"{get_llama_dir()}/cmake",
-        out=get_llama_bin(),
+    conda:
+        "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
         mem_mb=4000,
     shell:
-        "python -m scripts.build_llama_cpp --source {input} --work {params.work} --out {params.out}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m scripts.build_llama_cpp --source {input} --threads {threads} > {log} 2>&1"

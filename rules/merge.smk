@@ -7,13 +7,15 @@ rule merge:
         "logs/{model}/merge.log",
     benchmark:
         "benchmarks/{model}/merge.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
     params:
         base=get_base,
         adapters=get_adapter_args,
         dtype=config["merge"]["dtype"],
-    threads: workflow.cores
-    resources:
-        mem_mb=4000,
     shell:
         "python -m scripts.merge --base {params.base} {params.adapters} --out {output}"
         " --dtype {params.dtype} --threads {threads} > {log} 2>&1"

@@ -1,8 +1,9 @@
 """Build the llama.cpp tools and shared libraries that cpuforge needs from a verified source.
 
-cmake builds in `--work` (kept, so a rebuild is incremental); the executables
-and shared libraries are then copied into `--out` as one folder, which is
-what the rules call and what llama-cpp-python loads through LLAMA_CPP_LIB_PATH.
+cmake builds in `cmake/` beside the source (kept, so a rebuild is incremental);
+the executables and shared libraries are then copied into `bin/` beside it as
+one folder, which is what the rules call and what llama-cpp-python loads
+through LLAMA_CPP_LIB_PATH.
 Binaries find their libraries through an $ORIGIN rpath, so the folder works
 wherever it lies.
 """
@@ -53,12 +54,13 @@ def build(source: Path, work: Path, out: Path, threads: int, tools=TOOLS) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, required=True, help="verified llama.cpp source folder")
-    parser.add_argument("--work", type=Path, required=True, help="cmake build folder")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the tools and libraries")
+    parser.add_argument("--work", type=Path, help="cmake build folder (default: cmake/ beside the source)")
+    parser.add_argument("--out", type=Path, help="folder for the tools and libraries (default: bin/ beside it)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    build(args.source, args.work, args.out, check_threads(args.threads))
-    log.info("llama.cpp tools ready in %s", args.out)
+    out = args.out or args.source.parent / "bin"
+    build(args.source, args.work or args.source.parent / "cmake", out, check_threads(args.threads))
+    log.info("llama.cpp tools ready in %s", out)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def llama_bin(tmp_path_factory) -> Path:
     """The pinned llama.cpp tools and libraries, fetched, verified and built by the workflow."""
     workdir = tmp_path_factory.mktemp("llama_cpp")
     config = write_config(workdir / "config.yaml", [{"name": "none", "base": "demo", "adapters": ["demo"]}])
-    snakemake(workdir, "--configfile", str(config), "llama_cpp")
+    snakemake(workdir, "llama_cpp", "--configfile", str(config))
     os.environ["LLAMA_CPP_LIB_PATH"] = str(BIN)
     return BIN
 

@@ -1,0 +1,70 @@
+"""Bad input fails at start-up, before any rule runs, with one sentence naming the file or key."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import make_lora, make_tiny_llama, snakemake, write_config
+
+
+def start(tmp_path, models, **extra):
+    """Start the workflow for real (not a dry run) and return what it printed; it must fail."""
+    config = write_config(tmp_path / "bad.yaml", models, **extra)
+    result = snakemake(tmp_path, "q4_model", "--configfile", str(config), check=False)
+    assert result.returncode != 0
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+    return result.stdout + result.stderr
+
+
+def model(base, adapter):
+    return [{"name": "m", "base": str(base), "adapters": [str(adapter)]}]
+
+
+def test_unknown_quant_type_suggests_the_closest(tmp_path):
+    out = start(tmp_path, [{"name": "demo", "base": "demo", "adapters": ["demo"]}], quant_types=["q4_O"])
+    assert "quant_types: unknown llama.cpp quantization type 'q4_O'; did you mean q4_0?" in out
+
+
+def test_missing_base_folder(tmp_path, tiny_adapter):
+    out = start(tmp_path, model(tmp_path / "nowhere", tiny_adapter))
+    assert f"config models[m]: {tmp_path / 'nowhere'} is not a folder." in out
+
+
+def test_malformed_config_names_the_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("models: [{name: m, base: demo}]\n")
+    result = snakemake(tmp_path, "q4_model", "--configfile", str(config), check=False)
+    assert result.returncode != 0 and "'adapters' is a required property" in result.stderr
+
+
+def test_base_without_config_json(tmp_path, tiny_base, tiny_adapter):
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    (base / "config.json").unlink()
+    out = start(tmp_path, model(base, tiny_adapter))
+    assert f"{base}: not a HF model folder (no config.json)." in out
+
+
+def test_adapter_for_another_base(tmp_path, tiny_base):
+    other = make_tiny_llama(tmp_path / "other", hidden_size=96, num_attention_heads=3)
+    adapter = make_lora(other, tmp_path / "other-adapter")
+    out = start(tmp_path, model(tiny_base, adapter))
+    assert f"{adapter / 'adapter_model.safetensors'}: tensor base_model.model.model.layers.0.self_attn.q_proj" in out
+    assert "this adapter was made for another base model." in out
+
+
+def test_truncated_adapter_safetensors(tmp_path, tiny_base, tiny_adapter):
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    out = start(tmp_path, model(tiny_base, adapter))
+    assert f"{weights}: truncated safetensors file" in out
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3"])
+def test_adapter_that_cannot_be_merged_linearly(tmp_path, tiny_base, tiny_adapter, peft_type):
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    cfg = adapter / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"LORA"', f'"{peft_type}"'))
+    out = start(tmp_path, model(tiny_base, adapter))
+    assert f"{cfg}: peft_type '{peft_type}' cannot be merged linearly; only LORA can." in out

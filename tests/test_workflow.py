@@ -1,0 +1,123 @@
+"""The whole chain on the tiny model, through Snakemake, with the real llama.cpp tools."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_lora, snakemake, write_config
+
+Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
+F16 = 1  # llama_ftype LLAMA_FTYPE_MOSTLY_F16
+
+
+def planned_jobs(workdir, *args) -> dict[str, int]:
+    """Jobs a dry run would execute, by rule, read from Snakemake's job stats table."""
+    out = snakemake(workdir, "-n", *args).stdout
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(llama_bin, tiny_base, tmp_path_factory):
+    """Run q4_model on a private copy of the tiny model, so tests may change its adapter."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    base = shutil.copytree(tiny_base, workdir / "inputs" / "base")
+    adapter = make_lora(base, workdir / "inputs" / "adapter")
+    config = write_config(workdir / "tiny.yaml", [{"name": "tiny", "base": str(base), "adapters": [str(adapter)]}])
+    snakemake(workdir, "q4_model", "--configfile", str(config))
+    return workdir, config
+
+
+def gguf_fields(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return reader, {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.ggml.")}
+
+
+def test_chain_makes_a_real_q4_0_gguf(tiny_run):
+    workdir, _ = tiny_run
+    results = workdir / "results" / "tiny"
+    f16, f16_fields = gguf_fields(results / "ggml-model-f16.gguf")
+    q4, q4_fields = gguf_fields(results / "ggml-model-q4_0.gguf")
+    assert q4_fields["general.architecture"] == "llama"
+    assert (f16_fields["general.file_type"], q4_fields["general.file_type"]) == (F16, Q4_0)
+    assert q4_fields["llama.block_count"] == 2 and q4_fields["llama.embedding_length"] == 64
+    assert len(q4.tensors) == len(f16.tensors) == 2 + 2 * 9 + 1  # embeddings, norm, output; 9 per layer
+    kinds = {t.name: t.tensor_type.name for t in q4.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q4_0" and kinds["blk.1.ffn_down.weight"] == "Q4_0"
+    assert (results / "ggml-model-q4_0.gguf").stat().st_size < 0.5 * (results / "ggml-model-f16.gguf").stat().st_size
+    for name in ("merged", "ggml-model-f16.gguf", "ggml-model-q4_0.gguf"):
+        assert (results / f"{name}.provenance.json").is_file()
+    for log in ("merge.log", "convert.log", "quantize_q4_0.log"):
+        assert (workdir / "logs" / "tiny" / log).stat().st_size > 0
+    assert not list(results.rglob("*.partial"))
+
+
+def test_f16_gguf_holds_the_merged_weights(tiny_run):
+    """The converter's f16 tensors equal the merged safetensors, rounded to f16."""
+    from safetensors.numpy import load_file
+
+    workdir, _ = tiny_run
+    merged = load_file(workdir / "results" / "tiny" / "merged" / "model.safetensors")
+    reader, _ = gguf_fields(workdir / "results" / "tiny" / "ggml-model-f16.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    q = tensors["blk.1.attn_v.weight"]
+    want = merged["model.layers.1.self_attn.v_proj.weight"].astype(np.float16)
+    assert np.array_equal(np.asarray(q.data).reshape(want.shape), want)
+
+
+def test_q4_0_loads_in_the_binding_and_generates(tiny_run, llama_bin):
+    """llama-cpp-python, bound to the pinned libllama, reads the file the quantizer wrote."""
+    workdir, _ = tiny_run
+    code = (
+        "import sys, llama_cpp; m = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=2, verbose=False, seed=0);"
+        "out = m.create_completion('The module', max_tokens=8, temperature=0.0);"
+        "print(llama_cpp.__file__); print(out['usage']['completion_tokens']); print(repr(out['choices'][0]['text']))"
+    )
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(llama_bin)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(workdir / "results" / "tiny" / "ggml-model-q4_0.gguf")],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    _, n_tokens, text = result.stdout.splitlines()
+    assert int(n_tokens) == 8 and len(eval(text)) > 0
+    maps = subprocess.run(
+        [sys.executable, "-c", "import llama_cpp, sys; print(open('/proc/self/maps').read())"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert str(llama_bin / "libllama.so") in maps
+
+
+def test_second_run_has_nothing_to_do(tiny_run):
+    workdir, config = tiny_run
+    out = snakemake(workdir, "q4_model", "--configfile", str(config))
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_new_quant_type_reruns_only_quantize(tiny_run):
+    workdir, config = tiny_run
+    text = config.read_text() + "quant_types: [q4_0, q8_0]\n"
+    more = config.with_name("more.yaml")
+    more.write_text(text)
+    assert planned_jobs(workdir, "quantized", "--configfile", str(more)) == {"quantize": 1, "quantized": 1}
+
+
+def test_replaced_adapter_reruns_merge_and_after(tiny_run):
+    workdir, config = tiny_run
+    adapter = workdir / "inputs" / "adapter"
+    make_lora(workdir / "inputs" / "base", workdir / "inputs" / "adapter2", seed=7)
+    shutil.copy(workdir / "inputs" / "adapter2" / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+    jobs = planned_jobs(workdir, "q4_model", "--configfile", str(config))
+    assert jobs == {"merge": 1, "convert": 1, "quantize": 1, "q4_model": 1}
+
+
+def test_user_models_replace_the_demo(tiny_run):
+    workdir, config = tiny_run
+    out = snakemake(workdir, "-n", "all", "--configfile", str(config)).stdout
+    assert "make_demo_base" not in out and "results/demo" not in out
