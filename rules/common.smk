@@ -9,7 +9,8 @@ min_version("9.0")
 # the scripts are a package of this repository: make `python -m scripts.<step>`
 # (in every job) and the imports below work from any working directory
 sys.path.insert(0, workflow.basedir)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{PYTHONPATH:+:$PYTHONPATH}}; ")
+# (the prefix is formatted like the command, hence the doubled braces)
+shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type
 from scripts.merge import check_inputs

@@ -63,7 +63,9 @@ def check_threads(threads: int) -> int:
 def check_quant_type(qtype: str) -> str:
     if qtype.lower() in QUANT_TYPES:
         return qtype.lower()
-    close = difflib.get_close_matches(qtype.lower(), QUANT_TYPES, n=1, cutoff=0.5)
+    # the usual typo is a letter for a look-alike digit (q4_O); else the nearest name
+    lookalike = qtype.lower().replace("o", "0")
+    close = [lookalike] if lookalike in QUANT_TYPES else difflib.get_close_matches(qtype.lower(), QUANT_TYPES, 1, 0.5)
     hint = f"; did you mean {close[0]}?" if close else f"; known types: {', '.join(QUANT_TYPES)}."
     raise InputError(f"quant_types: unknown llama.cpp quantization type {qtype!r}{hint}")
 

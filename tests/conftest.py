@@ -81,12 +81,12 @@ def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
 
     make_tokenizer(out)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2, **overrides,
+        eos_token_id=2,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(out)
+    LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).save_pretrained(out)
     return out
 
 
