@@ -10,6 +10,7 @@ wherever it lies.
 
 import argparse
 import logging
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,12 @@ CMAKE_OPTIONS = {
     "LLAMA_USE_PREBUILT_UI": "OFF",
     "LLAMA_OPENSSL": "OFF",
 }
+# -march=native turns on AMX where the CPU lists it, and ggml's AMX kernels then
+# crash every q4_0/q4_1/q8_0 matmul on VMs that list AMX (seen on this project's
+# machines); an explicit -mno-* wins over -march=native whatever the order
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if platform.machine() == "x86_64":
+    CMAKE_OPTIONS |= {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
 
 
 def build(source: Path, work: Path, out: Path, threads: int, tools=TOOLS) -> None:
