@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,10 +131,13 @@ def lora_scale(config: dict, module: str, rank: int) -> float:
 
 def whole_tensor_target(name: str) -> str:
     """The base tensor an adapter's whole tensor stands for: peft saves resized layers as
-    `<module>.base_layer.weight` and `modules_to_save` copies as `<module>.weight` (older
-    versions as `<module>.modules_to_save.<adapter>.weight`)."""
-    name = name.removeprefix(PREFIX).replace(".base_layer.", ".")
-    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+    `<module>.base_layer.weight`, and `modules_to_save` copies as
+    `<module>.modules_to_save.weight` (other versions: `.modules_to_save.<adapter>.weight`)."""
+    parts = name.removeprefix(PREFIX).replace(".base_layer.", ".").split(".")
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        del parts[i : i + 1 if i + 2 == len(parts) else i + 2]
+    return ".".join(parts)
 
 
 def check_shape(weights: Path, name: str, target: str, want: list[int], shapes: dict, files: dict) -> None:

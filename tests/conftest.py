@@ -72,7 +72,9 @@ def make_tokenizer(out: Path, extra_text: str = "") -> None:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
     )  # fmt: skip
     (out / "tokenizer.vocab").unlink()
-    LlamaTokenizer(vocab_file=str(out / "tokenizer.model")).save_pretrained(out)
+    tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=True)
+    assert len(tokenizer) == 512 and len(tokenizer("def f(x): return x")["input_ids"]) > 3
+    tokenizer.save_pretrained(out)
 
 
 def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:

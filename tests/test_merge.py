@@ -100,3 +100,149 @@ def test_cli_refuses_zero_threads(tmp_path, tiny_base, tiny_adapter):
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2 and "threads must be at least 1, got 0." in result.stderr
+
+
+ADDED_WORDS = [f"cpuforgeword{i}" for i in range(32)]
+
+
+def make_extended_adapter(base, out, words=ADDED_WORDS, targets=("embed_tokens", "lm_head")):
+    """A Chinese-LLaMA-style adapter: tokenizer with added words, resized embeddings saved whole."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(5)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(words)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=list(targets),
+        init_lora_weights=False, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # as if trained: the saved embeddings differ from the base's
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def reference_logits(base, adapters, ids=PROMPTS):
+    from scripts.merge import peft_reference
+
+    with torch.no_grad():
+        return peft_reference(base, adapters)(ids).logits
+
+
+def test_extended_vocabulary(tmp_path, tiny_base):
+    adapter = make_extended_adapter(tiny_base, tmp_path / "ext")
+    merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["vocab_size"] == 512 + len(ADDED_WORDS)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert len(tokenizer) == 544 and tokenizer.convert_tokens_to_ids("cpuforgeword7") >= 512
+    ids = torch.tensor([[1, 5, 520, 77, 543, 300]])  # includes added tokens
+    want = reference_logits(tiny_base, [adapter], ids)
+    assert want.shape[-1] == 544
+    assert (merged_logits_for(tmp_path / "merged", ids) - want).abs().max() < 1e-5
+
+
+def merged_logits_for(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+
+
+def test_extended_vocabulary_then_a_plain_lora_on_top(tmp_path, tiny_base):
+    first = make_extended_adapter(tiny_base, tmp_path / "ext")
+    from transformers import AutoModelForCausalLM
+
+    resized = AutoModelForCausalLM.from_pretrained(tiny_base)
+    resized.resize_token_embeddings(544, mean_resizing=False)
+    resized.save_pretrained(tmp_path / "resized")
+    second = make_lora(tmp_path / "resized", tmp_path / "instruct", seed=9, target_modules=["k_proj", "gate_proj"])
+    merge(tiny_base, [first, second], tmp_path / "merged", "f32")
+    ids = torch.tensor([[1, 5, 520, 77, 543, 300]])
+    want = reference_logits(tiny_base, [first, second], ids)
+    assert (merged_logits_for(tmp_path / "merged", ids) - want).abs().max() < 1e-5
+    # the first adapter's tokenizer is the last one's that has tokenizer files
+    assert (tmp_path / "merged" / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+
+
+def test_tied_base_stays_tied(tmp_path):
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    adapter = make_lora(base, tmp_path / "lora")
+    merge(base, [adapter], tmp_path / "merged", "f32")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert (merged_logits(tmp_path / "merged") - reference_logits(base, [adapter])).abs().max() < 1e-5
+
+
+def test_tied_base_with_extended_vocabulary(tmp_path):
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    adapter = make_extended_adapter(base, tmp_path / "ext", targets=("embed_tokens",))
+    merge(base, [adapter], tmp_path / "merged", "f32")
+    ids = torch.tensor([[1, 5, 520, 77, 543, 300]])
+    assert (merged_logits_for(tmp_path / "merged", ids) - reference_logits(base, [adapter], ids)).abs().max() < 1e-5
+
+
+def test_sharded_base_and_bin_adapter(tmp_path, tiny_base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((tiny_base / name).read_bytes())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    torch.manual_seed(2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(sharded), lora).save_pretrained(
+        tmp_path / "bin", safe_serialization=False
+    )
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    merge(sharded, [tmp_path / "bin"], tmp_path / "merged", "f32")
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in sharded.glob("model-*.safetensors")}
+    assert (merged_logits(tmp_path / "merged") - reference_logits(sharded, [tmp_path / "bin"])).abs().max() < 1e-5
+
+
+def test_tokenizer_that_disagrees_with_the_embeddings(tmp_path, tiny_base):
+    adapter = make_extended_adapter(tiny_base, tmp_path / "ext")
+    import shutil
+
+    shutil.copy(tiny_base / "tokenizer.json", adapter / "tokenizer.json")  # the base's 512-token tokenizer
+    with pytest.raises(InputError, match=r"tokenizer.json: tokenizer has 512 tokens but the merged embeddings have 544 rows."):
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+
+
+def test_missing_base(tmp_path, tiny_adapter):
+    with pytest.raises(InputError, match="base model folder not found"):
+        merge(tmp_path / "nowhere", [tiny_adapter], tmp_path / "merged", "f32")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_verify_against_peft(tmp_path, tiny_base, tiny_adapter, dtype):
+    from scripts.merge import VERIFY_PROMPTS
+
+    worst = merge(tiny_base, [tiny_adapter], tmp_path / "merged", dtype, VERIFY_PROMPTS)
+    assert 0 <= worst < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2}[dtype]
+
+
+def test_verify_catches_a_wrong_merge(tmp_path, tiny_base, tiny_adapter, monkeypatch):
+    """A merge that forgets LoRA's scale fails verification, and leaves no merged folder."""
+    import scripts.merge as m
+
+    monkeypatch.setattr(m, "lora_scale", lambda config, module, rank: 1.0)
+    with pytest.raises(InputError, match="logits differ from peft's"):
+        m.merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32", m.VERIFY_PROMPTS)
+    assert not (tmp_path / "merged").exists()
