@@ -75,6 +75,7 @@ class Plan:
     base_files: dict[str, Path]  # base tensor -> shard
     adapters: list[Adapter]
     shapes: dict[str, list[int]]  # every output tensor's final shape
+    dtypes: dict[str, str]  # every base tensor's safetensors dtype
     tied: bool  # the output still ties lm_head to the embeddings
     tokenizer: Path
 
@@ -225,13 +226,14 @@ def tokenizer_size(folder: Path) -> tuple[int, Path]:
 def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     """Every check that needs only headers; raises InputError naming the file at the first problem."""
     files = base_shards(base)
-    shapes = {}
+    shapes, dtypes = {}, {}
     for f in sorted(set(files.values())):
-        shapes.update({k: v["shape"] for k, v in safetensors_header(f).items()})
+        for name, info in safetensors_header(f).items():
+            shapes[name], dtypes[name] = info["shape"], info["dtype"]
     config = read_json(base / "config.json")
     tied = LM_HEAD not in shapes and bool(config.get("tie_word_embeddings", True))
     if tied:
-        shapes[LM_HEAD] = shapes[EMBED]  # tied: lm_head reads the embedding matrix
+        shapes[LM_HEAD], dtypes[LM_HEAD] = shapes[EMBED], dtypes[EMBED]  # tied: lm_head reads the embeddings
     base_rows = shapes[EMBED][0]
     plans = [plan_adapter(a, shapes, files) for a in adapters]
     if tied and any(LM_HEAD in p.replace or any(lo.target == LM_HEAD for lo in p.loras) for p in plans):
@@ -245,7 +247,7 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
         raise InputError(f"{source}: tokenizer has {size} tokens but the merged embeddings have {rows} rows.")
     if not tied and LM_HEAD in shapes and shapes[LM_HEAD][0] != rows:
         raise InputError(f"{adapters[-1]}: lm_head has {shapes[LM_HEAD][0]} rows but the embeddings have {rows}.")
-    return Plan(files, plans, shapes, tied, tokenizer)
+    return Plan(files, plans, shapes, dtypes, tied, tokenizer)
 
 
 def lora_delta(a, b, scale: float, transpose: bool):
@@ -284,13 +286,31 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list[AdapterTenso
     return weight
 
 
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def safetensors_layout(specs: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:
+    """The header of a safetensors file holding `specs` (name -> dtype, shape) in name order, and its data size."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = sizes[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw, offset
+
+
 def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompts: list[str] = ()) -> float | None:
     """Write the merged model to `out`; with `verify_prompts`, check it against peft before it gets its name.
 
+    Each output shard's header is known from the plan, so it is written first and the
+    tensors follow one at a time: memory holds one tensor, never a shard or the model.
     Returns the largest |logit difference| found by the check, if it ran."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     plan = check_inputs(base, adapters)
     readers = [AdapterTensors(a.weights) for a in plan.adapters]
@@ -300,19 +320,28 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
     with atomic_output(out) as tmp:
         tmp.mkdir()
         for i, shard in enumerate(shards, 1):
-            merged = {}
-            with safe_open(shard, framework="pt") as f:
-                names = list(f.keys())
-                if EMBED in names and not plan.tied and LM_HEAD not in plan.base_files:
-                    names.append(LM_HEAD)  # untied from the base's embeddings, kept beside them
-                for name in names:
+            names = [n for n, f in plan.base_files.items() if f == shard]
+            if EMBED in names and not plan.tied and LM_HEAD not in plan.base_files:
+                names.append(LM_HEAD)  # untied from the base's embeddings, kept beside them
+            floating = {"F32", "F16", "BF16", "F64"}
+            specs = {
+                n: (SAFETENSORS_DTYPES[DTYPES[dtype]] if plan.dtypes[n] in floating else plan.dtypes[n], plan.shapes[n])
+                for n in names
+            }
+            header, size = safetensors_layout(specs)
+            with safe_open(shard, framework="pt") as f, open(tmp / shard.name, "wb") as w:
+                w.write(header)
+                for name in sorted(names):
                     source = EMBED if name == LM_HEAD and LM_HEAD not in plan.base_files else name
                     weight = merged_tensor(name, f.get_tensor(source), plan, readers)
-                    merged[name] = weight.to(out_dtype).contiguous()
-                    total += merged[name].numel() * merged[name].element_size()
-            save_file(merged, tmp / shard.name, metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(merged, shard.name)
-            log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(merged))
+                    if weight.is_floating_point():
+                        weight = weight.to(out_dtype)
+                    if list(weight.shape) != specs[name][1]:
+                        raise InputError(f"{shard}: {name} came out as {list(weight.shape)}, planned {specs[name][1]}.")
+                    w.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+            total += size
+            weight_map |= dict.fromkeys(names, shard.name)
+            log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(names))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
