@@ -16,6 +16,7 @@ rule merge:
         base=get_base,
         adapters=get_adapter_args,
         dtype=config["merge"]["dtype"],
+        verify="--verify" if config["merge"]["verify"] else "",
     shell:
         "python -m scripts.merge --base {params.base} {params.adapters} --out {output}"
-        " --dtype {params.dtype} --threads {threads} > {log} 2>&1"
+        " --dtype {params.dtype} {params.verify} --threads {threads} > {log} 2>&1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,8 @@ def tiny_run(llama_bin, tiny_base, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_run")
     base = shutil.copytree(tiny_base, workdir / "inputs" / "base")
     adapter = make_lora(base, workdir / "inputs" / "adapter")
-    config = write_config(workdir / "tiny.yaml", [{"name": "tiny", "base": str(base), "adapters": [str(adapter)]}])
+    models = [{"name": "tiny", "base": str(base), "adapters": [str(adapter)]}]
+    config = write_config(workdir / "tiny.yaml", models, merge={"verify": True})
     snakemake(workdir, "q4_model", "--configfile", str(config))
     return workdir, config
 
@@ -57,6 +59,8 @@ def test_chain_makes_a_real_q4_0_gguf(tiny_run):
     for log in ("merge.log", "convert.log", "quantize_q4_0.log"):
         assert (workdir / "logs" / "tiny" / log).stat().st_size > 0
     assert not list(results.rglob("*.partial"))
+    merged = json.loads((results / "merged.provenance.json").read_text())
+    assert 0 <= merged["verify_max_abs_logit_diff"] < 1e-4  # checked against peft by the rule itself
 
 
 def test_f16_gguf_holds_the_merged_weights(tiny_run):
