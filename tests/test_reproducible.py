@@ -1,0 +1,70 @@
+"""Same inputs and config give the same bytes; a killed step leaves nothing that looks finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, make_lora, make_tiny_llama, snakemake, write_config
+
+from scripts.common import sha256_file
+
+
+def artifacts(workdir):
+    results = workdir / "results" / "m"
+    files = [results / "merged" / "model.safetensors", results / "ggml-model-f16.gguf", results / "ggml-model-q4_0.gguf"]
+    return {f.relative_to(workdir).as_posix(): sha256_file(f) for f in files}
+
+
+def run_chain(workdir, base, adapter, *args):
+    workdir.mkdir(exist_ok=True)
+    config = write_config(workdir / "c.yaml", [{"name": "m", "base": str(base), "adapters": [str(adapter)]}])
+    snakemake(workdir, "q4_model", "--configfile", str(config), *args)
+    return artifacts(workdir)
+
+
+def test_two_clean_runs_are_byte_identical(llama_bin, tiny_base, tiny_adapter, tmp_path):
+    first = run_chain(tmp_path / "one", tiny_base, tiny_adapter)
+    second = run_chain(tmp_path / "two", tiny_base, tiny_adapter, "--cores", "1")
+    assert first == second
+
+
+@pytest.fixture(scope="module")
+def bigger(llama_bin, tmp_path_factory):
+    """A model big enough that each step writes for a while (~80 MB in f32), so it can be killed
+    mid-write, and the artifacts of its uninterrupted run."""
+    root = tmp_path_factory.mktemp("bigger")
+    base = make_tiny_llama(root / "base", hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    adapter = make_lora(base, root / "adapter")
+    return base, adapter, run_chain(root / "reference", base, adapter)
+
+
+@pytest.mark.parametrize(
+    "partial",
+    ["results/m/merged.partial", "results/m/ggml-model-f16.gguf.partial", "results/m/ggml-model-q4_0.gguf.partial"],
+)
+def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
+    """SIGKILL the whole workflow while a step writes its output; the rerun gives the uninterrupted bytes."""
+    base, adapter, reference = bigger
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    config = write_config(workdir / "c.yaml", [{"name": "m", "base": str(base), "adapters": [str(adapter)]}])
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "q4_model", "--configfile", str(config)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while proc.poll() is None and not (workdir / partial).exists():
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (workdir / partial).exists(), f"the run ended before {partial} was seen"
+    final = workdir / partial.removesuffix(".partial")
+    assert not final.exists()
+    assert not (workdir / "results" / "m" / "ggml-model-q4_0.gguf").exists()
+    snakemake(workdir, "--unlock", "--configfile", str(config))  # a SIGKILLed Snakemake leaves its lock, as always
+    assert run_chain(workdir, base, adapter) == reference
+    assert not list((workdir / "results").rglob("*.partial"))
