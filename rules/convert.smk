@@ -15,4 +15,4 @@ rule convert:
         mem_mb=4000,
     shell:
         "python -m scripts.convert --source {input.source} --model {input.model} --out {output}"
-        " --outtype f16 --threads {threads} > {log} 2>&1"
+        " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log} 2>&1"

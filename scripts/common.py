@@ -81,20 +81,33 @@ def _remove(path: Path) -> None:
 def atomic_output(path: str | os.PathLike):
     """Yield `path.partial` to write to; rename it to `path` only when the body succeeds.
 
-    A killed or failed step leaves at most a `.partial`, never a file or folder
-    with the final name, and the next run removes the leftover first.
+    A killed or failed step leaves at most a `.partial` (and the body's own
+    `.partial.*` scratch files), never a file or folder with the final name; the
+    next run removes such leftovers first.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    _remove(partial)
+
+    def clean():
+        for leftover in [partial, *path.parent.glob(glob_escape(partial.name) + ".*")]:
+            _remove(leftover)
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean()
     try:
         yield partial
     except BaseException:
-        _remove(partial)
+        clean()
         raise
     _remove(path)
     os.replace(partial, path)
+    clean()
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -106,11 +119,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 
 
 def sha256_tree(path: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under `path` (or of `path` itself), keyed by relative name."""
+    """sha256 of every file under `path` (or of `path` itself), keyed by relative name; hidden
+    files such as Snakemake's .snakemake_timestamp are not content."""
     path = Path(path)
     if path.is_file():
         return {path.name: sha256_file(path)}
-    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    return {str(p.relative_to(path)): sha256_file(p) for p in files}
 
 
 def package_versions() -> dict[str, str]:
@@ -123,19 +138,33 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_provenance(artifact: str | os.PathLike, inputs: dict[str, str | os.PathLike], **facts) -> Path:
-    """Write `<artifact>.provenance.json`: input hashes, package versions and the step's own facts."""
-    artifact = Path(artifact)
-    record = {
-        "artifact": artifact.name,
+def provenance(artifact: str | os.PathLike, inputs: dict[str, str | os.PathLike], **facts) -> dict:
+    """Where an artifact came from: sha256 of its inputs, package versions and the step's own facts."""
+    return {
+        "artifact": Path(artifact).name,
         "inputs": {role: sha256_tree(p) for role, p in inputs.items()},
         "versions": package_versions(),
         **facts,
     }
-    sidecar = artifact.with_name(artifact.name + ".provenance.json")
-    with atomic_output(sidecar) as tmp:
+
+
+def write_provenance(artifact: str | os.PathLike, record: dict) -> None:
+    """Write a provenance() record beside its artifact as `<artifact>.provenance.json`."""
+    artifact = Path(artifact)
+    with atomic_output(artifact.with_name(artifact.name + ".provenance.json")) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return sidecar
+
+
+def copy_gguf_with_provenance(src: Path, dst: Path, step: str, record: dict) -> None:
+    """Copy a GGUF file, adding `record` as JSON under the key `cpuforge.<step>`, so the file alone
+    tells its history; keys from earlier steps travel along (llama-quantize copies them too)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(dst, arch=reader.get_field("general.architecture").contents(), endianess=reader.endianess)
+    value = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
+    copy_with_new_metadata(reader, writer, {f"cpuforge.{step}": value}, [])
 
 
 def read_json(path: str | os.PathLike) -> dict:

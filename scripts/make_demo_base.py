@@ -10,7 +10,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from scripts.common import InputError, atomic_output, run, write_provenance
+from scripts.common import InputError, atomic_output, provenance, run, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def make_demo_base(out: Path, threads: int) -> None:
     with atomic_output(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    write_provenance(out, {"gguf": gguf}, step="make_demo_base")
+    write_provenance(out, provenance(out, {"gguf": gguf}, step="make_demo_base"))
 
 
 def main() -> None:

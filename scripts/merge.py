@@ -26,6 +26,7 @@ from scripts.common import (
     InputError,
     atomic_output,
     check_threads,
+    provenance,
     read_json,
     run,
     safetensors_header,
@@ -424,7 +425,8 @@ def main() -> None:
     torch.set_num_threads(check_threads(args.threads))
     worst = merge(args.base, args.adapter, args.out, args.dtype, VERIFY_PROMPTS if args.verify else ())
     facts = {"step": "merge", "dtype": args.dtype, "verify_max_abs_logit_diff": worst}
-    write_provenance(args.out, {"base": args.base, **{f"adapter{i}": a for i, a in enumerate(args.adapter, 1)}}, **facts)
+    inputs = {"base": args.base, **{f"adapter{i}": a for i, a in enumerate(args.adapter, 1)}}
+    write_provenance(args.out, provenance(args.out, inputs, **facts))
     log.info("merged model written to %s", args.out)
 
 

@@ -1,6 +1,9 @@
 """Quantize a GGUF file with the pinned llama-quantize.
 
     python -m scripts.quantize --quantize BUILD/bin/llama-quantize --in f16.gguf --out q4_0.gguf --type q4_0 --threads 8
+
+llama-quantize copies the input's metadata (cpuforge's convert provenance
+included); this step adds its own under `cpuforge.quantize`.
 """
 
 import argparse
@@ -9,7 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.common import InputError, atomic_output, check_quant_type, check_threads, run, write_provenance
+from scripts.common import (
+    InputError,
+    atomic_output,
+    check_quant_type,
+    check_threads,
+    copy_gguf_with_provenance,
+    provenance,
+    read_json,
+    run,
+    write_provenance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +39,14 @@ def check_gguf(path: Path) -> None:
         raise InputError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}).")
 
 
-def quantize(llama_quantize: Path, src: Path, out: Path, qtype: str, threads: int) -> None:
+def quantize(llama_quantize: Path, src: Path, out: Path, qtype: str, threads: int, record: dict) -> None:
     check_gguf(src)
     with atomic_output(out) as tmp:
-        cmd = [str(llama_quantize), str(src), str(tmp), qtype.upper(), str(threads)]
+        scratch = tmp.with_name(tmp.name + ".quantizer")
+        cmd = [str(llama_quantize), str(src), str(scratch), qtype.upper(), str(threads)]
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True, stdout=sys.stderr)
+        copy_gguf_with_provenance(scratch, tmp, "quantize", record)
 
 
 def main() -> None:
@@ -43,8 +58,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     qtype = check_quant_type(args.type)
-    quantize(args.quantize, args.src, args.out, qtype, check_threads(args.threads))
-    write_provenance(args.out, {"gguf": args.src}, step="quantize", type=qtype)
+    check_gguf(args.src)
+    source = args.quantize.resolve().parent.parent / "source" / "SOURCE.json"  # build/llama.cpp/<commit>/{bin,source}
+    llama_cpp = read_json(source) if source.is_file() else None
+    record = provenance(args.out, {"gguf": args.src}, step="quantize", type=qtype, llama_cpp=llama_cpp)
+    quantize(args.quantize, args.src, args.out, qtype, check_threads(args.threads), record)
+    write_provenance(args.out, record)
     log.info("%s written to %s", qtype, args.out)
 
 

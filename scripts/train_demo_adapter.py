@@ -12,7 +12,7 @@ import logging
 import random
 from pathlib import Path
 
-from scripts.common import atomic_output, check_threads, run, write_provenance
+from scripts.common import atomic_output, check_threads, provenance, run, write_provenance
 from scripts.task import TASK_DIR, exact_match, greedy_answers, load_split, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def train(base: Path, out: Path, steps: int, batch_size: int, lr: float, rank: i
         tokenizer.save_pretrained(tmp)
         figures = {"heldout_exact_match": {"base": base_em, "base+adapter": tuned_em}, "heldout_size": len(heldout)}
         (tmp / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
-    write_provenance(out, {"base": base, "task": TASK_DIR}, step="train_demo_adapter", seed=seed, steps=steps)
+    facts = {"step": "train_demo_adapter", "seed": seed, "steps": steps}
+    write_provenance(out, provenance(out, {"base": base, "task": TASK_DIR}, **facts))
 
 
 def main() -> None:

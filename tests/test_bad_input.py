@@ -68,3 +68,21 @@ def test_adapter_that_cannot_be_merged_linearly(tmp_path, tiny_base, tiny_adapte
     cfg.write_text(cfg.read_text().replace('"LORA"', f'"{peft_type}"'))
     out = start(tmp_path, model(tiny_base, adapter))
     assert f"{cfg}: peft_type '{peft_type}' cannot be merged linearly; only LORA can." in out
+
+
+def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.quantize", "--quantize", str(llama_bin / "llama-quantize"), "--in", str(fake),
+         "--out", str(tmp_path / "q.gguf"), "--type", "q4_0"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"{fake}: not a GGUF file (starts with b'PK\\x03\\x04', not b'GGUF')." in result.stderr
+    assert not (tmp_path / "q.gguf").exists()

@@ -68,3 +68,28 @@ def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
     snakemake(workdir, "--unlock", "--configfile", str(config))  # a SIGKILLed Snakemake leaves its lock, as always
     assert run_chain(workdir, base, adapter) == reference
     assert not list((workdir / "results").rglob("*.partial"))
+
+
+def test_full_disk_during_convert(llama_bin, tiny_base, tiny_adapter, tmp_path):
+    """An output filesystem too small for the GGUF: one clear sentence, no partial GGUF."""
+    from scripts.merge import merge
+
+    merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        source = llama_bin.parent / "source"
+        out = disk / "ggml-model-f16.gguf"
+        result = subprocess.run(
+            [sys.executable, "-m", "scripts.convert", "--source", str(source), "--model", str(tmp_path / "merged"),
+             "--out", str(out)],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert f"{disk}: 0.2 MiB free, but converting {tmp_path / 'merged'} to f16 needs about" in result.stderr
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

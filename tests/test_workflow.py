@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_lora, snakemake, write_config
+from conftest import COMMIT, REPO, make_lora, snakemake, write_config
 
 Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
 F16 = 1  # llama_ftype LLAMA_FTYPE_MOSTLY_F16
@@ -125,3 +125,25 @@ def test_user_models_replace_the_demo(tiny_run):
     workdir, config = tiny_run
     out = snakemake(workdir, "-n", "all", "--configfile", str(config)).stdout
     assert "make_demo_base" not in out and "results/demo" not in out
+
+
+def test_gguf_carries_its_provenance(tiny_run):
+    """The file alone tells its history, and `scripts.inspect` prints it."""
+    from scripts.common import sha256_file
+
+    workdir, _ = tiny_run
+    results = workdir / "results" / "tiny"
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.inspect", str(results / "ggml-model-q4_0.gguf"), "--json"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    history = json.loads(out)
+    assert history["general"]["general.name"] == "tiny"
+    convert, quantize = history["cpuforge"]["convert"], history["cpuforge"]["quantize"]
+    merged = workdir / "results" / "tiny" / "merged" / "model.safetensors"
+    assert convert["inputs"]["model"]["model.safetensors"] == sha256_file(merged)
+    assert quantize["inputs"]["gguf"]["ggml-model-f16.gguf"] == sha256_file(results / "ggml-model-f16.gguf")
+    assert convert["llama_cpp"]["commit"] == quantize["llama_cpp"]["commit"] == COMMIT
+    assert quantize["type"] == "q4_0" and set(quantize["versions"]) >= {"python", "torch", "transformers", "peft", "gguf"}
+    sidecar = json.loads((results / "ggml-model-q4_0.gguf.provenance.json").read_text())
+    assert sidecar == quantize
