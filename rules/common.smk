@@ -173,7 +173,7 @@ def get_merge_runtime(wildcards, input):
 def get_convert_mem_mb(wildcards, input):
     """The converter reads tensors lazily: a few f32 copies of the largest one are alive at a time."""
     largest = max(max(n) for n in get_shard_numels(input.model).values())
-    return math.ceil(3 * 4 * largest / MB) + 2 * HEADROOM_MB
+    return math.ceil(3 * 4 * largest / MB) + HEADROOM_MB
 
 
 def get_convert_runtime(wildcards, input):
