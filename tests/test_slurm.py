@@ -116,7 +116,8 @@ def slurm_cluster():
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         cpus = int(re.search(r"\bCPUs=(\d+)", node)[1])
         conf = folder / "slurm.conf"
-        conf.write_text(SLURM_CONF.format(host=socket.gethostname(), ctld_port=free_port(), slurmd_port=free_port(),
+        host = re.search(r"\bNodeName=(\S+)", node)[1]  # the name slurmd will know itself by
+        conf.write_text(SLURM_CONF.format(host=host, ctld_port=free_port(), slurmd_port=free_port(),
                                           dir=folder, node=node))  # fmt: skip
         shim = folder / "bin" / "srun"
         shim.parent.mkdir()
