@@ -13,6 +13,18 @@ include: "rules/convert.smk"
 include: "rules/quantize.smk"
 
 
+# Run by Snakemake itself, never submitted to a cluster: the targets only name
+# files, and the download needs the internet, which compute nodes often lack.
+localrules:
+    all,
+    llama_cpp,
+    merged_model,
+    f16_model,
+    q4_model,
+    quantized,
+    fetch_llama_cpp,
+
+
 rule all:
     input:
         get_quantized(),

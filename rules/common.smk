@@ -1,3 +1,5 @@
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,8 +14,8 @@ sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type
-from scripts.merge import check_inputs
+from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type, safetensors_header
+from scripts.merge import DTYPES, adapter_weights_file, base_shards, check_inputs
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -122,3 +124,74 @@ def get_adapter_args(wildcards):
 
 def get_quantized():
     return expand("results/{model}/ggml-model-{qtype}.gguf", model=MODELS, qtype=QUANT_TYPES)
+
+
+# Resources: what a job asks a scheduler for (SLURM's --mem and --time, minutes),
+# sized from the job's inputs where the cost grows with the model. Memory figures
+# are the step's peak plus HEADROOM_MB for the interpreter and its libraries.
+# A rule's `threads:` is the most its step uses well: `-c N` caps it, and
+# profiles/slurm/config.yaml sets it per rule for a cluster.
+MB = 1 << 20
+GB = 1 << 30
+HEADROOM_MB = 1024
+BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def get_made(path):
+    """`path` once an earlier job has made it; until then FileNotFoundError, which Snakemake
+    takes as "size this job later" and asks again when the job's input is all there."""
+    if not Path(path).exists():
+        raise FileNotFoundError(errno.ENOENT, "not made yet", path)
+    return Path(path)
+
+
+def get_shard_numels(folder):
+    """Element counts of every tensor, by safetensors shard, of a HF model folder (headers only)."""
+    shards = sorted(set(base_shards(get_made(folder)).values()))
+    return {shard: [math.prod(t["shape"]) for t in safetensors_header(shard).values()] for shard in shards}
+
+
+def get_tree_bytes(folder):
+    return sum(p.stat().st_size for p in get_made(folder).rglob("*") if p.is_file())
+
+
+def get_merge_mem_mb(wildcards, input):
+    """scripts.merge holds one merged shard (in the output dtype) until it is written, every adapter,
+    and a tensor and its LoRA delta in f32."""
+    numels = get_shard_numels(get_base(wildcards)).values()
+    shard = max(map(sum, numels)) * BYTES_PER_ELEMENT[DTYPES[config["merge"]["dtype"]]]
+    tensor = 2 * 4 * max(map(max, numels))
+    adapters = sum(adapter_weights_file(get_made(a)).stat().st_size for a in get_adapters(wildcards))
+    return math.ceil((shard + tensor + adapters) / MB) + HEADROOM_MB
+
+
+def get_merge_runtime(wildcards, input):
+    """Minutes: reading, merging and writing the base, at a pessimistic 2 minutes per GB."""
+    return 10 + math.ceil(2 * get_tree_bytes(get_base(wildcards)) / GB)
+
+
+def get_convert_mem_mb(wildcards, input):
+    """The converter reads tensors lazily: a few f32 copies of the largest one are alive at a time."""
+    largest = max(max(n) for n in get_shard_numels(input.model).values())
+    return math.ceil(3 * 4 * largest / MB) + HEADROOM_MB
+
+
+def get_convert_runtime(wildcards, input):
+    return 10 + math.ceil(2 * get_tree_bytes(input.model) / GB)
+
+
+def get_quantize_mem_mb(wildcards, input):
+    """llama-quantize reads one tensor at a time: its f16 data, an f32 copy and the quantized output."""
+    from gguf import GGUFReader
+
+    largest = max(int(t.n_elements) for t in GGUFReader(get_made(input.gguf)).tensors)
+    return math.ceil((2 + 4 + 4) * largest / MB) + HEADROOM_MB // 2
+
+
+def get_quantize_runtime(wildcards, input):
+    return 10 + math.ceil(get_made(input.gguf).stat().st_size / GB)
+
+
+def get_build_mem_mb(wildcards, threads):
+    """One compiler per thread; ggml's largest sources need about 500 MB each."""
+    return HEADROOM_MB + 500 * threads

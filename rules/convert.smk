@@ -12,7 +12,8 @@ rule convert:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=get_convert_mem_mb,
+        runtime=get_convert_runtime,
     shell:
         "python -m scripts.convert --source {input.source} --model {input.model} --out {output}"
         " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log} 2>&1"

@@ -10,6 +10,7 @@ rule make_demo_base:
     threads: 2
     resources:
         mem_mb=3000,
+        runtime=20,
     shell:
         "python -m scripts.make_demo_base --out {output} --threads {threads} > {log} 2>&1"
 
@@ -27,9 +28,10 @@ rule train_demo_adapter:
         "benchmarks/demo/train_demo_adapter.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: workflow.cores
+    threads: 8
     resources:
         mem_mb=4000,
+        runtime=60,
     params:
         **config["demo"],
     shell:

@@ -10,6 +10,7 @@ rule fetch_llama_cpp:
     threads: 1
     resources:
         mem_mb=1000,
+        runtime=15,
     params:
         kind=LLAMA["source"],
         commit=COMMIT,
@@ -30,8 +31,9 @@ rule build_llama_cpp:
         "benchmarks/llama_cpp/build_llama_cpp.tsv"
     conda:
         "../envs/llama_cpp.yaml"
-    threads: workflow.cores
+    threads: 32
     resources:
-        mem_mb=4000,
+        mem_mb=get_build_mem_mb,
+        runtime=60,
     shell:
         "python -m scripts.build_llama_cpp --source {input} --threads {threads} > {log} 2>&1"

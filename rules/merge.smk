@@ -9,9 +9,10 @@ rule merge:
         "benchmarks/{model}/merge.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: workflow.cores
+    threads: 8
     resources:
-        mem_mb=4000,
+        mem_mb=get_merge_mem_mb,
+        runtime=get_merge_runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,

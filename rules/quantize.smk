@@ -10,9 +10,10 @@ rule quantize:
         "benchmarks/{model}/quantize_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
-    threads: workflow.cores
+    threads: 16
     resources:
-        mem_mb=2000,
+        mem_mb=get_quantize_mem_mb,
+        runtime=get_quantize_runtime,
     shell:
         "python -m scripts.quantize --quantize {input.quantize} --in {input.gguf} --out {output} --type {wildcards.qtype}"
         " --threads {threads} > {log} 2>&1"
