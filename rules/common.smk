@@ -156,13 +156,14 @@ def get_tree_bytes(folder):
 
 
 def get_merge_mem_mb(wildcards, input):
-    """scripts.merge holds one merged shard (in the output dtype) until it is written, every adapter,
-    and a tensor and its LoRA delta in f32."""
+    """scripts.merge streams one tensor at a time: the largest base tensor as read, its f32 working
+    copy and LoRA delta, and its output-dtype copy; plus the adapters (a .bin one is read whole)."""
     numels = get_shard_numels(get_base(wildcards)).values()
-    shard = max(map(sum, numels)) * BYTES_PER_ELEMENT[DTYPES[config["merge"]["dtype"]]]
-    tensor = 2 * 4 * max(map(max, numels))
+    largest = max(map(max, numels))
+    out = BYTES_PER_ELEMENT[DTYPES[config["merge"]["dtype"]]]
+    tensor = largest * (4 + 4 + 4 + out)  # as read (at most f32), f32 copy, f32 delta, output
     adapters = sum(adapter_weights_file(get_made(a)).stat().st_size for a in get_adapters(wildcards))
-    return math.ceil((shard + tensor + adapters) / MB) + HEADROOM_MB
+    return math.ceil((tensor + adapters) / MB) + HEADROOM_MB
 
 
 def get_merge_runtime(wildcards, input):

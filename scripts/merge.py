@@ -231,8 +231,9 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     for f in sorted(set(files.values())):
         for name, info in safetensors_header(f).items():
             shapes[name], dtypes[name] = info["shape"], info["dtype"]
-    config = read_json(base / "config.json")
-    tied = LM_HEAD not in shapes and bool(config.get("tie_word_embeddings", True))
+    if EMBED not in shapes:
+        raise InputError(f"{base}: no tensor {EMBED}; cpuforge merges LLaMA-family models.")
+    tied = LM_HEAD not in shapes  # a base without lm_head reads its embeddings (tie_word_embeddings)
     if tied:
         shapes[LM_HEAD], dtypes[LM_HEAD] = shapes[EMBED], dtypes[EMBED]  # tied: lm_head reads the embeddings
     base_rows = shapes[EMBED][0]
