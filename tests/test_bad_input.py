@@ -86,3 +86,20 @@ def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
     assert result.returncode == 2
     assert f"{fake}: not a GGUF file (starts with b'PK\\x03\\x04', not b'GGUF')." in result.stderr
     assert not (tmp_path / "q.gguf").exists()
+
+
+def test_adapter_for_another_architecture(tmp_path, tiny_base, tiny_adapter):
+    """A GPT-2 style adapter (c_attn) on a Llama base: its modules do not exist there."""
+    from safetensors.numpy import save_file
+
+    import numpy as np
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "gpt2-adapter")
+    prefix = "base_model.model.transformer.h.0.attn.c_attn"
+    weights = adapter / "adapter_model.safetensors"
+    save_file(
+        {f"{prefix}.lora_A.weight": np.ones((4, 64), np.float32), f"{prefix}.lora_B.weight": np.ones((192, 4), np.float32)},
+        weights,
+    )
+    out = start(tmp_path, model(tiny_base, adapter))
+    assert f"{weights}: tensor {prefix}.lora_A.weight adapts transformer.h.0.attn.c_attn.weight, which the base" in out

@@ -112,6 +112,15 @@ def test_new_quant_type_reruns_only_quantize(tiny_run):
     assert planned_jobs(workdir, "quantized", "--configfile", str(more)) == {"quantize": 1, "quantized": 1}
 
 
+def test_touched_adapter_with_the_same_bytes_reruns_nothing(tiny_run):
+    """Content, not mtime, decides: Snakemake compares the checksums it recorded (files up to
+    --max-checksum-file-size, 1 MB by default; the tiny adapter is below it)."""
+    workdir, config = tiny_run
+    weights = workdir / "inputs" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    assert planned_jobs(workdir, "q4_model", "--configfile", str(config)) == {}
+
+
 def test_replaced_adapter_reruns_merge_and_after(tiny_run):
     workdir, config = tiny_run
     adapter = workdir / "inputs" / "adapter"
