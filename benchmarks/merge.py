@@ -44,6 +44,12 @@ def make_inputs(workdir: Path, layers: int) -> tuple[Path, Path]:
         )  # fmt: skip
         model = LlamaForCausalLM(config)
         model.save_pretrained(base, max_shard_size="1GB")
+        # a word-level tokenizer of the model's vocabulary size: the merge checks that they agree
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0")).save(
+            str(base / "tokenizer.json")
+        )
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
         get_peft_model(model, lora).save_pretrained(adapter)

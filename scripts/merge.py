@@ -313,12 +313,14 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
     Returns the largest |logit difference| found by the check, if it ran."""
     import torch
     from safetensors import safe_open
+    from tqdm import tqdm
 
     plan = check_inputs(base, adapters)
     readers = [AdapterTensors(a.weights) for a in plan.adapters]
     out_dtype = getattr(torch, DTYPES[dtype])
     shards = sorted(set(plan.base_files.values()))
     weight_map, total = {}, 0
+    progress = tqdm(total=len(plan.shapes), desc="merging", unit="tensor", mininterval=5)
     with atomic_output(out) as tmp:
         tmp.mkdir()
         for i, shard in enumerate(shards, 1):
@@ -341,6 +343,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
                     if list(weight.shape) != specs[name][1]:
                         raise InputError(f"{shard}: {name} came out as {list(weight.shape)}, planned {specs[name][1]}.")
                     w.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+                    progress.update()
             total += size
             weight_map |= dict.fromkeys(names, shard.name)
             log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(names))
@@ -355,6 +358,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
         for name in TOKENIZER_FILES:
             if (plan.tokenizer / name).is_file():
                 shutil.copy2(plan.tokenizer / name, tmp / name)
+        progress.close()
         log.info("tokenizer files taken from %s", plan.tokenizer)
         return verify(base, adapters, tmp, dtype, verify_prompts) if verify_prompts else None
 
