@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from scripts.common import check_threads, run, run_tool, write_json
+from scripts.common import check_threads, run, run_llama_tool, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,8 @@ def parse_kl_output(out: str) -> dict:
 
 
 def kl_divergence(perplexity: Path, gguf: Path, logits: Path, ctx: int, threads: int) -> dict:
-    cmd = [str(perplexity), "-m", str(gguf), "--kl-divergence-base", str(logits), "--kl-divergence",
-           "-c", str(ctx), "-b", str(ctx), "-t", str(threads)]  # fmt: skip
-    return parse_kl_output(run_tool(cmd))
+    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads]
+    return parse_kl_output(run_llama_tool(perplexity, args))
 
 
 def main() -> None:

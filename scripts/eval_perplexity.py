@@ -27,7 +27,7 @@ from scripts.common import (
     check_threads,
     load_llama_cpp,
     run,
-    run_tool,
+    run_llama_tool,
     sha256_file,
     write_json,
 )
@@ -99,13 +99,12 @@ def perplexity_hf(model_dir: Path, vocab: Path, llama_lib: Path, text: Path, ctx
 def perplexity_gguf(perplexity: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int,
                     save_logits: Path | None) -> dict:  # fmt: skip
     # -b ctx: one window per batch, so every stage sees the same batches
-    cmd = [str(perplexity), "-m", str(gguf), "-f", str(text), "-c", str(ctx), "-b", str(ctx),
-           "--chunks", str(chunks), "-t", str(threads)]  # fmt: skip
+    args = ["-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "--chunks", chunks, "-t", threads]
     if save_logits is None:
-        return check_perplexity_output(run_tool(cmd), text)
+        return check_perplexity_output(run_llama_tool(perplexity, args), text)
     # llama-perplexity writes its logits file under the name it is given: give it the partial name
     with atomic_output(save_logits) as tmp:
-        return check_perplexity_output(run_tool([*cmd, "--kl-divergence-base", str(tmp)]), text)
+        return check_perplexity_output(run_llama_tool(perplexity, [*args, "--kl-divergence-base", tmp]), text)
 
 
 def check_perplexity_output(out: str, text: Path) -> dict:

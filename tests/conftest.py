@@ -101,7 +101,7 @@ def make_tiny_llama(out: Path, seed: int = 0, chat_template: str | None = None, 
     return out
 
 
-def train_tiny_llama(model_dir: Path, text: str, steps: int = 80, seed: int = 0) -> Path:
+def train_tiny_llama(model_dir: Path, text: str, steps: int = 60, seed: int = 0) -> Path:
     """A few AdamW steps on `text`, so the model predicts better than chance and its figures mean something."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,8 +113,8 @@ def train_tiny_llama(model_dir: Path, text: str, steps: int = 80, seed: int = 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 129, (8,))
-        batch = torch.stack([ids[s : s + 128] for s in starts])
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s : s + 64] for s in starts])
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
