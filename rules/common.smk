@@ -146,7 +146,7 @@ def get_quantized():
 def get_eval_text_input(wildcards):
     inputs = {}
     if get_task_dir(wildcards.model) is not None:
-        inputs["task"] = str(get_task_dir(wildcards.model) / "heldout.jsonl")
+        inputs["task"] = get_task_input(wildcards)
     if EVAL["text"] != "pydoc_topics":
         inputs["text"] = EVAL["text"]
     return inputs
@@ -182,7 +182,8 @@ def get_gguf_stages():
     return ["f16", *QUANT_TYPES]
 
 
-def get_stages(model):
+def get_stages():
+    """The stages of the report, in its order."""
     return [*HF_STAGES, *get_gguf_stages()]
 
 
@@ -198,14 +199,14 @@ def get_report_input(wildcards):
         "task": [],
     }
     if get_task_dir(model) is not None:
-        inputs["task"] = [f"{figures}/task/{s}.json" for s in get_stages(model)]
+        inputs["task"] = [f"{figures}/task/{s}.json" for s in get_stages()]
     return inputs
 
 
 def get_report_args(wildcards):
     """The stages in report order, each with its artifact, for scripts.make_report."""
     paths = get_report_input(wildcards)["artifacts"]
-    return " ".join(f"--stage {s}={p}" for s, p in zip(get_stages(wildcards.model), paths))
+    return " ".join(f"--stage {s}={p}" for s, p in zip(get_stages(), paths))
 
 
 def get_report_task_flag(wildcards):

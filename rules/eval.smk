@@ -144,7 +144,8 @@ rule eval_task:
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
         "python -m scripts.eval_task --model {input.gguf} --tokenizer {input.tokenizer} --task {input.task}"
-        " --llama-lib {input.lib} --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage} --out {output}"
+        " --llama-lib {input.lib} --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}"
+        " --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 

@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="quantized GGUF")
     parser.add_argument("--perplexity", type=Path, required=True, help="the pinned llama-perplexity")
-    parser.add_argument("--logits", type=Path, required=True, help="f16 log-probabilities (eval_perplexity --save-logits)")
+    parser.add_argument("--logits", type=Path, required=True, help="f16 log-probs (eval_perplexity --save-logits)")
     parser.add_argument("--ctx", type=int, default=512, help="window length the logits were made with")
     parser.add_argument("--stage", required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -66,7 +66,8 @@ def gguf_prompt_ids(llm, formatter, row: dict) -> list[int]:
 def check_same_prompts(gguf: Path, tokenizer_dir: Path, gguf_ids: list[list[int]], hf_ids: list[list[int]]) -> None:
     for number, (ours, theirs) in enumerate(zip(gguf_ids, hf_ids, strict=True), 1):
         if ours != theirs:
-            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            pairs = enumerate(zip(ours, theirs, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(ours), len(theirs)))
             raise InputError(
                 f"{gguf}: held-out row {number} renders through the GGUF's chat template to {len(ours)} tokens that "
                 f"differ from the {len(theirs)} of transformers' template of {tokenizer_dir} at token {at}, so the "
@@ -111,7 +112,7 @@ def answers_hf(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="GGUF file or HF model folder")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="HF folder whose chat template builds the prompts")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="HF folder whose template builds prompts")
     parser.add_argument("--task", type=Path, required=True, help="the task's heldout.jsonl")
     parser.add_argument("--llama-lib", type=Path, help="the pinned libllama.so (GGUF files)")
     parser.add_argument("--max-new-tokens", type=int, default=48)

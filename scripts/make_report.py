@@ -225,7 +225,7 @@ def provenance_html(records: list[dict]) -> str:
                 for name, digest in files.items()
             )
             facts = {k: v for k, v in prov.items() if k not in ("inputs", "artifact")}
-            body = (f"<ul>{inputs}</ul><pre>{html.escape(json.dumps(facts, indent=1, sort_keys=True))}</pre>")
+            body = f"<ul>{inputs}</ul><pre>{html.escape(json.dumps(facts, indent=1, sort_keys=True))}</pre>"
         parts.append(f"<details><summary>{html.escape(r['label'])}: <code>{html.escape(r['path'])}</code>"
                      f"</summary>{body}</details>")  # fmt: skip
     return "".join(parts)
@@ -300,20 +300,23 @@ def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, 
     bench = read_json(figures / "bench" / f"{serve}.json")
     failures = quality_gate(records, thresholds["max_ppl_increase_pct"], thresholds["max_kl_divergence"],
                             thresholds["min_accuracy"])  # fmt: skip
+    settings = {
+        "text_sha256": reference["text_sha256"],
+        "ctx": reference["ctx"],
+        "windows": reference["windows"],
+        "scored_tokens": reference["scored_tokens"],
+        "task_rows": by_stage[serve].get("rows"),
+        **{f"bench_{k}": bench[k] for k in ("prompt_tokens", "gen_tokens", "repetitions", "tolerance_pct")},
+    }
+    f16_vs_merged = abs(by_stage[REFERENCE]["perplexity"] / by_stage["merged"]["perplexity"] - 1)
     metrics = {
         "model": model,
         "llama_cpp_commit": commit,
         # the serving commands read this key
         "recommended_threads": by_stage[serve]["recommended_threads"],
         "recommended_for": serve,
-        "eval": {
-            "text_sha256": reference["text_sha256"], "ctx": reference["ctx"], "windows": reference["windows"],
-            "scored_tokens": reference["scored_tokens"], "task_rows": by_stage[serve].get("rows"),
-            "bench_prompt_tokens": bench["prompt_tokens"], "bench_gen_tokens": bench["gen_tokens"],
-            "bench_repetitions": bench["repetitions"], "bench_tolerance_pct": bench["tolerance_pct"],
-        },  # fmt: skip
-        "f16_vs_merged_perplexity_rel_diff": abs(by_stage[REFERENCE]["perplexity"] / by_stage["merged"]["perplexity"]
-                                                 - 1),  # fmt: skip
+        "eval": settings,
+        "f16_vs_merged_perplexity_rel_diff": f16_vs_merged,
         "gate": {"thresholds": thresholds, "passed": not failures, "failures": failures},
         "stages": [{k: v for k, v in r.items() if k != "provenance"} for r in records],
         "provenance": {r["stage"]: r["provenance"] for r in records},
