@@ -1,4 +1,4 @@
-# cpuforge: base model + LoRA adapters -> merged HF model -> f16 GGUF -> quantized GGUF.
+# cpuforge: base model + LoRA adapters -> merged HF model -> f16 GGUF -> quantized GGUF -> evaluation report.
 # See README.md; the layout and targets are fixed in DESIGN.md.
 
 
@@ -11,6 +11,7 @@ include: "rules/demo.smk"
 include: "rules/merge.smk"
 include: "rules/convert.smk"
 include: "rules/quantize.smk"
+include: "rules/eval.smk"
 
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
@@ -28,6 +29,7 @@ localrules:
 rule all:
     input:
         get_quantized(),
+        get_eval_reports(),
 
 
 rule llama_cpp:
@@ -53,3 +55,8 @@ rule q4_model:
 rule quantized:
     input:
         get_quantized(),
+
+
+rule eval_report:
+    input:
+        get_eval_reports(),

@@ -16,6 +16,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYT
 
 from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type, safetensors_header
 from scripts.merge import DTYPES, adapter_weights_file, base_shards, check_inputs
+from scripts.task import TASK_DIR, check_task_dir
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -24,10 +25,20 @@ LLAMA = config["llama_cpp"]
 COMMIT = LLAMA[LLAMA["source"]]["commit"] if LLAMA["source"] in LLAMA else None
 DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
+EVAL = config["eval"]
+HF_STAGES = ("base", "merged")
 
 
 def fail(message):
     raise WorkflowError(message)
+
+
+def get_task_dir(model):
+    """The model's task folder, or None when it has none."""
+    task = MODELS[model].get("task")
+    if task is None:
+        return None
+    return TASK_DIR if task == "demo" else Path(task)
 
 
 def check_config():
@@ -50,6 +61,11 @@ def check_config():
                 if not Path(path).is_dir():
                     fail(f"config models[{name}]: {path} is not a folder.")
             check_inputs(Path(model["base"]), [Path(a) for a in model["adapters"]])
+        for name in MODELS:
+            if get_task_dir(name) is not None:
+                check_task_dir(get_task_dir(name))
+        if EVAL["text"] != "pydoc_topics" and not Path(EVAL["text"]).is_file():
+            fail(f"config eval.text: {EVAL['text']} is neither `pydoc_topics` nor a file.")
     except InputError as e:
         fail(str(e))
 
@@ -64,6 +80,9 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     # every type llama-quantize can make here, so q4_model works whatever quant_types holds
     qtype="|".join(q for q in KNOWN_QUANT_TYPES if q != "f16"),
+    # the stages of the report: HF folders through torch, GGUF files through llama.cpp
+    hf_stage="|".join(HF_STAGES),
+    gguf_stage="|".join(KNOWN_QUANT_TYPES),
 
 
 def get_llama_dir():
@@ -196,3 +215,81 @@ def get_quantize_runtime(wildcards, input):
 def get_build_mem_mb(wildcards, threads):
     """One compiler per thread; ggml's largest sources need about 500 MB each."""
     return HEADROOM_MB + 500 * threads
+
+
+def get_eval_text_input(wildcards):
+    inputs = {}
+    if get_task_dir(wildcards.model) is not None:
+        inputs["task"] = get_task_input(wildcards)
+    if EVAL["text"] != "pydoc_topics":
+        inputs["text"] = EVAL["text"]
+    return inputs
+
+
+def get_task_arg(wildcards):
+    task = get_task_dir(wildcards.model)
+    return "" if task is None else f"--task {task}"
+
+
+def get_hf_stage_model(wildcards):
+    return get_base(wildcards) if wildcards.hf_stage == "base" else f"results/{wildcards.model}/merged"
+
+
+def get_hf_stage_input(wildcards):
+    """The stage's folder, or a user's base folder's files, so a changed file reruns the stage."""
+    model = get_hf_stage_model(wildcards)
+    if model in (DEMO_BASE, f"results/{wildcards.model}/merged"):
+        return {"model": model}
+    return {"model": get_folder_files(model)}
+
+
+def get_task_input(wildcards):
+    return str(get_task_dir(wildcards.model) / "heldout.jsonl")
+
+
+def get_bench_threads():
+    """The thread counts of the sweep: config, else 1 up to the cores snakemake was given."""
+    return EVAL["bench"]["threads"] or list(range(1, (workflow.cores or os.cpu_count()) + 1))
+
+
+def get_gguf_stages():
+    return ["f16", *QUANT_TYPES]
+
+
+def get_stages():
+    """The stages of the report, in its order."""
+    return [*HF_STAGES, *get_gguf_stages()]
+
+
+def get_report_input(wildcards):
+    model = wildcards.model
+    figures = f"results/{model}/report"
+    inputs = {
+        "artifacts": [get_base(wildcards), f"results/{model}/merged"]
+        + [f"results/{model}/ggml-model-{s}.gguf" for s in get_gguf_stages()],
+        "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
+        "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in QUANT_TYPES],
+        "bench": [f"{figures}/bench/{s}.json" for s in get_gguf_stages()],
+        "task": [],
+    }
+    if get_task_dir(model) is not None:
+        inputs["task"] = [f"{figures}/task/{s}.json" for s in get_stages()]
+    return inputs
+
+
+def get_report_args(wildcards):
+    """The stages in report order, each with its artifact, for scripts.make_report."""
+    paths = get_report_input(wildcards)["artifacts"]
+    return " ".join(f"--stage {s}={p}" for s, p in zip(get_stages(), paths))
+
+
+def get_report_task_flag(wildcards):
+    return "" if get_task_dir(wildcards.model) is None else "--task"
+
+
+def get_eval_reports():
+    return expand(
+        "results/{model}/report/{name}",
+        model=MODELS,
+        name=("report.html", "metrics.json", "quality_gate.txt"),
+    )

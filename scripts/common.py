@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import struct
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -210,3 +211,35 @@ def load_llama_cpp(bin_dir: str | os.PathLike):
     import llama_cpp
 
     return llama_cpp
+
+
+def run_tool(cmd: list[str]) -> str:
+    """Run a llama.cpp tool; its output goes to the log (stderr) as it comes and is returned for parsing."""
+    log.info("running %s", " ".join(map(str, cmd)))
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            lines.append(line)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return "".join(lines)
+
+
+def run_llama_tool(tool: str | os.PathLike, args: list[str]) -> str:
+    """Run a pinned llama.cpp tool through scripts/llama_tool.py, which keeps its last log lines (see there)."""
+    runner = Path(__file__).with_name("llama_tool.py")
+    return run_tool([sys.executable, str(runner), str(tool), *map(str, args)])
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder (a HF model)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""The demo task's data and its exact-match evaluation, shared by training and evaluation."""
+"""A fixed-format task (the demo's or a user's): its data, checks and greedy exact-match evaluation."""
 
 from __future__ import annotations
 
@@ -6,14 +6,41 @@ import json
 import logging
 from pathlib import Path
 
+from scripts.common import InputError
+
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_task"
+FIELDS = ("system", "news", "answer")
+
+
+def check_task_dir(task_dir: Path) -> None:
+    """A task folder holds heldout.jsonl whose rows are JSON objects with the string fields of data/demo_task."""
+    heldout = Path(task_dir) / "heldout.jsonl"
+    if not heldout.is_file():
+        raise InputError(f"{heldout}: not found; a task folder holds heldout.jsonl in the format of data/demo_task.")
+    with open(heldout) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise InputError(f"{heldout}: holds no rows.")
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{heldout}: line {number} is not a JSON object.") from None
+        missing = [k for k in FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise InputError(f"{heldout}: line {number} lacks the text field(s) {', '.join(missing)}.")
 
 
 def load_split(name: str, task_dir: Path = TASK_DIR) -> list[dict]:
     with open(task_dir / f"{name}.jsonl") as f:
         return [json.loads(line) for line in f]
+
+
+def as_text(rows: list[dict]) -> str:
+    """Rows as plain text, news then answer, for the perplexity text."""
+    return "\n\n".join(f"{r['news']}\n{r['answer']}" for r in rows)
 
 
 def messages(row: dict) -> list[dict]:

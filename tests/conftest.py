@@ -59,7 +59,15 @@ def prose(n_chars: int = 12000) -> str:
     return "\n".join(topics[k] for k in sorted(topics))[:n_chars]
 
 
-def make_tokenizer(out: Path, extra_text: str = "") -> None:
+# a chat template the tiny sentencepiece vocabulary can spell; without special tokens in it, transformers and
+# llama.cpp tokenize the rendered prompt alike (after `<s>`, llama.cpp's SPM tokenizer adds a space, transformers not)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(out: Path, extra_text: str = "", chat_template: str | None = None) -> None:
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -72,16 +80,18 @@ def make_tokenizer(out: Path, extra_text: str = "") -> None:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
     )  # fmt: skip
     (out / "tokenizer.vocab").unlink()
+    # from_pretrained reads tokenizer.model; transformers 5 ignores LlamaTokenizer(vocab_file=) and gives an empty vocab
     tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=True)
     assert len(tokenizer) == 512 and len(tokenizer("def f(x): return x")["input_ids"]) > 3
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
 
 
-def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
+def make_tiny_llama(out: Path, seed: int = 0, chat_template: str | None = None, **overrides) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    make_tokenizer(out)
+    make_tokenizer(out, chat_template=chat_template)
     torch.manual_seed(seed)
     settings = dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -90,6 +100,27 @@ def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
     )  # fmt: skip
     LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).save_pretrained(out)
     return out
+
+
+def train_tiny_llama(model_dir: Path, text: str, steps: int = 60, seed: int = 0) -> Path:
+    """A few AdamW steps on `text`, so the model predicts better than chance and its figures mean something."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s : s + 64] for s in starts])
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(model_dir)
+    return model_dir
 
 
 def make_lora(base: Path, out: Path, seed: int = 1, **lora) -> Path:

@@ -1,0 +1,252 @@
+rule make_eval_text:
+    input:
+        unpack(get_eval_text_input),
+    output:
+        "results/{model}/report/eval_text.txt",
+    log:
+        "logs/{model}/make_eval_text.log",
+    benchmark:
+        "benchmarks/{model}/make_eval_text.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+    params:
+        text=EVAL["text"],
+        task=get_task_arg,
+    shell:
+        "python -m scripts.make_eval_text --text {params.text} {params.task} --out {output} > {log} 2>&1"
+
+
+rule eval_perplexity_hf:
+    input:
+        unpack(get_hf_stage_input),
+        text="results/{model}/report/eval_text.txt",
+        vocab="results/{model}/ggml-model-f16.gguf",
+        lib=f"{get_llama_bin()}/libllama.so",
+    output:
+        "results/{model}/report/perplexity/{hf_stage}.json",
+    log:
+        "logs/{model}/eval_perplexity_{hf_stage}.log",
+    benchmark:
+        "benchmarks/{model}/eval_perplexity_{hf_stage}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        model=get_hf_stage_model,
+        ctx=EVAL["ctx"],
+        chunks=EVAL["chunks"],
+    shell:
+        "python -m scripts.eval_perplexity --model {params.model} --vocab {input.vocab} --text {input.text}"
+        " --llama-lib {input.lib} --ctx {params.ctx} --chunks {params.chunks} --stage {wildcards.hf_stage}"
+        " --out {output}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule eval_perplexity:
+    input:
+        gguf="results/{model}/ggml-model-f16.gguf",
+        text="results/{model}/report/eval_text.txt",
+        perplexity=f"{get_llama_bin()}/llama-perplexity",
+    output:
+        json="results/{model}/report/perplexity/f16.json",
+        # f16's log-probabilities, which every quant is compared with; large (windows x vocab)
+        logits=temp("results/{model}/report/f16-logits.kld"),
+    log:
+        "logs/{model}/eval_perplexity_f16.log",
+    benchmark:
+        "benchmarks/{model}/eval_perplexity_f16.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        ctx=EVAL["ctx"],
+        chunks=EVAL["chunks"],
+    shell:
+        "python -m scripts.eval_perplexity --model {input.gguf} --perplexity {input.perplexity} --text {input.text}"
+        " --ctx {params.ctx} --chunks {params.chunks} --stage f16 --save-logits {output.logits} --out {output.json}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule eval_kl_divergence:
+    input:
+        gguf="results/{model}/ggml-model-{qtype}.gguf",
+        logits="results/{model}/report/f16-logits.kld",
+        perplexity=f"{get_llama_bin()}/llama-perplexity",
+    output:
+        "results/{model}/report/kl_divergence/{qtype}.json",
+    log:
+        "logs/{model}/eval_kl_divergence_{qtype}.log",
+    benchmark:
+        "benchmarks/{model}/eval_kl_divergence_{qtype}.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        ctx=EVAL["ctx"],
+    shell:
+        "python -m scripts.eval_kl_divergence --model {input.gguf} --perplexity {input.perplexity}"
+        " --logits {input.logits} --ctx {params.ctx} --stage {wildcards.qtype} --out {output}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule eval_task_hf:
+    input:
+        unpack(get_hf_stage_input),
+        task=get_task_input,
+        tokenizer="results/{model}/merged",
+    output:
+        "results/{model}/report/task/{hf_stage}.json",
+    log:
+        "logs/{model}/eval_task_{hf_stage}.log",
+    benchmark:
+        "benchmarks/{model}/eval_task_{hf_stage}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        model=get_hf_stage_model,
+        max_new_tokens=EVAL["max_new_tokens"],
+    shell:
+        "python -m scripts.eval_task --model {params.model} --tokenizer {input.tokenizer} --task {input.task}"
+        " --max-new-tokens {params.max_new_tokens} --stage {wildcards.hf_stage} --out {output}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule eval_task:
+    input:
+        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        task=get_task_input,
+        tokenizer="results/{model}/merged",
+        lib=f"{get_llama_bin()}/libllama.so",
+    output:
+        "results/{model}/report/task/{gguf_stage}.json",
+    log:
+        "logs/{model}/eval_task_{gguf_stage}.log",
+    benchmark:
+        "benchmarks/{model}/eval_task_{gguf_stage}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        max_new_tokens=EVAL["max_new_tokens"],
+    shell:
+        "python -m scripts.eval_task --model {input.gguf} --tokenizer {input.tokenizer} --task {input.task}"
+        " --llama-lib {input.lib} --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}"
+        " --out {output}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule bench_threads:
+    input:
+        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        bench=f"{get_llama_bin()}/llama-bench",
+    output:
+        "results/{model}/report/bench/{gguf_stage}.json",
+    log:
+        "logs/{model}/bench_threads_{gguf_stage}.log",
+    benchmark:
+        "benchmarks/{model}/bench_threads_{gguf_stage}.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    # all cores, so no other job runs beside the sweep and skews it
+    threads: workflow.cores
+    resources:
+        mem_mb=2000,
+    params:
+        threads=",".join(map(str, get_bench_threads())),
+        prompt_tokens=EVAL["bench"]["prompt_tokens"],
+        gen_tokens=EVAL["bench"]["gen_tokens"],
+        repetitions=EVAL["bench"]["repetitions"],
+        tolerance=EVAL["bench"]["tolerance_pct"],
+    shell:
+        "python -m scripts.bench_threads --bench {input.bench} --model {input.gguf} --threads {params.threads}"
+        " --prompt-tokens {params.prompt_tokens} --gen-tokens {params.gen_tokens}"
+        " --repetitions {params.repetitions} --tolerance-pct {params.tolerance} --stage {wildcards.gguf_stage}"
+        " --out {output} > {log} 2>&1"
+
+
+rule make_report:
+    input:
+        unpack(get_report_input),
+    output:
+        html=report(
+            "results/{model}/report/report.html",
+            caption="../report/report.rst",
+            category="Evaluation",
+            labels={"model": "{model}", "figure": "report"},
+        ),
+        metrics="results/{model}/report/metrics.json",
+        throughput=report(
+            "results/{model}/report/plots/throughput.png",
+            caption="../report/throughput.rst",
+            category="Evaluation",
+            labels={"model": "{model}", "figure": "tokens/s vs threads"},
+        ),
+        size=report(
+            "results/{model}/report/plots/size_vs_perplexity.png",
+            caption="../report/size_vs_perplexity.rst",
+            category="Evaluation",
+            labels={"model": "{model}", "figure": "size vs perplexity"},
+        ),
+        accuracy=report(
+            "results/{model}/report/plots/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Evaluation",
+            labels={"model": "{model}", "figure": "task accuracy"},
+        ),
+    log:
+        "logs/{model}/make_report.log",
+    benchmark:
+        "benchmarks/{model}/make_report.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    params:
+        stages=get_report_args,
+        figures="results/{model}/report",
+        task=get_report_task_flag,
+        serve=QUANT_TYPES[0],
+        commit=COMMIT,
+        max_ppl=EVAL["gate"]["max_ppl_increase_pct"],
+        max_kl=EVAL["gate"]["max_kl_divergence"],
+        min_accuracy=EVAL["gate"]["min_accuracy"],
+    shell:
+        "python -m scripts.make_report --model-name {wildcards.model} {params.stages} --figures {params.figures}"
+        " {params.task} --serve {params.serve} --llama-cpp-commit {params.commit}"
+        " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
+        " --min-accuracy {params.min_accuracy} --html {output.html} --metrics {output.metrics}"
+        " --plots {output.throughput} {output.size} {output.accuracy} > {log} 2>&1"
+
+
+rule check_quality_gate:
+    input:
+        "results/{model}/report/metrics.json",
+    output:
+        "results/{model}/report/quality_gate.txt",
+    log:
+        "logs/{model}/check_quality_gate.log",
+    benchmark:
+        "benchmarks/{model}/check_quality_gate.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=200,
+    # the verdict also goes to snakemake's own output, so a failing gate is read where it fails
+    shell:
+        "python -m scripts.check_quality_gate --metrics {input} --out {output} 2>&1 | tee {log}"

@@ -1,0 +1,295 @@
+"""The evaluation report on a tiny model, through Snakemake: figures, quality gate, the HTML in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama, write_config
+
+from scripts.bench_threads import recommended_threads
+from scripts.eval_kl_divergence import parse_kl_output
+from scripts.eval_perplexity import perplexity_from_nll
+from scripts.make_report import quality_gate
+from scripts.task import as_text, load_split
+
+# f16 GGUF (llama-perplexity) vs merged HF (torch f32) perplexity on the same tokens: measured 3e-5 to 6e-5
+# relative on tiny models (f16 rounding of the weights, llama.cpp's kernels); about twenty times that is allowed
+F16_VS_HF_TOLERANCE = 1e-3
+# loose enough for a tiny model with a random LoRA: the passing run must pass, whatever the tiny model answers
+PASSING_GATE = {"max_ppl_increase_pct": 50, "max_kl_divergence": 1.0, "min_accuracy": 0.0}
+EVAL = {
+    "ctx": 128,
+    "chunks": 4,
+    "max_new_tokens": 24,
+    "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1},
+    "gate": PASSING_GATE,
+}
+STAGES = ["base", "merged", "f16", "q4_0"]
+
+
+def planned_jobs(workdir, *args) -> dict[str, int]:
+    """Jobs a dry run would execute, by rule, read from Snakemake's job stats table."""
+    out = snakemake(workdir, "-n", *args).stdout
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.M) if m[1] != "total"}
+
+
+def small_task(folder, heldout: int = 6):
+    """A user's task folder in the demo's format: a few of the demo task's rows."""
+    folder.mkdir(parents=True)
+    for split, n in (("train", 8), ("heldout", heldout)):
+        rows = load_split(split)[:n]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_config(workdir, name: str, task=True, **gate):
+    inputs = workdir / "inputs"
+    model = {"name": "tiny", "base": str(inputs / "base"), "adapters": [str(inputs / "adapter")]}
+    if task:
+        model["task"] = str(inputs / "task")
+    return write_config(workdir / name, [model], eval={**EVAL, "gate": {**PASSING_GATE, **gate}})
+
+
+@pytest.fixture(scope="module")
+def eval_run(llama_bin, tmp_path_factory):
+    """eval_report on a tiny model with a chat template, trained a little so its figures mean something."""
+    workdir = tmp_path_factory.mktemp("eval_run")
+    base = make_tiny_llama(workdir / "inputs" / "base", chat_template=CHAT_TEMPLATE)
+    train_tiny_llama(base, prose() + "\n" + as_text(load_split("train")))
+    # a gentle adapter (scale alpha/r = 0.5): it changes the answers without wrecking the trained model
+    make_lora(base, workdir / "inputs" / "adapter", lora_alpha=2)
+    small_task(workdir / "inputs" / "task")
+    config = tiny_config(workdir, "eval.yaml")
+    snakemake(workdir, "eval_report", "--configfile", str(config))
+    return workdir, config
+
+
+def report_dir(workdir):
+    return workdir / "results" / "tiny" / "report"
+
+
+def metrics_of(workdir) -> dict:
+    return json.loads((report_dir(workdir) / "metrics.json").read_text())
+
+
+def stages_of(workdir) -> dict[str, dict]:
+    return {s["stage"]: s for s in metrics_of(workdir)["stages"]}
+
+
+def test_every_metric_is_present_and_sane(eval_run):
+    workdir, _ = eval_run
+    metrics = metrics_of(workdir)
+    stages = stages_of(workdir)
+    assert list(stages) == STAGES
+    for s in stages.values():
+        assert s["size_bytes"] > 0
+        # better than chance (the vocabulary has 512 tokens) yet above 1
+        assert 1 < s["perplexity"] < 512 and s["perplexity_err"] > 0
+        assert 0 <= s["accuracy"] <= 1 and s["rows"] == 6
+    assert stages["f16"]["size_vs_f16"] == 1 and stages["q4_0"]["size_vs_f16"] < 0.5
+    q4 = stages["q4_0"]
+    assert q4["kl_divergence"] > 0 and q4["kl_divergence_p99"] >= q4["kl_divergence"]
+    assert 0 < q4["top1_agreement"] <= 1
+    for name in ("f16", "q4_0"):
+        runs = stages[name]["bench"]
+        assert [r["threads"] for r in runs] == [1, 2]
+        assert all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in runs)
+    assert metrics["recommended_threads"] in (1, 2) and metrics["recommended_for"] == "q4_0"
+    assert metrics["recommended_threads"] == q4["recommended_threads"]
+    assert metrics["gate"]["passed"] and (report_dir(workdir) / "quality_gate.txt").is_file()
+    assert metrics["eval"]["task_rows"] == 6 and metrics["eval"]["scored_tokens"] == 4 * (128 - 1 - 64)
+    for name in ("merged", "f16", "q4_0"):
+        assert metrics["provenance"][name]["inputs"], name
+    assert metrics["provenance"]["f16"]["llama_cpp"]["commit"] == metrics["llama_cpp_commit"]
+    for log in ("eval_perplexity_f16", "eval_kl_divergence_q4_0", "eval_task_q4_0", "bench_threads_q4_0"):
+        assert (workdir / "logs" / "tiny" / f"{log}.log").stat().st_size > 0
+        assert (workdir / "benchmarks" / "tiny" / f"{log}.tsv").is_file()
+    assert not list((workdir / "results").rglob("*.partial"))
+    assert not (report_dir(workdir) / "f16-logits.kld").exists()  # temporary: gone once every quant is scored
+
+
+def test_every_stage_is_scored_on_the_same_tokens(eval_run):
+    workdir, _ = eval_run
+    figures = [json.loads(p.read_text()) for p in report_dir(workdir).glob("*/*.json") if p.parent.name != "task"]
+    scored = {(f["stage"], f.get("scored_tokens"), f.get("windows")) for f in figures if "perplexity" in f}
+    assert {s for s, _, _ in scored} == set(STAGES)
+    assert {(n, w) for _, n, w in scored} == {(4 * 63, 4)}
+    texts = {f["text_sha256"] for f in figures if "text_sha256" in f}
+    assert len(texts) == 1
+
+
+def test_f16_gguf_perplexity_equals_the_merged_hf_model(eval_run):
+    workdir, _ = eval_run
+    stages = stages_of(workdir)
+    diff = abs(stages["f16"]["perplexity"] / stages["merged"]["perplexity"] - 1)
+    assert diff < F16_VS_HF_TOLERANCE
+    assert metrics_of(workdir)["f16_vs_merged_perplexity_rel_diff"] == pytest.approx(diff)
+    # the measure sees the adapter: the base model scores differently (by 3% here)
+    assert abs(stages["base"]["perplexity"] / stages["merged"]["perplexity"] - 1) > 10 * F16_VS_HF_TOLERANCE
+    # and the quant's own figure agrees with llama-perplexity's f16 run
+    kl = json.loads((report_dir(workdir) / "kl_divergence" / "q4_0.json").read_text())
+    assert kl["f16_perplexity"] == pytest.approx(stages["f16"]["perplexity"], rel=1e-5)
+
+
+def test_gguf_and_transformers_answer_the_same_prompts_alike(eval_run):
+    """Same prompt tokens (checked by eval_task), same greedy answers from f16 GGUF and merged HF."""
+    workdir, _ = eval_run
+    answers = {s: json.loads((report_dir(workdir) / "task" / f"{s}.json").read_text())["answers"] for s in STAGES}
+    assert all(len(a) == 6 and all(isinstance(x, str) for x in a) for a in answers.values())
+    same = sum(a == b for a, b in zip(answers["f16"], answers["merged"], strict=True))
+    assert same >= 5, (answers["f16"], answers["merged"])
+    assert "all 6 GGUF prompts equal transformers' token for token" in (
+        workdir / "logs" / "tiny" / "eval_task_q4_0.log"
+    ).read_text()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium; installed here when missing (CI's machine is fresh and we are root there)."""
+    path = shutil.which("chromium")
+    if path is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.fail("the report test needs Debian's chromium: apt-get install -y chromium")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, env=env)
+        path = shutil.which("chromium")
+    return path
+
+
+def headless(chromium: str, profile, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, check=True)
+
+
+def near(image, rgb: tuple[int, int, int], tolerance: float = 0.06) -> int:
+    """How many pixels are close to a colour."""
+    import numpy as np
+
+    target = np.array(rgb) / 255
+    return int((np.abs(image[..., :3] - target).max(axis=-1) < tolerance).sum())
+
+
+def test_report_renders_its_plots_in_chromium(eval_run, chromium, tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    workdir, _ = eval_run
+    page = (report_dir(workdir) / "report.html").resolve().as_uri()
+    dom = headless(chromium, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom", page).stdout
+    assert 'data-plots-decoded="3"' in dom  # the page's script counted three decoded plot images
+    for plot in ("throughput", "size_vs_perplexity", "accuracy"):
+        assert re.search(rf"<img class=\"plot\" id=\"plot-{plot}\"[^>]*src=\"data:image/png;base64,", dom), plot
+    assert "Quality gate passed" in dom and 'id="recommended-threads"' in dom
+
+    shot = tmp_path / "report.png"
+    headless(chromium, tmp_path / "profile-shot", "--window-size=1280,2600", f"--screenshot={shot}", page)
+    image = matplotlib.image.imread(shot)
+    assert image.shape[:2] == (2600, 1280)
+    assert np.std(image[..., :3]) > 0.05  # not blank
+    # the plots' lines and markers, in matplotlib's first two colours (C0 blue, C1 orange)
+    assert near(image, (0x1F, 0x77, 0xB4)) > 500 and near(image, (0xFF, 0x7F, 0x0E)) > 500
+
+
+def test_snakemake_report_holds_the_evaluation(eval_run):
+    workdir, config = eval_run
+    out = workdir / "snakemake-report.html"
+    snakemake(workdir, "eval_report", "--configfile", str(config), "--report", str(out))
+    text = out.read_text()
+    assert "Evaluation" in text and "size_vs_perplexity.png" in text
+
+
+def test_recommended_threads_is_the_fewest_within_tolerance():
+    runs = [{"threads": 1, "tg_tps": 10.0}, {"threads": 2, "tg_tps": 19.5}, {"threads": 4, "tg_tps": 20.0}]
+    assert recommended_threads(runs, 5) == 2
+    assert recommended_threads(runs, 0) == 4
+
+
+def test_perplexity_from_nll_is_llama_perplexitys_formula():
+    nll = [1.0, 2.0, 3.0, 2.0]
+    ppl, err = perplexity_from_nll(nll)
+    assert ppl == pytest.approx(math.exp(2.0))
+    assert err == pytest.approx(math.sqrt(0.5 / 3) * math.exp(2.0))
+
+
+def test_kl_summary_is_read_from_llama_perplexity_output():
+    out = (
+        "kl_divergence: computing over 4 chunks, n_ctx=128, batch_size=128, n_seq=1\n"
+        "Mean PPL(Q)                   :  14.413613 ±   1.377084\n"
+        "Mean PPL(base)                :  14.664800 ±   1.387890\n"
+        "Mean    KLD:   0.017902 ±   0.001441\nMaximum KLD:   0.247896\n99.0%   KLD:   0.087385\n"
+        "Same top p: 89.286 ± 1.952 %\n"
+    )
+    figures = parse_kl_output(out)
+    assert figures["kl_divergence"] == 0.017902 and figures["top1_agreement"] == pytest.approx(0.89286)
+    assert figures["perplexity"] == 14.413613 and figures["scored_tokens"] == 4 * 63
+
+
+def test_quality_gate_names_the_stage_and_the_figure():
+    records = [
+        {"stage": "f16", "kind": "gguf", "perplexity": 10.0, "ppl_increase_vs_f16_pct": 0.0},
+        {"stage": "q4_0", "kind": "gguf", "perplexity": 13.0, "ppl_increase_vs_f16_pct": 30.0, "kl_divergence": 0.3,
+         "accuracy": 0.5, "correct": 20, "rows": 40},
+    ]  # fmt: skip
+    assert quality_gate(records, 25, 0.25, 0.7) == [
+        "q4_0: perplexity 13 is 30.0% above the f16 GGUF's, more than eval.gate.max_ppl_increase_pct allows (25%).",
+        "q4_0: mean KL divergence from the f16 GGUF is 0.3, more than eval.gate.max_kl_divergence allows (0.25).",
+        "q4_0: task accuracy is 0.500 (20/40), less than eval.gate.min_accuracy requires (0.7).",
+    ]
+    assert quality_gate(records, 30, 0.3, 0.5) == []
+
+
+def test_bad_task_folder_fails_at_start(tmp_path, tiny_base, tiny_adapter):
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "heldout.jsonl").write_text('{"system": "s", "news": "n"}\n')
+    model = {"name": "m", "base": str(tiny_base), "adapters": [str(tiny_adapter)], "task": str(task)}
+    config = write_config(tmp_path / "bad.yaml", [model])
+    result = snakemake(tmp_path, "eval_report", "--configfile", str(config), check=False)
+    assert result.returncode != 0 and not (tmp_path / "results").exists()
+    assert f"{task / 'heldout.jsonl'}: line 1 lacks the text field(s) answer." in result.stdout + result.stderr
+
+
+def test_quality_gate_fails_eval_report_and_keeps_the_report(eval_run):
+    workdir, config = eval_run
+    strict = tiny_config(workdir, "strict.yaml", max_kl_divergence=1e-6)
+    result = snakemake(workdir, "eval_report", "--configfile", str(strict), check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(
+        r"quality gate failed for tiny: q4_0: mean KL divergence from the f16 GGUF is [0-9.e-]+, more than "
+        r"eval\.gate\.max_kl_divergence allows \(1e-06\)\.",
+        out,
+    ), out
+    assert "max_ppl_increase_pct" not in out and "min_accuracy" not in out
+    # the report is kept, and says why
+    assert "Quality gate failed" in (report_dir(workdir) / "report.html").read_text()
+    assert not (report_dir(workdir) / "quality_gate.txt").exists()
+    assert not metrics_of(workdir)["gate"]["passed"]
+    # back to the passing thresholds: only the report and the gate run again
+    assert planned_jobs(workdir, "eval_report", "--configfile", str(config)) == {
+        "make_report": 1, "check_quality_gate": 1, "eval_report": 1,
+    }  # fmt: skip
+    snakemake(workdir, "eval_report", "--configfile", str(config))
+    assert metrics_of(workdir)["gate"]["passed"]
+
+
+def test_model_without_task_has_no_accuracy(eval_run):
+    """A user's model has no demo task: the report drops the task part and the gate its accuracy check."""
+    workdir, _ = eval_run
+    config = tiny_config(workdir, "no-task.yaml", task=False, min_accuracy=1.0)
+    result = snakemake(workdir, "eval_report", "--configfile", str(config))
+    assert "eval_task" not in result.stdout + result.stderr
+    metrics = metrics_of(workdir)
+    assert metrics["gate"]["passed"] and metrics["eval"]["task_rows"] is None
+    assert all("accuracy" not in s for s in metrics["stages"])
+    text = (report_dir(workdir) / "eval_text.txt").read_text()
+    assert load_split("heldout")[0]["news"] not in text and "Python" in text
