@@ -72,7 +72,9 @@ def make_tokenizer(out: Path, extra_text: str = "") -> None:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
     )  # fmt: skip
     (out / "tokenizer.vocab").unlink()
-    LlamaTokenizer(vocab_file=str(out / "tokenizer.model")).save_pretrained(out)
+    # from_pretrained, not LlamaTokenizer(vocab_file=...): under transformers 5 the latter
+    # builds a tokenizer with 3 tokens that turns every text into no ids at all
+    LlamaTokenizer.from_pretrained(out).save_pretrained(out)
 
 
 def make_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
@@ -112,3 +114,65 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
     return make_lora(tiny_base, tmp_path_factory.mktemp("tiny") / "adapter")
+
+
+# a template of the tiny model's own (not one llama.cpp knows by name), so the chat and the server
+# are seen to use the model's template; it opens with BOS, as the LLaMA family's templates do
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def chat_lesson(start: int, n_words: int = 8) -> tuple[str, str]:
+    """A question and its answer from the prose: `n_words` words from `start`, and the line that follows."""
+    words = prose().split(" ")
+    question = " ".join(words[start : start + n_words])
+    return question, " ".join(words[start + n_words : start + n_words + 16])
+
+
+def train_tiny_llama(folder: Path, steps: int = 400, seed: int = 0) -> Path:
+    """Teach the tiny model, in place, to answer a piece of the prose with the words that follow it.
+
+    Random weights give flat next-token distributions, whose greedy choice flips on the
+    rounding differences between equally correct runtimes (flash attention or not, one
+    sequence or a batch of eight); a model that knows its answers has clear favourites, so
+    its greedy answers are the same through every path. Seconds on one core.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    n_words = len(prose().split(" "))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = []
+        for start in torch.randint(0, n_words - 40, (16,), generator=generator).tolist():
+            question, reply = chat_lesson(start)
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            batch.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)[:96])
+        width = max(map(len, batch))
+        x = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids in batch])
+        labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in batch])
+        model(input_ids=x, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(llama_bin, tmp_path_factory) -> Path:
+    """results/chat/ of a workflow run (q4_model) on a fitted tiny model with a chat template."""
+    workdir = tmp_path_factory.mktemp("tiny_chat")
+    base = train_tiny_llama(make_tiny_llama(workdir / "inputs" / "base"))
+    # a small adapter: it must change the weights, not undo the fitting
+    adapter = make_lora(base, workdir / "inputs" / "adapter", lora_alpha=1)
+    config = write_config(workdir / "chat.yaml", [{"name": "chat", "base": str(base), "adapters": [str(adapter)]}])
+    snakemake(workdir, "q4_model", "--configfile", str(config))
+    return workdir / "results" / "chat"
