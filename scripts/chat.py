@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scripts.common import (
+    MAX_DEFAULT_CTX,
     InputError,
     check_threads,
     default_llama_bin,
@@ -38,10 +39,6 @@ from scripts.common import (
 )
 
 log = logging.getLogger(__name__)
-
-# the context a GGUF chat gets unless --ctx-size says otherwise: the model's own, capped
-# because a KV cache for 128k tokens is many GB that a terminal chat never fills
-MAX_DEFAULT_CTX = 8192
 
 # llama.cpp's fallback when a model has no chat template (llama-server uses it too), so a base
 # model answers the same in the chat and through the server

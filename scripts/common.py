@@ -221,6 +221,11 @@ def physical_cores() -> int:
     return len(cores) or len(allowed)
 
 
+# the context a chat or a server request gets unless --ctx-size says otherwise: the model's own,
+# capped, because the KV cache for a 128k-token context is many GB that a chat rarely fills
+MAX_DEFAULT_CTX = 4096
+
+
 def gguf_context_length(path: str | os.PathLike) -> int:
     """The context length a GGUF model was trained with (`<arch>.context_length`), read from its header."""
     from gguf import GGUFReader

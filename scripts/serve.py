@@ -37,12 +37,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.common import InputError, check_threads, default_llama_bin, default_threads, gguf_context_length, run
+from scripts.common import (
+    MAX_DEFAULT_CTX,
+    InputError,
+    check_threads,
+    default_llama_bin,
+    default_threads,
+    gguf_context_length,
+    run,
+)
 
 log = logging.getLogger(__name__)
 
-# the context the server gets unless --ctx-size says otherwise: the model's own, capped (see scripts.chat)
-MAX_DEFAULT_CTX = 8192
 # bodies larger than this are refused with a 413: a full 128k-token prompt is well under it
 MAX_BODY = 16 << 20
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
@@ -59,9 +65,12 @@ def llama_server_command(
 ) -> list[str]:
     return [
         str(llama_bin / "llama-server"), "--model", str(model), "--alias", name, "--host", str(sock),
-        "--threads", str(threads), "--threads-batch", str(threads), "--ctx-size", str(ctx_size),
-        # one KV pool for all slots: a long conversation may use the whole context while others are short
-        "--parallel", str(parallel), "--kv-unified", "--no-webui", "--offline", "--log-verbosity", "2",
+        "--threads", str(threads), "--threads-batch", str(threads),
+        # a KV cache of its own for each slot: a shared one lets busy slots run it full, and then
+        # llama-server fails every request in flight with a 500; this way a request that does not
+        # fit its slot gets a 400 before it starts, and the others are untouched
+        "--ctx-size", str(ctx_size * parallel), "--parallel", str(parallel), "--no-kv-unified",
+        "--no-webui", "--offline", "--log-verbosity", "2",
     ]  # fmt: skip
 
 
@@ -213,8 +222,8 @@ async def serve(
             await runner.setup()
             await web.SockSite(runner, listener).start()
             address = f"[{host}]" if ":" in host else host
-            log.info("serving %s at http://%s:%d/v1 (%d threads, context %d, %d slots)",
-                     name, address, listener.getsockname()[1], threads, ctx_size, parallel)  # fmt: skip
+            log.info("serving %s at http://%s:%d/v1 (%d threads, %d slots of %d tokens)",
+                     name, address, listener.getsockname()[1], threads, parallel, ctx_size)  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,8 +246,8 @@ def main() -> None:
                         help="require `Authorization: Bearer KEY` (default: $CPUFORGE_API_KEY, else no key)")  # fmt: skip
     parser.add_argument("--name", help="model id in the API (default: {model}-{qtype})")
     parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
-    parser.add_argument("--ctx-size", type=int, default=0, help=f"context shared by all slots; default the model's, ≤{MAX_DEFAULT_CTX}")
-    parser.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4)")
+    parser.add_argument("--ctx-size", type=int, default=0, help=f"context of each request; default the model's, ≤{MAX_DEFAULT_CTX}")
+    parser.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens")
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
     args = parser.parse_args()
     if args.parallel < 1:

@@ -8,6 +8,7 @@ are not zero, so merging it changes the weights.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,8 +127,11 @@ CHAT_TEMPLATE = (
 
 
 def chat_lesson(start: int, n_words: int = 8) -> tuple[str, str]:
-    """A question and its answer from the prose: `n_words` words from `start`, and the line that follows."""
-    words = prose().split(" ")
+    """A question and its answer from the prose: `n_words` words from `start`, and the 16 that follow.
+
+    Words joined by single spaces: one line each, as a person types it in a terminal.
+    """
+    words = prose().split()
     question = " ".join(words[start : start + n_words])
     return question, " ".join(words[start + n_words : start + n_words + 16])
 
@@ -146,7 +150,7 @@ def train_tiny_llama(folder: Path, steps: int = 400, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(folder)
-    n_words = len(prose().split(" "))
+    n_words = len(prose().split())
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -176,3 +180,28 @@ def tiny_chat_model(llama_bin, tmp_path_factory) -> Path:
     config = write_config(workdir / "chat.yaml", [{"name": "chat", "base": str(base), "adapters": [str(adapter)]}])
     snakemake(workdir, "q4_model", "--configfile", str(config))
     return workdir / "results" / "chat"
+
+
+def runtime_env(llama_bin: Path) -> dict[str, str]:
+    """Environment of a chat or server process under test, bound to the pinned build."""
+    # TERM=dumb: readline then writes no escape sequences into a chat's transcript
+    return {**os.environ, "LLAMA_CPP_LIB_PATH": str(llama_bin), "TERM": "dumb", "PYTHONPATH": str(REPO)}
+
+
+def api_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
+    """Greedy answers from llama-cpp-python's own create_chat_completion, in a process of its own.
+
+    With flash attention, as our chat runs (and llama-bench and llama-server on a CPU decide).
+    """
+    code = (
+        "import json, sys, llama_cpp\n"
+        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
+        "for c in json.loads(sys.argv[2]):\n"
+        f"    out = m.create_chat_completion(c, temperature=0.0, max_tokens={max_tokens})\n"
+        "    print(json.dumps(out['choices'][0]['message']['content']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(gguf), json.dumps(conversations)],
+        env=runtime_env(BIN), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines()]
