@@ -119,6 +119,7 @@ class GGUFChat:
             bos_token=model_.token_get_text(bos) if bos != -1 else "",
         )
         self._piece = ctypes.create_string_buffer(256)
+        self.n_generated = 0
 
     def prompt_tokens(self, messages: list[dict]) -> tuple[list[int], list[str]]:
         formatted = self.formatter(messages=messages)
@@ -149,6 +150,7 @@ class GGUFChat:
         if room < 1:
             raise InputError(f"the conversation is {len(tokens)} tokens, the context holds {self.llm.n_ctx()}.")
         self.llm.set_seed(gen.seed)
+        self.n_generated = 0  # tokens of the answer so far, end-of-generation token excluded
         sampling = dict(temp=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=0.0) if gen.do_sample else {}
         # bytes that are not UTF-8 are dropped, as llama-cpp-python drops them
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
@@ -159,6 +161,7 @@ class GGUFChat:
         ):
             if self.llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
+            self.n_generated = n
             held += decoder.decode(self.piece(token))
             cut = min((held.find(s) for s in stops if s in held), default=-1)
             if cut >= 0:
@@ -294,7 +297,9 @@ def main() -> None:
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system message")
     parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
-    parser.add_argument("--ctx-size", type=int, default=0, help=f"GGUF context; default the model's, ≤{MAX_DEFAULT_CTX}")
+    parser.add_argument(
+        "--ctx-size", type=int, default=0, help=f"GGUF context; default the model's, ≤{MAX_DEFAULT_CTX}"
+    )
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
     parser.add_argument("--generation-config", type=Path, help="JSON with HF GenerationConfig keys")
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)

@@ -32,7 +32,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -200,7 +199,9 @@ async def serve(
     if not model.is_file():
         raise InputError(f"{model}: file not found.")
     if not (llama_bin / "llama-server").is_file():
-        raise InputError(f"{llama_bin}: no llama-server (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin).")
+        raise InputError(
+            f"{llama_bin}: no llama-server (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin)."
+        )
     name = name or model_name(model)
     ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
     listener = bind(host, port)
@@ -246,8 +247,15 @@ def main() -> None:
                         help="require `Authorization: Bearer KEY` (default: $CPUFORGE_API_KEY, else no key)")  # fmt: skip
     parser.add_argument("--name", help="model id in the API (default: {model}-{qtype})")
     parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
-    parser.add_argument("--ctx-size", type=int, default=0, help=f"context of each request; default the model's, ≤{MAX_DEFAULT_CTX}")
-    parser.add_argument("--parallel", type=int, default=4, help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens")
+    parser.add_argument(
+        "--ctx-size", type=int, default=0, help=f"context of each request; default the model's, ≤{MAX_DEFAULT_CTX}"
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=4,
+        help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens",
+    )
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
     args = parser.parse_args()
     if args.parallel < 1:

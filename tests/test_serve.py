@@ -116,7 +116,9 @@ def test_eight_concurrent_clients(server, answers):
 
 def post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"{url}/chat/completions", data=body, headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        f"{url}/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request) as response:
