@@ -11,6 +11,8 @@ A path's tokens/s is decode speed as a user sees it: the answer's tokens after t
 divided by the time from the first streamed piece to the last, summed over the prompts,
 so prompt processing is left out as it is from tg. The prompts are the demo task's held-out
 questions (any chat model answers them), or --prompts FILE (JSON lines of message lists).
+The paths take turns, --repetitions times, and each path's best run counts: on a shared
+machine other work only ever slows a run down.
 
 --compare-llama-cpp-python also times llama-cpp-python's own server (needs its `server`
 extra) for one client and for --concurrency clients at once, against ours: the figures
@@ -24,7 +26,6 @@ import json
 import logging
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ def llama_bench_tg(llama_bin: Path, model: Path, threads: int, tokens: int, repe
            "-r", str(repetitions), "-o", "json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     (row,) = json.loads(out)
-    return row["avg_ts"]
+    return max(row["samples_ts"])
 
 
 def decode_rate(answers: list[tuple[int, float, float]]) -> float:
@@ -83,45 +84,51 @@ def client_answer(client, name: str, conversation: list[dict], max_tokens: int, 
         model=name, messages=conversation, temperature=0, max_tokens=max_tokens, stream=True,
         stream_options={"include_usage": True},
     )  # fmt: skip
-    n = 0
+    usage, pieces_seen = None, 0
 
     def pieces():
-        nonlocal n
+        nonlocal usage, pieces_seen
         for chunk in stream:
             if chunk.usage is not None:
-                n = chunk.usage.completion_tokens
+                usage = chunk.usage.completion_tokens
             if timings is not None and (chunk.model_extra or {}).get("timings"):
                 timings.append(chunk.model_extra["timings"])
-            if chunk.choices:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces_seen += 1
                 yield chunk.choices[0].delta.content
 
     first, last = timed_pieces(pieces())
-    return n, first, last
+    # llama-cpp-python's server reports no usage when streaming; it sends a piece per token
+    return usage if usage is not None else pieces_seen, first, last
 
 
-def server_rates(url: str, name: str, prompts: list[list[dict]], max_tokens: int, concurrency: int) -> dict:
-    """One client's decode tokens/s as it sees them, the server's own figure for the same answers
-    (when it reports one), and the tokens/s of `concurrency` clients asking at once."""
+def open_client(url: str, name: str):
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=None)
-    client_answer(client, name, prompts[0], 8)  # warm-up: the first request pays for lazy set-up
+    client_answer(client, name, [{"role": "user", "content": "Hello"}], 8)  # the first request pays for set-up
+    return client
+
+
+def server_rate(client, name: str, prompts: list[list[dict]], max_tokens: int) -> tuple[float, float | None]:
+    """One client's decode tokens/s as it sees them, and the server's own figure for the same answers."""
     timings = []
-    rates = {"single": decode_rate([client_answer(client, name, p, max_tokens, timings) for p in prompts])}
-    if timings:
-        # llama-server times from its first sampled token on, as we do: predicted_n counts that token too
-        rates["internal"] = (
-            sum(t["predicted_n"] - 1 for t in timings)
-            / sum(t["predicted_ms"] * (t["predicted_n"] - 1) / t["predicted_n"] for t in timings if t["predicted_n"])
-            * 1000
-        )
-    if concurrency > 1:
-        work = [prompts[i % len(prompts)] for i in range(concurrency)]
-        start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            answers = list(pool.map(lambda p: client_answer(client, name, p, max_tokens), work))
-        rates["many"] = sum(n for n, _, _ in answers) / (time.perf_counter() - start)
-    return rates
+    rate = decode_rate([client_answer(client, name, p, max_tokens, timings) for p in prompts])
+    if not timings:
+        return rate, None
+    # llama-server's predicted_ms runs from its first sampled token: drop that token's share, as we do
+    tokens = sum(t["predicted_n"] - 1 for t in timings)
+    ms = sum(t["predicted_ms"] * (t["predicted_n"] - 1) / t["predicted_n"] for t in timings if t["predicted_n"])
+    return rate, 1000 * tokens / ms
+
+
+def clients_rate(client, name: str, prompts: list[list[dict]], max_tokens: int, clients: int) -> float:
+    """All answer tokens/s while `clients` clients ask at once."""
+    work = [prompts[i % len(prompts)] for i in range(clients)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(lambda p: client_answer(client, name, p, max_tokens), work))
+    return sum(n for n, _, _ in answers) / (time.perf_counter() - start)
 
 
 def free_port() -> int:
@@ -191,31 +198,45 @@ def benchmark(
     model: Path, llama_bin: Path, threads: list[int], prompts: list[list[dict]], tokens: int = 128,
     repetitions: int = 3, compare: bool = False, concurrency: int = 8,
 ) -> dict:  # fmt: skip
+    """Figures per thread count: each path's best run, every run, and the ratios of the best runs.
+
+    The paths take turns, run after run, so a burst of other work on the machine hits them
+    alike; the best run counts, as other work can only ever slow a run down.
+    """
     name = model_name(model)
     gen = Generation(max_new_tokens=tokens)
     figures = {"model": str(model), "name": name, "tokens": tokens, "prompts": len(prompts), "threads": {}}
     for t in threads:
-        row = {"llama_bench_tg": llama_bench_tg(llama_bin, model, t, tokens, repetitions)}
+        runs = {"llama_bench_tg": [], "chat": [], "server": [], "llama_server_internal": []}
         chat = GGUFChat(model, t, llama_bin=llama_bin)
         chat_rate(chat, prompts[:1], gen)  # warm-up
-        row["chat"] = statistics.mean(chat_rate(chat, prompts, gen) for _ in range(repetitions))
-        del chat
+        extra = {}
         with our_server(model, llama_bin, t, parallel=concurrency if compare else 1) as server:
-            rates = [server_rates(server.url, name, prompts, tokens, concurrency if compare else 1)]
-            rates += [server_rates(server.url, name, prompts, tokens, 1) for _ in range(repetitions - 1)]
-        row["server"] = statistics.mean(r["single"] for r in rates)
-        row["llama_server_internal"] = statistics.mean(r["internal"] for r in rates)
+            client = open_client(server.url, name)
+            for _ in range(repetitions):
+                runs["llama_bench_tg"].append(llama_bench_tg(llama_bin, model, t, tokens, 1))
+                runs["chat"].append(chat_rate(chat, prompts, gen))
+                rate, internal = server_rate(client, name, prompts, tokens)
+                runs["server"].append(rate)
+                runs["llama_server_internal"].append(internal)
+            if compare:
+                extra[f"server_{concurrency}_clients"] = clients_rate(client, name, prompts, tokens, concurrency)
+        del chat
         if compare:
-            row[f"server_{concurrency}_clients"] = rates[0]["many"]
             with llama_cpp_python_server(model, llama_bin, t, name) as server:
-                other = server_rates(server.url, name, prompts, tokens, concurrency)
-            row["llama_cpp_python_server"] = other["single"]
-            row[f"llama_cpp_python_server_{concurrency}_clients"] = other["many"]
-        for path in ("chat", "server", "llama_server_internal", "llama_cpp_python_server"):
-            if path in row:
+                client = open_client(server.url, name)
+                runs["llama_cpp_python_server"] = [
+                    server_rate(client, name, prompts, tokens)[0] for _ in range(repetitions)
+                ]
+                extra[f"llama_cpp_python_server_{concurrency}_clients"] = clients_rate(
+                    client, name, prompts, tokens, concurrency
+                )
+        row = {path: max(rates) for path, rates in runs.items()} | extra
+        for path in runs:
+            if path != "llama_bench_tg":
                 row[f"{path}_ratio"] = row[path] / row["llama_bench_tg"]
         log.info("%d threads: %s", t, ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
-        figures["threads"][str(t)] = row
+        figures["threads"][str(t)] = {**row, "runs": runs}
     return figures
 
 
