@@ -110,13 +110,14 @@ class GGUFChat:
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
             log.warning("%s has no chat template; using ChatML, as llama-server does", model)
-        model_ = self.llm._model
-        bos, eos = self.llm.token_bos(), self.llm.token_eos()
+        self.vocab = self.llama_cpp.llama_model_get_vocab(self.llm.model)
+
+        def text(token: int) -> str:
+            return self.llama_cpp.llama_vocab_get_text(self.vocab, token).decode() if token != -1 else ""
+
         # built as llama-cpp-python's own create_chat_completion builds it, so both agree token for token
         self.formatter = Jinja2ChatFormatter(
-            template=template or CHATML,
-            eos_token=model_.token_get_text(eos) if eos != -1 else "",
-            bos_token=model_.token_get_text(bos) if bos != -1 else "",
+            template=template or CHATML, eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos())
         )
         self._piece = ctypes.create_string_buffer(256)
         self.n_generated = 0
@@ -128,7 +129,7 @@ class GGUFChat:
         return tokens, stops
 
     def piece(self, token: int) -> bytes:
-        n = self.llama_cpp.llama_token_to_piece(self.llm._model.vocab, token, self._piece, len(self._piece), 0, False)
+        n = self.llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         if n < 0:
             self._piece = ctypes.create_string_buffer(-n)
             return self.piece(token)
@@ -151,15 +152,18 @@ class GGUFChat:
             raise InputError(f"the conversation is {len(tokens)} tokens, the context holds {self.llm.n_ctx()}.")
         self.llm.set_seed(gen.seed)
         self.n_generated = 0  # tokens of the answer so far, end-of-generation token excluded
-        sampling = dict(temp=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, min_p=0.0) if gen.do_sample else {}
+        # HF's meaning: greedy unless do_sample; then temperature, top-k and top-p, and no min-p
+        temp = gen.temperature if gen.do_sample else 0.0
         # bytes that are not UTF-8 are dropped, as llama-cpp-python drops them
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         held = ""  # text that may be the start of a stop string
-        vocab = self.llm._model.vocab
         for n, token in enumerate(
-            self.llm.generate(tokens, temp=0.0, repeat_penalty=gen.repetition_penalty, **sampling), start=1
+            self.llm.generate(
+                tokens, temp=temp, top_k=gen.top_k, top_p=gen.top_p, min_p=0.0, repeat_penalty=gen.repetition_penalty
+            ),
+            start=1,
         ):
-            if self.llama_cpp.llama_vocab_is_eog(vocab, token):
+            if self.llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 break
             self.n_generated = n
             held += decoder.decode(self.piece(token))

@@ -96,6 +96,18 @@ def test_one_shot_prompt(llama_bin, gguf):
     assert result.stdout == want + "\n"
 
 
+def test_sampling_follows_the_seed(llama_bin, gguf):
+    def one_shot(*flags) -> str:
+        cmd = [sys.executable, "-m", "scripts.chat", str(gguf), "--prompt", QUESTIONS[0], "--threads", "1", *flags]
+        return subprocess.run(
+            cmd, cwd=REPO, env=runtime_env(llama_bin), capture_output=True, text=True, check=True
+        ).stdout
+
+    sampled = one_shot("--do-sample", "--temperature", "1.5", "--seed", "3")
+    assert sampled == one_shot("--do-sample", "--temperature", "1.5", "--seed", "3")
+    assert sampled != one_shot()  # greedy
+
+
 def hf_answer(folder, question: str, **settings) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
