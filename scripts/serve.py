@@ -149,9 +149,14 @@ def make_app(upstream, name: str, api_key: str | None, created: int | None = Non
                 response.headers["Cache-Control"] = "no-cache"
             await response.prepare(request)
             # pass llama-server's bytes on as they arrive: a streamed token leaves here when it leaves there
-            async for chunk in answer.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            try:
+                async for chunk in answer.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:
+                # the client left: leaving this block closes the upstream connection too, and llama-server
+                # stops generating for it
+                log.info("%s: client went away mid-answer", request.path)
             return response
 
     app = web.Application(middlewares=[checks], client_max_size=MAX_BODY)
@@ -261,10 +266,11 @@ def main() -> None:
     if args.parallel < 1:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
     threads = check_threads(args.threads) if args.threads is not None else default_threads(args.model)
-    asyncio.run(
-        serve(args.model, args.llama_bin or default_llama_bin(), args.host, args.port, args.api_key or None,
-              threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
-    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
+        asyncio.run(
+            serve(args.model, args.llama_bin or default_llama_bin(), args.host, args.port, args.api_key or None,
+                  threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
+        )
 
 
 if __name__ == "__main__":

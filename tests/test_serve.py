@@ -114,6 +114,17 @@ def test_eight_concurrent_clients(server, answers):
     assert got == [answers[q] for q in QUESTIONS]
 
 
+def test_a_client_that_leaves_mid_answer_harms_no_one(server, answers):
+    url, _ = server
+    c = client(url)
+    chunks = c.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=0, max_tokens=32, stream=True
+    )
+    next(iter(chunks))
+    chunks.close()  # hang up after the first piece
+    assert chat(c, QUESTIONS[3]) == answers[QUESTIONS[3]]
+
+
 def post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
     request = urllib.request.Request(
         f"{url}/chat/completions",
