@@ -207,7 +207,10 @@ def llama_cpp_env(bin_dir: str | os.PathLike) -> dict[str, str]:
 
 def load_llama_cpp(bin_dir: str | os.PathLike):
     """Import llama_cpp bound to the pinned libllama in `bin_dir`."""
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(Path(bin_dir).resolve())
+    bin_dir = Path(bin_dir).resolve()
+    if not (bin_dir / "libllama.so").is_file():
+        raise InputError(f"{bin_dir}: no libllama.so (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin).")
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(bin_dir)
     import llama_cpp
 
     return llama_cpp
@@ -243,3 +246,76 @@ def size_on_disk(path: str | os.PathLike) -> int:
 def write_json(path: str | os.PathLike, record: dict) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_llama_bin() -> Path:
+    """The pinned build's bin folder: $LLAMA_CPP_LIB_PATH, else build/llama.cpp/<commit>/bin of the config.
+
+    Looked for under the working directory (where a run put results/) and then
+    under the repository, so `python -m scripts.chat results/...` works after
+    `snakemake q4_model` without flags.
+    """
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    import yaml
+
+    llama = yaml.safe_load((REPO / "config.yaml").read_text())["llama_cpp"]
+    relative = Path(llama["build_dir"]) / llama[llama["source"]]["commit"] / "bin"
+    for root in (Path.cwd(), REPO):
+        if (root / relative / "libllama.so").is_file():
+            return root / relative
+    return Path.cwd() / relative
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: hyper-threads share a core's units and only add contention."""
+    allowed = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(allowed)
+    return len(cores) or len(allowed)
+
+
+# the context a chat or a server request gets unless --ctx-size says otherwise: the model's own,
+# capped, because the KV cache for a 128k-token context is many GB that a chat rarely fills
+MAX_DEFAULT_CTX = 4096
+
+
+def gguf_context_length(path: str | os.PathLike) -> int:
+    """The context length a GGUF model was trained with (`<arch>.context_length`), read from its header."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path).fields
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
+    arch = fields["general.architecture"].contents()
+    key = f"{arch}.context_length"
+    if key not in fields:
+        raise InputError(f"{path}: no {key} in the GGUF header.")
+    return int(fields[key].contents())
+
+
+def report_metrics(model: str | os.PathLike) -> Path:
+    """`results/{model}/report/metrics.json` for a model file or folder under results/{model}/."""
+    return Path(model).resolve().parent / "report" / "metrics.json"
+
+
+def default_threads(model: str | os.PathLike) -> int:
+    """Threads to run `model` with: the eval report's `recommended_threads`, else the physical cores."""
+    metrics = report_metrics(model)
+    if metrics.is_file():
+        recommended = read_json(metrics).get("recommended_threads")
+        if isinstance(recommended, int) and recommended >= 1:
+            log.info("threads: %d, recommended by %s", recommended, metrics)
+            return recommended
+    threads = physical_cores()
+    log.info("threads: %d, the physical cores (no recommended_threads in %s)", threads, metrics)
+    return threads

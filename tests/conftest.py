@@ -8,6 +8,7 @@ are not zero, so merging it changes the weights.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,93 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_base, tmp_path_factory) -> Path:
     return make_lora(tiny_base, tmp_path_factory.mktemp("tiny") / "adapter")
+
+
+# a template of the tiny model's own (not one llama.cpp knows by name), so the chat and the server
+# are seen to use the model's template; it opens with BOS, as the LLaMA family's templates do
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def chat_lesson(start: int, n_words: int = 8) -> tuple[str, str]:
+    """A question and its answer from the prose: `n_words` words from `start`, and the 16 that follow.
+
+    Words joined by single spaces: one line each, as a person types it in a terminal.
+    """
+    words = prose().split()
+    question = " ".join(words[start : start + n_words])
+    return question, " ".join(words[start + n_words : start + n_words + 16])
+
+
+def train_tiny_llama(folder: Path, steps: int = 400, seed: int = 0) -> Path:
+    """Teach the tiny model, in place, to answer a piece of the prose with the words that follow it.
+
+    Random weights give flat next-token distributions, whose greedy choice flips on the
+    rounding differences between equally correct runtimes (flash attention or not, one
+    sequence or a batch of eight); a model that knows its answers has clear favourites, so
+    its greedy answers are the same through every path. Seconds on one core.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    n_words = len(prose().split())
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = []
+        for start in torch.randint(0, n_words - 40, (16,), generator=generator).tolist():
+            question, reply = chat_lesson(start)
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            batch.append(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)[:96])
+        width = max(map(len, batch))
+        x = torch.tensor([ids + [tokenizer.eos_token_id] * (width - len(ids)) for ids in batch])
+        labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in batch])
+        model(input_ids=x, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(llama_bin, tmp_path_factory) -> Path:
+    """results/chat/ of a workflow run (q4_model) on a fitted tiny model with a chat template."""
+    workdir = tmp_path_factory.mktemp("tiny_chat")
+    base = train_tiny_llama(make_tiny_llama(workdir / "inputs" / "base"))
+    # a small adapter: it must change the weights, not undo the fitting
+    adapter = make_lora(base, workdir / "inputs" / "adapter", lora_alpha=1)
+    config = write_config(workdir / "chat.yaml", [{"name": "chat", "base": str(base), "adapters": [str(adapter)]}])
+    snakemake(workdir, "q4_model", "--configfile", str(config))
+    return workdir / "results" / "chat"
+
+
+def runtime_env(llama_bin: Path) -> dict[str, str]:
+    """Environment of a chat or server process under test, bound to the pinned build."""
+    # TERM=dumb: readline then writes no escape sequences into a chat's transcript
+    return {**os.environ, "LLAMA_CPP_LIB_PATH": str(llama_bin), "TERM": "dumb", "PYTHONPATH": str(REPO)}
+
+
+def api_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
+    """Greedy answers from llama-cpp-python's own create_chat_completion, in a process of its own.
+
+    With flash attention, as our chat runs (and llama-bench and llama-server on a CPU decide).
+    """
+    code = (
+        "import json, sys, llama_cpp\n"
+        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
+        "for c in json.loads(sys.argv[2]):\n"
+        f"    out = m.create_chat_completion(c, temperature=0.0, max_tokens={max_tokens})\n"
+        "    print(json.dumps(out['choices'][0]['message']['content']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(gguf), json.dumps(conversations)],
+        env=runtime_env(BIN), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines()]

@@ -9,6 +9,7 @@ SNAKEMAKE_SIDE = {
     "jsonschema",
     "snakemake-executor-plugin-slurm",
     "snakemake-executor-plugin-slurm-jobstep",
+    "aiohttp",  # scripts.serve's proxy: serving a model is no rule's job
 }
 
 

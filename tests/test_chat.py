@@ -1,0 +1,168 @@
+"""The terminal chat, driven in a pseudo-terminal as a person would, against the runtimes' own answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pexpect
+import pytest
+from conftest import REPO, api_answers, chat_lesson, runtime_env
+
+from scripts.chat import Generation, load_generation
+from scripts.common import InputError, default_threads, physical_cores
+
+MAX_NEW = 32  # as api_answers
+QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]
+
+
+def spawn_chat(llama_bin, *args) -> pexpect.spawn:
+    cmd = [sys.executable, "-m", "scripts.chat", *map(str, args), "--threads", "1", "--max-new-tokens", str(MAX_NEW)]
+    # no timeout: every wait below ends when the chat writes what is awaited or exits
+    # a wide terminal, so readline echoes a long question on one line
+    return pexpect.spawn(
+        cmd[0], cmd[1:], cwd=str(REPO), env=runtime_env(llama_bin), encoding="utf-8", timeout=None, dimensions=(24, 500)
+    )
+
+
+def ask(child: pexpect.spawn, question: str) -> str:
+    """Type a question, return the streamed answer as the terminal showed it (up to the next prompt)."""
+    child.sendline(question)
+    child.expect_exact(question + "\r\n")  # the terminal's echo of the typed line
+    child.expect_exact("\r\n> ")
+    return child.before.replace("\r\n", "\n")
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny_chat_model):
+    return tiny_chat_model / "ggml-model-q4_0.gguf"
+
+
+def test_terminal_chat_answers_as_the_python_api(llama_bin, gguf):
+    first, second = QUESTIONS
+    want_first, want_alone = api_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    history = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": want_first},
+        {"role": "user", "content": second},
+    ]
+    (want_second,) = api_answers(gguf, [history])
+    assert want_first.strip() and want_second.strip()
+    assert "\n> " not in want_first + want_second  # the prompt marks the end of an answer
+
+    child = spawn_chat(llama_bin, gguf)
+    child.expect_exact("> ")
+    assert ask(child, first) == want_first
+    assert ask(child, second) == want_second  # the same conversation, turn two
+    child.sendline("/reset")
+    child.expect_exact("(new conversation)")
+    child.expect_exact("> ")
+    assert ask(child, second) == want_alone
+    child.sendeof()  # Ctrl-D
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+def test_ctrl_c_ends_the_chat_cleanly(llama_bin, gguf):
+    child = spawn_chat(llama_bin, gguf)
+    child.expect_exact("> ")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "Traceback" not in child.before
+
+
+def test_a_conversation_longer_than_the_context_is_refused_and_the_chat_goes_on(llama_bin, gguf):
+    child = spawn_chat(llama_bin, gguf)
+    child.expect_exact("> ")
+    child.sendline("word " * 300)
+    child.expect_exact("the context holds 256.")
+    child.expect_exact("> ")
+    (want,) = api_answers(gguf, [[{"role": "user", "content": QUESTIONS[0]}]])
+    assert ask(child, QUESTIONS[0]) == want  # the refused turn left no trace in the conversation
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_one_shot_prompt(llama_bin, gguf):
+    (want,) = api_answers(gguf, [[{"role": "user", "content": QUESTIONS[1]}]])
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.chat", str(gguf), "--prompt", QUESTIONS[1], "--threads", "1",
+         "--max-new-tokens", str(MAX_NEW)],
+        cwd=REPO, env=runtime_env(llama_bin), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout == want + "\n"
+
+
+def test_sampling_follows_the_seed(llama_bin, gguf):
+    def one_shot(*flags) -> str:
+        cmd = [sys.executable, "-m", "scripts.chat", str(gguf), "--prompt", QUESTIONS[0], "--threads", "1", *flags]
+        return subprocess.run(
+            cmd, cwd=REPO, env=runtime_env(llama_bin), capture_output=True, text=True, check=True
+        ).stdout
+
+    sampled = one_shot("--do-sample", "--temperature", "1.5", "--seed", "3")
+    assert sampled == one_shot("--do-sample", "--temperature", "1.5", "--seed", "3")
+    assert sampled != one_shot()  # greedy
+
+
+def hf_answer(folder, question: str, **settings) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, pad_token_id=tokenizer.eos_token_id, **settings)
+    return tokenizer.decode(out[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_hf_chat_answers_as_transformers_generate(llama_bin, tiny_chat_model, beams):
+    merged = tiny_chat_model / "merged"
+    settings = {"do_sample": False} if beams == 1 else {"num_beams": 4, "early_stopping": True, "do_sample": False}
+    want = hf_answer(merged, QUESTIONS[1], **settings)
+    assert want.strip()
+    if beams > 1:  # on this question the search finds another answer than greedy decoding
+        assert want != hf_answer(merged, QUESTIONS[1], do_sample=False)
+    child = spawn_chat(llama_bin, "--hf", merged, "--num-beams", beams)
+    child.expect_exact("> ")
+    assert ask(child, QUESTIONS[1]) == want
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_beam_search_on_a_gguf_is_refused(llama_bin, gguf):
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.chat", str(gguf), "--num-beams", "4", "--prompt", "hi"],
+        cwd=REPO, env=runtime_env(llama_bin), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "beam search runs only on the HF model (--hf); llama.cpp decodes one sequence." in result.stderr
+
+
+def test_generation_config_then_flags(tmp_path):
+    assert load_generation() == Generation(do_sample=False, max_new_tokens=1024, num_beams=1)
+    config = tmp_path / "generation_config.json"
+    # a HF generation_config.json: the ids are the model's business, the rest are settings
+    config.write_text(json.dumps({"num_beams": 4, "max_new_tokens": 1024, "early_stopping": True, "eos_token_id": 2}))
+    assert load_generation(config) == Generation(num_beams=4, early_stopping=True)
+    assert load_generation(config, num_beams=1, max_new_tokens=64) == Generation(num_beams=1, max_new_tokens=64)
+    with pytest.raises(InputError, match="choose sampling"):
+        load_generation(config, do_sample=True)
+
+
+def test_threads_follow_the_eval_report(tmp_path):
+    model = tmp_path / "results" / "m" / "ggml-model-q4_0.gguf"
+    model.parent.mkdir(parents=True)
+    assert default_threads(model) == physical_cores() >= 1
+    (model.parent / "report").mkdir()
+    (model.parent / "report" / "metrics.json").write_text(json.dumps({"recommended_threads": 7}))
+    assert default_threads(model) == default_threads(model.parent / "merged") == 7

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible server, started as a user starts it and called with the official `openai` client.
+
+Loopback only; every wait ends when the server answers or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import REPO, api_answers, chat_lesson, runtime_env
+
+from scripts.serve import model_name
+
+KEY = "test-key-1234"
+NAME = "chat-q4_0"  # results/chat/ggml-model-q4_0.gguf
+QUESTIONS = [chat_lesson(start)[0] for start in (100, 300, 500, 700, 900, 1100, 1300, 1500)]
+
+
+def start_server(llama_bin, log: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "scripts.serve", *map(str, args)]
+    # stderr to a file, not a pipe: a pipe nobody reads would fill and stall the server
+    return subprocess.Popen(cmd, cwd=REPO, env=runtime_env(llama_bin), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_url(process: subprocess.Popen, log: Path) -> str:
+    """The URL the server logs once it serves; fails if the server exits first."""
+    while process.poll() is None:
+        if match := re.search(r"serving \S+ at (http://\S+/v1)", log.read_text()):
+            return match[1]
+        time.sleep(0.1)
+    raise AssertionError(f"the server exited with code {process.returncode}:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(llama_bin, tiny_chat_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    gguf = tiny_chat_model / "ggml-model-q4_0.gguf"
+    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1, "--parallel", 4)
+    url = wait_for_url(process, log)
+    assert url.startswith("http://127.0.0.1:")
+    yield url, gguf
+    process.send_signal(signal.SIGINT)
+    assert process.wait() == 0, log.read_text()
+    assert "stopping" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def answers(server):
+    """What llama-cpp-python's own API answers, greedily, to each question."""
+    _, gguf = server
+    return dict(zip(QUESTIONS, api_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS]), strict=True))
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    # timeout=None: no wall-clock limit, the server's answer ends the wait
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=None)
+
+
+def chat(c: openai.OpenAI, question: str, stream: bool = False, model: str = NAME) -> str:
+    messages = [{"role": "user", "content": question}]
+    if not stream:
+        response = c.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32)
+        assert response.model == NAME and response.usage.completion_tokens > 0
+        return response.choices[0].message.content
+    chunks = c.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=32, stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+def test_models(server):
+    url, _ = server
+    c = client(url)
+    assert [m.id for m in c.models.list()] == [NAME]
+    assert c.models.retrieve(NAME).id == NAME
+
+
+def test_chat_completions_answer_as_the_python_api(server, answers):
+    url, _ = server
+    question = QUESTIONS[0]
+    assert answers[question].strip()
+    assert chat(client(url), question) == answers[question]
+    assert chat(client(url), question, stream=True) == answers[question]
+
+
+def test_completions_streamed_and_not(server):
+    url, _ = server
+    c = client(url)
+    prompt = QUESTIONS[1]
+    whole = c.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=16)
+    assert whole.choices[0].text.strip() and whole.usage.completion_tokens <= 16
+    chunks = c.completions.create(model=NAME, prompt=prompt, temperature=0, max_tokens=16, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+
+
+def test_eight_concurrent_clients(server, answers):
+    url, _ = server
+
+    def one(i: int) -> str:
+        return chat(client(url), QUESTIONS[i], stream=i % 2 == 1)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(8)))
+    assert got == [answers[q] for q in QUESTIONS]
+
+
+def test_a_client_that_leaves_mid_answer_harms_no_one(server, answers):
+    url, _ = server
+    c = client(url)
+    chunks = c.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTIONS[3]}], temperature=0, max_tokens=32, stream=True
+    )
+    next(iter(chunks))
+    chunks.close()  # hang up after the first piece
+    assert chat(c, QUESTIONS[3]) == answers[QUESTIONS[3]]
+
+
+def post(url: str, body: bytes, key: str = KEY) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{url}/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, answers):
+    url, _ = server
+    status, body = post(url, b'{"messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4` does not exist; this server serves `chat-q4_0`"):
+        chat(client(url), QUESTIONS[2], model="gpt-4")
+
+    with pytest.raises(openai.BadRequestError, match="exceeds the available context size"):
+        chat(client(url), "word " * 400)
+
+    with pytest.raises(openai.AuthenticationError, match="Invalid API key"):
+        chat(client(url, key="wrong"), QUESTIONS[2])
+    status, body = post(url, b"{}", key="")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+    status, body = post(url.removesuffix("/v1") + "/v1/nothing/here", b"{}")
+    assert status in (404, 405) and body["error"]["message"]
+
+    assert chat(client(url), QUESTIONS[2]) == answers[QUESTIONS[2]]
+
+
+def test_model_name():
+    assert model_name(Path("results/demo/ggml-model-q4_0.gguf")) == "demo-q4_0"
+    assert model_name(Path("/models/llama-7b.Q4_K_M.gguf")) == "llama-7b.Q4_K_M"
+
+
+def test_busy_port_is_refused_with_one_sentence(llama_bin, tiny_chat_model, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = tmp_path / "serve.log"
+        process = start_server(llama_bin, log, tiny_chat_model / "ggml-model-q4_0.gguf", "--port", port, "--threads", 1)
+        assert process.wait() == 2
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)." in log.read_text()
+
+
+def test_missing_model_is_refused(llama_bin, tmp_path):
+    log = tmp_path / "serve.log"
+    process = start_server(llama_bin, log, tmp_path / "nope.gguf", "--port", 0, "--threads", 1)
+    assert process.wait() == 2
+    assert f"{tmp_path / 'nope.gguf'}: file not found." in log.read_text()
