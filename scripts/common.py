@@ -21,13 +21,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that
-# cpuforge knows how to make without an importance matrix.
+# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that cpuforge makes.
 QUANT_TYPES = (
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
-    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+    "iq4_nl", "iq4_xs",
     "f16", "bf16",
 )  # fmt: skip
+
+# Types whose files llama-quantize refuses to write without an importance matrix: they hold
+# IQ1_*, IQ2_* or IQ3_XXS tensors, or Q2_K tensors inside a Q2_K_S file (src/llama-quant.cpp,
+# tensor_requires_imatrix and llama_tensor_get_type).
+NEEDS_IMATRIX = ("q2_k_s", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs")
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
 
@@ -155,16 +161,21 @@ def write_provenance(artifact: str | os.PathLike, record: dict) -> None:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def copy_gguf_with_provenance(src: Path, dst: Path, step: str, record: dict) -> None:
+def copy_gguf_with_provenance(
+    src: Path, dst: Path, step: str, record: dict, metadata: dict | None = None, remove: tuple[str, ...] = ()
+) -> None:
     """Copy a GGUF file, adding `record` as JSON under the key `cpuforge.<step>`, so the file alone
-    tells its history; keys from earlier steps travel along (llama-quantize copies them too)."""
+    tells its history; keys from earlier steps travel along (llama-quantize copies them too).
+    `metadata` (key -> str, bool or int value) sets further keys, `remove` drops keys."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
+    types = {bool: GGUFValueType.BOOL, str: GGUFValueType.STRING, int: GGUFValueType.UINT32}
+    new = {key: MetadataDetails(types[type(value)], value) for key, value in (metadata or {}).items()}
+    new[f"cpuforge.{step}"] = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
     reader = GGUFReader(src)
     writer = GGUFWriter(dst, arch=reader.get_field("general.architecture").contents(), endianess=reader.endianess)
-    value = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
-    copy_with_new_metadata(reader, writer, {f"cpuforge.{step}": value}, [])
+    copy_with_new_metadata(reader, writer, new, list(remove))
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -210,3 +221,44 @@ def load_llama_cpp(bin_dir: str | os.PathLike):
     import llama_cpp
 
     return llama_cpp
+
+
+def load_gguf_vocab(path: str | os.PathLike, bin_dir: str | os.PathLike):
+    """A llama-cpp-python Llama holding only the vocabulary and metadata of a GGUF file (no weights)."""
+    llama_cpp = load_llama_cpp(bin_dir)
+    return llama_cpp.Llama(str(path), vocab_only=True, n_ctx=64, verbose=False)
+
+
+def gguf_chat_formatter(llm):
+    """The formatter that llama-cpp-python's chat path (create_chat_completion, its server) uses for
+    this GGUF: one of its built-in formats when it recognizes the GGUF's template, else the template
+    itself through jinja2. None when the GGUF has no template: then chat must fall back to plain
+    completion, never to a guessed format (llama-cpp-python would guess llama-2)."""
+    from llama_cpp import llama_chat_format
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template is None:
+        return None
+    guessed = llama_chat_format.guess_chat_format_from_gguf_metadata(llm.metadata)
+    if guessed is not None:
+        return getattr(llama_chat_format, "format_" + guessed.replace("-", "_"))
+    vocab = llm._model
+    bos, eos = vocab.token_bos(), vocab.token_eos()
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        bos_token=vocab.token_get_text(bos) if bos != -1 else "",
+        eos_token=vocab.token_get_text(eos) if eos != -1 else "",
+        stop_token_ids=[eos],
+    )
+
+
+def gguf_chat_prompt(llm, messages: list[dict]) -> tuple[str, list[int]] | None:
+    """The prompt text and token ids that llama-cpp-python's chat path builds for `messages` from the
+    GGUF's own template and vocabulary (as chat_formatter_to_chat_completion_handler tokenizes it);
+    None when the GGUF has no chat template."""
+    formatter = gguf_chat_formatter(llm)
+    if formatter is None:
+        return None
+    result = formatter(messages=messages)
+    ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+    return result.prompt, ids

@@ -1,4 +1,9 @@
-"""The demo task's data and its exact-match evaluation, shared by training and evaluation."""
+"""Task data, prose and chat prompts shared by training, the fidelity checks, calibration and evaluation.
+
+A model's task data is a file of samples: JSONL rows in the demo task's format
+(`system`, `news`, `answer`) or in chat format (`messages`: the conversation, its
+last assistant message the answer), or plain text, one sample a line.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,100 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_task"
+DEMO_TASK = {"train": TASK_DIR / "train.jsonl", "heldout": TASK_DIR / "heldout.jsonl"}
+
+
+# fixed conversations for the chat-template checks: system + user, multi-turn, no system
+CONVERSATIONS = {
+    "system+user": [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "And one more, please?"},
+    ],
+    "user only": [{"role": "user", "content": "Say hello in French."}],
+}
 
 
 def load_split(name: str, task_dir: Path = TASK_DIR) -> list[dict]:
-    with open(task_dir / f"{name}.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return read_rows(task_dir / f"{name}.jsonl")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The samples of a task data file: JSONL rows as they are, a text file's non-empty lines as {"text": …}."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in f if line.strip()]
+        return [{"text": line.rstrip("\n")} for line in f if line.strip()]
 
 
 def messages(row: dict) -> list[dict]:
+    """The prompt of a row as chat messages: the conversation up to (not including) its answer."""
+    if "messages" in row:
+        turns = row["messages"]
+        return turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns
     return [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["news"]}]
+
+
+def answer(row: dict) -> str | None:
+    if "messages" in row:
+        turns = row["messages"]
+        return turns[-1]["content"] if turns and turns[-1]["role"] == "assistant" else None
+    return row.get("answer")
+
+
+def has_prompts(rows: list[dict]) -> bool:
+    return bool(rows) and all("messages" in r or {"system", "news"} <= r.keys() for r in rows)
+
+
+def row_texts(row: dict) -> list[str]:
+    """Every string a model reads or writes in a row, one sample each."""
+    if "text" in row:
+        return [row["text"]]
+    return [m["content"] for m in messages(row)] + ([answer(row)] if answer(row) is not None else [])
+
+
+def task_texts(paths: list[str | Path]) -> list[str]:
+    return [text for path in paths for row in read_rows(path) for text in row_texts(row)]
 
 
 def prompt_ids(tokenizer, row: dict) -> list[int]:
     return tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def training_texts(tokenizer, paths: list[str | Path]) -> list[str]:
+    """Each row as the model saw it in training: the rendered prompt and its answer, ending the turn
+    where the template has an end-of-turn token; plain text rows as they are."""
+    texts = []
+    end = "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
+    for path in paths:
+        for row in read_rows(path):
+            if "text" in row or tokenizer.chat_template is None:
+                texts.append("\n".join(row_texts(row)))
+                continue
+            prompt = tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=False)
+            texts.append(prompt + (answer(row) or "") + end)
+    return texts
+
+
+def prose(part: str = "all") -> str:
+    """Real prose nobody in this project wrote and that ships offline: the text of Python's own
+    documentation topics (pydoc_data). The first half is for evaluation (perplexity, parity), the
+    second half for calibration (importance matrix), so a calibrated quant is never scored on the
+    text it was calibrated on."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    cut = text.index("\n", len(text) // 2)
+    return {"all": text, "evaluation": text[:cut], "calibration": text[cut + 1 :]}[part]
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
 
 
 def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
@@ -46,5 +132,16 @@ def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = 48,
     return answers
 
 
+def gguf_greedy_answers(llm, rows: list[dict], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers from a GGUF through llama-cpp-python's own chat path (the GGUF's template)."""
+    answers = []
+    for i, row in enumerate(rows, 1):
+        out = llm.create_chat_completion(messages(row), temperature=0.0, max_tokens=max_new_tokens, seed=0)
+        answers.append(out["choices"][0]["message"]["content"].strip())
+        if i % 10 == 0 or i == len(rows):
+            log.info("generated %d/%d answers", i, len(rows))
+    return answers
+
+
 def exact_match(answers: list[str], rows: list[dict]) -> float:
-    return sum(a == r["answer"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+    return sum(a == answer(r) for a, r in zip(answers, rows, strict=True)) / len(rows)
