@@ -6,7 +6,8 @@
 For a few fixed conversations (system + user, multi-turn, user only; each with the
 generation prompt) the prompt that llama-cpp-python's chat path builds from the
 GGUF's `tokenizer.chat_template` (what a chat or server on the GGUF sends to the
-model) must equal transformers' `apply_chat_template` on the merged folder,
+model; for a template it knows byte for byte, such as ChatML, it uses a built-in
+format instead) must equal transformers' `apply_chat_template` on the merged folder,
 character for character, and its tokenization must start with exactly one BOS
 (none for a model that uses none). A model without a template passes with a
 message: chat on it is plain completion, never a guessed template.
@@ -19,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from scripts.common import InputError, atomic_output, gguf_chat_prompt, load_gguf_vocab, run
+from scripts.common import InputError, atomic_output, gguf_chat_prompt, gguf_chat_renderer, load_gguf_vocab, run
 from scripts.task import CONVERSATIONS
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,14 @@ def check_chat_template(gguf: Path, merged: Path, bin_dir: Path) -> dict:
     if not in_hf and not in_gguf:
         message = f"{gguf.name} has no chat template (tokenizer.chat_template), nor has {merged}: chat on it is plain completion."
         log.info("%s", message)
-        return {"artifact": gguf.name, "template": False, "passed": True, "message": message, "conversations": []}
+        return {"artifact": gguf.name, "template": False, "renderer": None, "passed": True, "message": message,
+                "conversations": []}  # fmt: skip
     if in_hf != in_gguf:
         where = "the merged model" if in_hf else "the GGUF"
         raise InputError(f"{gguf}: only {where} has a chat template (merged model: {merged}).")
+    renderer = gguf_chat_renderer(llm)
+    # llama-cpp-python swaps a template it knows byte for byte for its own built-in format
+    path = "its chat template" if renderer == "jinja2" else f"llama-cpp-python's built-in {renderer} format, which replaces its template,"
     results = [check_conversation(tokenizer, llm, name, c) for name, c in CONVERSATIONS.items()]
     for r in results:
         if "skipped" in r:
@@ -92,7 +97,7 @@ def check_chat_template(gguf: Path, merged: Path, bin_dir: Path) -> dict:
         if not r["same_text"]:
             d = r["first_difference"]
             raise InputError(
-                f"{gguf}: its chat template renders the {r['name']} conversation as {d['gguf']!r} where transformers "
+                f"{gguf}: {path} renders the {r['name']} conversation as {d['gguf']!r} where transformers "
                 f"renders {d['hf']!r} (first difference at character {d['char']})."
             )
         if r["leading_bos"] != r["expected_bos"]:
@@ -100,7 +105,8 @@ def check_chat_template(gguf: Path, merged: Path, bin_dir: Path) -> dict:
                 f"{gguf}: the chat prompt of the {r['name']} conversation starts with {r['leading_bos']} BOS tokens, "
                 f"not {r['expected_bos']}: its tokens begin {r['gguf_head']}."
             )
-    return {"artifact": gguf.name, "template": True, "passed": True, "message": None, "conversations": results}
+    record = {"artifact": gguf.name, "template": True, "renderer": renderer, "passed": True, "message": None}
+    return record | {"conversations": results}
 
 
 def main() -> None:

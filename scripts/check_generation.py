@@ -5,9 +5,11 @@
 
 The GGUF answers through llama-cpp-python's chat path on the pinned libllama
 (its own chat template and vocabulary, temperature 0); the merged model through
-transformers in float32 (`do_sample=False`). The answers must be equal on at
-least `--min-agreement` of the prompts; f16 rounding of the weights explains the
-rest. Both sides' exact match against the task's answers is recorded too.
+transformers in float32 (`do_sample=False`). A model without a chat template
+answers both ways by plain completion of the prompt's turns, a line each. The answers, compared token for
+token, must be equal on at least `--min-agreement` of the prompts; f16 rounding
+of the weights explains the rest. Both are decoded by the merged model's
+tokenizer for the record, with their exact match against the task's answers.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from pathlib import Path
 from scripts.common import InputError, atomic_output, check_threads, gguf_chat_formatter, load_llama_cpp, run
 from scripts.task import (
     answer,
+    decode,
     exact_match,
-    gguf_greedy_answers,
-    greedy_answers,
+    gguf_greedy_ids,
+    greedy_ids,
     has_prompts,
     messages,
     prompt_ids,
     read_rows,
+    stop_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -34,50 +38,50 @@ log = logging.getLogger(__name__)
 SHOWN = 10
 
 
-def hf_answers(merged: Path, rows: list[dict], max_new_tokens: int) -> tuple[list[str], int]:
-    """Greedy answers of the merged model in float32, and its longest prompt in tokens."""
+def hf_answers(merged: Path, rows: list[dict], max_new_tokens: int):
+    """Greedy answer ids of the merged model in float32, its tokenizer, and its longest prompt in tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    if tokenizer.chat_template is None:
-        raise InputError(f"{merged}: no chat template, so there are no chat prompts to compare answers on.")
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     longest = max(len(prompt_ids(tokenizer, r)) for r in rows)
-    return greedy_answers(model, tokenizer, rows, max_new_tokens), longest
+    return greedy_ids(model, tokenizer, rows, max_new_tokens), tokenizer, longest
 
 
-def gguf_answers(gguf: Path, bin_dir: Path, rows: list[dict], max_new_tokens: int, n_ctx: int, threads: int) -> list[str]:
+def gguf_answers(gguf, bin_dir, rows, stop, max_new_tokens, n_ctx, threads) -> tuple[list[list[int]], bool]:
+    """Greedy answer ids of the GGUF, and whether they came through its chat template."""
     llama_cpp = load_llama_cpp(bin_dir)
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    if gguf_chat_formatter(llm) is None:
-        raise InputError(f"{gguf}: no chat template (tokenizer.chat_template), so it has no chat answers to compare.")
-    return gguf_greedy_answers(llm, rows, max_new_tokens)
+    return gguf_greedy_ids(llm, rows, stop, max_new_tokens), gguf_chat_formatter(llm) is not None
 
 
 def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48, min_agreement=0.9, limit=0) -> dict:
+    """Both models' greedy answers, token for token; raises InputError below `min_agreement`."""
     rows = read_rows(heldout)
     if not has_prompts(rows):
         raise InputError(f"{heldout}: rows need `messages` (or the demo's `system` and `news`) to be prompts.")
     rows = rows[:limit] if limit else rows
-    want, longest = hf_answers(merged, rows, max_new_tokens)
-    got = gguf_answers(gguf, bin_dir, rows, max_new_tokens, longest + max_new_tokens + 16, threads)
+    want, tokenizer, longest = hf_answers(merged, rows, max_new_tokens)
+    got, chat = gguf_answers(gguf, bin_dir, rows, stop_ids(tokenizer), max_new_tokens, longest + max_new_tokens + 16, threads)
     agree = [a == b for a, b in zip(want, got, strict=True)]
     rate = sum(agree) / len(rows)
+    texts = {"hf": [decode(tokenizer, a) for a in want], "gguf": [decode(tokenizer, a) for a in got]}
     scored = all(answer(r) is not None for r in rows)
     record = {
         "artifact": gguf.name,
         "reference": f"{merged} (transformers, float32)",
+        "path": "chat template" if chat else "plain completion (no chat template)",
         "prompts": len(rows),
         "agree": sum(agree),
         "rate": rate,
         "min_rate": min_agreement,
         "passed": rate >= min_agreement,
         "max_new_tokens": max_new_tokens,
-        "exact_match": {"hf": exact_match(want, rows), "gguf": exact_match(got, rows)} if scored else None,
+        "exact_match": {side: exact_match(t, rows) for side, t in texts.items()} if scored else None,
         "mismatches": [
-            {"prompt": messages(r)[-1]["content"], "hf": a, "gguf": b}
-            for r, a, b, same in zip(rows, want, got, agree) if not same
+            {"prompt": messages(r)[-1]["content"], "hf": h, "gguf": g, "token_index": first_difference(a, b)}
+            for r, h, g, a, b, same in zip(rows, texts["hf"], texts["gguf"], want, got, agree) if not same
         ][:SHOWN],
     }  # fmt: skip
     log.info("greedy answers agree on %d/%d prompts (%.1f %%)", sum(agree), len(rows), 100 * rate)
@@ -89,6 +93,10 @@ def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48,
             f"transformers {first['hf']!r}."
         )
     return record
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:

@@ -229,23 +229,32 @@ def load_gguf_vocab(path: str | os.PathLike, bin_dir: str | os.PathLike):
     return llama_cpp.Llama(str(path), vocab_only=True, n_ctx=64, verbose=False)
 
 
-def gguf_chat_formatter(llm):
-    """The formatter that llama-cpp-python's chat path (create_chat_completion, its server) uses for
-    this GGUF: one of its built-in formats when it recognizes the GGUF's template, else the template
-    itself through jinja2. None when the GGUF has no template: then chat must fall back to plain
-    completion, never to a guessed format (llama-cpp-python would guess llama-2)."""
+def gguf_chat_renderer(llm) -> str | None:
+    """Which renderer llama-cpp-python's chat path (create_chat_completion, its server) uses for this GGUF:
+    "jinja2" for the GGUF's own template, the name of a built-in format when it recognizes the template
+    byte for byte (chatml, llama-3, mistral-instruct), None without a template (llama-cpp-python would then
+    guess llama-2; cpuforge uses plain completion instead)."""
     from llama_cpp import llama_chat_format
 
-    template = llm.metadata.get("tokenizer.chat_template")
-    if template is None:
+    if llm.metadata.get("tokenizer.chat_template") is None:
         return None
-    guessed = llama_chat_format.guess_chat_format_from_gguf_metadata(llm.metadata)
-    if guessed is not None:
-        return getattr(llama_chat_format, "format_" + guessed.replace("-", "_"))
+    return llama_chat_format.guess_chat_format_from_gguf_metadata(llm.metadata) or "jinja2"
+
+
+def gguf_chat_formatter(llm):
+    """The formatter of llama-cpp-python's chat path for this GGUF (see gguf_chat_renderer); None when
+    the GGUF has no template: then chat must fall back to plain completion, never to a guessed format."""
+    from llama_cpp import llama_chat_format
+
+    renderer = gguf_chat_renderer(llm)
+    if renderer is None:
+        return None
+    if renderer != "jinja2":
+        return getattr(llama_chat_format, "format_" + renderer.replace("-", "_"))
     vocab = llm._model
     bos, eos = vocab.token_bos(), vocab.token_eos()
     return llama_chat_format.Jinja2ChatFormatter(
-        template=template,
+        template=llm.metadata["tokenizer.chat_template"],
         bos_token=vocab.token_get_text(bos) if bos != -1 else "",
         eos_token=vocab.token_get_text(eos) if eos != -1 else "",
         stop_token_ids=[eos],
