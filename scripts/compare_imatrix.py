@@ -39,6 +39,8 @@ from scripts.task import exact_match, gguf_greedy_answers, has_prompts, prose, r
 
 log = logging.getLogger(__name__)
 
+ATTEMPTS = 5
+
 FIGURES = {
     "perplexity": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
     "perplexity_f16": r"Mean PPL\(base\)\s*:\s*([\d.]+)",
@@ -61,8 +63,9 @@ def uniform_imatrix(real: Path, out: Path) -> None:
     for name, tensor in tensors.items():
         data = np.array(tensor.data, dtype=np.float32)
         if name.endswith(".in_sum2"):
-            counts = np.array(tensors[name.removesuffix(".in_sum2") + ".counts"].data, dtype=np.float32)
-            data = np.broadcast_to(counts.reshape(-1, 1), data.shape).copy()  # sum of squares = count: mean 1
+            # one row of sums per matrix (per expert), each divided by its count: make every mean 1
+            counts = np.array(tensors[name.removesuffix(".in_sum2") + ".counts"].data, dtype=np.float32).reshape(-1, 1)
+            data = np.repeat(counts, data.size // counts.size, axis=1).reshape(data.shape)
         writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -78,12 +81,18 @@ def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path 
         cmd += ["-f", str(text), "-c", str(ctx), "--chunks", str(chunks or -1)]
     else:
         cmd += ["--kl-divergence"]
-    log.info("running %s", " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    log.info("%s", result.stdout[-3000:] + result.stderr[-3000:])
-    if result.returncode != 0:
-        raise InputError(f"{model}: llama-perplexity failed (exit {result.returncode}); see the log.")
-    return result.stdout + result.stderr
+    # the pinned llama-perplexity now and then exits 0 before its last lines reach the pipe (the
+    # summary among them); the figures are deterministic, so a run that lost them is run again
+    for attempt in range(1, ATTEMPTS + 1):
+        log.info("running %s", " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        log.info("%s", result.stdout[-3000:] + result.stderr[-3000:])
+        if result.returncode != 0:
+            raise InputError(f"{model}: llama-perplexity failed (exit {result.returncode}); see the log.")
+        if text is not None or re.search(FIGURES["top1_agreement"], result.stdout):
+            return result.stdout + result.stderr
+        log.warning("llama-perplexity's output lost its summary (attempt %d of %d)", attempt, ATTEMPTS)
+    raise InputError(f"{model}: llama-perplexity printed no KL divergence summary in {ATTEMPTS} runs; see the log.")
 
 
 def figures(output: str) -> dict:
@@ -120,13 +129,14 @@ def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512,
             weights = uniform
         facts = {"step": "compare_imatrix", "note": "scratch quant without the workflow's importance matrix"}
         quantize(bin_dir / "llama-quantize", f16, without, qtype, threads, facts, weights)
-        found = re.search(r"Final estimate: PPL = ([\d.]+)", perplexity(bin_dir, f16, base, threads, text, ctx, chunks))
-        record["f16"] = {"perplexity": float(found[1]) if found else None}
+        perplexity(bin_dir, f16, base, threads, text, ctx, chunks)  # the f16 logits every quant is scored against
         for side, model in (("with", quant), ("without", without)):
             record[side] |= figures(perplexity(bin_dir, model, base, threads))
             if rows:
                 record[side]["task_exact_match"] = task_accuracy(bin_dir, model, rows, threads)
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
+        record["f16"] = {"perplexity": record["with"].pop("perplexity_f16", None)}
+        record["without"].pop("perplexity_f16", None)
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -35,6 +35,8 @@ from scripts.task import prose, training_texts
 
 log = logging.getLogger(__name__)
 
+CALIBRATION = "calibration.txt"
+
 
 def calibration_text(merged: Path, task_data: list[Path], prose_chars: int, extra: list[Path]) -> str:
     from transformers import AutoTokenizer
@@ -60,15 +62,17 @@ def make_imatrix(tool: Path, gguf: Path, text: str, out: Path, ctx_size: int, ch
     used = tokens // ctx_size if chunks == 0 else min(chunks, tokens // ctx_size)
     log.info("calibration text: %d characters, %d tokens, %d chunks of %d", len(text), tokens, used, ctx_size)
     with atomic_output(out) as tmp:
-        text_file = tmp.with_name(tmp.name + ".txt")
-        text_file.write_text(text, encoding="utf-8")
+        # the matrix records the text file's name as its dataset: run where that name is just CALIBRATION
+        work = tmp.with_name(tmp.name + ".work")
+        work.mkdir()
+        (work / CALIBRATION).write_text(text, encoding="utf-8")
         # llama-imatrix saves to its output name as it goes: give it a scratch name
-        scratch = tmp.with_name(tmp.name + ".tool.gguf")
-        cmd = [str(tool), "-m", str(gguf), "-f", str(text_file), "-o", str(scratch), "-c", str(ctx_size),
-               "--chunks", str(used), "-t", str(threads), "-tb", str(threads), "--parse-special", "--no-ppl",
-               "--output-frequency", "1000000"]  # fmt: skip
+        scratch = work / "imatrix.gguf"
+        cmd = [str(tool.resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION, "-o", str(scratch.resolve()),
+               "-c", str(ctx_size), "--chunks", str(used), "-t", str(threads), "-tb", str(threads),
+               "--parse-special", "--no-ppl", "--output-frequency", "1000000"]  # fmt: skip
         log.info("running %s", " ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=work)
         shutil.move(scratch, tmp)
         return {"tokens": tokens, "chunks": used, "ctx_size": ctx_size, "text_sha256": sha256_text(text)}
 
