@@ -12,6 +12,7 @@ include: "rules/merge.smk"
 include: "rules/convert.smk"
 include: "rules/quantize.smk"
 include: "rules/eval.smk"
+include: "rules/checks.smk"
 
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
@@ -23,6 +24,8 @@ localrules:
     f16_model,
     q4_model,
     quantized,
+    checks,
+    eval_report,
     fetch_llama_cpp,
 
 
@@ -30,6 +33,7 @@ rule all:
     input:
         get_quantized(),
         get_eval_reports(),
+        get_checks(),
 
 
 rule llama_cpp:
@@ -47,14 +51,22 @@ rule f16_model:
         expand("results/{model}/ggml-model-f16.gguf", model=MODELS),
 
 
+# every artifact a target builds comes with its tokenizer and chat-template parity checks
 rule q4_model:
     input:
         expand("results/{model}/ggml-model-q4_0.gguf", model=MODELS),
+        get_parity_checks(["q4_0"]),
 
 
 rule quantized:
     input:
         get_quantized(),
+        get_parity_checks(QUANT_TYPES),
+
+
+rule checks:
+    input:
+        get_checks(),
 
 
 rule eval_report:

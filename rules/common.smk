@@ -14,7 +14,13 @@ sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from scripts.common import QUANT_TYPES as KNOWN_QUANT_TYPES, InputError, check_quant_type, safetensors_header
+from scripts.common import (
+    QUANT_TYPES as KNOWN_QUANT_TYPES,
+    NEEDS_IMATRIX,
+    InputError,
+    check_quant_type,
+    safetensors_header,
+)
 from scripts.merge import DTYPES, adapter_weights_file, base_shards, check_inputs
 from scripts.task import TASK_DIR, check_task_dir
 
@@ -22,6 +28,8 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 MODELS = {m["name"]: m for m in config["models"]}
 LLAMA = config["llama_cpp"]
+IMATRIX = config["imatrix"]
+DEMO_TASK = {split: f"{workflow.basedir}/data/demo_task/{split}.jsonl" for split in ("train", "heldout")}
 COMMIT = LLAMA[LLAMA["source"]]["commit"] if LLAMA["source"] in LLAMA else None
 DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
@@ -50,7 +58,11 @@ def check_config():
     try:
         for qtype in config["quant_types"]:
             check_quant_type(qtype)
+        check_imatrix_config()
         for name, model in MODELS.items():
+            for split, path in model.get("task_data", {}).items():
+                if not Path(path).is_file():
+                    fail(f"config models[{name}].task_data.{split}: {path} is not a file.")
             if "demo" in model["adapters"] and model["adapters"] != ["demo"]:
                 fail(f"config models[{name}].adapters: `demo` cannot be mixed with other adapters.")
             if model["base"] == "demo" or model["adapters"] == ["demo"]:
@@ -70,6 +82,20 @@ def check_config():
         fail(str(e))
 
 
+def check_imatrix_config():
+    """A type that needs an importance matrix is refused while the matrix is off, before any work."""
+    for qtype in IMATRIX["use_for"]:
+        if check_quant_type(qtype) in ("f16", "bf16"):
+            fail(f"config imatrix.use_for: {qtype} is not quantized, so an importance matrix means nothing to it.")
+    if not IMATRIX["enabled"]:
+        for qtype in config["quant_types"]:
+            if qtype.lower() in NEEDS_IMATRIX:
+                fail(
+                    f"quant_types: {qtype} needs an importance matrix, but imatrix.enabled is false; "
+                    "turn it on or choose a type that needs none."
+                )
+
+
 check_config()
 
 
@@ -83,6 +109,8 @@ wildcard_constraints:
     # the stages of the report: HF folders through torch, GGUF files through llama.cpp
     hf_stage="|".join(HF_STAGES),
     gguf_stage="|".join(KNOWN_QUANT_TYPES),
+    # an artifact a check reads: the f16 GGUF or a quantized one
+    stage="|".join(KNOWN_QUANT_TYPES),
 
 
 def get_llama_dir():
@@ -98,7 +126,15 @@ def get_llama_bin():
 
 
 def get_llama_tools():
-    tools = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "libllama.so")
+    tools = (
+        "llama-quantize",
+        "llama-cli",
+        "llama-perplexity",
+        "llama-bench",
+        "llama-server",
+        "llama-imatrix",
+        "libllama.so",
+    )
     return [f"{get_llama_bin()}/{tool}" for tool in tools]
 
 
@@ -143,6 +179,88 @@ def get_adapter_args(wildcards):
 
 def get_quantized():
     return expand("results/{model}/ggml-model-{qtype}.gguf", model=MODELS, qtype=QUANT_TYPES)
+
+
+def get_task_data(model):
+    """The model's task data files by split: the demo task for the demo, else models[].task_data."""
+    if MODELS[model]["adapters"] == ["demo"]:
+        return DEMO_TASK
+    return MODELS[model].get("task_data", {})
+
+
+def get_task_files(wildcards):
+    return list(get_task_data(wildcards.model).values())
+
+
+def get_task_args(wildcards):
+    return " ".join(f"--task-data {f}" for f in get_task_files(wildcards))
+
+
+def get_heldout(wildcards):
+    return get_task_data(wildcards.model).get("heldout", [])
+
+
+def get_heldout_arg(wildcards):
+    heldout = get_heldout(wildcards)
+    return f"--heldout {heldout}" if heldout else ""
+
+
+def get_calibration_files(wildcards):
+    train = get_task_data(wildcards.model).get("train")
+    return [*([train] if train and IMATRIX["task_data"] else []), *IMATRIX["text"]]
+
+
+def get_calibration_args(wildcards):
+    train = get_task_data(wildcards.model).get("train")
+    args = [f"--task-data {train}"] if train and IMATRIX["task_data"] else []
+    return " ".join(args + [f"--text {t}" for t in IMATRIX["text"]])
+
+
+def uses_imatrix(qtype):
+    return IMATRIX["enabled"] and (qtype in NEEDS_IMATRIX or qtype in [q.lower() for q in IMATRIX["use_for"]])
+
+
+def get_quantize_input(wildcards):
+    files = {"gguf": f"results/{wildcards.model}/ggml-model-f16.gguf", "quantize": f"{get_llama_bin()}/llama-quantize"}
+    if uses_imatrix(wildcards.qtype):
+        files["imatrix"] = f"results/{wildcards.model}/imatrix.gguf"
+    return files
+
+
+def get_imatrix_arg(wildcards):
+    return f"--imatrix results/{wildcards.model}/imatrix.gguf" if uses_imatrix(wildcards.qtype) else ""
+
+
+def get_check_input(wildcards):
+    """What the tokenizer and chat-template checks read: the artifact, the merged model (the reference),
+    the base (to tell the words an adapter added), the task data and the pinned libllama."""
+    base = get_base(wildcards)
+    return {
+        "gguf": f"results/{wildcards.model}/ggml-model-{wildcards.stage}.gguf",
+        "merged": f"results/{wildcards.model}/merged",
+        "base": base if base == DEMO_BASE else get_folder_files(base),
+        "task": get_task_files(wildcards),
+        "lib": f"{get_llama_bin()}/libllama.so",
+    }
+
+
+def get_parity_checks(qtypes):
+    """The tokenizer and chat-template checks of the f16 GGUF and each of `qtypes`: part of the chain."""
+    stages = ["f16", *[q for q in qtypes if q != "f16"]]
+    return expand(
+        "results/{model}/checks/{check}-{stage}.json", model=MODELS, check=["tokenizer", "chat-template"], stage=stages
+    )
+
+
+def get_checks():
+    """Every check: parity of each artifact, generation parity where the task has held-out prompts,
+    and each quant made with the importance matrix compared with the same type made without."""
+    checks = get_parity_checks(QUANT_TYPES)
+    for model in MODELS:
+        if "heldout" in get_task_data(model) and str(get_task_data(model)["heldout"]).endswith(".jsonl"):
+            checks.append(f"results/{model}/checks/generation.json")
+        checks += [f"results/{model}/checks/imatrix-{q}.json" for q in QUANT_TYPES if uses_imatrix(q)]
+    return checks
 
 
 # Resources: what a job asks a scheduler for (SLURM's --mem and --time, minutes),
@@ -293,3 +411,36 @@ def get_eval_reports():
         model=MODELS,
         name=("report.html", "metrics.json", "quality_gate.txt"),
     )
+
+
+def get_check_mem_mb(wildcards, input):
+    """A transformers tokenizer and a vocabulary-only GGUF load: the vocabulary, not the weights."""
+    return 2 * HEADROOM_MB
+
+
+def get_generation_mem_mb(wildcards, input):
+    """The merged model in float32 and the f16 GGUF, both loaded whole, plus the generation caches."""
+    return math.ceil((get_tree_bytes(input.merged) + get_made(input.gguf).stat().st_size) / MB) + 2 * HEADROOM_MB
+
+
+def get_generation_runtime(wildcards, input):
+    return 20 + math.ceil(20 * get_made(input.gguf).stat().st_size / GB)
+
+
+def get_imatrix_mem_mb(wildcards, input):
+    """llama-imatrix holds the f16 GGUF and one context's activations."""
+    return math.ceil(get_made(input.gguf).stat().st_size / MB) + 2 * HEADROOM_MB
+
+
+def get_imatrix_runtime(wildcards, input):
+    """Minutes: a forward pass over the calibration text, pessimistically 10 minutes per GB of f16 weights."""
+    return 10 + math.ceil(10 * get_made(input.gguf).stat().st_size / GB)
+
+
+def get_compare_mem_mb(wildcards, input):
+    """One model at a time (quantize, llama-perplexity, generation), the f16 one being the largest."""
+    return math.ceil(get_made(input.f16).stat().st_size / MB) + 2 * HEADROOM_MB
+
+
+def get_compare_runtime(wildcards, input):
+    return 20 + math.ceil(30 * get_made(input.f16).stat().st_size / GB)

@@ -1,7 +1,35 @@
-rule quantize:
+rule make_imatrix:
     input:
         gguf="results/{model}/ggml-model-f16.gguf",
-        quantize=f"{get_llama_bin()}/llama-quantize",
+        merged="results/{model}/merged",
+        task=get_calibration_files,
+        tool=f"{get_llama_bin()}/llama-imatrix",
+    output:
+        "results/{model}/imatrix.gguf",
+    log:
+        "logs/{model}/make_imatrix.log",
+    benchmark:
+        "benchmarks/{model}/make_imatrix.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 16
+    resources:
+        mem_mb=get_imatrix_mem_mb,
+        runtime=get_imatrix_runtime,
+    params:
+        args=get_calibration_args,
+        ctx_size=IMATRIX["ctx_size"],
+        chunks=IMATRIX["chunks"],
+        prose_chars=IMATRIX["prose_chars"],
+    shell:
+        "python -m scripts.make_imatrix --imatrix-tool {input.tool} --gguf {input.gguf} --merged {input.merged}"
+        " {params.args} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule quantize:
+    input:
+        unpack(get_quantize_input),
     output:
         "results/{model}/ggml-model-{qtype}.gguf",
     log:
@@ -14,6 +42,8 @@ rule quantize:
     resources:
         mem_mb=get_quantize_mem_mb,
         runtime=get_quantize_runtime,
+    params:
+        imatrix=get_imatrix_arg,
     shell:
         "python -m scripts.quantize --quantize {input.quantize} --in {input.gguf} --out {output} --type {wildcards.qtype}"
-        " --threads {threads} > {log} 2>&1"
+        " {params.imatrix} --threads {threads} > {log} 2>&1"

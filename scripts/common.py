@@ -22,13 +22,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that
-# cpuforge knows how to make without an importance matrix.
+# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that cpuforge makes.
 QUANT_TYPES = (
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
-    "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+    "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+    "iq4_nl", "iq4_xs",
     "f16", "bf16",
 )  # fmt: skip
+
+# Types whose files llama-quantize refuses to write without an importance matrix: they hold
+# IQ1_*, IQ2_* or IQ3_XXS tensors, or Q2_K tensors inside a Q2_K_S file (src/llama-quant.cpp,
+# tensor_requires_imatrix and llama_tensor_get_type).
+NEEDS_IMATRIX = ("q2_k_s", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs")
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
 
@@ -156,16 +162,21 @@ def write_provenance(artifact: str | os.PathLike, record: dict) -> None:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def copy_gguf_with_provenance(src: Path, dst: Path, step: str, record: dict) -> None:
+def copy_gguf_with_provenance(
+    src: Path, dst: Path, step: str, record: dict, metadata: dict | None = None, remove: tuple[str, ...] = ()
+) -> None:
     """Copy a GGUF file, adding `record` as JSON under the key `cpuforge.<step>`, so the file alone
-    tells its history; keys from earlier steps travel along (llama-quantize copies them too)."""
+    tells its history; keys from earlier steps travel along (llama-quantize copies them too).
+    `metadata` (key -> str, bool or int value) sets further keys, `remove` drops keys."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
+    types = {bool: GGUFValueType.BOOL, str: GGUFValueType.STRING, int: GGUFValueType.UINT32}
+    new = {key: MetadataDetails(types[type(value)], value) for key, value in (metadata or {}).items()}
+    new[f"cpuforge.{step}"] = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
     reader = GGUFReader(src)
     writer = GGUFWriter(dst, arch=reader.get_field("general.architecture").contents(), endianess=reader.endianess)
-    value = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
-    copy_with_new_metadata(reader, writer, {f"cpuforge.{step}": value}, [])
+    copy_with_new_metadata(reader, writer, new, list(remove))
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -319,3 +330,53 @@ def default_threads(model: str | os.PathLike) -> int:
     threads = physical_cores()
     log.info("threads: %d, the physical cores (no recommended_threads in %s)", threads, metrics)
     return threads
+
+
+def load_gguf_vocab(path: str | os.PathLike, bin_dir: str | os.PathLike):
+    """A llama-cpp-python Llama holding only the vocabulary and metadata of a GGUF file (no weights)."""
+    llama_cpp = load_llama_cpp(bin_dir)
+    return llama_cpp.Llama(str(path), vocab_only=True, n_ctx=64, verbose=False)
+
+
+def gguf_chat_renderer(llm) -> str | None:
+    """Which renderer llama-cpp-python's chat path (create_chat_completion, its server) uses for this GGUF:
+    "jinja2" for the GGUF's own template, the name of a built-in format when it recognizes the template
+    byte for byte (chatml, llama-3, mistral-instruct), None without a template (llama-cpp-python would then
+    guess llama-2; cpuforge uses plain completion instead)."""
+    from llama_cpp import llama_chat_format
+
+    if llm.metadata.get("tokenizer.chat_template") is None:
+        return None
+    return llama_chat_format.guess_chat_format_from_gguf_metadata(llm.metadata) or "jinja2"
+
+
+def gguf_chat_formatter(llm):
+    """The formatter of llama-cpp-python's chat path for this GGUF (see gguf_chat_renderer); None when
+    the GGUF has no template: then chat must fall back to plain completion, never to a guessed format."""
+    from llama_cpp import llama_chat_format
+
+    renderer = gguf_chat_renderer(llm)
+    if renderer is None:
+        return None
+    if renderer != "jinja2":
+        return getattr(llama_chat_format, "format_" + renderer.replace("-", "_"))
+    vocab = llm._model
+    bos, eos = vocab.token_bos(), vocab.token_eos()
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        bos_token=vocab.token_get_text(bos) if bos != -1 else "",
+        eos_token=vocab.token_get_text(eos) if eos != -1 else "",
+        stop_token_ids=[eos],
+    )
+
+
+def gguf_chat_prompt(llm, messages: list[dict]) -> tuple[str, list[int]] | None:
+    """The prompt text and token ids that llama-cpp-python's chat path builds for `messages` from the
+    GGUF's own template and vocabulary (as chat_formatter_to_chat_completion_handler tokenizes it);
+    None when the GGUF has no chat template."""
+    formatter = gguf_chat_formatter(llm)
+    if formatter is None:
+        return None
+    result = formatter(messages=messages)
+    ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+    return result.prompt, ids

@@ -9,7 +9,9 @@ base shard is read one tensor at a time, the adapters' whole tensors
 added in f32, and the shard is written out: peak memory is one shard plus one
 tensor, not the model. The merged folder gets the base's config (vocab size
 and embedding tying updated) and the tokenizer files of the last adapter that
-has them, else the base's: no file needs copying by hand.
+has them, else the base's: no file needs copying by hand. A sentencepiece
+tokenizer.model that comes without tokenizer.json gets one that merges in
+score order, as sentencepiece and llama.cpp do.
 """
 
 from __future__ import annotations
@@ -252,6 +254,33 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     return Plan(files, plans, shapes, dtypes, tied, tokenizer)
 
 
+def write_sentencepiece_tokenizer_json(folder: Path) -> None:
+    """Give a folder that holds a sentencepiece BPE `tokenizer.model` but no `tokenizer.json` the
+    tokenizer.json that applies the model's merges in the order of its piece scores.
+
+    sentencepiece (and llama.cpp) merge by score. transformers 4 converted such a file with its merges
+    ordered by score too; transformers 5 orders them by piece id and ignores the scores. For a
+    vocabulary extended Chinese-LLaMA style (pieces appended with high scores) that makes transformers
+    split the added words into old pieces while the GGUF uses the added ones. Written here, the
+    merged folder reads the same in transformers, sentencepiece and llama.cpp."""
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        return  # unigram models carry their scores into tokenizer.json as they are
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        return
+    scores = {p.piece: p.score for p in proto.pieces}
+    data["model"]["merges"] = [list(m) for m in generate_merges(data["model"]["vocab"], scores)]
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    log.info("tokenizer.json written from tokenizer.model with its merges in score order")
+
+
 def lora_delta(a, b, scale: float, transpose: bool):
     """scale · B @ A in f32, transposed for embeddings and fan_in_fan_out layers (peft get_delta_weight)."""
     delta = (b.float() @ a.float()) * scale
@@ -380,6 +409,8 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
         for name in TOKENIZER_FILES:
             if (plan.tokenizer / name).is_file():
                 shutil.copy2(plan.tokenizer / name, tmp / name)
+        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").is_file():
+            write_sentencepiece_tokenizer_json(tmp)
         progress.close()
         log.info("tokenizer files taken from %s", plan.tokenizer)
         return verify(base, adapters, tmp, dtype, verify_prompts) if verify_prompts else None

