@@ -11,7 +11,6 @@ Run by hand; it takes several minutes and ~15 GB of disk.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -70,7 +69,6 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def same_tensors(a: Path, b: Path) -> float:
     """Largest |difference| between the tensors of two merged folders."""
-    import torch
     from safetensors import safe_open
 
     def index(folder):

@@ -22,7 +22,7 @@ from scripts.common import (
     safetensors_header,
 )
 from scripts.merge import DTYPES, adapter_weights_file, base_shards, check_inputs
-from scripts.task import TASK_DIR, check_task_dir
+from scripts.task import read_heldout
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -39,14 +39,6 @@ HF_STAGES = ("base", "merged")
 
 def fail(message):
     raise WorkflowError(message)
-
-
-def get_task_dir(model):
-    """The model's task folder, or None when it has none."""
-    task = MODELS[model].get("task")
-    if task is None:
-        return None
-    return TASK_DIR if task == "demo" else Path(task)
 
 
 def check_config():
@@ -74,8 +66,8 @@ def check_config():
                     fail(f"config models[{name}]: {path} is not a folder.")
             check_inputs(Path(model["base"]), [Path(a) for a in model["adapters"]])
         for name in MODELS:
-            if get_task_dir(name) is not None:
-                check_task_dir(get_task_dir(name))
+            if has_task(name):
+                read_heldout(get_task_data(name)["heldout"])
         if EVAL["text"] != "pydoc_topics" and not Path(EVAL["text"]).is_file():
             fail(f"config eval.text: {EVAL['text']} is neither `pydoc_topics` nor a file.")
     except InputError as e:
@@ -95,8 +87,6 @@ def check_imatrix_config():
                     "turn it on or choose a type that needs none."
                 )
 
-
-check_config()
 
 
 QUANT_TYPES = [q.lower() for q in config["quant_types"]]
@@ -188,6 +178,11 @@ def get_task_data(model):
     return MODELS[model].get("task_data", {})
 
 
+def has_task(model):
+    """Whether the model has a task the report scores: held-out JSONL rows with answers."""
+    return str(get_task_data(model).get("heldout", "")).endswith(".jsonl")
+
+
 def get_task_files(wildcards):
     return list(get_task_data(wildcards.model).values())
 
@@ -257,7 +252,7 @@ def get_checks():
     and each quant made with the importance matrix compared with the same type made without."""
     checks = get_parity_checks(QUANT_TYPES)
     for model in MODELS:
-        if "heldout" in get_task_data(model) and str(get_task_data(model)["heldout"]).endswith(".jsonl"):
+        if has_task(model):
             checks.append(f"results/{model}/checks/generation.json")
         checks += [f"results/{model}/checks/imatrix-{q}.json" for q in QUANT_TYPES if uses_imatrix(q)]
     return checks
@@ -337,16 +332,15 @@ def get_build_mem_mb(wildcards, threads):
 
 def get_eval_text_input(wildcards):
     inputs = {}
-    if get_task_dir(wildcards.model) is not None:
-        inputs["task"] = get_task_input(wildcards)
+    if has_task(wildcards.model):
+        inputs["task"] = get_heldout(wildcards)
     if EVAL["text"] != "pydoc_topics":
         inputs["text"] = EVAL["text"]
     return inputs
 
 
 def get_task_arg(wildcards):
-    task = get_task_dir(wildcards.model)
-    return "" if task is None else f"--task {task}"
+    return f"--task {get_heldout(wildcards)}" if has_task(wildcards.model) else ""
 
 
 def get_hf_stage_model(wildcards):
@@ -359,10 +353,6 @@ def get_hf_stage_input(wildcards):
     if model in (DEMO_BASE, f"results/{wildcards.model}/merged"):
         return {"model": model}
     return {"model": get_folder_files(model)}
-
-
-def get_task_input(wildcards):
-    return str(get_task_dir(wildcards.model) / "heldout.jsonl")
 
 
 def get_bench_threads():
@@ -390,7 +380,7 @@ def get_report_input(wildcards):
         "bench": [f"{figures}/bench/{s}.json" for s in get_gguf_stages()],
         "task": [],
     }
-    if get_task_dir(model) is not None:
+    if has_task(model):
         inputs["task"] = [f"{figures}/task/{s}.json" for s in get_stages()]
     return inputs
 
@@ -402,7 +392,7 @@ def get_report_args(wildcards):
 
 
 def get_report_task_flag(wildcards):
-    return "" if get_task_dir(wildcards.model) is None else "--task"
+    return "--task" if has_task(wildcards.model) else ""
 
 
 def get_eval_reports():
@@ -444,3 +434,6 @@ def get_compare_mem_mb(wildcards, input):
 
 def get_compare_runtime(wildcards, input):
     return 20 + math.ceil(30 * get_made(input.f16).stat().st_size / GB)
+
+
+check_config()

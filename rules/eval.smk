@@ -101,7 +101,7 @@ rule eval_kl_divergence:
 rule eval_task_hf:
     input:
         unpack(get_hf_stage_input),
-        task=get_task_input,
+        task=get_heldout,
         tokenizer="results/{model}/merged",
     output:
         "results/{model}/report/task/{hf_stage}.json",
@@ -126,7 +126,7 @@ rule eval_task_hf:
 rule eval_task:
     input:
         gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
-        task=get_task_input,
+        task=get_heldout,
         tokenizer="results/{model}/merged",
         lib=f"{get_llama_bin()}/libllama.so",
     output:

@@ -9,7 +9,8 @@ A HF folder answers through transformers (scripts/task.py: the chat template of
 the merged model's tokenizer, do_sample=False). A GGUF file answers through
 llama-cpp-python bound to the pinned libllama, with the chat template stored in
 the GGUF, rendered and tokenized as llama-cpp-python's chat handler does, and
-greedy sampling. Every stage must see the same prompt: each GGUF prompt's token
+greedy sampling. A model without a chat template is prompted by plain completion
+in both. Every stage must see the same prompt: each GGUF prompt's token
 ids are checked against transformers' ids before any answer is generated, and a
 difference stops the step with the row and the first differing position.
 """
@@ -21,46 +22,24 @@ import logging
 from pathlib import Path
 
 from scripts.common import InputError, check_threads, load_llama_cpp, run, write_json
-from scripts.task import exact_match, greedy_answers, messages, prompt_ids
+from scripts.task import (
+    answer,
+    exact_match,
+    gguf_greedy_answers,
+    gguf_prompt_ids,
+    greedy_answers,
+    prompt_ids,
+    read_heldout,
+)
 
 log = logging.getLogger(__name__)
-
-
-def load_rows(task: Path) -> list[dict]:
-    from scripts.task import check_task_dir, load_split
-
-    check_task_dir(task.parent)
-    return load_split(task.stem, task.parent)
 
 
 def hf_prompts(tokenizer_dir: Path, rows: list[dict]) -> tuple[object, list[list[int]]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tokenizer.chat_template is None:
-        raise InputError(f"{tokenizer_dir}: the tokenizer has no chat template, so the task cannot be prompted.")
     return tokenizer, [prompt_ids(tokenizer, r) for r in rows]
-
-
-def gguf_chat_formatter(llm, gguf: Path):
-    """The GGUF's own chat template, set up as llama-cpp-python's Llama does for create_chat_completion."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if template is None:
-        raise InputError(f"{gguf}: the GGUF has no tokenizer.chat_template, so the task cannot be prompted.")
-    eos, bos = llm.token_eos(), llm.token_bos()
-    return Jinja2ChatFormatter(
-        template=template,
-        eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-    )
-
-
-def gguf_prompt_ids(llm, formatter, row: dict) -> list[int]:
-    """Render and tokenize as llama-cpp-python's chat_formatter_to_chat_completion_handler."""
-    result = formatter(messages=messages(row))
-    return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
 
 
 def check_same_prompts(gguf: Path, tokenizer_dir: Path, gguf_ids: list[list[int]], hf_ids: list[list[int]]) -> None:
@@ -75,28 +54,15 @@ def check_same_prompts(gguf: Path, tokenizer_dir: Path, gguf_ids: list[list[int]
             )
 
 
-def greedy_answers_gguf(llm, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    answers = []
-    for prompt in prompts:
-        # forget the previous prompt, so no answer depends on the one before it
-        llm.reset()
-        out = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, repeat_penalty=1.0)
-        answers.append(out["choices"][0]["text"].strip())
-        log.info("generated %d/%d answers", len(answers), len(prompts))
-    return answers
-
-
 def answers_gguf(gguf: Path, llama_lib: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
                  threads: int) -> list[str]:  # fmt: skip
     llama_cpp = load_llama_cpp(llama_lib.parent)
     _, hf_ids = hf_prompts(tokenizer_dir, rows)
     n_ctx = max(map(len, hf_ids)) + max_new_tokens
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    formatter = gguf_chat_formatter(llm, gguf)
-    prompts = [gguf_prompt_ids(llm, formatter, r) for r in rows]
-    check_same_prompts(gguf, tokenizer_dir, prompts, hf_ids)
-    log.info("all %d GGUF prompts equal transformers' token for token", len(prompts))
-    return greedy_answers_gguf(llm, prompts, max_new_tokens)
+    check_same_prompts(gguf, tokenizer_dir, [gguf_prompt_ids(llm, r) for r in rows], hf_ids)
+    log.info("all %d GGUF prompts equal transformers' token for token", len(rows))
+    return gguf_greedy_answers(llm, rows, max_new_tokens)
 
 
 def answers_hf(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int) -> list[str]:
@@ -113,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="GGUF file or HF model folder")
     parser.add_argument("--tokenizer", type=Path, required=True, help="HF folder whose template builds prompts")
-    parser.add_argument("--task", type=Path, required=True, help="the task's heldout.jsonl")
+    parser.add_argument("--task", type=Path, required=True, help="the task's held-out JSONL")
     parser.add_argument("--llama-lib", type=Path, help="the pinned libllama.so (GGUF files)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--stage", required=True)
@@ -121,7 +87,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     threads = check_threads(args.threads)
-    rows = load_rows(args.task)
+    rows = read_heldout(args.task)
     if args.model.is_dir():
         import torch
 
@@ -134,7 +100,7 @@ def main() -> None:
         answers = answers_gguf(args.model, args.llama_lib, args.tokenizer, rows, args.max_new_tokens, threads)
         runtime = "llama-cpp-python"
     accuracy = exact_match(answers, rows)
-    correct = sum(a == r["answer"] for a, r in zip(answers, rows, strict=True))
+    correct = sum(a == answer(r) for a, r in zip(answers, rows, strict=True))
     write_json(args.out, {"stage": args.stage, "accuracy": accuracy, "correct": correct, "rows": len(rows),
                           "runtime": runtime, "answers": answers})  # fmt: skip
     log.info("%s: exact match %.3f (%d/%d)", args.stage, accuracy, correct, len(rows))

@@ -1,6 +1,6 @@
 """Write the perplexity text of a model: its task's held-out rows, then real prose.
 
-    python -m scripts.make_eval_text --text pydoc_topics [--task data/demo_task] --out eval_text.txt
+    python -m scripts.make_eval_text --text pydoc_topics [--task data/demo_task/heldout.jsonl] --out eval_text.txt
 
 The default prose is the text of Python's own documentation topics
 (`pydoc_data.topics`): real prose that nobody in this project wrote and that
@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from scripts.common import InputError, atomic_output, run
-from scripts.task import as_text, check_task_dir, load_split
+from scripts.task import as_text, read_heldout
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def prose(text: str) -> str:
 def eval_text(text: str, task: Path | None) -> str:
     parts = []
     if task is not None:
-        check_task_dir(task)
-        parts.append(as_text(load_split("heldout", task)))
+        parts.append(as_text(read_heldout(task)))
     parts.append(prose(text))
     return "\n\n".join(parts) + "\n"
 
@@ -47,7 +46,7 @@ def eval_text(text: str, task: Path | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", default=PYDOC, help=f"`{PYDOC}` or a UTF-8 text file")
-    parser.add_argument("--task", type=Path, help="task folder whose heldout.jsonl rows come first")
+    parser.add_argument("--task", type=Path, help="the task's held-out JSONL, whose rows come first")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     text = eval_text(args.text, args.task)

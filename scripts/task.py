@@ -1,10 +1,10 @@
 """Task data, prose and chat prompts shared by training, the fidelity checks, calibration and evaluation.
 
-The demo's fixed-format task (or a user's in the same format) is a folder with
-train.jsonl and heldout.jsonl (`system`, `news`, `answer`); the fidelity checks
-also read task data as a file of samples: JSONL rows in that format or in chat
-format (`messages`: the conversation, its last assistant message the answer),
-or plain text, one sample a line.
+A model's task data (config `models[].task_data`; the demo's is data/demo_task)
+is a train and a held-out file of samples: JSONL rows in the demo's format
+(`system`, `news`, `answer`) or in chat format (`messages`: the conversation,
+its last assistant message the answer), or plain text, one sample a line. The
+held-out file, when JSONL, is the task the report scores by exact match.
 """
 
 from __future__ import annotations
@@ -21,26 +21,30 @@ TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_task"
 FIELDS = ("system", "news", "answer")
 
 
-def check_task_dir(task_dir: Path) -> None:
-    """A task folder holds heldout.jsonl whose rows are JSON objects with the string fields of data/demo_task."""
-    heldout = Path(task_dir) / "heldout.jsonl"
-    if not heldout.is_file():
-        raise InputError(f"{heldout}: not found; a task folder holds heldout.jsonl in the format of data/demo_task.")
-    with open(heldout) as f:
-        lines = f.read().splitlines()
+def read_heldout(path: str | Path) -> list[dict]:
+    """The held-out rows the report scores: JSON objects, each a prompt with its answer (the demo's
+    `system`, `news` and `answer`, or `messages` ending in the assistant's answer)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
     if not lines:
-        raise InputError(f"{heldout}: holds no rows.")
+        raise InputError(f"{path}: holds no rows.")
+    rows = []
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise InputError(f"{heldout}: line {number} is not a JSON object.") from None
-        missing = [k for k in FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if missing:
-            raise InputError(f"{heldout}: line {number} lacks the text field(s) {', '.join(missing)}.")
-
-
-DEMO_TASK = {"train": TASK_DIR / "train.jsonl", "heldout": TASK_DIR / "heldout.jsonl"}
+            row = None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: line {number} is not a JSON object.")
+        if "messages" not in row:
+            missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
+            if missing:
+                raise InputError(f"{path}: line {number} lacks the text field(s) {', '.join(missing)}.")
+        elif not isinstance(answer(row), str):
+            raise InputError(f"{path}: line {number}: its `messages` do not end in the assistant's answer.")
+        rows.append(row)
+    return rows
 
 
 # fixed conversations for the chat-template checks: system + user, multi-turn, no system
@@ -72,8 +76,9 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def as_text(rows: list[dict]) -> str:
-    """Rows as plain text, news then answer, for the perplexity text."""
-    return "\n\n".join(f"{r['news']}\n{r['answer']}" for r in rows)
+    """Rows as plain text for the perplexity text: each conversation without its system prompt, then its answer."""
+    turns = ([m["content"] for m in messages(r) if m["role"] != "system"] + [answer(r)] for r in rows)
+    return "\n\n".join("\n".join(t) for t in turns)
 
 
 def messages(row: dict) -> list[dict]:

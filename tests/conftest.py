@@ -179,7 +179,7 @@ def chat_lesson(start: int, n_words: int = 8) -> tuple[str, str]:
     return question, " ".join(words[start + n_words : start + n_words + 16])
 
 
-def train_tiny_llama(folder: Path, steps: int = 400, seed: int = 0) -> Path:
+def teach_chat_lessons(folder: Path, steps: int = 400, seed: int = 0) -> Path:
     """Teach the tiny model, in place, to answer a piece of the prose with the words that follow it.
 
     Random weights give flat next-token distributions, whose greedy choice flips on the
@@ -217,7 +217,7 @@ def train_tiny_llama(folder: Path, steps: int = 400, seed: int = 0) -> Path:
 def tiny_chat_model(llama_bin, tmp_path_factory) -> Path:
     """results/chat/ of a workflow run (q4_model) on a fitted tiny model with a chat template."""
     workdir = tmp_path_factory.mktemp("tiny_chat")
-    base = train_tiny_llama(make_tiny_llama(workdir / "inputs" / "base"))
+    base = teach_chat_lessons(make_tiny_llama(workdir / "inputs" / "base"))
     # a small adapter: it must change the weights, not undo the fitting
     adapter = make_lora(base, workdir / "inputs" / "adapter", lora_alpha=1)
     config = write_config(workdir / "chat.yaml", [{"name": "chat", "base": str(base), "adapters": [str(adapter)]}])

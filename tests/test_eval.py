@@ -52,7 +52,7 @@ def tiny_config(workdir, name: str, task=True, **gate):
     inputs = workdir / "inputs"
     model = {"name": "tiny", "base": str(inputs / "base"), "adapters": [str(inputs / "adapter")]}
     if task:
-        model["task"] = str(inputs / "task")
+        model["task_data"] = {split: str(inputs / "task" / f"{split}.jsonl") for split in ("train", "heldout")}
     return write_config(workdir / name, [model], eval={**EVAL, "gate": {**PASSING_GATE, **gate}})
 
 
@@ -247,15 +247,14 @@ def test_quality_gate_names_the_stage_and_the_figure():
     assert quality_gate(records, 30, 0.3, 0.5) == []
 
 
-def test_bad_task_folder_fails_at_start(tmp_path, tiny_base, tiny_adapter):
-    task = tmp_path / "task"
-    task.mkdir()
-    (task / "heldout.jsonl").write_text('{"system": "s", "news": "n"}\n')
-    model = {"name": "m", "base": str(tiny_base), "adapters": [str(tiny_adapter)], "task": str(task)}
+def test_bad_heldout_rows_fail_at_start(tmp_path, tiny_base, tiny_adapter):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"system": "s", "news": "n"}\n')
+    model = {"name": "m", "base": str(tiny_base), "adapters": [str(tiny_adapter)], "task_data": {"heldout": str(heldout)}}
     config = write_config(tmp_path / "bad.yaml", [model])
     result = snakemake(tmp_path, "eval_report", "--configfile", str(config), check=False)
     assert result.returncode != 0 and not (tmp_path / "results").exists()
-    assert f"{task / 'heldout.jsonl'}: line 1 lacks the text field(s) answer." in result.stdout + result.stderr
+    assert f"{heldout}: line 1 lacks the text field(s) answer." in result.stdout + result.stderr
 
 
 def test_quality_gate_fails_eval_report_and_keeps_the_report(eval_run):
