@@ -16,7 +16,8 @@ include: "rules/checks.smk"
 
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
-# files, and the download needs the internet, which compute nodes often lack.
+# files, the download needs the internet, which compute nodes often lack, and
+# the parity checks read only tokenizers and GGUF metadata (seconds, little memory).
 localrules:
     all,
     llama_cpp,
@@ -27,6 +28,8 @@ localrules:
     checks,
     eval_report,
     fetch_llama_cpp,
+    check_tokenizer,
+    check_chat_template,
 
 
 rule all:

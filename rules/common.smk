@@ -88,7 +88,6 @@ def check_imatrix_config():
                 )
 
 
-
 QUANT_TYPES = [q.lower() for q in config["quant_types"]]
 
 
@@ -247,15 +246,22 @@ def get_parity_checks(qtypes):
     )
 
 
+def get_model_checks(model):
+    """The checks of one model: parity of each artifact, generation parity where the task has held-out
+    prompts, and each quant made with the importance matrix compared with the same type made without."""
+    checks = expand(
+        "results/{model}/checks/{check}-{stage}.json",
+        model=model,
+        check=["tokenizer", "chat-template"],
+        stage=get_gguf_stages(),
+    )
+    if has_task(model):
+        checks.append(f"results/{model}/checks/generation.json")
+    return checks + [f"results/{model}/checks/imatrix-{q}.json" for q in QUANT_TYPES if uses_imatrix(q)]
+
+
 def get_checks():
-    """Every check: parity of each artifact, generation parity where the task has held-out prompts,
-    and each quant made with the importance matrix compared with the same type made without."""
-    checks = get_parity_checks(QUANT_TYPES)
-    for model in MODELS:
-        if has_task(model):
-            checks.append(f"results/{model}/checks/generation.json")
-        checks += [f"results/{model}/checks/imatrix-{q}.json" for q in QUANT_TYPES if uses_imatrix(q)]
-    return checks
+    return [check for model in MODELS for check in get_model_checks(model)]
 
 
 # Resources: what a job asks a scheduler for (SLURM's --mem and --time, minutes),
@@ -378,6 +384,7 @@ def get_report_input(wildcards):
         "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
         "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in QUANT_TYPES],
         "bench": [f"{figures}/bench/{s}.json" for s in get_gguf_stages()],
+        "checks": get_model_checks(model),
         "task": [],
     }
     if has_task(model):

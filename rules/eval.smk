@@ -227,7 +227,7 @@ rule make_report:
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
         "python -m scripts.make_report --model-name {wildcards.model} {params.stages} --figures {params.figures}"
-        " {params.task} --serve {params.serve} --llama-cpp-commit {params.commit}"
+        " {params.task} --checks {input.checks} --serve {params.serve} --llama-cpp-commit {params.commit}"
         " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
         " --min-accuracy {params.min_accuracy} --html {output.html} --metrics {output.metrics}"
         " --plots {output.throughput} {output.size} {output.accuracy} > {log} 2>&1"

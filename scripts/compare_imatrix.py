@@ -19,35 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-import subprocess
 from pathlib import Path
 
 from scripts.common import (
     NEEDS_IMATRIX,
-    InputError,
     atomic_output,
     check_quant_type,
     check_threads,
     load_llama_cpp,
     provenance,
     run,
+    run_llama_tool,
     write_provenance,
 )
+from scripts.eval_kl_divergence import parse_kl_output
 from scripts.quantize import quantize
 from scripts.task import exact_match, gguf_greedy_answers, has_prompts, prose, read_rows
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS = 5
-
-FIGURES = {
-    "perplexity": r"Mean PPL\(Q\)\s*:\s*([\d.]+)",
-    "perplexity_f16": r"Mean PPL\(base\)\s*:\s*([\d.]+)",
-    "kl_divergence": r"Mean\s+KLD:\s*([\d.]+)",
-    "top1_agreement": r"Same top p:\s*([\d.]+)",
-}
-
 
 def uniform_imatrix(real: Path, out: Path) -> None:
     """An importance matrix with the entries of `real` and every weight 1: each column equally important."""
@@ -73,34 +62,14 @@ def uniform_imatrix(real: Path, out: Path) -> None:
     writer.close()
 
 
-def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path | None = None, ctx: int = 512, chunks: int = 0) -> str:
+def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path | None = None, ctx: int = 512,
+               chunks: int = 0) -> dict:  # fmt: skip
     """Run llama-perplexity: with `text`, on f16, saving its logits to `base`; else scoring `model` against them."""
-    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-           "--kl-divergence-base", str(base)]  # fmt: skip
+    args = ["-m", model, "-t", threads, "-tb", threads, "--kl-divergence-base", base]
     if text is not None:
-        cmd += ["-f", str(text), "-c", str(ctx), "--chunks", str(chunks or -1)]
-    else:
-        cmd += ["--kl-divergence"]
-    # the pinned llama-perplexity now and then exits 0 before its last lines reach the pipe (the
-    # summary among them); the figures are deterministic, so a run that lost them is run again
-    for attempt in range(1, ATTEMPTS + 1):
-        log.info("running %s", " ".join(cmd))
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        log.info("%s", result.stdout[-3000:] + result.stderr[-3000:])
-        if result.returncode != 0:
-            raise InputError(f"{model}: llama-perplexity failed (exit {result.returncode}); see the log.")
-        if text is not None or re.search(FIGURES["top1_agreement"], result.stdout):
-            return result.stdout + result.stderr
-        log.warning("llama-perplexity's output lost its summary (attempt %d of %d)", attempt, ATTEMPTS)
-    raise InputError(f"{model}: llama-perplexity printed no KL divergence summary in {ATTEMPTS} runs; see the log.")
-
-
-def figures(output: str) -> dict:
-    found = {key: re.search(pattern, output) for key, pattern in FIGURES.items()}
-    out = {key: float(m[1]) for key, m in found.items() if m}
-    if "top1_agreement" in out:
-        out["top1_agreement"] /= 100
-    return out
+        run_llama_tool(bin_dir / "llama-perplexity", [*args, "-f", text, "-c", ctx, "--chunks", chunks or -1])
+        return {}
+    return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", [*args, "--kl-divergence"]))
 
 
 def task_accuracy(bin_dir: Path, model: Path, rows: list[dict], threads: int) -> float:
@@ -131,12 +100,12 @@ def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512,
         quantize(bin_dir / "llama-quantize", f16, without, qtype, threads, facts, weights)
         perplexity(bin_dir, f16, base, threads, text, ctx, chunks)  # the f16 logits every quant is scored against
         for side, model in (("with", quant), ("without", without)):
-            record[side] |= figures(perplexity(bin_dir, model, base, threads))
+            kl = perplexity(bin_dir, model, base, threads)
+            record[side] |= {k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")}
+            record["f16"] = {"perplexity": kl["f16_perplexity"]}
             if rows:
                 record[side]["task_exact_match"] = task_accuracy(bin_dir, model, rows, threads)
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
-        record["f16"] = {"perplexity": record["with"].pop("perplexity_f16", None)}
-        record["without"].pop("perplexity_f16", None)
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -7,8 +7,10 @@
 
 The figures are the JSON files the evaluation steps wrote under --figures
 (perplexity/, kl_divergence/, task/, bench/). The report shows one row per stage,
-three matplotlib plots embedded as PNG, the quality gate's verdict and the
-provenance sidecar of every artifact. The gate is judged here and written into
+three matplotlib plots embedded as PNG, the quality gate's verdict, the fidelity
+checks the workflow made (--checks FILE...: tokenizer and chat-template parity of each
+GGUF, greedy generation parity, each quant with and without the importance
+matrix) and the provenance sidecar of every artifact. The gate is judged here and written into
 metrics.json; check_quality_gate fails the workflow on it, so a failing report
 is still on disk to be read.
 """
@@ -231,7 +233,77 @@ def provenance_html(records: list[dict]) -> str:
     return "".join(parts)
 
 
-def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> str:
+def read_checks(paths: list[Path]) -> dict:
+    """The fidelity checks' records by kind (results/{model}/checks/KIND[-STAGE].json): tokenizer and
+    chat-template by stage, generation, imatrix by quant type."""
+    checks = {"tokenizer": {}, "chat_template": {}, "generation": None, "imatrix": {}}
+    for path in paths:
+        kind, _, stage = path.stem.partition("-")
+        if path.stem.startswith("chat-template-"):
+            checks["chat_template"][path.stem.removeprefix("chat-template-")] = read_json(path)
+        elif kind in ("tokenizer", "imatrix"):
+            checks[kind][stage] = read_json(path)
+        elif kind == "generation":
+            checks["generation"] = read_json(path)
+    return checks
+
+
+def rate(result: dict) -> str:
+    return f"{result['agree']}/{result['samples']} ({100 * result['agree'] / max(result['samples'], 1):.1f}%)"
+
+
+def checks_html(checks: dict) -> str:
+    parts = []
+    if checks["tokenizer"]:
+        corpora = list(next(iter(checks["tokenizer"].values()))["corpora"])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["artifact", *corpora, "chat template"])
+        rows = []
+        for stage, record in checks["tokenizer"].items():
+            template = checks["chat_template"].get(stage)
+            verdict = "–" if template is None else ("same" if template["template"] else template["message"])
+            cells = [record["artifact"], *(rate(record["corpora"][c]) for c in corpora), verdict]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        mismatches = "".join(
+            f"<li>{html.escape(stage)}, {html.escape(corpus)}: {html.escape(repr(m['at']))} — GGUF {m['gguf']}, "
+            f"transformers {m['hf']}</li>"
+            for stage, record in checks["tokenizer"].items()
+            for corpus, result in record["corpora"].items()
+            for m in result["mismatches"][:3]
+        )
+        parts.append(
+            "<h3>Tokenizer and chat-template parity</h3><p>Token ids from the GGUF's vocabulary (pinned libllama) "
+            "against the merged model's tokenizer; the task data must agree 100%.</p>"
+            f"<table class='checks'><tr>{head}</tr>{''.join(rows)}</table>"
+            + (f"<details><summary>first mismatches</summary><ul>{mismatches}</ul></details>" if mismatches else "")
+        )
+    generation = checks["generation"]
+    if generation is not None:
+        parts.append(
+            f"<h3>Generation parity</h3><p>Greedy answers of {html.escape(generation['artifact'])} and of "
+            f"{html.escape(generation['reference'])} agree token for token on {generation['agree']} of "
+            f"{generation['prompts']} held-out prompts ({100 * generation['rate']:.1f}%; at least "
+            f"{100 * generation['min_rate']:.0f}% required), through the {html.escape(generation['path'])}.</p>"
+        )
+    if checks["imatrix"]:
+        keys = ("perplexity", "kl_divergence", "top1_agreement", "task_exact_match")
+        rows = "".join(
+            f"<tr><td>{html.escape(qtype)}</td><td>{side}</td>"
+            + "".join(f"<td>{number(record[side].get(k))}</td>" for k in keys)
+            + "</tr>"
+            for qtype, record in checks["imatrix"].items()
+            for side in ("with", "without")
+        )
+        parts.append(
+            "<h3>Importance matrix</h3><p>Each type made with the matrix (from the task's training data and prose) "
+            "and without it, scored on prose the matrix never saw.</p>"
+            "<table class='checks'><tr><th>type</th><th>matrix</th>"
+            + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys)
+            + f"</tr>{rows}</table>"
+        )
+    return "<h2>Fidelity checks</h2>" + "".join(parts) if parts else ""
+
+
+def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes], checks: dict) -> str:
     gate = metrics["gate"]
     if gate["passed"]:
         verdict = "<p class='pass'>Quality gate passed: every quant is within the configured thresholds.</p>"
@@ -274,6 +346,7 @@ against the f16 GGUF (llama-perplexity --kl-divergence). f16 GGUF vs merged HF p
 {metrics['f16_vs_merged_perplexity_rel_diff']:.2e}.</p>
 <h2>Plots</h2>
 {images}
+{checks_html(checks)}
 <h2>Speed by thread count</h2>
 {bench_table(records)}
 <h2>Provenance</h2>
@@ -335,6 +408,7 @@ def main() -> None:
     parser.add_argument("--stage", action="append", required=True, help="NAME=PATH, in report order")
     parser.add_argument("--figures", type=Path, required=True, help="folder of the evaluation steps' JSON files")
     parser.add_argument("--task", action="store_true", help="the model has a task: read task/<stage>.json")
+    parser.add_argument("--checks", type=Path, nargs="*", default=[], help="the fidelity checks' JSON files")
     parser.add_argument("--serve", default="q4_0", help="GGUF stage whose recommended thread count is reported")
     parser.add_argument("--llama-cpp-commit", default="unknown")
     parser.add_argument("--max-ppl-increase-pct", type=float, default=25.0)
@@ -355,8 +429,10 @@ def main() -> None:
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:
             tmp.write_bytes(data)
+    checks = read_checks(args.checks)
+    metrics["checks"] = checks
     with atomic_output(args.html) as tmp:
-        tmp.write_text(render_html(metrics, records, plots), encoding="utf-8")
+        tmp.write_text(render_html(metrics, records, plots, checks), encoding="utf-8")
     write_json(args.metrics, metrics)
     for r in records:
         log.info("%-12s %8.1f MiB  ppl %.4f  %s", r["stage"], r["size_bytes"] / 2**20, r["perplexity"],

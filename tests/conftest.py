@@ -65,14 +65,15 @@ def prose(n_chars: int = 12000) -> str:
 
 
 # a chat template the tiny sentencepiece vocabulary can spell; without special tokens in it, transformers and
-# llama.cpp tokenize the rendered prompt alike (after `<s>`, llama.cpp's SPM tokenizer adds a space, transformers not)
-CHAT_TEMPLATE = (
+# llama.cpp tokenize the rendered prompt alike (after `<s>`, llama.cpp's SPM tokenizer adds a space, transformers
+# not); for a model whose tokenizer adds no BOS (add_bos=False), so that a prompt without one is right
+PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
 )
 
 
-def make_tokenizer(out: Path, extra_text: str = "", chat_template: str | None = None) -> None:
+def make_tokenizer(out: Path, extra_text: str = "", chat_template: str | None = None, add_bos: bool = True) -> None:
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -86,14 +87,19 @@ def make_tokenizer(out: Path, extra_text: str = "", chat_template: str | None = 
     )  # fmt: skip
     (out / "tokenizer.vocab").unlink()
     # from_pretrained reads tokenizer.model; transformers 5 ignores LlamaTokenizer(vocab_file=) and gives an empty vocab
-    tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=True)
+    tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=add_bos)
     assert len(tokenizer) == 512 and len(tokenizer("def f(x): return x")["input_ids"]) > 3
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
 
 
 def make_tiny_llama(
-    out: Path, seed: int = 0, chat_template: str | None = None, tokenizer: Path | None = None, **overrides
+    out: Path,
+    seed: int = 0,
+    chat_template: str | None = None,
+    tokenizer: Path | None = None,
+    add_bos: bool = True,
+    **overrides,
 ) -> Path:
     """A random-init Llama in `out`, with the tiny sentencepiece tokenizer or the files of `tokenizer`."""
     import shutil
@@ -102,7 +108,7 @@ def make_tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if tokenizer is None:
-        make_tokenizer(out, chat_template=chat_template)
+        make_tokenizer(out, chat_template=chat_template, add_bos=add_bos)
     else:
         shutil.copytree(tokenizer, out, dirs_exist_ok=True)
     torch.manual_seed(seed)

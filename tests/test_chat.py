@@ -19,10 +19,11 @@ QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]
 
 def spawn_chat(llama_bin, *args) -> pexpect.spawn:
     cmd = [sys.executable, "-m", "scripts.chat", *map(str, args), "--threads", "1", "--max-new-tokens", str(MAX_NEW)]
-    # no timeout: every wait below ends when the chat writes what is awaited or exits
+    # a wait for text that never comes (a wrong answer) must fail, not hang CI: the bound is a deadlock
+    # guard far above any answer's time on a loaded machine, not a speed limit
     # a wide terminal, so readline echoes a long question on one line
     return pexpect.spawn(
-        cmd[0], cmd[1:], cwd=str(REPO), env=runtime_env(llama_bin), encoding="utf-8", timeout=None, dimensions=(24, 500)
+        cmd[0], cmd[1:], cwd=str(REPO), env=runtime_env(llama_bin), encoding="utf-8", timeout=300, dimensions=(24, 500)
     )
 
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama, write_config
+from conftest import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama, write_config
 
 from scripts.bench_threads import recommended_threads
 from scripts.eval_kl_divergence import parse_kl_output
@@ -60,7 +60,7 @@ def tiny_config(workdir, name: str, task=True, **gate):
 def eval_run(llama_bin, tmp_path_factory):
     """eval_report on a tiny model with a chat template, trained a little so its figures mean something."""
     workdir = tmp_path_factory.mktemp("eval_run")
-    base = make_tiny_llama(workdir / "inputs" / "base", chat_template=CHAT_TEMPLATE)
+    base = make_tiny_llama(workdir / "inputs" / "base", chat_template=PLAIN_CHAT_TEMPLATE, add_bos=False)
     train_tiny_llama(base, prose() + "\n" + as_text(load_split("train")))
     # a gentle adapter (scale alpha/r = 0.5): it changes the answers without wrecking the trained model
     make_lora(base, workdir / "inputs" / "adapter", lora_alpha=2)
@@ -112,6 +112,17 @@ def test_every_metric_is_present_and_sane(eval_run):
         assert (workdir / "benchmarks" / "tiny" / f"{log}.tsv").is_file()
     assert not list((workdir / "results").rglob("*.partial"))
     assert not (report_dir(workdir) / "f16-logits.kld").exists()  # temporary: gone once every quant is scored
+
+
+def test_report_shows_the_fidelity_checks(eval_run):
+    workdir, _ = eval_run
+    checks = metrics_of(workdir)["checks"]
+    assert sorted(checks["tokenizer"]) == sorted(checks["chat_template"]) == ["f16", "q4_0"]
+    assert all(record["corpora"]["task"]["rate"] == 1.0 for record in checks["tokenizer"].values())
+    assert checks["generation"]["prompts"] == 6 and checks["imatrix"] == {}
+    page = (report_dir(workdir) / "report.html").read_text()
+    assert "<h2>Fidelity checks</h2>" in page and "Generation parity" in page
+    assert page.count("ggml-model-q4_0.gguf</td>") == 1  # one row of the parity table
 
 
 def test_every_stage_is_scored_on_the_same_tokens(eval_run):

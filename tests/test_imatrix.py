@@ -16,7 +16,11 @@ K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads
 
 @pytest.fixture(scope="module")
 def k_run(llama_bin, tmp_path_factory):
-    """`snakemake all` on a tiny model with a K-quant that names the matrix and an I-quant that needs it."""
+    """`snakemake all` on a tiny model with a K-quant that names the matrix and an I-quant that needs it.
+
+    The model is random, so no quant of it can pass a quality gate: the gate is opened wide (its own
+    tests are in test_eval.py) and the report is made all the same.
+    """
     workdir = tmp_path_factory.mktemp("k_run")
     base = make_tiny_llama(workdir / "inputs" / "base", **K_QUANT_SIZES)
     adapter = make_lora(base, workdir / "inputs" / "adapter")
@@ -25,6 +29,9 @@ def k_run(llama_bin, tmp_path_factory):
         workdir / "k.yaml", models, quant_types=["q4_k_m", "iq2_xxs"],
         imatrix={"use_for": ["q4_k_m"], "ctx_size": 128, "chunks": 24, "prose_chars": 20000},
         checks={"generation": {"prompts": 8, "max_new_tokens": 12}, "imatrix": {"ctx_size": 128, "chunks": 4, "prompts": 4}},
+        eval={"ctx": 128, "chunks": 4, "max_new_tokens": 12,
+              "bench": {"threads": [1], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1},
+              "gate": {"max_ppl_increase_pct": 1e9, "max_kl_divergence": 1e9, "min_accuracy": 0}},
     )  # fmt: skip
     snakemake(workdir, "all", "--configfile", str(config))
     return workdir
@@ -82,6 +89,14 @@ def test_checks_of_every_artifact(k_run):
         assert json.loads((checks / f"chat-template-{stage}.json").read_text())["passed"]
     generation = json.loads((checks / "generation.json").read_text())
     assert generation["passed"] and generation["prompts"] == 8
+
+
+def test_report_shows_each_quant_with_and_without_the_matrix(k_run):
+    report = k_run / "results" / "k" / "report"
+    imatrix = json.loads((report / "metrics.json").read_text())["checks"]["imatrix"]
+    assert sorted(imatrix) == ["iq2_xxs", "q4_k_m"]
+    assert all(record[side]["kl_divergence"] > 0 for record in imatrix.values() for side in ("with", "without"))
+    assert "<h3>Importance matrix</h3>" in (report / "report.html").read_text()
 
 
 def test_uniform_imatrix_weighs_every_column_alike(k_run, tmp_path):

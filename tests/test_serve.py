@@ -64,8 +64,8 @@ def answers(server):
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:
-    # timeout=None: no wall-clock limit, the server's answer ends the wait
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=None)
+    # a deadlock guard far above any answer's time on a loaded machine, not a speed limit
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=900)
 
 
 def chat(c: openai.OpenAI, question: str, stream: bool = False, model: str = NAME) -> str:

@@ -109,7 +109,10 @@ def test_new_quant_type_reruns_only_quantize(tiny_run):
     text = config.read_text() + "quant_types: [q4_0, q8_0]\n"
     more = config.with_name("more.yaml")
     more.write_text(text)
-    assert planned_jobs(workdir, "quantized", "--configfile", str(more)) == {"quantize": 1, "quantized": 1}
+    # the new artifact and its parity checks
+    assert planned_jobs(workdir, "quantized", "--configfile", str(more)) == {
+        "quantize": 1, "check_tokenizer": 1, "check_chat_template": 1, "quantized": 1,
+    }  # fmt: skip
 
 
 def test_touched_adapter_with_the_same_bytes_reruns_nothing(tiny_run):
@@ -127,7 +130,9 @@ def test_replaced_adapter_reruns_merge_and_after(tiny_run):
     make_lora(workdir / "inputs" / "base", workdir / "inputs" / "adapter2", seed=7)
     shutil.copy(workdir / "inputs" / "adapter2" / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
     jobs = planned_jobs(workdir, "q4_model", "--configfile", str(config))
-    assert jobs == {"merge": 1, "convert": 1, "quantize": 1, "q4_model": 1}
+    assert jobs == {
+        "merge": 1, "convert": 1, "quantize": 1, "check_tokenizer": 2, "check_chat_template": 2, "q4_model": 1,
+    }  # fmt: skip
 
 
 def test_user_models_replace_the_demo(tiny_run):
