@@ -22,6 +22,7 @@ import ctypes
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -327,6 +328,9 @@ def main() -> None:
     if args.model is not None and gen.num_beams > 1:
         raise InputError("beam search runs only on the HF model (--hf); llama.cpp decodes one sequence.")
     threads = check_threads(args.threads) if args.threads is not None else default_threads(model)
+    # Ctrl-C ends the chat even when it was started with SIGINT ignored, as a background job of a
+    # script is (Python keeps an inherited SIG_IGN and then never raises KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin)
     try:
         if args.prompt is not None:

@@ -412,7 +412,7 @@ def main() -> None:
     parser.add_argument("--serve", default="q4_0", help="GGUF stage whose recommended thread count is reported")
     parser.add_argument("--llama-cpp-commit", default="unknown")
     parser.add_argument("--max-ppl-increase-pct", type=float, default=25.0)
-    parser.add_argument("--max-kl-divergence", type=float, default=0.25)
+    parser.add_argument("--max-kl-divergence", type=float, default=0.4)
     parser.add_argument("--min-accuracy", type=float, default=0.7)
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)

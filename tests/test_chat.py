@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -17,13 +18,14 @@ MAX_NEW = 32  # as api_answers
 QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]
 
 
-def spawn_chat(llama_bin, *args) -> pexpect.spawn:
+def spawn_chat(llama_bin, *args, preexec_fn=None) -> pexpect.spawn:
     cmd = [sys.executable, "-m", "scripts.chat", *map(str, args), "--threads", "1", "--max-new-tokens", str(MAX_NEW)]
     # a wait for text that never comes (a wrong answer) must fail, not hang CI: the bound is a deadlock
     # guard far above any answer's time on a loaded machine, not a speed limit
     # a wide terminal, so readline echoes a long question on one line
+    env = runtime_env(llama_bin)
     return pexpect.spawn(
-        cmd[0], cmd[1:], cwd=str(REPO), env=runtime_env(llama_bin), encoding="utf-8", timeout=300, dimensions=(24, 500)
+        cmd[0], cmd[1:], cwd=str(REPO), env=env, encoding="utf-8", timeout=300, dimensions=(24, 500), preexec_fn=preexec_fn
     )
 
 
@@ -66,8 +68,10 @@ def test_terminal_chat_answers_as_the_python_api(llama_bin, gguf):
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
 
-def test_ctrl_c_ends_the_chat_cleanly(llama_bin, gguf):
-    child = spawn_chat(llama_bin, gguf)
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["SIGINT default", "SIGINT ignored"])
+def test_ctrl_c_ends_the_chat_cleanly(llama_bin, gguf, inherited):
+    """Also when the chat inherits SIGINT ignored, as a script's background job does."""
+    child = spawn_chat(llama_bin, gguf, preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     child.expect_exact("> ")
     child.sendintr()
     child.expect(pexpect.EOF)
