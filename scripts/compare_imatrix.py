@@ -102,10 +102,11 @@ def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512,
         for side, model in (("with", quant), ("without", without)):
             kl = perplexity(bin_dir, model, base, threads)
             record[side] |= {k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")}
-            record["f16"] = {"perplexity": kl["f16_perplexity"]}
             if rows:
                 record[side]["task_exact_match"] = task_accuracy(bin_dir, model, rows, threads)
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
+        # both runs score against the same saved f16 logits, so either states the f16 perplexity
+        record["f16"] = {"perplexity": kl["f16_perplexity"]}
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
