@@ -1,5 +1,5 @@
 # cpuforge: base model + LoRA adapters -> merged HF model -> f16 GGUF -> quantized GGUF -> evaluation report.
-# See README.md; the layout and targets are fixed in DESIGN.md.
+# See README.md (targets, layout); each stage is one file under rules/, each rule one CLI under scripts/.
 
 
 configfile: f"{workflow.basedir}/config.yaml"

@@ -33,10 +33,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from scripts.chat import Generation, GGUFChat
-from scripts.common import InputError, check_threads, default_llama_bin, llama_cpp_env, run
-from scripts.serve import model_name
-from scripts.task import load_split, messages
+from cpuforge.chat import Generation, GGUFChat
+from cpuforge.cli import check_threads, run
+from cpuforge.errors import InputError
+from cpuforge.llama import llama_cpp_env
+from cpuforge.paths import default_llama_bin, model_name
+from cpuforge.task import load_split, messages
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +261,7 @@ def main() -> None:
         check_threads(t)
     if not args.model.is_file():
         raise InputError(f"{args.model}: file not found.")
-    llama_bin = (args.llama_bin or default_llama_bin()).resolve()
+    llama_bin = (args.llama_bin or default_llama_bin(args.model)).resolve()
     figures = benchmark(
         args.model, llama_bin, args.threads, load_prompts(args.prompts, args.n_prompts), args.tokens,
         args.repetitions, args.compare_llama_cpp_python, args.concurrency,

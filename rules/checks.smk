@@ -69,7 +69,7 @@ rule check_generation:
     shell:
         "python -m scripts.check_generation --gguf {input.gguf} --merged {input.merged} --heldout {input.heldout}"
         " --llama-bin $(dirname {input.lib}) --min-agreement {params.min_agreement} --max-new-tokens {params.max_new_tokens}"
-        " --limit {params.prompts} --threads {threads} --out {output} > {log} 2>&1"
+        " --prompts {params.prompts} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule compare_imatrix:
@@ -97,6 +97,6 @@ rule compare_imatrix:
         **config["checks"]["imatrix"],
         heldout=get_heldout_arg,
     shell:
-        "python -m scripts.compare_imatrix --llama-bin $(dirname {input.lib}) --f16 {input.f16} --quant {input.quant}"
+        "python -m scripts.compare_imatrix --llama-bin $(dirname {input.lib}) --gguf {input.f16} --quant {input.quant}"
         " --imatrix {input.imatrix} --type {wildcards.qtype} {params.heldout} --ctx-size {params.ctx_size}"
         " --chunks {params.chunks} --prompts {params.prompts} --threads {threads} --out {output} > {log} 2>&1"

@@ -8,21 +8,18 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# the scripts are a package of this repository: make `python -m scripts.<step>`
+# the scripts and the cpuforge library are packages of this repository: make `python -m scripts.<step>`
 # (in every job) and the imports below work from any working directory
 sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from scripts.common import (
-    QUANT_TYPES as KNOWN_QUANT_TYPES,
-    NEEDS_IMATRIX,
-    InputError,
-    check_quant_type,
-    safetensors_header,
-)
-from scripts.merge import DTYPES, adapter_weights_file, base_shards, check_inputs
-from scripts.task import read_heldout
+from cpuforge import paths
+from cpuforge.errors import InputError
+from cpuforge.lora import DTYPES, adapter_weights_file, base_shards, check_inputs
+from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
+from cpuforge.safetensors_io import safetensors_header
+from cpuforge.task import read_heldout
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -102,29 +99,16 @@ wildcard_constraints:
     stage="|".join(KNOWN_QUANT_TYPES),
 
 
-def get_llama_dir():
-    return f"{LLAMA['build_dir']}/{COMMIT}"
-
-
 def get_llama_source():
-    return f"{get_llama_dir()}/source"
+    return str(paths.llama_source(LLAMA["build_dir"], COMMIT))
 
 
 def get_llama_bin():
-    return f"{get_llama_dir()}/bin"
+    return str(paths.llama_bin(LLAMA["build_dir"], COMMIT))
 
 
 def get_llama_tools():
-    tools = (
-        "llama-quantize",
-        "llama-cli",
-        "llama-perplexity",
-        "llama-bench",
-        "llama-server",
-        "llama-imatrix",
-        "libllama.so",
-    )
-    return [f"{get_llama_bin()}/{tool}" for tool in tools]
+    return [str(p) for p in paths.llama_outputs(LLAMA["build_dir"], COMMIT)]
 
 
 def get_fetch_args():
@@ -346,7 +330,7 @@ def get_eval_text_input(wildcards):
 
 
 def get_task_arg(wildcards):
-    return f"--task {get_heldout(wildcards)}" if has_task(wildcards.model) else ""
+    return f"--heldout {get_heldout(wildcards)}" if has_task(wildcards.model) else ""
 
 
 def get_hf_stage_model(wildcards):

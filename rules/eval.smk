@@ -41,8 +41,9 @@ rule eval_perplexity_hf:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
     shell:
-        "python -m scripts.eval_perplexity --model {params.model} --vocab {input.vocab} --text {input.text}"
-        " --llama-lib {input.lib} --ctx {params.ctx} --chunks {params.chunks} --stage {wildcards.hf_stage}"
+        "python -m scripts.eval_perplexity --hf {params.model} --vocab {input.vocab} --text {input.text}"
+        " --llama-bin $(dirname {input.lib}) --ctx-size {params.ctx} --chunks {params.chunks}"
+        " --stage {wildcards.hf_stage}"
         " --out {output}"
         " --threads {threads} > {log} 2>&1"
 
@@ -69,8 +70,9 @@ rule eval_perplexity:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
     shell:
-        "python -m scripts.eval_perplexity --model {input.gguf} --perplexity {input.perplexity} --text {input.text}"
-        " --ctx {params.ctx} --chunks {params.chunks} --stage f16 --save-logits {output.logits} --out {output.json}"
+        "python -m scripts.eval_perplexity --gguf {input.gguf} --llama-bin $(dirname {input.perplexity})"
+        " --text {input.text} --ctx-size {params.ctx} --chunks {params.chunks} --stage f16"
+        " --save-logits {output.logits} --out {output.json}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -93,8 +95,8 @@ rule eval_kl_divergence:
     params:
         ctx=EVAL["ctx"],
     shell:
-        "python -m scripts.eval_kl_divergence --model {input.gguf} --perplexity {input.perplexity}"
-        " --logits {input.logits} --ctx {params.ctx} --stage {wildcards.qtype} --out {output}"
+        "python -m scripts.eval_kl_divergence --gguf {input.gguf} --llama-bin $(dirname {input.perplexity})"
+        " --logits {input.logits} --ctx-size {params.ctx} --stage {wildcards.qtype} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -118,7 +120,7 @@ rule eval_task_hf:
         model=get_hf_stage_model,
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
-        "python -m scripts.eval_task --model {params.model} --tokenizer {input.tokenizer} --task {input.task}"
+        "python -m scripts.eval_task --hf {params.model} --merged {input.tokenizer} --heldout {input.task}"
         " --max-new-tokens {params.max_new_tokens} --stage {wildcards.hf_stage} --out {output}"
         " --threads {threads} > {log} 2>&1"
 
@@ -143,8 +145,8 @@ rule eval_task:
     params:
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
-        "python -m scripts.eval_task --model {input.gguf} --tokenizer {input.tokenizer} --task {input.task}"
-        " --llama-lib {input.lib} --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}"
+        "python -m scripts.eval_task --gguf {input.gguf} --merged {input.tokenizer} --heldout {input.task}"
+        " --llama-bin $(dirname {input.lib}) --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}"
         " --out {output}"
         " --threads {threads} > {log} 2>&1"
 
@@ -172,7 +174,8 @@ rule bench_threads:
         repetitions=EVAL["bench"]["repetitions"],
         tolerance=EVAL["bench"]["tolerance_pct"],
     shell:
-        "python -m scripts.bench_threads --bench {input.bench} --model {input.gguf} --threads {params.threads}"
+        "python -m scripts.bench_threads --llama-bin $(dirname {input.bench}) --gguf {input.gguf}"
+        " --sweep {params.threads}"
         " --prompt-tokens {params.prompt_tokens} --gen-tokens {params.gen_tokens}"
         " --repetitions {params.repetitions} --tolerance-pct {params.tolerance} --stage {wildcards.gguf_stage}"
         " --out {output} > {log} 2>&1"

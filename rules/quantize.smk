@@ -22,7 +22,7 @@ rule make_imatrix:
         chunks=IMATRIX["chunks"],
         prose_chars=IMATRIX["prose_chars"],
     shell:
-        "python -m scripts.make_imatrix --imatrix-tool {input.tool} --gguf {input.gguf} --merged {input.merged}"
+        "python -m scripts.make_imatrix --llama-bin $(dirname {input.tool}) --gguf {input.gguf} --merged {input.merged}"
         " {params.args} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
         " --threads {threads} --out {output} > {log} 2>&1"
 
@@ -45,5 +45,6 @@ rule quantize:
     params:
         imatrix=get_imatrix_arg,
     shell:
-        "python -m scripts.quantize --quantize {input.quantize} --in {input.gguf} --out {output} --type {wildcards.qtype}"
+        "python -m scripts.quantize --llama-bin $(dirname {input.quantize}) --gguf {input.gguf} --out {output}"
+        " --type {wildcards.qtype}"
         " {params.imatrix} --threads {threads} > {log} 2>&1"

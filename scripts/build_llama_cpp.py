@@ -8,54 +8,16 @@ Binaries find their libraries through an $ORIGIN rpath, so the folder works
 wherever it lies.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
-import platform
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from scripts.common import atomic_output, check_threads, run
+from cpuforge.cli import check_threads, run
+from cpuforge.llama_build import build
 
 log = logging.getLogger(__name__)
-
-TOOLS = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "llama-imatrix")
-
-CMAKE_OPTIONS = {
-    "CMAKE_BUILD_TYPE": "Release",
-    "BUILD_SHARED_LIBS": "ON",
-    "CMAKE_BUILD_RPATH_USE_ORIGIN": "ON",
-    "LLAMA_BUILD_TESTS": "OFF",
-    "LLAMA_BUILD_EXAMPLES": "OFF",
-    "LLAMA_BUILD_APP": "OFF",
-    "LLAMA_BUILD_TOOLS": "ON",
-    "LLAMA_BUILD_SERVER": "ON",
-    # nothing may be downloaded at build time, and HTTPS is not needed locally
-    "LLAMA_USE_PREBUILT_UI": "OFF",
-    "LLAMA_OPENSSL": "OFF",
-}
-# -march=native turns on AMX where the CPU lists it, and ggml's AMX kernels then
-# crash every q4_0/q4_1/q8_0 matmul on VMs that list AMX (seen on this project's
-# machines); an explicit -mno-* wins over -march=native whatever the order
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-if platform.machine() == "x86_64":
-    CMAKE_OPTIONS |= {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
-
-
-def build(source: Path, work: Path, out: Path, threads: int, tools=TOOLS) -> None:
-    options = [f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()]
-    subprocess.run(["cmake", "-S", str(source), "-B", str(work), *options], check=True, stdout=sys.stderr)
-    log.info("building %s with %d jobs", " ".join(tools), threads)
-    subprocess.run(
-        ["cmake", "--build", str(work), "--parallel", str(threads), "--target", *tools],
-        check=True, stdout=sys.stderr,
-    )  # fmt: skip
-    with atomic_output(out) as tmp:
-        tmp.mkdir()
-        for f in sorted((work / "bin").iterdir()):
-            if f.name in tools or ".so" in f.name:
-                shutil.copy2(f, tmp / f.name, follow_symlinks=False)
 
 
 def main() -> None:

@@ -17,99 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
-from scripts.common import InputError, atomic_output, check_threads, gguf_chat_formatter, load_llama_cpp, run
-from scripts.task import (
-    answer,
-    decode,
-    exact_match,
-    gguf_greedy_ids,
-    greedy_ids,
-    has_prompts,
-    messages,
-    prompt_ids,
-    read_rows,
-    stop_ids,
-)
+from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.errors import InputError
+from cpuforge.files import atomic_output
+from cpuforge.generation_parity import check_generation
 
 log = logging.getLogger(__name__)
-
-SHOWN = 10
-
-
-def hf_answers(merged: Path, rows: list[dict], max_new_tokens: int):
-    """Greedy answer ids of the merged model in float32, its tokenizer, and its longest prompt in tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    longest = max(len(prompt_ids(tokenizer, r)) for r in rows)
-    return greedy_ids(model, tokenizer, rows, max_new_tokens), tokenizer, longest
-
-
-def gguf_answers(gguf, bin_dir, rows, stop, max_new_tokens, n_ctx, threads) -> tuple[list[list[int]], bool]:
-    """Greedy answer ids of the GGUF, and whether they came through its chat template."""
-    llama_cpp = load_llama_cpp(bin_dir)
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    return gguf_greedy_ids(llm, rows, stop, max_new_tokens), gguf_chat_formatter(llm) is not None
-
-
-def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48, min_agreement=0.9, limit=0) -> dict:
-    """Both models' greedy answers, token for token; raises InputError below `min_agreement`."""
-    rows = read_rows(heldout)
-    if not has_prompts(rows):
-        raise InputError(f"{heldout}: rows need `messages` (or the demo's `system` and `news`) to be prompts.")
-    rows = rows[:limit] if limit else rows
-    want, tokenizer, longest = hf_answers(merged, rows, max_new_tokens)
-    got, chat = gguf_answers(gguf, bin_dir, rows, stop_ids(tokenizer), max_new_tokens, longest + max_new_tokens + 16, threads)
-    agree = [a == b for a, b in zip(want, got, strict=True)]
-    rate = sum(agree) / len(rows)
-    texts = {"hf": [decode(tokenizer, a) for a in want], "gguf": [decode(tokenizer, a) for a in got]}
-    scored = all(answer(r) is not None for r in rows)
-    record = {
-        "artifact": gguf.name,
-        "reference": f"{merged} (transformers, float32)",
-        "path": "chat template" if chat else "plain completion (no chat template)",
-        "prompts": len(rows),
-        "agree": sum(agree),
-        "rate": rate,
-        "min_rate": min_agreement,
-        "passed": rate >= min_agreement,
-        "max_new_tokens": max_new_tokens,
-        "exact_match": {side: exact_match(t, rows) for side, t in texts.items()} if scored else None,
-        "mismatches": [
-            {"prompt": messages(r)[-1]["content"], "hf": h, "gguf": g, "token_index": first_difference(a, b)}
-            for r, h, g, a, b, same in zip(rows, texts["hf"], texts["gguf"], want, got, agree) if not same
-        ][:SHOWN],
-    }  # fmt: skip
-    log.info("greedy answers agree on %d/%d prompts (%.1f %%)", sum(agree), len(rows), 100 * rate)
-    if not record["passed"]:
-        first = record["mismatches"][0]
-        raise InputError(
-            f"{gguf}: greedy answers agree with the merged model's on {sum(agree)} of {len(rows)} held-out prompts "
-            f"({rate:.0%}, below {min_agreement:.0%}); first difference, on {first['prompt']!r}: GGUF {first['gguf']!r}, "
-            f"transformers {first['hf']!r}."
-        )
-    return record
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, required=True, help="the f16 GGUF")
-    parser.add_argument("--merged", type=Path, required=True, help="merged HF model folder (the reference)")
-    parser.add_argument("--heldout", type=Path, required=True, help="JSONL of held-out prompts")
-    parser.add_argument("--llama-bin", type=Path, required=True, help="the pinned llama.cpp bin folder")
-    parser.add_argument("--out", type=Path, required=True)
+    add_flags(parser, "gguf", "merged", "heldout", "llama-bin", "out", "threads", gguf={"help": "the f16 GGUF"},
+              heldout={"required": True})  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--min-agreement", type=float, default=0.9)
-    parser.add_argument("--limit", type=int, default=0, help="use the first N prompts (0: all)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=0, help="use the first N prompts (0: all)")
     args = parser.parse_args()
     import torch
 
@@ -119,7 +42,7 @@ def main() -> None:
             raise InputError(f"{path}: not found.")
     record = check_generation(
         args.gguf, args.merged, args.heldout, args.llama_bin, args.threads,
-        args.max_new_tokens, args.min_agreement, args.limit,
+        args.max_new_tokens, args.min_agreement, args.prompts,
     )  # fmt: skip
     with atomic_output(args.out) as tmp:
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")

@@ -6,12 +6,15 @@ make_report judges the gate and writes its verdict into metrics.json (and the
 report), so the report stays on disk to be read when this step fails.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-from scripts.common import atomic_output, read_json, run
+from cpuforge.cli import run
+from cpuforge.files import atomic_output, read_json
 
 log = logging.getLogger(__name__)
 

@@ -11,67 +11,18 @@ The source lands in `--out` (written as `--out`.partial, renamed when complete),
 with SOURCE.json recording what was fetched and how it was verified.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
-from scripts.common import InputError, atomic_output, run, sha256_file
+from cpuforge.cli import run
+from cpuforge.files import atomic_output
+from cpuforge.llama_build import fetch_git, fetch_path, fetch_sdist
 
 log = logging.getLogger(__name__)
-
-
-def fetch_sdist(package: str, version: str, sha256: str, commit: str, out: Path) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        log.info("downloading the %s %s sdist", package, version)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--progress-bar", "off", "-d", tmp, f"{package}=={version}"],
-            check=True, stdout=sys.stderr,
-        )  # fmt: skip
-        (archive,) = Path(tmp).glob("*.tar.gz")
-        found = sha256_file(archive)
-        if found != sha256:
-            raise InputError(f"{archive.name}: sha256 is {found}, config llama_cpp.sdist.sha256 expects {sha256}.")
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        root = Path(tmp) / archive.name.removesuffix(".tar.gz")
-        recorded = (root / ".git/modules/vendor/llama.cpp/HEAD").read_text().strip()
-        if recorded != commit:
-            raise InputError(f"{archive.name}: vendor/llama.cpp is at commit {recorded}, config expects {commit}.")
-        shutil.move(root / "vendor/llama.cpp", out)
-    return {"kind": "sdist", "package": package, "version": version, "sha256": sha256, "commit": commit}
-
-
-def git_head(repo: Path) -> str:
-    result = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise InputError(f"{repo}: not a git checkout, so its llama.cpp commit cannot be verified.")
-    return result.stdout.strip()
-
-
-def fetch_git(url: str, commit: str, out: Path) -> dict:
-    log.info("cloning %s at %s", url, commit)
-    subprocess.run(["git", "clone", "--quiet", url, str(out)], check=True, stdout=sys.stderr)
-    if subprocess.run(["git", "-C", str(out), "checkout", "--quiet", commit]).returncode != 0:
-        raise InputError(f"llama_cpp.git.commit: {commit} does not exist in {url}.")
-    found = git_head(out)
-    if found != commit:
-        raise InputError(f"llama_cpp.git.commit: {url} resolves {commit} to {found}; give the full 40-hex commit.")
-    return {"kind": "git", "url": url, "commit": commit}
-
-
-def fetch_path(path: Path, commit: str, out: Path) -> dict:
-    found = git_head(path)
-    if found != commit:
-        raise InputError(f"{path}: checkout is at commit {found}, config llama_cpp.path.commit expects {commit}.")
-    shutil.copytree(path, out, symlinks=True)
-    return {"kind": "path", "path": str(path.resolve()), "commit": commit}
 
 
 def main() -> None:

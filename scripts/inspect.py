@@ -3,29 +3,14 @@
     python -m scripts.inspect results/demo/ggml-model-q4_0.gguf [--json]
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 from pathlib import Path
 
-from scripts.common import InputError, run
-
-GGUF_MAGIC = b"GGUF"
-
-
-def read_history(path: Path) -> dict:
-    """general.* fields and the decoded cpuforge.* provenance records of a GGUF file."""
-    from gguf import GGUFReader
-
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise InputError(f"{path}: not a GGUF file.")
-    reader = GGUFReader(path)
-    fields = {f.name: f.contents() for f in reader.fields.values()}
-    return {
-        "general": {k: v for k, v in fields.items() if k.startswith("general.")},
-        "cpuforge": {k.removeprefix("cpuforge."): json.loads(v) for k, v in fields.items() if k.startswith("cpuforge.")},
-        "tensors": len(reader.tensors),
-    }
+from cpuforge.cli import run
+from cpuforge.provenance import read_history
 
 
 def main() -> None:

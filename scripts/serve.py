@@ -27,7 +27,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -36,27 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.common import (
-    MAX_DEFAULT_CTX,
-    InputError,
-    check_threads,
-    default_llama_bin,
-    default_threads,
-    gguf_context_length,
-    run,
-)
+from cpuforge.cli import check_threads, run
+from cpuforge.errors import InputError
+from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
+from cpuforge.paths import default_llama_bin, model_name
 
 log = logging.getLogger(__name__)
 
 # bodies larger than this are refused with a 413: a full 128k-token prompt is well under it
 MAX_BODY = 16 << 20
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
-
-
-def model_name(model: Path) -> str:
-    """`demo-q4_0` for results/demo/ggml-model-q4_0.gguf; the file's stem for any other GGUF."""
-    match = re.fullmatch(r"ggml-model-(.+)\.gguf", model.name)
-    return f"{model.resolve().parent.name}-{match[1]}" if match else model.stem
 
 
 def llama_server_command(
@@ -268,7 +256,7 @@ def main() -> None:
     threads = check_threads(args.threads) if args.threads is not None else default_threads(args.model)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
         asyncio.run(
-            serve(args.model, args.llama_bin or default_llama_bin(), args.host, args.port, args.api_key or None,
+            serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port, args.api_key or None,
                   threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
         )
 

@@ -261,7 +261,7 @@ def smol_tokenizer(tmp_path_factory) -> Path:
     """The demo base's tokenizer and chat template (SmolLM2: byte-level BPE, ChatML, BOS <|im_start|>)."""
     from transformers import AutoTokenizer
 
-    from scripts.make_demo_base import demo_gguf
+    from cpuforge.demo import demo_gguf
 
     gguf = demo_gguf()
     out = tmp_path_factory.mktemp("smol") / "tokenizer"
@@ -278,7 +278,7 @@ def make_chat_llama(out: Path, tokenizer: Path, seed: int = 0, **overrides) -> P
 def convert(model: Path, out: Path) -> Path:
     """The f16 GGUF of a HF folder, through the workflow's convert step on the pinned converter."""
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.convert", "--source", str(SOURCE), "--model", str(model), "--out", str(out)],
+        [sys.executable, "-m", "scripts.convert", "--source", str(SOURCE), "--merged", str(model), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     if result.returncode != 0:

@@ -79,7 +79,7 @@ def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.quantize", "--quantize", str(llama_bin / "llama-quantize"), "--in", str(fake),
+        [sys.executable, "-m", "scripts.quantize", "--llama-bin", str(llama_bin), "--gguf", str(fake),
          "--out", str(tmp_path / "q.gguf"), "--type", "q4_0"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
@@ -90,9 +90,8 @@ def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
 
 def test_adapter_for_another_architecture(tmp_path, tiny_base, tiny_adapter):
     """A GPT-2 style adapter (c_attn) on a Llama base: its modules do not exist there."""
-    from safetensors.numpy import save_file
-
     import numpy as np
+    from safetensors.numpy import save_file
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "gpt2-adapter")
     prefix = "base_model.model.transformer.h.0.attn.c_attn"

@@ -11,8 +11,9 @@ import pexpect
 import pytest
 from conftest import REPO, api_answers, chat_lesson, runtime_env
 
-from scripts.chat import Generation, load_generation
-from scripts.common import InputError, default_threads, physical_cores
+from cpuforge.chat import Generation, load_generation
+from cpuforge.errors import InputError
+from cpuforge.llama import default_threads, physical_cores
 
 MAX_NEW = 32  # as api_answers
 QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]

@@ -11,12 +11,14 @@ import shutil
 import pytest
 from conftest import TASK, convert, make_chat_llama, make_lora, make_tokenizer
 
-from scripts.check_chat_template import check_chat_template
-from scripts.check_generation import check_generation
-from scripts.check_tokenizer import check_tokenizer
-from scripts.common import InputError, copy_gguf_with_provenance, load_gguf_vocab
-from scripts.merge import merge
-from scripts.task import task_texts
+from cpuforge.errors import InputError
+from cpuforge.generation_parity import check_generation
+from cpuforge.llama import load_gguf_vocab
+from cpuforge.merge import merge
+from cpuforge.provenance import copy_gguf_with_provenance
+from cpuforge.task import task_texts
+from cpuforge.template_parity import check_chat_template
+from cpuforge.tokenizer_parity import check_tokenizer
 
 TASK_FILES = [TASK["train"], TASK["heldout"]]
 

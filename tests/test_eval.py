@@ -12,11 +12,10 @@ import subprocess
 import pytest
 from conftest import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama, write_config
 
-from scripts.bench_threads import recommended_threads
-from scripts.eval_kl_divergence import parse_kl_output
-from scripts.eval_perplexity import perplexity_from_nll
-from scripts.make_report import quality_gate
-from scripts.task import as_text, load_split
+from cpuforge.bench import recommended_threads
+from cpuforge.perplexity import parse_kl_output, perplexity_from_nll
+from cpuforge.report import quality_gate
+from cpuforge.task import as_text, load_split
 
 # f16 GGUF (llama-perplexity) vs merged HF (torch f32) perplexity on the same tokens: measured 3e-5 to 6e-5
 # relative on tiny models (f16 rounding of the weights, llama.cpp's kernels); about twenty times that is allowed

@@ -102,7 +102,7 @@ def test_report_shows_each_quant_with_and_without_the_matrix(k_run):
 def test_uniform_imatrix_weighs_every_column_alike(k_run, tmp_path):
     from gguf import GGUFReader
 
-    from scripts.compare_imatrix import uniform_imatrix
+    from cpuforge.imatrix import uniform_imatrix
 
     real = k_run / "results" / "k" / "imatrix.gguf"
     uniform_imatrix(real, tmp_path / "uniform.gguf")
@@ -114,7 +114,7 @@ def test_uniform_imatrix_weighs_every_column_alike(k_run, tmp_path):
 
 def test_quantize_refuses_a_type_that_needs_it_without_one(tmp_path, k_run):
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.quantize", "--quantize", "unused", "--in",
+        [sys.executable, "-m", "scripts.quantize", "--llama-bin", "unused", "--gguf",
          str(k_run / "results" / "k" / "ggml-model-f16.gguf"), "--out", str(tmp_path / "q.gguf"), "--type", "IQ2_XXS"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip

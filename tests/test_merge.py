@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, make_lora
 from safetensors.torch import load_file
 
-from scripts.common import InputError
-from scripts.merge import merge
+from cpuforge.errors import InputError
+from cpuforge.merge import merge
 
 PROMPTS = torch.tensor([[1, 5, 77, 300, 12, 9, 400, 33], [1, 200, 201, 7, 8, 450, 3, 2]])
 
@@ -130,7 +130,7 @@ def make_extended_adapter(base, out, words=ADDED_WORDS, targets=("embed_tokens",
 
 
 def reference_logits(base, adapters, ids=PROMPTS):
-    from scripts.merge import peft_reference
+    from cpuforge.merge import peft_reference
 
     with torch.no_grad():
         return peft_reference(base, adapters)(ids).logits
@@ -232,7 +232,7 @@ def test_missing_base(tmp_path, tiny_adapter):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_verify_against_peft(tmp_path, tiny_base, tiny_adapter, dtype):
-    from scripts.merge import VERIFY_PROMPTS
+    from cpuforge.merge import VERIFY_PROMPTS
 
     worst = merge(tiny_base, [tiny_adapter], tmp_path / "merged", dtype, VERIFY_PROMPTS)
     assert 0 <= worst < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2}[dtype]
@@ -240,9 +240,10 @@ def test_verify_against_peft(tmp_path, tiny_base, tiny_adapter, dtype):
 
 def test_verify_catches_a_wrong_merge(tmp_path, tiny_base, tiny_adapter, monkeypatch):
     """A merge that forgets LoRA's scale fails verification, and leaves no merged folder."""
-    import scripts.merge as m
+    import cpuforge.lora as lora
+    import cpuforge.merge as m
 
-    monkeypatch.setattr(m, "lora_scale", lambda config, module, rank: 1.0)
+    monkeypatch.setattr(lora, "lora_scale", lambda config, module, rank: 1.0)
     with pytest.raises(InputError, match="logits differ from peft's"):
         m.merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32", m.VERIFY_PROMPTS)
     assert not (tmp_path / "merged").exists()

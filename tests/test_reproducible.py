@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import REPO, make_lora, make_tiny_llama, snakemake, write_config
 
-from scripts.common import sha256_file
+from cpuforge.files import sha256_file
 
 
 def artifacts(workdir):
@@ -72,7 +72,7 @@ def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
 
 def test_full_disk_during_convert(llama_bin, tiny_base, tiny_adapter, tmp_path):
     """An output filesystem too small for the GGUF: one clear sentence, no partial GGUF."""
-    from scripts.merge import merge
+    from cpuforge.merge import merge
 
     merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32")
     disk = tmp_path / "disk"
@@ -84,7 +84,7 @@ def test_full_disk_during_convert(llama_bin, tiny_base, tiny_adapter, tmp_path):
         source = llama_bin.parent / "source"
         out = disk / "ggml-model-f16.gguf"
         result = subprocess.run(
-            [sys.executable, "-m", "scripts.convert", "--source", str(source), "--model", str(tmp_path / "merged"),
+            [sys.executable, "-m", "scripts.convert", "--source", str(source), "--merged", str(tmp_path / "merged"),
              "--out", str(out)],
             cwd=REPO, capture_output=True, text=True,
         )  # fmt: skip

@@ -21,7 +21,7 @@ import openai
 import pytest
 from conftest import REPO, api_answers, chat_lesson, runtime_env
 
-from scripts.serve import model_name
+from cpuforge.paths import model_name
 
 KEY = "test-key-1234"
 NAME = "chat-q4_0"  # results/chat/ggml-model-q4_0.gguf

@@ -143,7 +143,7 @@ def test_user_models_replace_the_demo(tiny_run):
 
 def test_gguf_carries_its_provenance(tiny_run):
     """The file alone tells its history, and `scripts.inspect` prints it."""
-    from scripts.common import sha256_file
+    from cpuforge.files import sha256_file
 
     workdir, _ = tiny_run
     results = workdir / "results" / "tiny"

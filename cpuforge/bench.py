@@ -1,0 +1,49 @@
+"""Prompt-processing and generation speed of a GGUF for a sweep of thread counts, with the pinned llama-bench.
+
+The recommended thread count is the smallest whose generation speed is within
+--tolerance-pct of the fastest: generation is what a chat user waits for, and
+beyond that point more threads only take cores from everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from cpuforge.cli import check_threads
+from cpuforge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def parse_threads(text: str) -> list[int]:
+    try:
+        threads = sorted({check_threads(int(t)) for t in text.split(",")})
+    except ValueError:
+        raise InputError(f"--sweep: {text!r} is not a comma-separated list of thread counts.") from None
+    return threads
+
+
+def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen_tokens: int,
+          repetitions: int) -> list[dict]:  # fmt: skip
+    """One row per thread count: mean and standard deviation of tokens/s of both tests."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", ",".join(map(str, threads)), "-p", str(prompt_tokens),
+           "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json"]  # fmt: skip
+    log.info("running %s", " ".join(cmd))
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True).stdout
+    rows = {t: {"threads": t} for t in threads}
+    for test in json.loads(out):
+        kind = "pp" if test["n_gen"] == 0 else "tg"
+        rows[test["n_threads"]].update({f"{kind}_tps": test["avg_ts"], f"{kind}_tps_std": test["stddev_ts"]})
+    for row in rows.values():
+        log.info("%2d threads: pp %.1f t/s, tg %.1f t/s", row["threads"], row["pp_tps"], row["tg_tps"])
+    return list(rows.values())
+
+
+def recommended_threads(runs: list[dict], tolerance_pct: float) -> int:
+    """The fewest threads whose generation tokens/s is within tolerance_pct of the fastest."""
+    fastest = max(r["tg_tps"] for r in runs)
+    return min(r["threads"] for r in runs if r["tg_tps"] >= fastest * (1 - tolerance_pct / 100))

@@ -1,0 +1,57 @@
+"""What every step's CLI shares: logging set-up, bad input ending the step with its sentence, flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cpuforge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(main) -> None:
+    """Run a step's main(): bad input ends it with its one sentence and exit code 2."""
+    setup_logging()
+    try:
+        main()
+    except InputError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def check_threads(threads: int) -> int:
+    if threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}.")
+    return threads
+
+
+# One flag per concept, meaning the same in every CLI (as mergekit's add_merge_options does).
+FLAGS = {
+    "gguf": {"type": Path, "required": True, "metavar": "FILE", "help": "GGUF file"},
+    "merged": {"type": Path, "required": True, "metavar": "FOLDER", "help": "merged HF model folder (the reference)"},
+    "hf": {"type": Path, "metavar": "FOLDER", "help": "HF model folder"},
+    "llama-bin": {"type": Path, "required": True, "metavar": "FOLDER",
+                  "help": "the pinned llama.cpp bin folder: its tools and libllama.so"},
+    "heldout": {"type": Path, "metavar": "FILE", "help": "the task's held-out JSONL"},
+    "ctx-size": {"type": int, "default": 512, "help": "context (window) length in tokens"},
+    "threads": {"type": int, "default": 1, "help": "threads to use"},
+    "out": {"type": Path, "required": True, "help": "output"},
+}  # fmt: skip
+
+
+def add_flags(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None:
+    """Add the shared flags `names` ("gguf", "llama-bin", …); `overrides` holds, by the flag's name with
+    underscores, the argparse keywords that differ in this CLI (a help text, required=False)."""
+    for name in names:
+        parser.add_argument(f"--{name}", **(FLAGS[name] | overrides.get(name.replace("-", "_"), {})))

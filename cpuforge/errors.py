@@ -1,0 +1,11 @@
+"""The one error of bad input: its message is one sentence naming the file or key and the problem."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class InputError(Exception):
+    """Bad input. The message is one sentence naming the file or key and the problem."""

@@ -1,0 +1,78 @@
+"""Greedy answers to task prompts, from a HF model (transformers) or a GGUF (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import logging
+
+from cpuforge.prompt import gguf_prompt_ids, prompt_ids
+
+log = logging.getLogger(__name__)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Where an answer ends: the chat template's end of turn, where it has one, and EOS."""
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return [t for t in (stop, tokenizer.eos_token_id) if t is not None]
+
+
+def until_stop(ids: list[int], stop) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)
+
+
+def greedy_ids(model, tokenizer, rows: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> list[list[int]]:
+    """Greedy answers from a HF model as token ids (up to their stop token), batched with left padding."""
+    import torch
+
+    out_ids = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = stop_ids(tokenizer)
+    for start in range(0, len(rows), batch_size):
+        prompts = [prompt_ids(tokenizer, r) for r in rows[start : start + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=stop,
+            )  # fmt: skip
+        out_ids += [until_stop(o[width:].tolist(), stop) for o in out]
+        log.info("generated %d/%d answers", len(out_ids), len(rows))
+    return out_ids
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def greedy_answers(model, tokenizer, rows: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+    """Greedy answers from a HF model, batched with left padding."""
+    return [decode(tokenizer, ids) for ids in greedy_ids(model, tokenizer, rows, max_new_tokens, batch_size)]
+
+
+def gguf_stop_ids(llm) -> list[int]:
+    """stop_ids() read from the GGUF's own vocabulary."""
+    end = llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
+    vocab = llm._model
+    stop = [end[0]] if len(end) == 1 and vocab.token_get_text(end[0]) == "<|im_end|>" else []
+    return stop + ([vocab.token_eos()] if vocab.token_eos() != -1 else [])
+
+
+def gguf_greedy_answers(llm, rows: list[dict], max_new_tokens: int = 48) -> list[str]:
+    ids = gguf_greedy_ids(llm, rows, gguf_stop_ids(llm), max_new_tokens)
+    return [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in ids]
+
+
+def gguf_greedy_ids(llm, rows: list[dict], stop: list[int], max_new_tokens: int = 48) -> list[list[int]]:
+    """Greedy answers from a GGUF through llama-cpp-python (temperature 0, no penalties), as token ids."""
+    out_ids = []
+    for i, row in enumerate(rows, 1):
+        answer_ids = []
+        for token in llm.generate(gguf_prompt_ids(llm, row), temp=0.0, repeat_penalty=1.0, reset=True):
+            if token in stop or len(answer_ids) == max_new_tokens:
+                break
+            answer_ids.append(token)
+        out_ids.append(answer_ids)
+        if i % 10 == 0 or i == len(rows):
+            log.info("generated %d/%d answers", i, len(rows))
+    return out_ids

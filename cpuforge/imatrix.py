@@ -1,0 +1,150 @@
+"""Compute an importance matrix from the f16 GGUF on the fine-tune's own data plus general prose.
+
+The calibration text is each task row as the model saw it in training (its
+prompt rendered by the merged model's chat template, then its answer), followed
+by prose: the calibration half of Python's documentation topics, never the half
+that evaluation scores. The pinned `llama-imatrix` runs over it in chunks of
+`--ctx-size` tokens (special tokens parsed, since the rendered prompts hold
+them), showing progress in the log, and writes its GGUF-format matrix, which
+becomes the output only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cpuforge.errors import InputError
+from cpuforge.files import atomic_output
+from cpuforge.generate import gguf_greedy_answers
+from cpuforge.llama import load_gguf_vocab, load_llama_cpp, run_llama_tool
+from cpuforge.perplexity import parse_kl_output
+from cpuforge.quant import NEEDS_IMATRIX, quantize
+from cpuforge.task import exact_match, has_prompts, prose, read_rows, training_texts
+
+log = logging.getLogger(__name__)
+
+
+CALIBRATION = "calibration.txt"
+
+
+def calibration_text(merged: Path, task_data: list[Path], prose_chars: int, extra: list[Path]) -> str:
+    from transformers import AutoTokenizer
+
+    parts = training_texts(AutoTokenizer.from_pretrained(merged), task_data) if task_data else []
+    parts += [Path(p).read_text(encoding="utf-8") for p in extra]
+    if prose_chars:
+        parts.append(prose("calibration")[:prose_chars])
+    return "\n\n".join(parts)
+
+
+def count_tokens(gguf: Path, bin_dir: Path, text: str) -> int:
+    return len(load_gguf_vocab(gguf, bin_dir).tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+
+def make_imatrix(bin_dir: Path, gguf: Path, text: str, out: Path, ctx_size: int, chunks: int, threads: int) -> dict:
+    tokens = count_tokens(gguf, bin_dir, text)
+    if tokens < 2 * ctx_size:
+        raise InputError(
+            f"{gguf}: the calibration text has {tokens} tokens, but llama-imatrix needs at least 2 × imatrix.ctx_size "
+            f"= {2 * ctx_size}; add task data or prose (imatrix.prose_chars)."
+        )
+    used = tokens // ctx_size if chunks == 0 else min(chunks, tokens // ctx_size)
+    log.info("calibration text: %d characters, %d tokens, %d chunks of %d", len(text), tokens, used, ctx_size)
+    with atomic_output(out) as tmp:
+        # the matrix records the text file's name as its dataset: run where that name is just CALIBRATION
+        work = tmp.with_name(tmp.name + ".work")
+        work.mkdir()
+        (work / CALIBRATION).write_text(text, encoding="utf-8")
+        # llama-imatrix saves to its output name as it goes: give it a scratch name
+        scratch = work / "imatrix.gguf"
+        cmd = [str((bin_dir / "llama-imatrix").resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION, "-o", str(scratch.resolve()),
+               "-c", str(ctx_size), "--chunks", str(used), "-t", str(threads), "-tb", str(threads),
+               "--parse-special", "--no-ppl", "--output-frequency", "1000000"]  # fmt: skip
+        log.info("running %s", " ".join(cmd))
+        subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=work)
+        shutil.move(scratch, tmp)
+        return {"tokens": tokens, "chunks": used, "ctx_size": ctx_size, "text_sha256": sha256_text(text)}
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def uniform_imatrix(real: Path, out: Path) -> None:
+    """An importance matrix with the entries of `real` and every weight 1: each column equally important."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    reader = GGUFReader(real)
+    writer = GGUFWriter(out, arch="imatrix")
+    for field in reader.fields.values():
+        if field.name.startswith("imatrix.") or field.name == "general.type":
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1])
+    tensors = {t.name: t for t in reader.tensors}
+    for name, tensor in tensors.items():
+        data = np.array(tensor.data, dtype=np.float32)
+        if name.endswith(".in_sum2"):
+            # one row of sums per matrix (per expert), each divided by its count: make every mean 1
+            counts = np.array(tensors[name.removesuffix(".in_sum2") + ".counts"].data, dtype=np.float32).reshape(-1, 1)
+            data = np.repeat(counts, data.size // counts.size, axis=1).reshape(data.shape)
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path | None = None, ctx: int = 512,
+               chunks: int = 0) -> dict:  # fmt: skip
+    """Run llama-perplexity: with `text`, on f16, saving its logits to `base`; else scoring `model` against them."""
+    args = ["-m", model, "-t", threads, "-tb", threads, "--kl-divergence-base", base]
+    if text is not None:
+        run_llama_tool(bin_dir / "llama-perplexity", [*args, "-f", text, "-c", ctx, "--chunks", chunks or -1])
+        return {}
+    return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", [*args, "--kl-divergence"]))
+
+
+def task_accuracy(bin_dir: Path, model: Path, rows: list[dict], threads: int) -> float:
+    llama_cpp = load_llama_cpp(bin_dir)
+    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    return exact_match(gguf_greedy_answers(llm, rows), rows)
+
+
+def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512, chunks=20, prompts=0) -> dict:
+    rows = read_rows(heldout) if heldout else []
+    rows = (rows[:prompts] if prompts else rows) if has_prompts(rows) else []
+    record = {
+        "type": qtype,
+        "with": {"artifact": quant.name},
+        "without": {"made_with": "a uniform importance matrix" if qtype in NEEDS_IMATRIX else "no importance matrix"},
+        "eval": {"text": "Python documentation topics, evaluation half", "ctx_size": ctx, "chunks": chunks,
+                 "task_prompts": len(rows)},
+    }  # fmt: skip
+    with atomic_output(out) as tmp:
+        text, base = tmp.with_name(tmp.name + ".txt"), tmp.with_name(tmp.name + ".kld")
+        without, uniform = tmp.with_name(tmp.name + ".without.gguf"), tmp.with_name(tmp.name + ".uniform.gguf")
+        text.write_text(prose("evaluation"), encoding="utf-8")
+        weights = None
+        if qtype in NEEDS_IMATRIX:
+            uniform_imatrix(imatrix, uniform)
+            weights = uniform
+        facts = {"step": "compare_imatrix", "note": "scratch quant without the workflow's importance matrix"}
+        quantize(bin_dir, f16, without, qtype, threads, facts, weights)
+        perplexity(bin_dir, f16, base, threads, text, ctx, chunks)  # the f16 logits every quant is scored against
+        for side, model in (("with", quant), ("without", without)):
+            kl = perplexity(bin_dir, model, base, threads)
+            record[side] |= {k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")}
+            if rows:
+                record[side]["task_exact_match"] = task_accuracy(bin_dir, model, rows, threads)
+            log.info("%s %s the importance matrix: %s", qtype, side, record[side])
+        # both runs score against the same saved f16 logits, so either states the f16 perplexity
+        record["f16"] = {"perplexity": kl["f16_perplexity"]}
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,197 @@
+"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors.
+
+Adapters are applied in the order given, each on the result of the ones before.
+Every input is checked from its headers before any weight is read. Then each
+base shard is read one tensor at a time, the adapters' whole tensors
+(`modules_to_save`, resized embeddings) replace it and their LoRA deltas are
+added in f32, and the shard is written out: peak memory is one shard plus one
+tensor, not the model. The merged folder gets the base's config (vocab size
+and embedding tying updated) and the tokenizer files of the last adapter that
+has them, else the base's: no file needs copying by hand. A sentencepiece
+tokenizer.model that comes without tokenizer.json gets one that merges in
+score order, as sentencepiece and llama.cpp do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from cpuforge.errors import InputError
+from cpuforge.files import atomic_output, read_json
+from cpuforge.lora import (
+    DTYPES,
+    EMBED,
+    LM_HEAD,
+    TOKENIZER_FILES,
+    Plan,
+    adapter_embedding_rows,
+    check_inputs,
+    load_bin,
+    lora_delta,
+)
+from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, safetensors_layout
+
+log = logging.getLogger(__name__)
+
+
+# logits of the merged model must match peft's unmerged ones within this, relative to the largest logit
+VERIFY_TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 1e-1}
+
+
+def write_sentencepiece_tokenizer_json(folder: Path) -> None:
+    """Give a folder that holds a sentencepiece BPE `tokenizer.model` but no `tokenizer.json` the
+    tokenizer.json that applies the model's merges in the order of its piece scores.
+
+    sentencepiece (and llama.cpp) merge by score. transformers 4 converted such a file with its merges
+    ordered by score too; transformers 5 orders them by piece id and ignores the scores. For a
+    vocabulary extended Chinese-LLaMA style (pieces appended with high scores) that makes transformers
+    split the added words into old pieces while the GGUF uses the added ones. Written here, the
+    merged folder reads the same in transformers, sentencepiece and llama.cpp."""
+    from sentencepiece import sentencepiece_model_pb2
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        return  # unigram models carry their scores into tokenizer.json as they are
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        return
+    scores = {p.piece: p.score for p in proto.pieces}
+    data["model"]["merges"] = [list(m) for m in generate_merges(data["model"]["vocab"], scores)]
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    log.info("tokenizer.json written from tokenizer.model with its merges in score order")
+
+
+def adapter_reader(weights: Path):
+    """An adapter's tensors by name: read one at a time (safetensors) or loaded whole (.bin)."""
+    return SafetensorsReader(weights) if weights.suffix == ".safetensors" else load_bin(weights)
+
+
+def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
+    """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
+    import torch
+
+    weight = base_tensor
+    for adapter, reader in zip(plan.adapters, readers, strict=True):
+        if name in adapter.replace:
+            weight = reader[adapter.replace[name]]
+        for lora in adapter.loras:
+            if lora.target == name:
+                # merge in f32: half-precision matmuls are slow on many CPUs and lose bits
+                weight = weight.float() + lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+    if weight is not base_tensor and not torch.isfinite(weight).all():
+        raise InputError(f"{plan.adapters[-1].weights}: merging into {name} gives non-finite values.")
+    return weight
+
+
+def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompts: list[str] = ()) -> float | None:
+    """Write the merged model to `out`; with `verify_prompts`, check it against peft before it gets its name.
+
+    Each output shard's header is known from the plan, so it is written first and the
+    tensors follow one at a time: memory holds one tensor, never a shard or the model.
+    Returns the largest |logit difference| found by the check, if it ran."""
+    import torch
+    from tqdm import tqdm
+
+    plan = check_inputs(base, adapters)
+    readers = [adapter_reader(a.weights) for a in plan.adapters]
+    out_dtype = getattr(torch, DTYPES[dtype])
+    shards = sorted(set(plan.base_files.values()))
+    weight_map, total = {}, 0
+    progress = tqdm(total=len(plan.shapes), desc="merging", unit="tensor", mininterval=5)
+    with atomic_output(out) as tmp:
+        tmp.mkdir()
+        for i, shard in enumerate(shards, 1):
+            names = [n for n, f in plan.base_files.items() if f == shard]
+            if EMBED in names and not plan.tied and LM_HEAD not in plan.base_files:
+                names.append(LM_HEAD)  # untied from the base's embeddings, kept beside them
+            floating = {"F32", "F16", "BF16", "F64"}
+            specs = {
+                n: (SAFETENSORS_DTYPES[DTYPES[dtype]] if plan.dtypes[n] in floating else plan.dtypes[n], plan.shapes[n])
+                for n in names
+            }
+            header, size = safetensors_layout(specs)
+            f = SafetensorsReader(shard)
+            with open(tmp / shard.name, "wb") as w:
+                w.write(header)
+                for name in sorted(names):
+                    source = EMBED if name == LM_HEAD and LM_HEAD not in plan.base_files else name
+                    weight = merged_tensor(name, f[source], plan, readers)
+                    if weight.is_floating_point():
+                        weight = weight.to(out_dtype)
+                    if list(weight.shape) != specs[name][1]:
+                        raise InputError(f"{shard}: {name} came out as {list(weight.shape)}, planned {specs[name][1]}.")
+                    w.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+                    progress.update()
+            f.close()
+            total += size
+            weight_map |= dict.fromkeys(names, shard.name)
+            log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(names))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = read_json(base / "config.json")
+        config |= {"dtype": DTYPES[dtype], "vocab_size": plan.shapes[EMBED][0], "tie_word_embeddings": plan.tied}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if (base / "generation_config.json").is_file():
+            shutil.copy2(base / "generation_config.json", tmp)
+        for name in TOKENIZER_FILES:
+            if (plan.tokenizer / name).is_file():
+                shutil.copy2(plan.tokenizer / name, tmp / name)
+        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").is_file():
+            write_sentencepiece_tokenizer_json(tmp)
+        progress.close()
+        log.info("tokenizer files taken from %s", plan.tokenizer)
+        return verify(base, adapters, tmp, dtype, verify_prompts) if verify_prompts else None
+
+
+def peft_reference(base: Path, adapters: list[Path]):
+    """base + adapters through peft itself: all but the last merged by peft, the last one unmerged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for i, adapter in enumerate(adapters):
+        rows = adapter_embedding_rows(adapter)
+        if rows and rows != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        model = PeftModel.from_pretrained(model, adapter)
+        if i < len(adapters) - 1:
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+def verify(base: Path, adapters: list[Path], merged: Path, dtype: str, prompts: list[str]) -> float:
+    """Largest |logit difference| between the merged model and peft's unmerged base + adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    reference = peft_reference(base, adapters)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    worst = 0.0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want, got = reference(ids).logits, model(ids).logits
+        diff = (want - got).abs().max().item()
+        limit = VERIFY_TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+        if diff > limit:
+            raise InputError(f"{merged}: logits differ from peft's by {diff:.3g} on {prompt!r} (limit {limit:.3g}).")
+        worst = max(worst, diff)
+    log.info("verified against peft on %d prompts: max |logit difference| %.3g", len(prompts), worst)
+    return worst
+
+
+VERIFY_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Shares of Contoso Bank rose after it posted net income of $50.1 million for the quarter.",
+    "def add(a, b):\n    return a + b\n",
+]

@@ -1,0 +1,81 @@
+"""Where things are: the build/llama.cpp/<commit>/{bin,source} layout and the results/{model}/ names.
+
+The workflow passes its configured build folder and commit to these functions;
+the CLIs that run without Snakemake (chat, serve) find the build from the
+GGUF's own provenance, never by reading config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD_DIR = Path("build/llama.cpp")  # config llama_cpp.build_dir's default
+# what build_llama_cpp makes into bin/, beside the ggml libraries
+LLAMA_TOOLS = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "llama-imatrix")
+LIBLLAMA = "libllama.so"
+
+
+def llama_dir(build_dir: str | os.PathLike, commit: str) -> Path:
+    return Path(build_dir) / commit
+
+
+def llama_bin(build_dir: str | os.PathLike, commit: str) -> Path:
+    return llama_dir(build_dir, commit) / "bin"
+
+
+def llama_source(build_dir: str | os.PathLike, commit: str) -> Path:
+    return llama_dir(build_dir, commit) / "source"
+
+
+def llama_outputs(build_dir: str | os.PathLike, commit: str) -> list[Path]:
+    """Every file build_llama_cpp makes that a rule depends on."""
+    return [llama_bin(build_dir, commit) / name for name in (*LLAMA_TOOLS, LIBLLAMA)]
+
+
+def source_record(bin_dir: str | os.PathLike) -> Path:
+    """The verified source's SOURCE.json beside a build's bin folder."""
+    return Path(bin_dir).resolve().parent / "source" / "SOURCE.json"
+
+
+def gguf_commit(model: str | os.PathLike) -> str | None:
+    """The llama.cpp commit that converted a GGUF, from its cpuforge provenance; None for other GGUFs."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(model).get_field("cpuforge.convert")
+    except (OSError, ValueError):
+        return None
+    if field is None:
+        return None
+    return (json.loads(field.contents()).get("llama_cpp") or {}).get("commit")
+
+
+def default_llama_bin(model: str | os.PathLike | None = None) -> Path:
+    """The bin folder of the pinned build: $LLAMA_CPP_LIB_PATH, else the build of the commit that made
+    `model` (its provenance), else the only build there is; looked for under the working directory
+    (where a run put results/), then under the repository, so `python -m scripts.chat results/...`
+    works after `snakemake q4_model` without flags."""
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    commit = gguf_commit(model) if model is not None and Path(model).is_file() else None
+    for root in (Path.cwd(), REPO):
+        builds = sorted((root / BUILD_DIR).glob(f"{commit or '*'}/bin/{LIBLLAMA}"))
+        if len(builds) == 1 or (builds and commit):
+            return builds[0].parent
+    return Path.cwd() / llama_bin(BUILD_DIR, commit or "<commit>")
+
+
+def model_name(model: str | os.PathLike) -> str:
+    """`demo-q4_0` for results/demo/ggml-model-q4_0.gguf; the file's stem for any other GGUF."""
+    model = Path(model)
+    match = re.fullmatch(r"ggml-model-(.+)\.gguf", model.name)
+    return f"{model.resolve().parent.name}-{match[1]}" if match else model.stem
+
+
+def report_metrics(model: str | os.PathLike) -> Path:
+    """`results/{model}/report/metrics.json` for a model file or folder under results/{model}/."""
+    return Path(model).resolve().parent / "report" / "metrics.json"

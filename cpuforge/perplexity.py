@@ -1,0 +1,175 @@
+"""Perplexity of one stage on the evaluation text, in llama-perplexity's windows.
+
+A GGUF file goes through the pinned `llama-perplexity`. A HF folder goes through
+torch in f32, on exactly the tokens and windows llama-perplexity uses: the text
+is tokenized by the pinned libllama with the f16 GGUF's vocabulary, cut into
+`ctx`-token windows whose first token becomes BOS when the vocabulary adds
+one, and only the second half of each window is scored (tools/perplexity), so
+the HF and GGUF figures differ only by what the weights and kernels do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+from cpuforge.errors import InputError
+from cpuforge.files import atomic_output
+from cpuforge.llama import load_llama_cpp, run_llama_tool
+from cpuforge.task import as_text, read_heldout
+
+log = logging.getLogger(__name__)
+
+
+FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+
+
+CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+
+
+TOO_SHORT = re.compile(r"you need at least (\d+) tokens .* context of (\d+)")
+
+
+def llama_tokens(vocab: Path, bin_dir: Path, text: str) -> tuple[list[int], int | None]:
+    """The text's tokens as llama-perplexity makes them, and the BOS id if the vocabulary adds one."""
+    llama_cpp = load_llama_cpp(bin_dir)
+    llm = llama_cpp.Llama(str(vocab), vocab_only=True, verbose=False)
+    # llama-perplexity: common_tokenize(ctx, text, add_special=true), special tokens not parsed
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    # the vocabulary adds BOS exactly when tokenizing nothing gives [BOS]
+    bos = llm.tokenize(b"", add_bos=True, special=False)
+    return tokens, bos[0] if bos else None
+
+
+def windows(tokens: list[int], ctx: int, chunks: int, text: Path) -> int:
+    """How many windows are scored; the text must hold two, as llama-perplexity demands."""
+    if len(tokens) < 2 * ctx:
+        raise InputError(f"{text}: {len(tokens)} tokens, fewer than the {2 * ctx} that a window of {ctx} needs.")
+    return min(chunks, len(tokens) // ctx)
+
+
+def perplexity_from_nll(nll: list[float]) -> tuple[float, float]:
+    """exp(mean negative log-likelihood) and its standard error, as llama-perplexity computes them."""
+    mean = math.fsum(nll) / len(nll)
+    var = math.fsum(x * x for x in nll) / len(nll) - mean * mean
+    ppl = math.exp(mean)
+    return ppl, math.sqrt(max(var, 0.0) / (len(nll) - 1)) * ppl
+
+
+def hf_window_nll(model_dir: Path, tokens: list[int], bos: int | None, ctx: int, n_windows: int) -> list[float]:
+    """Negative log-likelihood of every scored token; the model runs in f32 (half precision is slow on CPUs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    first = ctx // 2
+    nll = []
+    for i in range(n_windows):
+        window = tokens[i * ctx : (i + 1) * ctx]
+        if bos is not None:
+            window[0] = bos
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([window])).logits[0].float()
+        logp = torch.log_softmax(logits[first : ctx - 1], dim=-1)
+        targets = torch.tensor(window[first + 1 : ctx])
+        nll += (-logp.gather(1, targets[:, None])[:, 0]).double().tolist()
+        log.info("window %d/%d: running perplexity %.4f", i + 1, n_windows, math.exp(sum(nll) / len(nll)))
+    return nll
+
+
+def perplexity_hf(model_dir: Path, vocab: Path, bin_dir: Path, text: Path, ctx: int, chunks: int) -> dict:
+    tokens, bos = llama_tokens(vocab, bin_dir, text.read_text(encoding="utf-8"))
+    n_windows = windows(tokens, ctx, chunks, text)
+    nll = hf_window_nll(model_dir, tokens, bos, ctx, n_windows)
+    ppl, err = perplexity_from_nll(nll)
+    return {"perplexity": ppl, "perplexity_err": err, "windows": n_windows, "scored_tokens": len(nll),
+            "runtime": "torch f32"}  # fmt: skip
+
+
+def perplexity_gguf(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int,
+                    save_logits: Path | None) -> dict:  # fmt: skip
+    # -b ctx: one window per batch, so every stage sees the same batches
+    args = ["-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "--chunks", chunks, "-t", threads]
+    if save_logits is None:
+        return check_perplexity_output(run_llama_tool(bin_dir / "llama-perplexity", args), text)
+    # llama-perplexity writes its logits file under the name it is given: give it the partial name
+    with atomic_output(save_logits) as tmp:
+        return check_perplexity_output(run_llama_tool(bin_dir / "llama-perplexity", [*args, "--kl-divergence-base", tmp]), text)
+
+
+def check_perplexity_output(out: str, text: Path) -> dict:
+    if m := TOO_SHORT.search(out):
+        raise InputError(f"{text}: fewer than the {m[1]} tokens that a window of {m[2]} needs.")
+    final, chunks = FINAL.search(out), CHUNKS.search(out)
+    if final is None or chunks is None:
+        raise RuntimeError("llama-perplexity printed no final estimate; its output is in the log above.")
+    n_windows, ctx = int(chunks[1]), int(chunks[2])
+    return {"perplexity": float(final[1]), "perplexity_err": float(final[2]), "windows": n_windows,
+            "scored_tokens": n_windows * (ctx - 1 - ctx // 2), "runtime": "llama-perplexity"}  # fmt: skip
+
+
+NUMBER = r"(-?[0-9.]+(?:e[-+]?\d+)?)"
+
+
+FIGURES = {
+    "perplexity": (rf"Mean PPL\(Q\)\s*:\s*{NUMBER}\s*±\s*{NUMBER}", 1.0),
+    "f16_perplexity": (rf"Mean PPL\(base\)\s*:\s*{NUMBER}\s*±\s*{NUMBER}", 1.0),
+    "kl_divergence": (rf"Mean\s+KLD:\s*{NUMBER}\s*±\s*{NUMBER}", 1.0),
+    "kl_divergence_max": (rf"Maximum KLD:\s*{NUMBER}()", 1.0),
+    "kl_divergence_p99": (rf"99\.0%\s+KLD:\s*{NUMBER}()", 1.0),
+    # printed in percent; kept as a fraction
+    "top1_agreement": (rf"Same top p:\s*{NUMBER}\s*±\s*{NUMBER} %", 0.01),
+}
+
+
+CHUNKS = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
+
+
+def parse_kl_output(out: str) -> dict:
+    """The figures of llama-perplexity's KL divergence summary; each with its uncertainty where it has one."""
+    figures = {}
+    for name, (pattern, scale) in FIGURES.items():
+        m = re.search(pattern, out)
+        if m is None:
+            raise RuntimeError(f"llama-perplexity printed no {name.replace('_', ' ')}; its output is in the log above.")
+        figures[name] = float(m[1]) * scale
+        if m[2]:
+            figures[f"{name}_err"] = float(m[2]) * scale
+    if m := CHUNKS.search(out):
+        figures["windows"], ctx = int(m[1]), int(m[2])
+        figures["scored_tokens"] = figures["windows"] * (ctx - 1 - ctx // 2)
+    return figures
+
+
+def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int) -> dict:
+    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads]
+    return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", args))
+
+
+PYDOC = "pydoc_topics"
+
+
+def read_text(text: str) -> str:
+    """The evaluation prose: Python's documentation topics for `pydoc_topics`, else a UTF-8 file."""
+    if text == PYDOC:
+        from pydoc_data.topics import topics
+
+        # sorted, so the text is the same whatever order the module keeps its dict in
+        return "\n\n".join(topics[k].strip() for k in sorted(topics))
+    try:
+        return Path(text).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{text}: text file not found.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{text}: not a UTF-8 text file.") from None
+
+
+def eval_text(text: str, task: Path | None) -> str:
+    parts = []
+    if task is not None:
+        parts.append(as_text(read_heldout(task)))
+    parts.append(read_text(text))
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,82 @@
+"""safetensors read and written a tensor at a time, from headers alone where that suffices."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from pathlib import Path
+
+from cpuforge.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """Read a safetensors header (names, dtypes, shapes) without touching the weights."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise InputError(f"{path}: truncated safetensors file (header claims {n} bytes, file has {size}).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path}: corrupt safetensors header.") from None
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise InputError(f"{path}: truncated safetensors file ({size} bytes, its tensors need {8 + n + end}).")
+    return header
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time with plain reads. Not mmap: every page of a mapped file that
+    was read counts as resident, so a mapped 14 GB base would show as 14 GB of memory."""
+
+    TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+    def __init__(self, path: Path):
+        self.header = safetensors_header(path)
+        self.file = open(path, "rb")
+        self.start = 8 + int.from_bytes(self.file.read(8), "little")
+
+    def __getitem__(self, name: str):
+        import torch
+
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dtype = getattr(torch, self.TORCH_DTYPES[info["dtype"]])
+        if begin == end:
+            return torch.empty(info["shape"], dtype=dtype)
+        buffer = bytearray(end - begin)
+        self.file.seek(self.start + begin)
+        self.file.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def safetensors_layout(specs: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:
+    """The header of a safetensors file holding `specs` (name -> dtype, shape) in name order, and its data size."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        size = sizes[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw, offset
