@@ -377,7 +377,7 @@ def get_report_input(wildcards):
 
 
 def get_report_args(wildcards):
-    """The stages in report order, each with its artifact, for scripts.make_report."""
+    """The stages in report order, each with its artifact, for scripts.make_eval_report."""
     paths = get_report_input(wildcards)["artifacts"]
     return " ".join(f"--stage {s}={p}" for s, p in zip(get_stages(), paths))
 

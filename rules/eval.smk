@@ -181,7 +181,7 @@ rule bench_threads:
         " --out {output} > {log} 2>&1"
 
 
-rule make_report:
+rule make_eval_report:
     input:
         unpack(get_report_input),
     output:
@@ -211,9 +211,9 @@ rule make_report:
             labels={"model": "{model}", "figure": "task accuracy"},
         ),
     log:
-        "logs/{model}/make_report.log",
+        "logs/{model}/make_eval_report.log",
     benchmark:
-        "benchmarks/{model}/make_report.tsv"
+        "benchmarks/{model}/make_eval_report.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -229,7 +229,7 @@ rule make_report:
         max_kl=EVAL["gate"]["max_kl_divergence"],
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
-        "python -m scripts.make_report --model-name {wildcards.model} {params.stages} --figures {params.figures}"
+        "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages} --figures {params.figures}"
         " {params.task} --checks {input.checks} --serve {params.serve} --llama-cpp-commit {params.commit}"
         " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
         " --min-accuracy {params.min_accuracy} --html {output.html} --metrics {output.metrics}"

@@ -2,7 +2,7 @@
 
     python -m scripts.check_quality_gate --metrics results/demo/report/metrics.json --out quality_gate.txt
 
-make_report judges the gate and writes its verdict into metrics.json (and the
+make_eval_report judges the gate and writes its verdict into metrics.json (and the
 report), so the report stays on disk to be read when this step fails.
 """
 

@@ -285,7 +285,7 @@ def test_quality_gate_fails_eval_report_and_keeps_the_report(eval_run):
     assert not metrics_of(workdir)["gate"]["passed"]
     # back to the passing thresholds: only the report and the gate run again
     assert planned_jobs(workdir, "eval_report", "--configfile", str(config)) == {
-        "make_report": 1, "check_quality_gate": 1, "eval_report": 1,
+        "make_eval_report": 1, "check_quality_gate": 1, "eval_report": 1,
     }  # fmt: skip
     snakemake(workdir, "eval_report", "--configfile", str(config))
     assert metrics_of(workdir)["gate"]["passed"]

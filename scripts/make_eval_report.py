@@ -1,6 +1,6 @@
 """Gather every stage's figures into metrics.json and a self-contained report.html, and judge the quality gate.
 
-    python -m scripts.make_report --model-name demo --stage base=resources/demo/base \
+    python -m scripts.make_eval_report --model-name demo --stage base=resources/demo/base \
         --stage merged=results/demo/merged --stage f16=results/demo/ggml-model-f16.gguf \
         --stage q4_0=results/demo/ggml-model-q4_0.gguf --figures results/demo/report --task --serve q4_0 \
         --html report.html --metrics metrics.json --plots throughput.png size.png accuracy.png
