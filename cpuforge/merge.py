@@ -32,7 +32,7 @@ from cpuforge.lora import (
     load_bin,
     lora_delta,
 )
-from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, safetensors_layout
+from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +116,15 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
                 n: (SAFETENSORS_DTYPES[DTYPES[dtype]] if plan.dtypes[n] in floating else plan.dtypes[n], plan.shapes[n])
                 for n in names
             }
-            header, size = safetensors_layout(specs)
             f = SafetensorsReader(shard)
-            with open(tmp / shard.name, "wb") as w:
-                w.write(header)
+            with SafetensorsWriter(tmp / shard.name, specs) as w:
                 for name in sorted(names):
                     source = EMBED if name == LM_HEAD and LM_HEAD not in plan.base_files else name
                     weight = merged_tensor(name, f[source], plan, readers)
-                    if weight.is_floating_point():
-                        weight = weight.to(out_dtype)
-                    if list(weight.shape) != specs[name][1]:
-                        raise InputError(f"{shard}: {name} came out as {list(weight.shape)}, planned {specs[name][1]}.")
-                    w.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+                    w.write(name, weight.to(out_dtype) if weight.is_floating_point() else weight)
                     progress.update()
             f.close()
-            total += size
+            total += w.size
             weight_map |= dict.fromkeys(names, shard.name)
             log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(names))
         if len(shards) > 1:

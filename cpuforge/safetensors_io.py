@@ -80,3 +80,42 @@ def safetensors_layout(specs: dict[str, tuple[str, list[int]]]) -> tuple[bytes, 
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     return len(raw).to_bytes(8, "little") + raw, offset
+
+
+class SafetensorsWriter:
+    """One safetensors file written as its tensors come, one at a time: the layout is planned up front
+    (`specs`: name -> dtype, shape), so the header goes first and memory never holds more than the
+    tensor being written. Tensors must come in name order with their planned shapes; closing checks
+    that all of them came. Use as a context manager; the file is only complete when it exits cleanly."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[str, list[int]]]):
+        header, self.size = safetensors_layout(specs)
+        self.path, self.specs, self.order = path, specs, sorted(specs)
+        self.written = 0
+        self.file = open(path, "wb")
+        self.file.write(header)
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        if self.written == len(self.order) or name != self.order[self.written]:
+            expected = self.order[self.written] if self.written < len(self.order) else "no more tensors"
+            raise RuntimeError(f"{self.path}: {name} written out of order; the layout expects {expected} next.")
+        if list(tensor.shape) != self.specs[name][1]:
+            raise InputError(f"{self.path.name}: {name} came out as {list(tensor.shape)}, planned {self.specs[name][1]}.")
+        self.file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+        self.written += 1
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != len(self.order):
+            raise RuntimeError(f"{self.path}: {self.written} of {len(self.order)} planned tensors written.")
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.file.close()
