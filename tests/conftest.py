@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cpuforge import paths  # noqa: E402  (the repository's own package, importable from here on)
+
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 # shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
 BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
-BIN = BUILD_DIR / COMMIT / "bin"
-SOURCE = BUILD_DIR / COMMIT / "source"
+BIN = paths.llama_bin(BUILD_DIR, COMMIT)
+SOURCE = paths.llama_source(BUILD_DIR, COMMIT)
 TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": str(REPO / "data" / "demo_task" / "heldout.jsonl")}
-
-sys.path.insert(0, str(REPO))
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
