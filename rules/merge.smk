@@ -19,5 +19,5 @@ rule merge:
         dtype=config["merge"]["dtype"],
         verify="--verify" if config["merge"]["verify"] else "",
     shell:
-        "python -m scripts.merge --base {params.base} {params.adapters} --out {output}"
-        " --dtype {params.dtype} {params.verify} --threads {threads} > {log} 2>&1"
+        "python -m scripts.merge --base {params.base:q} {params.adapters:q} --out {output:q}"
+        " --dtype {params.dtype} {params.verify} --threads {threads} > {log:q} 2>&1"
