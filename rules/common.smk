@@ -17,7 +17,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedi
 
 from cpuforge import paths
 from cpuforge.errors import InputError
-from cpuforge.lora import DTYPES, adapter_weights_file, base_shards, check_inputs
+from cpuforge.lora import DTYPES, TOKENIZER_FILES, adapter_weights_file, base_shards, check_inputs, tokenizer_source
 from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
 from cpuforge.safetensors_io import weights_header
 from cpuforge.task import read_heldout
@@ -142,11 +142,26 @@ def get_folder_files(folder):
 
 def get_merge_input(wildcards):
     base, adapters = get_base(wildcards), get_adapters(wildcards)
+    vocab = f"results/{wildcards.model}/checks/converter-vocab.json"
     if base == DEMO_BASE:
-        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
+        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER, "vocab": vocab}
     return {
         "base": get_folder_files(base),
         "adapters": [f for a in adapters for f in get_folder_files(a)],
+        "vocab": vocab,
+    }
+
+
+def get_vocab_check_input(wildcards):
+    """What the converter's vocabulary check reads: the base's config.json and the tokenizer files the
+    merged folder will carry (the last adapter's that has them, else the base's)."""
+    base, adapters = get_base(wildcards), get_adapters(wildcards)
+    if base == DEMO_BASE:
+        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
+    tokenizer = tokenizer_source(Path(base), [Path(a) for a in adapters])
+    return {
+        "config": f"{base}/config.json",
+        "tokenizer": [str(tokenizer / f) for f in TOKENIZER_FILES if (tokenizer / f).is_file()],
     }
 
 

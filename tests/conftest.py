@@ -29,11 +29,13 @@ TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": st
 sys.path.insert(0, str(REPO))
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the workflow in `workdir` as a user would; output captured for the assertions."""
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict | None = None, umask: int = -1
+) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` as a user would (under `umask`, if given); output captured for the assertions."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", *args]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, umask=umask)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -341,4 +343,24 @@ def save_seed_era_adapter(adapter: Path, out: Path) -> Path:
     for f in adapter.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, out / f.name)
+    return out
+
+
+def unknown_bpe_tokenizer(out: Path) -> Path:
+    """A byte-level BPE tokenizer (trained here on the prose) whose pre-tokenizer splits text in a way
+    no model llama.cpp knows does, so the pinned converter does not recognise its hash (llama.cpp #8649)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[0-9]| ?[A-Za-z]{1,5}| ?[^\sA-Za-z0-9]+|\s+"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([prose()], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
     return out

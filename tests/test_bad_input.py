@@ -153,3 +153,24 @@ def test_adapter_config_that_disagrees_with_its_tensors_or_the_base(tmp_path, ti
 def test_two_models_with_one_name(tmp_path, tiny_base, tiny_adapter):
     out = start(tmp_path, model(tiny_base, tiny_adapter) * 2)
     assert "config models: 2 entries share the name 'm'; each model needs its own." in out
+
+
+def test_tokenizer_the_converter_cannot_read(tmp_path, llama_bin):
+    """A BPE tokenizer whose pre-tokenizer the pinned converter does not know stops the run before the merge,
+    with the converter's own words in one sentence, not a traceback after it."""
+    from conftest import unknown_bpe_tokenizer
+
+    tokenizer = unknown_bpe_tokenizer(tmp_path / "tokenizer")
+    base = make_tiny_llama(tmp_path / "base", tokenizer=tokenizer, bos_token_id=0, eos_token_id=0)
+    adapter = make_lora(base, tmp_path / "adapter")
+    config = write_config(tmp_path / "bad.yaml", model(base, adapter))
+    result = snakemake(tmp_path, "q4_model", "--configfile", str(config), check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        f"{base}: the pinned llama.cpp converter cannot read this tokenizer: "
+        "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
+    ) in out
+    assert "Traceback" not in out and "rule merge:" not in out
+    assert not (tmp_path / "results" / "m" / "merged").exists()
+    assert not list((tmp_path / "results").rglob("*.json")) and not list((tmp_path / "results").rglob("*.partial*"))
