@@ -304,3 +304,27 @@ def test_rank_and_alpha_patterns_and_layers_to_transform(tmp_path, tiny_base):
     )  # fmt: skip
     merge(tiny_base, [adapter], tmp_path / "merged", "f32")
     assert (merged_logits(tmp_path / "merged") - peft_logits(tiny_base, [adapter])).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_outputs_get_the_modes_of_the_umask(tmp_path, tiny_base, umask, file_mode, dir_mode):
+    """safetensors writes a temporary file (0600) and renames it; what atomic_output hands over has the umask's modes,
+    as the demo base (save_pretrained) and every other artifact must."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from cpuforge.files import atomic_output
+
+    old = os.umask(umask)
+    try:
+        with atomic_output(tmp_path / "model") as tmp:
+            AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(tmp)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "run.sh").stat().st_mode & 0o777 == file_mode | 0o111 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
