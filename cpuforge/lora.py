@@ -130,6 +130,11 @@ def lora_scale(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+# what peft targets when adapter_config.json names no target_modules, for LLaMA-family models
+# (peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
 def listed(names: list[str] | None, module: str) -> bool:
     return any(module == n or module.endswith("." + n) for n in names or [])
 
@@ -151,7 +156,7 @@ def selects(config: dict, module: str, linear: set[str]) -> bool:
         return False
     if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
         return False
-    targets = config.get("target_modules") or []
+    targets = config.get("target_modules") or DEFAULT_TARGETS
     if targets == "all-linear":
         targets = sorted(linear)
     if isinstance(targets, str):
@@ -169,7 +174,7 @@ def selects(config: dict, module: str, linear: set[str]) -> bool:
 
 def check_config_fields(config_path: Path, config: dict, base: Path, modules: set[str], linear: set[str]) -> None:
     """Fields of adapter_config.json that must name something the base has: target_modules and layers_to_transform."""
-    targets = config.get("target_modules") or []
+    targets = config.get("target_modules") or []  # none named: peft's default, nothing the user said
     if isinstance(targets, str) and targets != "all-linear":
         if not any(re.fullmatch(targets, m) for m in modules):
             raise InputError(f"{config_path}: target_modules {targets!r} matches no module of the base {base}.")
@@ -274,7 +279,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             raise InputError(f"{weights}: tensor {name} adapts {target}, which the base model does not have.")
         if not selects(config, module, linear):
             raise InputError(
-                f"{config_path}: target_modules {config.get('target_modules')} (layers_to_transform "
+                f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
                 f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
                 "adapts it; peft would drop that tensor."
             )
