@@ -17,7 +17,7 @@ include: "rules/checks.smk"
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
 # files, the download needs the internet, which compute nodes often lack, and
-# the parity checks read only tokenizers and GGUF metadata (seconds, little memory).
+# the parity and vocabulary checks read only tokenizers and GGUF metadata (seconds, little memory).
 localrules:
     all,
     llama_cpp,
@@ -30,6 +30,7 @@ localrules:
     fetch_llama_cpp,
     check_tokenizer,
     check_chat_template,
+    check_converter_vocab,
 
 
 rule all:

@@ -134,15 +134,62 @@ def stage_for_converter(model: Path, stage: Path) -> list[str]:
     return restated
 
 
+def converter_env(source: Path, threads: int = 1) -> dict[str, str]:
+    """The converter's environment: the pinned gguf-py first; its torch work follows OMP_NUM_THREADS."""
+    pythonpath = os.pathsep.join([str(source / "gguf-py"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
+
+
+def last_error_line(output: str) -> str:
+    """What a failed converter said, without its traceback: the last line that is not a frame of one."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    frames = ("Traceback ", "File ", "^", "~")
+    said = [line for line in lines if not line.startswith(frames) and not line.startswith("raise ")]
+    return (said or lines or ["no output"])[-1]
+
+
+def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: Path) -> dict:
+    """Run the pinned converter's vocabulary-only mode on what the merged folder will carry (its
+    config.json and tokenizer files, staged as convert stages them), in `work`, before the merge.
+
+    A tokenizer the converter cannot read (a BPE pre-tokenizer it does not know, llama.cpp #8649)
+    then fails here in seconds, in one sentence, not after the merge as a traceback. Returns what
+    the converter made of it: tokenizer model, pre-tokenizer and number of tokens."""
+    from gguf import GGUFReader
+
+    from cpuforge.lora import check_inputs
+    from cpuforge.merge import write_model_files
+
+    plan = check_inputs(base, adapters)
+    folder, stage, vocab = work / "merged", work / "stage", work / "vocab.gguf"
+    folder.mkdir(parents=True)
+    write_model_files(base, plan, "f16", folder)
+    stage_for_converter(folder, stage)
+    cmd = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(stage), "--vocab-only", "--outfile", str(vocab)]
+    log.info("running %s", " ".join(cmd))
+    result = subprocess.run(cmd, env=converter_env(source), capture_output=True, text=True)
+    if result.returncode != 0:
+        log.debug("converter output:\n%s", result.stderr)
+        raise InputError(
+            f"{plan.tokenizer}: the pinned llama.cpp converter cannot read this tokenizer: "
+            f"{last_error_line(result.stderr)}"
+        )
+    fields = {f.name: f.contents() for f in GGUFReader(vocab).fields.values()}
+    return {
+        "tokenizer": str(plan.tokenizer),
+        "model": fields.get("tokenizer.ggml.model"),
+        "pre": fields.get("tokenizer.ggml.pre"),
+        "tokens": len(fields.get("tokenizer.ggml.tokens", [])),
+    }
+
+
 def convert(source: Path, model: Path, out: Path, outtype: str, threads: int, record: dict, name: str) -> None:
     from transformers import AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
     check_space(model, out, outtype)
     metadata = hf_tokenizer_metadata(AutoTokenizer.from_pretrained(model))
-    # the converter has no thread flag; its torch work follows OMP_NUM_THREADS
-    pythonpath = os.pathsep.join([str(source / "gguf-py"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
+    env = converter_env(source, threads)  # the converter has no thread flag
     with atomic_output(out) as tmp:
         stage, scratch = tmp.with_name(tmp.name + ".stage"), tmp.with_name(tmp.name + ".converter")
         stated = {k.rsplit(".", 1)[1]: v for k, v in metadata.items() if isinstance(v, bool)}

@@ -28,7 +28,8 @@ def atomic_output(path: str | os.PathLike):
 
     A killed or failed step leaves at most a `.partial` (and the body's own
     `.partial.*` scratch files), never a file or folder with the final name; the
-    next run removes such leftovers first.
+    next run removes such leftovers first. The output gets the modes of the user's
+    umask (see `umask_modes`), whatever the tool that wrote it chose.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
@@ -44,9 +45,28 @@ def atomic_output(path: str | os.PathLike):
     except BaseException:
         clean()
         raise
+    umask_modes(partial)
     _remove(path)
     os.replace(partial, path)
     clean()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(path: Path) -> None:
+    """Give `path` and everything under it the mode a plain `open`/`mkdir` gives under the umask:
+    safetensors and other writers make a temporary file (mode 0600) and rename it, so a group
+    sharing a project folder could not read the artifact. Executables stay executable."""
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else [])]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        p.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def glob_escape(name: str) -> str:

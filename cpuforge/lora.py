@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.files import read_json
-from cpuforge.safetensors_io import safetensors_header
+from cpuforge.safetensors_io import weights_header
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 @dataclass
 class Lora:
-    """One LoRA delta: scale · B @ A added to `target`, transposed for embeddings and fan_in_fan_out."""
+    """One LoRA delta: scale · B @ A added to `target`, transposed for embeddings."""
 
     target: str
     a: str
@@ -64,23 +65,46 @@ class Plan:
     tokenizer: Path
 
 
+# the weights of a HF folder, in transformers' order of preference: safetensors, then the PyTorch
+# .bin files of the seed's era (LLaMA and Chinese-LLaMA bases of 2023)
+WEIGHT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+# buffers that transformers before 4.31 saved with LLaMA's weights; recomputed from the config since
+SKIPPED = (".rotary_emb.inv_freq",)
+
+
 def base_shards(base: Path) -> dict[str, Path]:
-    """Map each base tensor name to the safetensors file that holds it."""
+    """Map each base tensor name to the weights file (safetensors or .bin) that holds it."""
     if not base.is_dir():
         raise InputError(f"{base}: base model folder not found.")
     if not (base / "config.json").is_file():
         raise InputError(f"{base}: not a HF model folder (no config.json).")
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        files = {name: base / f for name, f in read_json(index)["weight_map"].items()}
-    elif (base / "model.safetensors").is_file():
-        files = dict.fromkeys(safetensors_header(base / "model.safetensors"), base / "model.safetensors")
+    for index_name, single in WEIGHT_FILES:
+        index = base / index_name
+        if index.is_file():
+            files = {name: base / f for name, f in read_json(index)["weight_map"].items()}
+            break
+        if (base / single).is_file():
+            files = dict.fromkeys(weights_header(base / single), base / single)
+            break
     else:
-        raise InputError(f"{base}: no model.safetensors or model.safetensors.index.json.")
+        raise InputError(f"{base}: no model.safetensors, pytorch_model.bin or their .index.json.")
     for f in set(files.values()):
         if not f.is_file():
             raise InputError(f"{f}: shard named in {index.name} is missing.")
-    return files
+    return {name: f for name, f in files.items() if not name.endswith(SKIPPED)}
+
+
+def merged_shard_name(shard: Path) -> str:
+    """The merged folder's safetensors name for a base shard: pytorch_model-00001-of-00002.bin
+    becomes model-00001-of-00002.safetensors, as transformers names them."""
+    if shard.suffix == ".safetensors":
+        return shard.name
+    return shard.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
 
 
 def adapter_weights_file(adapter: Path) -> Path:
@@ -91,27 +115,104 @@ def adapter_weights_file(adapter: Path) -> Path:
 
 
 def adapter_shapes(path: Path) -> dict[str, list[int]]:
-    if path.suffix == ".safetensors":
-        return {k: v["shape"] for k, v in safetensors_header(path).items()}
-    return {k: list(t.shape) for k, t in load_bin(path).items()}
+    return {k: v["shape"] for k, v in weights_header(path).items()}
 
 
-def load_bin(path: Path) -> dict:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read as a PyTorch state dict ({e}).") from None
+def pattern_key(patterns: dict | None, module: str) -> str | None:
+    """The first key of rank_pattern / alpha_pattern that matches `module`, as peft's get_pattern_key."""
+    return next((key for key in patterns or {} if re.match(rf"(.*\.)?({key})$", module)), None)
 
 
 def lora_scale(config: dict, module: str, rank: int) -> float:
     """LoRA's scale: alpha / r, or alpha / sqrt(r) under rsLoRA; per-module alpha from alpha_pattern."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern):
-            alpha = value
+    key = pattern_key(config.get("alpha_pattern"), module)
+    alpha = config["alpha_pattern"][key] if key else config.get("lora_alpha", 8)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+# what peft targets when adapter_config.json names no target_modules, for LLaMA-family models
+# (peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+def listed(names: list[str] | None, module: str) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names or [])
+
+
+def layer_index(config: dict, module: str) -> int | None:
+    """The layer number in `module`'s name, found as peft finds it (layers_pattern, else the first number)."""
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        if match := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module):
+            return int(match["idx"])
+    return None
+
+
+def selects(config: dict, module: str, linear: set[str]) -> bool:
+    """Whether peft puts a LoRA layer on `module` for this config (peft's check_target_module_exists,
+    with "all-linear" meaning the base's `linear` layer names)."""
+    excluded = config.get("exclude_modules")
+    if re.fullmatch(excluded, module) if isinstance(excluded, str) else listed(excluded, module):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
+        return False
+    targets = config.get("target_modules") or DEFAULT_TARGETS
+    if targets == "all-linear":
+        targets = sorted(linear)
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not listed(targets, module):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = layer_index(config, module)
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
+
+
+def check_config_fields(config_path: Path, config: dict, base: Path, modules: set[str], linear: set[str]) -> None:
+    """Fields of adapter_config.json that must name something the base has: target_modules and layers_to_transform."""
+    targets = config.get("target_modules") or []  # none named: peft's default, nothing the user said
+    if isinstance(targets, str) and targets != "all-linear":
+        if not any(re.fullmatch(targets, m) for m in modules):
+            raise InputError(f"{config_path}: target_modules {targets!r} matches no module of the base {base}.")
+    elif isinstance(targets, list):
+        for name in targets:
+            if not any(listed([name], m) for m in modules):
+                raise InputError(
+                    f"{config_path}: target_modules names {name!r}, which the base {base} does not have "
+                    f"(its layers have {', '.join(sorted(linear))}); this adapter was made for another architecture."
+                )
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        present = {i for m in modules if (i := layer_index(config, m)) is not None}
+        for index in [layers] if isinstance(layers, int) else layers:
+            if index not in present:
+                raise InputError(
+                    f"{config_path}: layers_to_transform names layer {index}, but the base {base} has layers "
+                    f"{min(present, default=0)} to {max(present, default=-1)}."
+                )
+
+
+def check_patterns(config_path: Path, config: dict, adapted: list[str]) -> None:
+    """Every rank_pattern / alpha_pattern key must match a module the adapter adapts, or it means nothing."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(field_name) or {}:
+            if not any(pattern_key({key: 0}, m) for m in adapted):
+                raise InputError(
+                    f"{config_path}: {field_name} key {key!r} matches none of the modules this adapter's tensors "
+                    f"adapt ({', '.join(sorted({m.rsplit('.', 1)[-1] for m in adapted}))})."
+                )
+
+
+def check_rank(config_path: Path, config: dict, module: str, weights: Path, name: str, rank: int) -> None:
+    """The rank adapter_config.json gives a module (rank_pattern, else r) must be its tensors' rank."""
+    key = pattern_key(config.get("rank_pattern"), module)
+    said, field_name = (config["rank_pattern"][key], f"rank_pattern[{key!r}]") if key else (config.get("r", 8), "r")
+    if said != rank:
+        raise InputError(f"{config_path}: {field_name} is {said}, but {weights.name} tensor {name} has rank {rank}.")
 
 
 def whole_tensor_target(name: str) -> str:
@@ -142,6 +243,14 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
         raise InputError(f"{config_path}: peft_type {config.get('peft_type')!r} cannot be merged linearly; only LORA can.")
     if config.get("use_dora"):
         raise InputError(f"{config_path}: DoRA adapters (use_dora) are not linear merges; cpuforge will not merge them.")
+    base = next(iter(files.values())).parent
+    modules = {n.removesuffix(".weight") for n in shapes if n.endswith(".weight")}
+    # the names of the layers' linear modules: what peft's "all-linear" means, and what a user may target
+    linear = {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
+    check_config_fields(config_path, config, base, modules, linear)
+    if config.get("fan_in_fan_out"):
+        # fan_in_fan_out describes GPT-2's Conv1D layers; peft turns it off on nn.Linear layers, and so does the merge
+        log.warning("%s: fan_in_fan_out is set, but LLaMA's layers are nn.Linear; ignored, as peft does", config_path)
     weights = adapter_weights_file(folder)
     tensors = adapter_shapes(weights)
     adapter = Adapter(folder, weights)
@@ -168,15 +277,22 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             raise InputError(f"{weights}: tensor {name} has no matching {b}.")
         if target not in shapes:
             raise InputError(f"{weights}: tensor {name} adapts {target}, which the base model does not have.")
+        if not selects(config, module, linear):
+            raise InputError(
+                f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
+                f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
+                "adapts it; peft would drop that tensor."
+            )
         out_features, rank = tensors[b]
-        transpose = embedding or bool(config.get("fan_in_fan_out"))
-        want = [a_shape[1], out_features] if transpose else [out_features, a_shape[1]]
+        want = [a_shape[1], out_features] if embedding else [out_features, a_shape[1]]
         if a_shape[0] != rank:
             raise InputError(f"{weights}: tensor {name} has rank {a_shape[0]} but {b} has rank {rank}.")
+        check_rank(config_path, config, module, weights, name, rank)
         check_shape(weights, name, target, want, shapes, files)
-        adapter.loras.append(Lora(target, name, b, lora_scale(config, module, rank), transpose))
+        adapter.loras.append(Lora(target, name, b, lora_scale(config, module, rank), embedding))
     if not adapter.loras and not adapter.replace:
         raise InputError(f"{weights}: holds no LoRA or whole tensors.")
+    check_patterns(config_path, config, [lora.target.removesuffix(".weight") for lora in adapter.loras])
     return adapter
 
 
@@ -212,8 +328,9 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     files = base_shards(base)
     shapes, dtypes = {}, {}
     for f in sorted(set(files.values())):
-        for name, info in safetensors_header(f).items():
-            shapes[name], dtypes[name] = info["shape"], info["dtype"]
+        for name, info in weights_header(f).items():
+            if name in files:
+                shapes[name], dtypes[name] = info["shape"], info["dtype"]
     if EMBED not in shapes:
         raise InputError(f"{base}: no tensor {EMBED}; cpuforge merges LLaMA-family models.")
     tied = LM_HEAD not in shapes  # a base without lm_head reads its embeddings (tie_word_embeddings)
@@ -236,7 +353,7 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
 
 
 def lora_delta(a, b, scale: float, transpose: bool):
-    """scale · B @ A in f32, transposed for embeddings and fan_in_fan_out layers (peft get_delta_weight)."""
+    """scale · B @ A in f32, transposed for embeddings (peft get_delta_weight)."""
     delta = (b.float() @ a.float()) * scale
     return delta.T if transpose else delta
 

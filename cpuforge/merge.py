@@ -1,4 +1,5 @@
-"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors.
+"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors (or the
+PyTorch .bin shards of the seed's era, memory-mapped a shard at a time; the output is safetensors).
 
 Adapters are applied in the order given, each on the result of the ones before.
 Every input is checked from its headers before any weight is read. Then each
@@ -29,10 +30,10 @@ from cpuforge.lora import (
     Plan,
     adapter_embedding_rows,
     check_inputs,
-    load_bin,
     lora_delta,
+    merged_shard_name,
 )
-from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter
+from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,6 @@ def write_sentencepiece_tokenizer_json(folder: Path) -> None:
     log.info("tokenizer.json written from tokenizer.model with its merges in score order")
 
 
-def adapter_reader(weights: Path):
-    """An adapter's tensors by name: read one at a time (safetensors) or loaded whole (.bin)."""
-    return SafetensorsReader(weights) if weights.suffix == ".safetensors" else load_bin(weights)
-
-
 def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
     import torch
@@ -90,6 +86,21 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     return weight
 
 
+def write_model_files(base: Path, plan: Plan, dtype: str, folder: Path) -> None:
+    """Everything of the merged folder but its weights: config.json (vocabulary size and tying as
+    merged), generation_config.json and the tokenizer files."""
+    config = read_json(base / "config.json")
+    config |= {"dtype": DTYPES[dtype], "vocab_size": plan.shapes[EMBED][0], "tie_word_embeddings": plan.tied}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", folder)
+    for name in TOKENIZER_FILES:
+        if (plan.tokenizer / name).is_file():
+            shutil.copy2(plan.tokenizer / name, folder / name)
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        write_sentencepiece_tokenizer_json(folder)
+
+
 def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompts: list[str] = ()) -> float | None:
     """Write the merged model to `out`; with `verify_prompts`, check it against peft before it gets its name.
 
@@ -100,7 +111,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
     from tqdm import tqdm
 
     plan = check_inputs(base, adapters)
-    readers = [adapter_reader(a.weights) for a in plan.adapters]
+    readers = [open_weights(a.weights) for a in plan.adapters]
     out_dtype = getattr(torch, DTYPES[dtype])
     shards = sorted(set(plan.base_files.values()))
     weight_map, total = {}, 0
@@ -116,8 +127,8 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
                 n: (SAFETENSORS_DTYPES[DTYPES[dtype]] if plan.dtypes[n] in floating else plan.dtypes[n], plan.shapes[n])
                 for n in names
             }
-            f = SafetensorsReader(shard)
-            with SafetensorsWriter(tmp / shard.name, specs) as w:
+            f = open_weights(shard)  # a .bin shard is memory-mapped: one shard's pages at a time
+            with SafetensorsWriter(tmp / merged_shard_name(shard), specs) as w:
                 for name in sorted(names):
                     source = EMBED if name == LM_HEAD and LM_HEAD not in plan.base_files else name
                     weight = merged_tensor(name, f[source], plan, readers)
@@ -125,21 +136,12 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
                     progress.update()
             f.close()
             total += w.size
-            weight_map |= dict.fromkeys(names, shard.name)
-            log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), shard.name, len(names))
+            weight_map |= dict.fromkeys(names, merged_shard_name(shard))
+            log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), merged_shard_name(shard), len(names))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = read_json(base / "config.json")
-        config |= {"dtype": DTYPES[dtype], "vocab_size": plan.shapes[EMBED][0], "tie_word_embeddings": plan.tied}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if (base / "generation_config.json").is_file():
-            shutil.copy2(base / "generation_config.json", tmp)
-        for name in TOKENIZER_FILES:
-            if (plan.tokenizer / name).is_file():
-                shutil.copy2(plan.tokenizer / name, tmp / name)
-        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").is_file():
-            write_sentencepiece_tokenizer_json(tmp)
+        write_model_files(base, plan, dtype, tmp)
         progress.close()
         log.info("tokenizer files taken from %s", plan.tokenizer)
         return verify(base, adapters, tmp, dtype, verify_prompts) if verify_prompts else None

@@ -1,4 +1,5 @@
-"""safetensors read and written a tensor at a time, from headers alone where that suffices."""
+"""safetensors read and written a tensor at a time, from headers alone where that suffices; PyTorch
+`.bin` state dicts (bases and adapters of the seed's era) read through a memory map, a shard at a time."""
 
 from __future__ import annotations
 
@@ -66,6 +67,48 @@ class SafetensorsReader:
 
 
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def load_bin(path: Path) -> dict:
+    """A PyTorch state dict, memory-mapped: a tensor's bytes are read when it is used, so listing the
+    shapes of a shard reads almost nothing and merging it holds one shard's pages at most."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a PyTorch state dict ({e}).") from None
+
+
+class BinReader:
+    """A `.bin` state dict with SafetensorsReader's interface."""
+
+    def __init__(self, path: Path):
+        self.tensors = load_bin(path)
+        self.header = {n: {"dtype": torch_dtype_name(t.dtype), "shape": list(t.shape)} for n, t in self.tensors.items()}
+
+    def __getitem__(self, name: str):
+        return self.tensors[name]
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+def torch_dtype_name(dtype) -> str:
+    """The safetensors name of a torch dtype (torch.float16 -> "F16")."""
+    names = {v: k for k, v in SafetensorsReader.TORCH_DTYPES.items()}
+    return names[str(dtype).removeprefix("torch.")]
+
+
+def open_weights(path: Path) -> SafetensorsReader | BinReader:
+    return SafetensorsReader(path) if path.suffix == ".safetensors" else BinReader(path)
+
+
+def weights_header(path: Path) -> dict:
+    """Name -> {"dtype", "shape"} of a safetensors or .bin weights file, without reading the weights."""
+    if path.suffix == ".safetensors":
+        return safetensors_header(path)
+    return BinReader(path).header
 
 
 def safetensors_layout(specs: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:

@@ -20,8 +20,8 @@ rule check_tokenizer:
         base=get_base,
         task=get_task_args,
     shell:
-        "python -m scripts.check_tokenizer --gguf {input.gguf} --merged {input.merged} --base {params.base}"
-        " {params.task} --llama-bin $(dirname {input.lib}) --out {output} > {log} 2>&1"
+        "python -m scripts.check_tokenizer --gguf {input.gguf:q} --merged {input.merged:q} --base {params.base:q}"
+        ' {params.task:q} --llama-bin "$(dirname {input.lib:q})" --out {output:q} > {log:q} 2>&1'
 
 
 rule check_chat_template:
@@ -42,8 +42,8 @@ rule check_chat_template:
         mem_mb=get_check_mem_mb,
         runtime=10,
     shell:
-        "python -m scripts.check_chat_template --gguf {input.gguf} --merged {input.merged} --llama-bin $(dirname {input.lib})"
-        " --out {output} > {log} 2>&1"
+        'python -m scripts.check_chat_template --gguf {input.gguf:q} --merged {input.merged:q} --llama-bin "$(dirname {input.lib:q})"'
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule check_generation:
@@ -67,9 +67,9 @@ rule check_generation:
     params:
         **config["checks"]["generation"],
     shell:
-        "python -m scripts.check_generation --gguf {input.gguf} --merged {input.merged} --heldout {input.heldout}"
-        " --llama-bin $(dirname {input.lib}) --min-agreement {params.min_agreement} --max-new-tokens {params.max_new_tokens}"
-        " --prompts {params.prompts} --threads {threads} --out {output} > {log} 2>&1"
+        "python -m scripts.check_generation --gguf {input.gguf:q} --merged {input.merged:q} --heldout {input.heldout:q}"
+        ' --llama-bin "$(dirname {input.lib:q})" --min-agreement {params.min_agreement} --max-new-tokens {params.max_new_tokens}'
+        " --prompts {params.prompts} --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule compare_imatrix:
@@ -97,6 +97,6 @@ rule compare_imatrix:
         **config["checks"]["imatrix"],
         heldout=get_heldout_arg,
     shell:
-        "python -m scripts.compare_imatrix --llama-bin $(dirname {input.lib}) --gguf {input.f16} --quant {input.quant}"
-        " --imatrix {input.imatrix} --type {wildcards.qtype} {params.heldout} --ctx-size {params.ctx_size}"
-        " --chunks {params.chunks} --prompts {params.prompts} --threads {threads} --out {output} > {log} 2>&1"
+        'python -m scripts.compare_imatrix --llama-bin "$(dirname {input.lib:q})" --gguf {input.f16:q} --quant {input.quant:q}'
+        " --imatrix {input.imatrix:q} --type {wildcards.qtype} {params.heldout:q} --ctx-size {params.ctx_size}"
+        " --chunks {params.chunks} --prompts {params.prompts} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 import errno
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,13 +13,13 @@ min_version("9.0")
 # (in every job) and the imports below work from any working directory
 sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
-shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 from cpuforge import paths
 from cpuforge.errors import InputError
-from cpuforge.lora import DTYPES, adapter_weights_file, base_shards, check_inputs
+from cpuforge.lora import DTYPES, TOKENIZER_FILES, adapter_weights_file, base_shards, check_inputs, tokenizer_source
 from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
-from cpuforge.safetensors_io import safetensors_header
+from cpuforge.safetensors_io import weights_header
 from cpuforge.task import read_heldout
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -42,8 +43,9 @@ def check_config():
     """Every check that needs no expensive work, so bad input fails before any rule runs."""
     if COMMIT is None:
         fail(f"config llama_cpp.source is {LLAMA['source']!r} but llama_cpp.{LLAMA['source']} is not set.")
-    if len(MODELS) != len(config["models"]):
-        fail("config models: two entries share a name.")
+    names = [m["name"] for m in config["models"]]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        fail(f"config models: {names.count(name)} entries share the name {name!r}; each model needs its own.")
     try:
         for qtype in config["quant_types"]:
             check_quant_type(qtype)
@@ -111,14 +113,16 @@ def get_llama_tools():
     return [str(p) for p in paths.llama_outputs(LLAMA["build_dir"], COMMIT)]
 
 
+# Flags that carry paths are lists of words, each quoted by the rule's `:q`, so a path may hold
+# spaces, quotes or any letter.
 def get_fetch_args():
     kind = LLAMA["source"]
     spec = LLAMA[kind]
     if kind == "sdist":
-        return f"--package {spec['package']} --version {spec['version']} --sha256 {spec['sha256']}"
+        return ["--package", spec["package"], "--version", spec["version"], "--sha256", spec["sha256"]]
     if kind == "git":
-        return f"--url {spec['url']}"
-    return f"--path {spec['dir']}"
+        return ["--url", spec["url"]]
+    return ["--path", spec["dir"]]
 
 
 def get_base(wildcards):
@@ -138,16 +142,31 @@ def get_folder_files(folder):
 
 def get_merge_input(wildcards):
     base, adapters = get_base(wildcards), get_adapters(wildcards)
+    vocab = f"results/{wildcards.model}/checks/converter-vocab.json"
     if base == DEMO_BASE:
-        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
+        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER, "vocab": vocab}
     return {
         "base": get_folder_files(base),
         "adapters": [f for a in adapters for f in get_folder_files(a)],
+        "vocab": vocab,
+    }
+
+
+def get_vocab_check_input(wildcards):
+    """What the converter's vocabulary check reads: the base's config.json and the tokenizer files the
+    merged folder will carry (the last adapter's that has them, else the base's)."""
+    base, adapters = get_base(wildcards), get_adapters(wildcards)
+    if base == DEMO_BASE:
+        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
+    tokenizer = tokenizer_source(Path(base), [Path(a) for a in adapters])
+    return {
+        "config": f"{base}/config.json",
+        "tokenizer": [str(tokenizer / f) for f in TOKENIZER_FILES if (tokenizer / f).is_file()],
     }
 
 
 def get_adapter_args(wildcards):
-    return " ".join(f"--adapter {a}" for a in get_adapters(wildcards))
+    return [word for a in get_adapters(wildcards) for word in ("--adapter", a)]
 
 
 def get_quantized():
@@ -171,7 +190,7 @@ def get_task_files(wildcards):
 
 
 def get_task_args(wildcards):
-    return " ".join(f"--task-data {f}" for f in get_task_files(wildcards))
+    return [word for f in get_task_files(wildcards) for word in ("--task-data", f)]
 
 
 def get_heldout(wildcards):
@@ -180,7 +199,7 @@ def get_heldout(wildcards):
 
 def get_heldout_arg(wildcards):
     heldout = get_heldout(wildcards)
-    return f"--heldout {heldout}" if heldout else ""
+    return ["--heldout", heldout] if heldout else []
 
 
 def get_calibration_files(wildcards):
@@ -190,8 +209,8 @@ def get_calibration_files(wildcards):
 
 def get_calibration_args(wildcards):
     train = get_task_data(wildcards.model).get("train")
-    args = [f"--task-data {train}"] if train and IMATRIX["task_data"] else []
-    return " ".join(args + [f"--text {t}" for t in IMATRIX["text"]])
+    args = ["--task-data", train] if train and IMATRIX["task_data"] else []
+    return args + [word for t in IMATRIX["text"] for word in ("--text", t)]
 
 
 def uses_imatrix(qtype):
@@ -206,7 +225,7 @@ def get_quantize_input(wildcards):
 
 
 def get_imatrix_arg(wildcards):
-    return f"--imatrix results/{wildcards.model}/imatrix.gguf" if uses_imatrix(wildcards.qtype) else ""
+    return ["--imatrix", f"results/{wildcards.model}/imatrix.gguf"] if uses_imatrix(wildcards.qtype) else []
 
 
 def get_check_input(wildcards):
@@ -268,9 +287,9 @@ def get_made(path):
 
 
 def get_shard_numels(folder):
-    """Element counts of every tensor, by safetensors shard, of a HF model folder (headers only)."""
+    """Element counts of every tensor, by weights shard (safetensors or .bin), of a HF model folder (headers only)."""
     shards = sorted(set(base_shards(get_made(folder)).values()))
-    return {shard: [math.prod(t["shape"]) for t in safetensors_header(shard).values()] for shard in shards}
+    return {shard: [math.prod(t["shape"]) for t in weights_header(shard).values()] for shard in shards}
 
 
 def get_tree_bytes(folder):
@@ -330,7 +349,7 @@ def get_eval_text_input(wildcards):
 
 
 def get_task_arg(wildcards):
-    return f"--heldout {get_heldout(wildcards)}" if has_task(wildcards.model) else ""
+    return ["--heldout", get_heldout(wildcards)] if has_task(wildcards.model) else []
 
 
 def get_hf_stage_model(wildcards):
@@ -379,7 +398,7 @@ def get_report_input(wildcards):
 def get_report_args(wildcards):
     """The stages in report order, each with its artifact, for scripts.make_eval_report."""
     paths = get_report_input(wildcards)["artifacts"]
-    return " ".join(f"--stage {s}={p}" for s, p in zip(get_stages(), paths))
+    return [word for s, p in zip(get_stages(), paths) for word in ("--stage", f"{s}={p}")]
 
 
 def get_report_task_flag(wildcards):

@@ -15,5 +15,5 @@ rule convert:
         mem_mb=get_convert_mem_mb,
         runtime=get_convert_runtime,
     shell:
-        "python -m scripts.convert --source {input.source} --merged {input.model} --out {output}"
-        " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log} 2>&1"
+        "python -m scripts.convert --source {input.source:q} --merged {input.model:q} --out {output:q}"
+        " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ rule make_demo_base:
         mem_mb=3000,
         runtime=20,
     shell:
-        "python -m scripts.make_demo_base --out {output} --threads {threads} > {log} 2>&1"
+        "python -m scripts.make_demo_base --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule train_demo_adapter:
@@ -35,6 +35,6 @@ rule train_demo_adapter:
     params:
         **config["demo"],
     shell:
-        "python -m scripts.train_demo_adapter --base {input.base} --out {output} --steps {params.steps}"
+        "python -m scripts.train_demo_adapter --base {input.base:q} --out {output:q} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --rank {params.rank} --alpha {params.alpha}"
-        " --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --seed {params.seed} --threads {threads} > {log:q} 2>&1"

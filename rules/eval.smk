@@ -16,7 +16,7 @@ rule make_eval_text:
         text=EVAL["text"],
         task=get_task_arg,
     shell:
-        "python -m scripts.make_eval_text --text {params.text} {params.task} --out {output} > {log} 2>&1"
+        "python -m scripts.make_eval_text --text {params.text:q} {params.task:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule eval_perplexity_hf:
@@ -41,11 +41,11 @@ rule eval_perplexity_hf:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
     shell:
-        "python -m scripts.eval_perplexity --hf {params.model} --vocab {input.vocab} --text {input.text}"
-        " --llama-bin $(dirname {input.lib}) --ctx-size {params.ctx} --chunks {params.chunks}"
+        "python -m scripts.eval_perplexity --hf {params.model:q} --vocab {input.vocab:q} --text {input.text:q}"
+        ' --llama-bin "$(dirname {input.lib:q})" --ctx-size {params.ctx} --chunks {params.chunks}'
         " --stage {wildcards.hf_stage}"
-        " --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        " --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule eval_perplexity:
@@ -70,10 +70,10 @@ rule eval_perplexity:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
     shell:
-        "python -m scripts.eval_perplexity --gguf {input.gguf} --llama-bin $(dirname {input.perplexity})"
-        " --text {input.text} --ctx-size {params.ctx} --chunks {params.chunks} --stage f16"
-        " --save-logits {output.logits} --out {output.json}"
-        " --threads {threads} > {log} 2>&1"
+        'python -m scripts.eval_perplexity --gguf {input.gguf:q} --llama-bin "$(dirname {input.perplexity:q})"'
+        " --text {input.text:q} --ctx-size {params.ctx} --chunks {params.chunks} --stage f16"
+        " --save-logits {output.logits:q} --out {output.json:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule eval_kl_divergence:
@@ -95,9 +95,9 @@ rule eval_kl_divergence:
     params:
         ctx=EVAL["ctx"],
     shell:
-        "python -m scripts.eval_kl_divergence --gguf {input.gguf} --llama-bin $(dirname {input.perplexity})"
-        " --logits {input.logits} --ctx-size {params.ctx} --stage {wildcards.qtype} --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        'python -m scripts.eval_kl_divergence --gguf {input.gguf:q} --llama-bin "$(dirname {input.perplexity:q})"'
+        " --logits {input.logits:q} --ctx-size {params.ctx} --stage {wildcards.qtype} --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule eval_task_hf:
@@ -120,9 +120,9 @@ rule eval_task_hf:
         model=get_hf_stage_model,
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
-        "python -m scripts.eval_task --hf {params.model} --merged {input.tokenizer} --heldout {input.task}"
-        " --max-new-tokens {params.max_new_tokens} --stage {wildcards.hf_stage} --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m scripts.eval_task --hf {params.model:q} --merged {input.tokenizer:q} --heldout {input.task:q}"
+        " --max-new-tokens {params.max_new_tokens} --stage {wildcards.hf_stage} --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule eval_task:
@@ -145,10 +145,10 @@ rule eval_task:
     params:
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
-        "python -m scripts.eval_task --gguf {input.gguf} --merged {input.tokenizer} --heldout {input.task}"
-        " --llama-bin $(dirname {input.lib}) --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}"
-        " --out {output}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m scripts.eval_task --gguf {input.gguf:q} --merged {input.tokenizer:q} --heldout {input.task:q}"
+        ' --llama-bin "$(dirname {input.lib:q})" --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}'
+        " --out {output:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule bench_threads:
@@ -174,11 +174,11 @@ rule bench_threads:
         repetitions=EVAL["bench"]["repetitions"],
         tolerance=EVAL["bench"]["tolerance_pct"],
     shell:
-        "python -m scripts.bench_threads --llama-bin $(dirname {input.bench}) --gguf {input.gguf}"
+        'python -m scripts.bench_threads --llama-bin "$(dirname {input.bench:q})" --gguf {input.gguf:q}'
         " --sweep {params.threads}"
         " --prompt-tokens {params.prompt_tokens} --gen-tokens {params.gen_tokens}"
         " --repetitions {params.repetitions} --tolerance-pct {params.tolerance} --stage {wildcards.gguf_stage}"
-        " --out {output} > {log} 2>&1"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule make_eval_report:
@@ -229,11 +229,11 @@ rule make_eval_report:
         max_kl=EVAL["gate"]["max_kl_divergence"],
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
-        "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages} --figures {params.figures}"
-        " {params.task} --checks {input.checks} --serve {params.serve} --llama-cpp-commit {params.commit}"
+        "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} --figures {params.figures:q}"
+        " {params.task:q} --checks {input.checks:q} --serve {params.serve} --llama-cpp-commit {params.commit}"
         " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
-        " --min-accuracy {params.min_accuracy} --html {output.html} --metrics {output.metrics}"
-        " --plots {output.throughput} {output.size} {output.accuracy} > {log} 2>&1"
+        " --min-accuracy {params.min_accuracy} --html {output.html:q} --metrics {output.metrics:q}"
+        " --plots {output.throughput:q} {output.size:q} {output.accuracy:q} > {log:q} 2>&1"
 
 
 rule check_quality_gate:
@@ -252,4 +252,4 @@ rule check_quality_gate:
         mem_mb=200,
     # the verdict also goes to snakemake's own output, so a failing gate is read where it fails
     shell:
-        "python -m scripts.check_quality_gate --metrics {input} --out {output} 2>&1 | tee {log}"
+        "python -m scripts.check_quality_gate --metrics {input:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -16,8 +16,8 @@ rule fetch_llama_cpp:
         commit=COMMIT,
         args=get_fetch_args(),
     shell:
-        "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args}"
-        " --out {output} > {log} 2>&1"
+        "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule build_llama_cpp:
@@ -36,4 +36,4 @@ rule build_llama_cpp:
         mem_mb=get_build_mem_mb,
         runtime=60,
     shell:
-        "python -m scripts.build_llama_cpp --source {input} --threads {threads} > {log} 2>&1"
+        "python -m scripts.build_llama_cpp --source {input:q} --threads {threads} > {log:q} 2>&1"

@@ -1,3 +1,29 @@
+# the pinned converter must read the tokenizer the merged model will carry: checked in seconds, before the merge
+rule check_converter_vocab:
+    input:
+        unpack(get_vocab_check_input),
+        source=get_llama_source(),
+    output:
+        "results/{model}/checks/converter-vocab.json",
+    log:
+        "logs/{model}/check_converter_vocab.log",
+    benchmark:
+        "benchmarks/{model}/check_converter_vocab.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=get_check_mem_mb,
+        runtime=10,
+    params:
+        base=get_base,
+        adapters=get_adapter_args,
+    # the verdict also goes to snakemake's own output, so a tokenizer the converter refuses is read where it fails
+    shell:
+        "python -m scripts.check_converter_vocab --source {input.source:q} --base {params.base:q} {params.adapters:q}"
+        " --out {output:q} 2>&1 | tee {log:q}"
+
+
 rule merge:
     input:
         unpack(get_merge_input),
@@ -19,5 +45,5 @@ rule merge:
         dtype=config["merge"]["dtype"],
         verify="--verify" if config["merge"]["verify"] else "",
     shell:
-        "python -m scripts.merge --base {params.base} {params.adapters} --out {output}"
-        " --dtype {params.dtype} {params.verify} --threads {threads} > {log} 2>&1"
+        "python -m scripts.merge --base {params.base:q} {params.adapters:q} --out {output:q}"
+        " --dtype {params.dtype} {params.verify} --threads {threads} > {log:q} 2>&1"

@@ -22,9 +22,9 @@ rule make_imatrix:
         chunks=IMATRIX["chunks"],
         prose_chars=IMATRIX["prose_chars"],
     shell:
-        "python -m scripts.make_imatrix --llama-bin $(dirname {input.tool}) --gguf {input.gguf} --merged {input.merged}"
-        " {params.args} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        'python -m scripts.make_imatrix --llama-bin "$(dirname {input.tool:q})" --gguf {input.gguf:q} --merged {input.merged:q}'
+        " {params.args:q} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
+        " --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule quantize:
@@ -45,6 +45,6 @@ rule quantize:
     params:
         imatrix=get_imatrix_arg,
     shell:
-        "python -m scripts.quantize --llama-bin $(dirname {input.quantize}) --gguf {input.gguf} --out {output}"
+        'python -m scripts.quantize --llama-bin "$(dirname {input.quantize:q})" --gguf {input.gguf:q} --out {output:q}'
         " --type {wildcards.qtype}"
-        " {params.imatrix} --threads {threads} > {log} 2>&1"
+        " {params.imatrix:q} --threads {threads} > {log:q} 2>&1"

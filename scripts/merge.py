@@ -1,4 +1,5 @@
-"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors.
+"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors (or the
+PyTorch .bin shards of the seed's era, memory-mapped a shard at a time; the output is safetensors).
 
     python -m scripts.merge --base BASE --adapter A1 [--adapter A2 ...] --out MERGED [--verify]
 

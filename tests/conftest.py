@@ -31,11 +31,13 @@ SOURCE = paths.llama_source(BUILD_DIR, COMMIT)
 TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": str(REPO / "data" / "demo_task" / "heldout.jsonl")}
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the workflow in `workdir` as a user would; output captured for the assertions."""
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict | None = None, umask: int = -1
+) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` as a user would (under `umask`, if given); output captured for the assertions."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", *args]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, umask=umask)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -285,4 +287,82 @@ def convert(model: Path, out: Path) -> Path:
     )  # fmt: skip
     if result.returncode != 0:
         raise AssertionError(f"convert failed:\n{result.stderr}")
+    return out
+
+
+def save_seed_era_base(model_dir: Path, out: Path, shards: int = 2) -> Path:
+    """`model_dir` as the LLaMA bases of 2023 came: f16 `pytorch_model-0000N-of-0000M.bin` shards with
+    `pytorch_model.bin.index.json` (one `pytorch_model.bin` for shards=1), the rotary `inv_freq`
+    buffers transformers then saved, and a sentencepiece tokenizer.model without tokenizer.json."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True)
+    state = {k: v.half() for k, v in load_file(model_dir / "model.safetensors").items()}
+    config = json.loads((model_dir / "config.json").read_text())
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+    for i in range(config["num_hidden_layers"]):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    names = sorted(state)
+    groups = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        name = "pytorch_model.bin" if shards == 1 else f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
+        torch.save({k: state[k] for k in group}, out / name)
+        weight_map |= dict.fromkeys(group, name)
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    config |= {"torch_dtype": "float16", "transformers_version": "4.28.0.dev0"}
+    config.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+def save_seed_era_adapter(adapter: Path, out: Path) -> Path:
+    """A peft adapter as peft 0.2/0.3 (spring 2023) saved it: `adapter_model.bin`, keys without the
+    adapter's name, `modules_to_save` as plain `<module>.weight`, and that time's adapter_config.json."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    state = {k: v for k, v in tensors.items() if ".original_module." not in k and ".modules_to_save." not in k}
+    torch.save(state, out / "adapter_model.bin")
+    now = json.loads((adapter / "adapter_config.json").read_text())
+    fields = ("base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode", "lora_alpha", "lora_dropout",
+              "modules_to_save", "peft_type", "r", "target_modules", "task_type")  # fmt: skip
+    config = {k: now[k] for k in fields} | {"enable_lora": None, "merge_weights": False}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    for f in adapter.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def unknown_bpe_tokenizer(out: Path) -> Path:
+    """A byte-level BPE tokenizer (trained here on the prose) whose pre-tokenizer splits text in a way
+    no model llama.cpp knows does, so the pinned converter does not recognise its hash (llama.cpp #8649)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[0-9]| ?[A-Za-z]{1,5}| ?[^\sA-Za-z0-9]+|\s+"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([prose()], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
     return out

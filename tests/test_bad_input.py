@@ -102,3 +102,75 @@ def test_adapter_for_another_architecture(tmp_path, tiny_base, tiny_adapter):
     )
     out = start(tmp_path, model(tiny_base, adapter))
     assert f"{weights}: tensor {prefix}.lora_A.weight adapts transformer.h.0.attn.c_attn.weight, which the base" in out
+
+
+def with_config(adapter, folder, **change):
+    """A copy of `adapter` whose adapter_config.json says `change`."""
+    import json
+
+    copy = shutil.copytree(adapter, folder)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps(config | change))
+    return copy
+
+
+LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    ("change", "sentence"),
+    [
+        ({"r": 8}, f"r is 8, but adapter_model.safetensors tensor {LORA_A} has rank 4."),
+        ({"rank_pattern": {"q_proj": 16}}, f"rank_pattern['q_proj'] is 16, but adapter_model.safetensors tensor {LORA_A} has rank 4."),
+        (
+            {"target_modules": ["c_attn", "c_proj"]},
+            "target_modules names 'c_attn', which the base {base} does not have (its layers have down_proj, gate_proj, "
+            "k_proj, o_proj, q_proj, up_proj, v_proj); this adapter was made for another architecture.",
+        ),
+        ({"target_modules": r"transformer\.h\.\d+\.attn\.c_attn"}, r"target_modules 'transformer\\.h\\.\\d+\\.attn\\.c_attn' matches no module of the base {base}."),
+        ({"layers_to_transform": [0, 31]}, "layers_to_transform names layer 31, but the base {base} has layers 0 to 1."),
+        (
+            {"layers_to_transform": [0]},
+            "target_modules ['q_proj', 'v_proj'] (layers_to_transform [0]) do not select model.layers.1.self_attn.q_proj, "
+            "but adapter_model.safetensors tensor base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight adapts it; "
+            "peft would drop that tensor.",
+        ),
+        ({"rank_pattern": {"k_proj": 8}}, "rank_pattern key 'k_proj' matches none of the modules this adapter's tensors adapt (q_proj, v_proj)."),
+        ({"alpha_pattern": {"q_prj": 16}}, "alpha_pattern key 'q_prj' matches none of the modules this adapter's tensors adapt (q_proj, v_proj)."),
+    ],
+    ids=["r", "rank_pattern-rank", "target_modules", "target_modules-regex", "layers_to_transform-missing",
+         "layers_to_transform-tensors", "rank_pattern-key", "alpha_pattern-key"],
+)  # fmt: skip
+def test_adapter_config_that_disagrees_with_its_tensors_or_the_base(tmp_path, tiny_base, tiny_adapter, change, sentence):
+    """Each field peft checks or the merge relies on, against the tensors and the base: one sentence naming it."""
+    if "target_modules" not in change:
+        change["target_modules"] = ["q_proj", "v_proj"]  # listed in a fixed order, for the sentence
+    adapter = with_config(tiny_adapter, tmp_path / "adapter", **change)
+    out = start(tmp_path, model(tiny_base, adapter))
+    assert f"{adapter / 'adapter_config.json'}: {sentence.format(base=tiny_base)}" in out
+
+
+def test_two_models_with_one_name(tmp_path, tiny_base, tiny_adapter):
+    out = start(tmp_path, model(tiny_base, tiny_adapter) * 2)
+    assert "config models: 2 entries share the name 'm'; each model needs its own." in out
+
+
+def test_tokenizer_the_converter_cannot_read(tmp_path, llama_bin):
+    """A BPE tokenizer whose pre-tokenizer the pinned converter does not know stops the run before the merge,
+    with the converter's own words in one sentence, not a traceback after it."""
+    from conftest import unknown_bpe_tokenizer
+
+    tokenizer = unknown_bpe_tokenizer(tmp_path / "tokenizer")
+    base = make_tiny_llama(tmp_path / "base", tokenizer=tokenizer, bos_token_id=0, eos_token_id=0)
+    adapter = make_lora(base, tmp_path / "adapter")
+    config = write_config(tmp_path / "bad.yaml", model(base, adapter))
+    result = snakemake(tmp_path, "q4_model", "--configfile", str(config), check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        f"{base}: the pinned llama.cpp converter cannot read this tokenizer: "
+        "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"
+    ) in out
+    assert "Traceback" not in out and "rule merge:" not in out
+    assert not (tmp_path / "results" / "m" / "merged").exists()
+    assert not list((tmp_path / "results").rglob("*.json")) and not list((tmp_path / "results").rglob("*.partial*"))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, make_lora
+from conftest import REPO, make_lora, save_seed_era_adapter, save_seed_era_base
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -247,3 +247,84 @@ def test_verify_catches_a_wrong_merge(tmp_path, tiny_base, tiny_adapter, monkeyp
     with pytest.raises(InputError, match="logits differ from peft's"):
         m.merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32", m.VERIFY_PROMPTS)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_seed_era_base_of_bin_shards(tmp_path, tiny_base, shards):
+    """A 2023 LLaMA base (f16 pytorch_model .bin shards, inv_freq buffers, no tokenizer.json) merges
+    shard by shard into safetensors that give peft's logits."""
+    base = save_seed_era_base(tiny_base, tmp_path / "llama-7b-hf", shards)
+    adapter = make_lora(base, tmp_path / "lora", target_modules=["q_proj", "up_proj"])
+    merge(base, [adapter], tmp_path / "merged", "f32")
+    files = sorted(p.name for p in (tmp_path / "merged").iterdir())
+    if shards == 1:
+        assert "model.safetensors" in files
+    else:
+        index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)}
+    assert not [f for f in files if f.endswith(".bin")] and "tokenizer.json" in files
+    merged = {}
+    for f in (tmp_path / "merged").glob("*.safetensors"):
+        merged |= load_file(f)
+    assert not [k for k in merged if "inv_freq" in k] and len(merged) == 21
+    assert (merged_logits(tmp_path / "merged") - reference_logits(base, [adapter])).abs().max() < 1e-5
+
+
+def test_seed_era_adapter_bin_with_resized_vocabulary(tmp_path, tiny_base):
+    """A Chinese-LLaMA-style adapter as peft 0.3 saved it (adapter_model.bin, embed_tokens and lm_head
+    whole under their plain names) on a .bin base merges to the same tensors as today's layout, and
+    to peft's logits."""
+    base = save_seed_era_base(tiny_base, tmp_path / "base", 2)
+    today = make_extended_adapter(base, tmp_path / "today")
+    old = save_seed_era_adapter(today, tmp_path / "2023")
+    assert (old / "adapter_model.bin").is_file() and "merge_weights" in (old / "adapter_config.json").read_text()
+    merge(base, [old], tmp_path / "merged-2023", "f32")
+    merge(base, [today], tmp_path / "merged-today", "f32")
+    for f in (tmp_path / "merged-today").glob("*.safetensors"):
+        want, got = load_file(f), load_file(tmp_path / "merged-2023" / f.name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.tensor([[1, 5, 520, 77, 543, 300]])
+    assert (merged_logits_for(tmp_path / "merged-2023", ids) - reference_logits(base, [old], ids)).abs().max() < 1e-5
+
+
+def test_fan_in_fan_out_on_linear_layers_is_ignored_as_peft_does(tmp_path, tiny_base):
+    """fan_in_fan_out belongs to GPT-2's Conv1D; peft turns it off on nn.Linear, so the merge must not transpose
+    (a transposed delta would fit the square q_proj and be wrong, and not fit up_proj at all)."""
+    adapter = make_lora(tiny_base, tmp_path / "lora", target_modules=["q_proj", "up_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"fan_in_fan_out": True}))
+    merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert (merged_logits(tmp_path / "merged") - peft_logits(tiny_base, [adapter])).abs().max() < 1e-5
+
+
+def test_rank_and_alpha_patterns_and_layers_to_transform(tmp_path, tiny_base):
+    adapter = make_lora(
+        tiny_base, tmp_path / "lora", r=4, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 16},
+        layers_to_transform=[1], target_modules=["q_proj", "v_proj", "up_proj"],
+    )  # fmt: skip
+    merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert (merged_logits(tmp_path / "merged") - peft_logits(tiny_base, [adapter])).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775)])
+def test_outputs_get_the_modes_of_the_umask(tmp_path, tiny_base, umask, file_mode, dir_mode):
+    """safetensors writes a temporary file (0600) and renames it; what atomic_output hands over has the umask's modes,
+    as the demo base (save_pretrained) and every other artifact must."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from cpuforge.files import atomic_output
+
+    old = os.umask(umask)
+    try:
+        with atomic_output(tmp_path / "model") as tmp:
+            AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(tmp)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "model" / "run.sh").stat().st_mode & 0o777 == file_mode | 0o111 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode

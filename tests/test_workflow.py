@@ -31,8 +31,23 @@ def tiny_run(llama_bin, tiny_base, tmp_path_factory):
     adapter = make_lora(base, workdir / "inputs" / "adapter")
     models = [{"name": "tiny", "base": str(base), "adapters": [str(adapter)]}]
     config = write_config(workdir / "tiny.yaml", models, merge={"verify": True})
-    snakemake(workdir, "q4_model", "--configfile", str(config))
+    snakemake(workdir, "q4_model", "--configfile", str(config), umask=0o022)
     return workdir, config
+
+
+def modes(workdir):
+    """Permission bits of every file and folder a run made (results, logs, benchmarks), by path."""
+    made = [p for d in ("results", "logs", "benchmarks") for p in [workdir / d, *(workdir / d).rglob("*")]]
+    return {str(p.relative_to(workdir)): p.stat().st_mode & 0o777 for p in made if not p.is_symlink()}
+
+
+def test_artifacts_get_the_modes_of_the_umask(tiny_run):
+    """Under umask 022 every artifact is readable by all (safetensors' writer alone gives 0600)."""
+    workdir, _ = tiny_run
+    found = modes(workdir)
+    assert "results/tiny/merged/model.safetensors" in found and "results/tiny/ggml-model-q4_0.gguf" in found
+    wrong = {p: oct(m) for p, m in found.items() if m != (0o755 if (workdir / p).is_dir() else 0o644)}
+    assert not wrong
 
 
 def gguf_fields(path):
@@ -161,3 +176,35 @@ def test_gguf_carries_its_provenance(tiny_run):
     assert quantize["type"] == "q4_0" and set(quantize["versions"]) >= {"python", "torch", "transformers", "peft", "gguf"}
     sidecar = json.loads((results / "ggml-model-q4_0.gguf.provenance.json").read_text())
     assert sidecar == quantize
+
+
+def test_paths_with_a_space_a_quote_and_a_letter_beyond_ascii(llama_bin, tmp_path_factory):
+    """Base, adapter, task data, configfile and --directory all under "my models/it's é", through the chain
+    (q4_model with its parity checks), under umask 002: a group sharing the folder can read and write it all."""
+    from conftest import PLAIN_CHAT_TEMPLATE, make_tiny_llama
+
+    from cpuforge.task import load_split
+
+    root = tmp_path_factory.mktemp("paths") / "my models" / "it's é"
+    inputs = root / "inputs"
+    base = make_tiny_llama(inputs / "llama 7b", chat_template=PLAIN_CHAT_TEMPLATE, add_bos=False)
+    adapter = make_lora(base, inputs / "lora 'süß'")
+    task = inputs / "task data"
+    task.mkdir()
+    for split, n in (("train", 8), ("heldout", 6)):
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in load_split(split)[:n]))
+    model = {"name": "w", "base": str(base), "adapters": [str(adapter)],
+             "task_data": {s: str(task / f"{s}.jsonl") for s in ("train", "heldout")}}  # fmt: skip
+    config = write_config(root / "my config é.yaml", [model])
+    workdir = root / "work dir"
+    workdir.mkdir()
+    snakemake(workdir, "q4_model", "--configfile", str(config), umask=0o002)
+    results = workdir / "results" / "w"
+    assert (results / "ggml-model-q4_0.gguf").is_file()
+    for check in ("tokenizer-f16", "tokenizer-q4_0", "chat-template-f16", "chat-template-q4_0", "converter-vocab"):
+        assert (results / "checks" / f"{check}.json").is_file()
+    tokenizer = json.loads((results / "checks" / "tokenizer-q4_0.json").read_text())
+    assert tokenizer["passed"] and tokenizer["gate"]["samples"] > 0  # the task data was read, from its odd path
+    found = modes(workdir)
+    wrong = {p: oct(m) for p, m in found.items() if m != (0o775 if (workdir / p).is_dir() else 0o664)}
+    assert not wrong
