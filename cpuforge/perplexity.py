@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
-CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+PPL_CHUNKS = re.compile(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
 
 
 TOO_SHORT = re.compile(r"you need at least (\d+) tokens .* context of (\d+)")
@@ -103,7 +103,7 @@ def perplexity_gguf(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int
 def check_perplexity_output(out: str, text: Path) -> dict:
     if m := TOO_SHORT.search(out):
         raise InputError(f"{text}: fewer than the {m[1]} tokens that a window of {m[2]} needs.")
-    final, chunks = FINAL.search(out), CHUNKS.search(out)
+    final, chunks = FINAL.search(out), PPL_CHUNKS.search(out)
     if final is None or chunks is None:
         raise RuntimeError("llama-perplexity printed no final estimate; its output is in the log above.")
     n_windows, ctx = int(chunks[1]), int(chunks[2])
@@ -125,7 +125,7 @@ FIGURES = {
 }
 
 
-CHUNKS = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
+KL_CHUNKS = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
 
 
 def parse_kl_output(out: str) -> dict:
@@ -138,7 +138,7 @@ def parse_kl_output(out: str) -> dict:
         figures[name] = float(m[1]) * scale
         if m[2]:
             figures[f"{name}_err"] = float(m[2]) * scale
-    if m := CHUNKS.search(out):
+    if m := KL_CHUNKS.search(out):
         figures["windows"], ctx = int(m[1]), int(m[2])
         figures["scored_tokens"] = figures["windows"] * (ctx - 1 - ctx // 2)
     return figures
