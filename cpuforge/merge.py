@@ -68,6 +68,16 @@ def write_sentencepiece_tokenizer_json(folder: Path) -> None:
     log.info("tokenizer.json written from tokenizer.model with its merges in score order")
 
 
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The tokenizer files of `source` into `folder`, with a tokenizer.json where only a sentencepiece
+    tokenizer.model came: the merged model's tokenizer, and the unmerged base's for run-time LoRA."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        write_sentencepiece_tokenizer_json(folder)
+
+
 def adapter_reader(weights: Path):
     """An adapter's tensors by name: read one at a time (safetensors) or loaded whole (.bin)."""
     return SafetensorsReader(weights) if weights.suffix == ".safetensors" else load_bin(weights)
@@ -141,11 +151,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if (base / "generation_config.json").is_file():
             shutil.copy2(base / "generation_config.json", tmp)
-        for name in TOKENIZER_FILES:
-            if (plan.tokenizer / name).is_file():
-                shutil.copy2(plan.tokenizer / name, tmp / name)
-        if (tmp / "tokenizer.model").is_file() and not (tmp / "tokenizer.json").is_file():
-            write_sentencepiece_tokenizer_json(tmp)
+        copy_tokenizer(plan.tokenizer, tmp)
         progress.close()
         log.info("tokenizer files taken from %s", plan.tokenizer)
         return verify(base, adapters, tmp, dtype, verify_prompts) if verify_prompts else None
