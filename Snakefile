@@ -13,6 +13,7 @@ include: "rules/convert.smk"
 include: "rules/quantize.smk"
 include: "rules/eval.smk"
 include: "rules/checks.smk"
+include: "rules/adapters.smk"
 
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
@@ -27,6 +28,7 @@ localrules:
     quantized,
     checks,
     eval_report,
+    lora_adapters,
     fetch_llama_cpp,
     check_tokenizer,
     check_chat_template,
@@ -76,3 +78,9 @@ rule checks:
 rule eval_report:
     input:
         get_eval_reports(),
+
+
+# the adapters as GGUF LoRA files beside the unmerged base in every quant type, to apply at run time
+rule lora_adapters:
+    input:
+        get_lora_adapters(),

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, gguf_context_length, load_llama_cpp
+from cpuforge.llama import MAX_DEFAULT_CTX, apply_loras, gguf_context_length, load_llama_cpp
 from cpuforge.paths import default_llama_bin
 from cpuforge.prompt import CHATML
 
@@ -74,9 +74,10 @@ def load_generation(path: Path | None = None, **overrides) -> Generation:
 
 
 class GGUFChat:
-    """A GGUF model through llama-cpp-python on the pinned libllama."""
+    """A GGUF model through llama-cpp-python on the pinned libllama, with GGUF LoRA adapters (file, scale)
+    applied at run time."""
 
-    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None):
+    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras: list = ()):
         if not model.is_file():
             raise InputError(f"{model}: file not found.")
         self.llama_cpp = load_llama_cpp(llama_bin or default_llama_bin(model))
@@ -89,6 +90,7 @@ class GGUFChat:
         self.llm = self.llama_cpp.Llama(
             str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
         )
+        self.adapters = apply_loras(self.llama_cpp, self.llm, list(loras))
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
             log.warning("%s has no chat template; using ChatML, as llama-server does", model)
@@ -272,5 +274,7 @@ def repl(chat, gen: Generation, system: str | None = None, read=input, write=wri
         messages.append({"role": "assistant", "content": text})
 
 
-def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None):
-    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin)
+def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras=()):
+    if hf and loras:
+        raise InputError("--lora applies a GGUF LoRA to a GGUF base; the HF model (--hf) is the merged one already.")
+    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin, loras)

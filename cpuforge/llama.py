@@ -100,3 +100,26 @@ def default_threads(model: str | os.PathLike) -> int:
     threads = physical_cores()
     log.info("threads: %d, the physical cores (no recommended_threads in %s)", threads, metrics)
     return threads
+
+
+def apply_loras(llama_cpp, llm, loras: list[tuple[Path, float]]) -> list:
+    """Load GGUF LoRA adapters onto a llama-cpp-python Llama, all applied at once, each at its scale
+    (on top of the alpha / r stored in the file), as llama-server's --lora-scaled does. Returns the
+    adapters, which live as long as the model."""
+    import ctypes
+
+    adapters = []
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found.")
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
+        if adapter is None:
+            raise InputError(f"{path}: not a GGUF LoRA adapter for this model (llama.cpp cannot load it onto it).")
+        adapters.append(adapter)
+    if adapters:
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+        scales = (ctypes.c_float * len(loras))(*(scale for _, scale in loras))
+        if llama_cpp.llama_set_adapters_lora(llm.ctx, array, len(adapters), scales) != 0:
+            raise InputError(f"{loras[0][0]}: llama.cpp could not apply the LoRA adapters.")
+        log.info("applied %s", ", ".join(f"{p} (scale {s:g})" for p, s in loras))
+    return adapters

@@ -69,6 +69,16 @@ def write_sentencepiece_tokenizer_json(folder: Path) -> None:
     log.info("tokenizer.json written from tokenizer.model with its merges in score order")
 
 
+def copy_tokenizer(source: Path, folder: Path) -> None:
+    """The tokenizer files of `source` into `folder`, with a tokenizer.json where only a sentencepiece
+    tokenizer.model came: the merged model's tokenizer, and the unmerged base's for run-time LoRA."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+        write_sentencepiece_tokenizer_json(folder)
+
+
 def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
     import torch
@@ -94,11 +104,7 @@ def write_model_files(base: Path, plan: Plan, dtype: str, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", folder)
-    for name in TOKENIZER_FILES:
-        if (plan.tokenizer / name).is_file():
-            shutil.copy2(plan.tokenizer / name, folder / name)
-    if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
-        write_sentencepiece_tokenizer_json(folder)
+    copy_tokenizer(plan.tokenizer, folder)
 
 
 def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompts: list[str] = ()) -> float | None:

@@ -70,9 +70,10 @@ def default_llama_bin(model: str | os.PathLike | None = None) -> Path:
 
 
 def model_name(model: str | os.PathLike) -> str:
-    """`demo-q4_0` for results/demo/ggml-model-q4_0.gguf; the file's stem for any other GGUF."""
+    """`demo-q4_0` for results/demo/ggml-model-q4_0.gguf and for the unmerged base-q4_0.gguf beside it;
+    the file's stem for any other GGUF."""
     model = Path(model)
-    match = re.fullmatch(r"ggml-model-(.+)\.gguf", model.name)
+    match = re.fullmatch(r"(?:ggml-model|base)-(.+)\.gguf", model.name)
     return f"{model.resolve().parent.name}-{match[1]}" if match else model.stem
 
 

@@ -19,6 +19,7 @@ from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.lora import DTYPES, TOKENIZER_FILES, adapter_weights_file, base_shards, check_inputs, tokenizer_source
 from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
+from cpuforge.runtime_lora import check_runtime
 from cpuforge.safetensors_io import weights_header
 from cpuforge.task import read_heldout
 
@@ -99,6 +100,8 @@ wildcard_constraints:
     gguf_stage="|".join(KNOWN_QUANT_TYPES),
     # an artifact a check reads: the f16 GGUF or a quantized one
     stage="|".join(KNOWN_QUANT_TYPES),
+    # a GGUF LoRA of results/{model}/adapters/: `{n}-{name}`, n its place in the model's stack
+    adapter=r"\d+-[A-Za-z0-9._-]+",
 
 
 def get_llama_source():
@@ -169,6 +172,70 @@ def get_adapter_args(wildcards):
     return [word for a in get_adapters(wildcards) for word in ("--adapter", a)]
 
 
+def get_adapter_names(model):
+    """`{n}-{name}` of each adapter of a model, n its place in the stack, name its folder's (the demo's: demo)."""
+    adapters = MODELS[model]["adapters"]
+    names = ["demo"] if adapters == ["demo"] else [re.sub(r"[^A-Za-z0-9._-]", "_", Path(a).name) for a in adapters]
+    return [f"{n}-{name}" for n, name in enumerate(names, 1)]
+
+
+def get_adapter_ggufs(wildcards):
+    return [f"results/{wildcards.model}/adapters/{a}.gguf" for a in get_adapter_names(wildcards.model)]
+
+
+def get_runtime_adapters(wildcards):
+    """The model's adapters, once each has been checked to run as a GGUF LoRA; one that cannot stops the
+    run as the DAG is built, before any job, naming the adapter and why (merging it still works). The demo
+    adapter is made by the run itself, and checked by the step."""
+    base, adapters = get_base(wildcards), get_adapters(wildcards)
+    if base != DEMO_BASE:
+        try:
+            check_runtime(Path(base), [Path(a) for a in adapters])
+        except InputError as e:
+            fail(str(e))
+    return adapters
+
+
+def get_unmerged_base_input(wildcards):
+    get_runtime_adapters(wildcards)
+    return get_merge_input(wildcards)
+
+
+def get_adapter_folder(wildcards):
+    """The adapter folder behind results/{model}/adapters/{adapter}.gguf."""
+    names = get_adapter_names(wildcards.model)
+    if wildcards.adapter not in names:
+        fail(f"results/{wildcards.model}/adapters/{wildcards.adapter}.gguf: the model's adapters are {names}.")
+    return get_runtime_adapters(wildcards)[names.index(wildcards.adapter)]
+
+
+def get_adapter_input(wildcards):
+    folder = get_adapter_folder(wildcards)
+    return folder if folder == DEMO_ADAPTER else get_folder_files(folder)
+
+
+def get_lora_args(wildcards):
+    return [word for f in get_adapter_ggufs(wildcards) for word in ("--lora", f)]
+
+
+def get_runtime_gate_arg(wildcards):
+    """The f16 base + runtime LoRA must answer as the merged f16 does; a quantized pair is measured, since
+    quantizing before or after merging rounds differently (what the report compares)."""
+    return [] if wildcards.stage == "f16" else ["--no-gate"]
+
+
+def get_lora_adapters():
+    """What the target lora_adapters makes: every model's GGUF LoRAs, its unmerged base in each quant type,
+    and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
+    files = []
+    for model in MODELS:
+        files += [f"results/{model}/adapters/{a}.gguf" for a in get_adapter_names(model)]
+        files += [f"results/{model}/base-{q}.gguf" for q in QUANT_TYPES]
+        if has_task(model):
+            files += [f"results/{model}/checks/runtime-lora-{s}.json" for s in get_gguf_stages()]
+    return files
+
+
 def get_quantized():
     return expand("results/{model}/ggml-model-{qtype}.gguf", model=MODELS, qtype=QUANT_TYPES)
 
@@ -217,11 +284,17 @@ def uses_imatrix(qtype):
     return IMATRIX["enabled"] and (qtype in NEEDS_IMATRIX or qtype in [q.lower() for q in IMATRIX["use_for"]])
 
 
-def get_quantize_input(wildcards):
-    files = {"gguf": f"results/{wildcards.model}/ggml-model-f16.gguf", "quantize": f"{get_llama_bin()}/llama-quantize"}
+def get_quantize_input(wildcards, weights="ggml-model"):
+    """What quantize reads: the f16 GGUF (`weights`: ggml-model, the merged one, or base, the unmerged one),
+    and the importance matrix where the type uses one (the merged model's for both: base + LoRA is that model)."""
+    files = {"gguf": f"results/{wildcards.model}/{weights}-f16.gguf", "quantize": f"{get_llama_bin()}/llama-quantize"}
     if uses_imatrix(wildcards.qtype):
         files["imatrix"] = f"results/{wildcards.model}/imatrix.gguf"
     return files
+
+
+def get_base_quantize_input(wildcards):
+    return get_quantize_input(wildcards, "base")
 
 
 def get_imatrix_arg(wildcards):
@@ -425,6 +498,12 @@ def get_generation_mem_mb(wildcards, input):
 
 def get_generation_runtime(wildcards, input):
     return 20 + math.ceil(20 * get_made(input.gguf).stat().st_size / GB)
+
+
+def get_runtime_check_mem_mb(wildcards, input):
+    """The merged GGUF, then the unmerged one with its adapters (both alive at once at worst), plus the caches."""
+    sizes = get_made(input.gguf).stat().st_size + get_made(input.merged).stat().st_size
+    return math.ceil(sizes / MB) + 2 * HEADROOM_MB
 
 
 def get_imatrix_mem_mb(wildcards, input):

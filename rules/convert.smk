@@ -17,3 +17,16 @@ rule convert:
     shell:
         "python -m scripts.convert --source {input.source:q} --merged {input.model:q} --out {output:q}"
         " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log:q} 2>&1"
+
+
+# the unmerged base (for runtime LoRA) through the same step: its weights, the merged model's tokenizer
+use rule convert as convert_base with:
+    input:
+        model="results/{model}/base",
+        source=get_llama_source(),
+    output:
+        "results/{model}/base-f16.gguf",
+    log:
+        "logs/{model}/convert_base.log",
+    benchmark:
+        "benchmarks/{model}/convert_base.tsv"

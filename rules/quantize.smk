@@ -48,3 +48,14 @@ rule quantize:
         'python -m scripts.quantize --llama-bin "$(dirname {input.quantize:q})" --gguf {input.gguf:q} --out {output:q}'
         " --type {wildcards.qtype}"
         " {params.imatrix:q} --threads {threads} > {log:q} 2>&1"
+
+
+use rule quantize as quantize_base with:
+    input:
+        unpack(get_base_quantize_input),
+    output:
+        "results/{model}/base-{qtype}.gguf",
+    log:
+        "logs/{model}/quantize_base_{qtype}.log",
+    benchmark:
+        "benchmarks/{model}/quantize_base_{qtype}.tsv"

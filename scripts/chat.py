@@ -3,6 +3,7 @@
     python -m scripts.chat results/demo/ggml-model-q4_0.gguf
     python -m scripts.chat results/demo/ggml-model-q4_0.gguf --prompt "..."   # one answer, then exit
     python -m scripts.chat --hf results/demo/merged --num-beams 4             # before converting
+    python -m scripts.chat results/demo/base-q4_0.gguf --lora results/demo/adapters/1-demo.gguf   # runtime LoRA
 
 A GGUF runs through llama-cpp-python on the pinned libllama (--llama-bin, default: the
 workflow's build); a HF folder runs through transformers' generate on the CPU. Both format
@@ -25,6 +26,7 @@ from cpuforge.chat import answer, load_generation, open_chat, repl, write_stdout
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
 from cpuforge.llama import MAX_DEFAULT_CTX, default_threads
+from cpuforge.lora_serving import parse_scaled_file
 
 
 def main() -> None:
@@ -38,6 +40,8 @@ def main() -> None:
         "--ctx-size", type=int, default=0, help=f"GGUF context; default the model's, ≤{MAX_DEFAULT_CTX}"
     )
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply this GGUF LoRA adapter to the GGUF at run time; repeat to stack")  # fmt: skip
     parser.add_argument("--generation-config", type=Path, help="JSON with HF GenerationConfig keys")
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--temperature", type=float)
@@ -63,7 +67,8 @@ def main() -> None:
     # Ctrl-C ends the chat even when it was started with SIGINT ignored, as a background job of a
     # script is (Python keeps an inherited SIG_IGN and then never raises KeyboardInterrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin)
+    loras = [parse_scaled_file(a) for a in args.lora]
+    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin, loras)
     try:
         if args.prompt is not None:
             messages = [{"role": "system", "content": args.system}] if args.system else []

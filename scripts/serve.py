@@ -1,10 +1,12 @@
 """Serve a GGUF model over an OpenAI-compatible HTTP API, on CPU.
 
     python -m scripts.serve results/demo/ggml-model-q4_0.gguf [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+    python -m scripts.serve results/demo/base-q4_0.gguf --lora task=results/demo/adapters/1-demo.gguf[:SCALE] ...
 
 Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true too),
 GET /v1/models, GET /health. The model is named `{model}-{qtype}` after its results/ path
-(`demo-q4_0`), or --name.
+(`demo-q4_0`), or --name; with --lora NAME=FILE, `{model}-{qtype}+NAME` is the base with that
+GGUF LoRA applied, picked per request by its `model` field (cpuforge/lora_serving.py).
 
 The pinned build's llama-server does the work: C++ end to end, continuous batching over
 --parallel slots, the model's chat template. It listens on a Unix socket in a private
@@ -38,6 +40,7 @@ from pathlib import Path
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
 from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
+from cpuforge.lora_serving import ModelTable, parse_named_lora
 from cpuforge.paths import default_llama_bin, model_name
 
 log = logging.getLogger(__name__)
@@ -81,14 +84,17 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return web.json_response(body, status=status)
 
 
-def make_app(upstream, name: str, api_key: str | None, created: int | None = None):
+def make_app(upstream, name: str, api_key: str | None, created: int | None = None, table: ModelTable | None = None):
     """The proxy: checks the key, the JSON and the model name, then streams llama-server's answer back.
 
-    `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama).
+    `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama);
+    `table` names the base and its adapters (default: the base alone).
     """
     from aiohttp import web
 
     created = created or int(time.time())
+    table = table or ModelTable.build(name, [])
+    served = ", ".join(f"`{m}`" for m in table.names())
 
     @web.middleware
     async def checks(request, handler):
@@ -106,17 +112,17 @@ def make_app(upstream, name: str, api_key: str | None, created: int | None = Non
     async def health(request):
         return web.json_response({"status": "ok"})
 
-    def model_card():
-        return {"id": name, "object": "model", "created": created, "owned_by": "cpuforge"}
+    def model_card(model: str):
+        return {"id": model, "object": "model", "created": created, "owned_by": "cpuforge"}
 
     async def models(request):
-        return web.json_response({"object": "list", "data": [model_card()]})
+        return web.json_response({"object": "list", "data": [model_card(m) for m in table.names()]})
 
     async def one_model(request):
-        if request.match_info["model"] != name:
-            return error(404, f"The model `{request.match_info['model']}` does not exist; this server serves `{name}`.",
+        if request.match_info["model"] not in table:
+            return error(404, f"The model `{request.match_info['model']}` does not exist; this server serves {served}.",
                          code="model_not_found")  # fmt: skip
-        return web.json_response(model_card())
+        return web.json_response(model_card(request.match_info["model"]))
 
     async def forward(request):
         raw = await request.read()
@@ -126,10 +132,11 @@ def make_app(upstream, name: str, api_key: str | None, created: int | None = Non
             return error(400, f"The request body is not valid JSON ({e}).")
         if not isinstance(body, dict):
             return error(400, "The request body must be a JSON object.")
-        if body.get("model", name) != name:
-            return error(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.",
+        if body.get("model", name) not in table:
+            return error(404, f"The model `{body['model']}` does not exist; this server serves {served}.",
                          code="model_not_found")  # fmt: skip
-        async with upstream.post(request.path, data=raw, headers={"Content-Type": "application/json"}) as answer:
+        data = table.request_body(body, raw)  # the model's adapters, as llama-server's per-request `lora`
+        async with upstream.post(request.path, data=data, headers={"Content-Type": "application/json"}) as answer:
             response = web.StreamResponse(status=answer.status)
             response.content_type = answer.content_type
             response.charset = answer.charset
@@ -183,7 +190,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(
     model: Path, llama_bin: Path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None,
+    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None, loras: list = (),
 ) -> None:  # fmt: skip
     """Start llama-server and the proxy; serve until SIGINT or SIGTERM, then stop both."""
     import aiohttp
@@ -196,21 +203,21 @@ async def serve(
             f"{llama_bin}: no llama-server (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin)."
         )
     name = name or model_name(model)
+    table = ModelTable.build(name, list(loras))
     ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
     listener = bind(host, port)
     with tempfile.TemporaryDirectory(prefix="cpuforge-serve-") as private:
         sock = Path(private) / "llama-server.sock"
         key = secrets.token_hex(16)
-        process = start_llama_server(
-            llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel), llama_bin, key
-        )
+        command = llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel) + table.server_args()
+        process = start_llama_server(command, llama_bin, key)
         # no time limit: a long generation on a slow CPU is still a good answer
         upstream = aiohttp.ClientSession(
             "http://llama", connector=aiohttp.UnixConnector(path=str(sock), limit=0),
             timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False,
             headers={"Authorization": f"Bearer {key}"},
         )  # fmt: skip
-        runner = web.AppRunner(make_app(upstream, name, api_key), access_log=None)
+        runner = web.AppRunner(make_app(upstream, name, api_key, table=table), access_log=None)
         try:
             await wait_ready(upstream, process)
             await runner.setup()
@@ -250,6 +257,8 @@ def main() -> None:
         help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens",
     )
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE[:SCALE]",
+                        help="serve BASE+NAME: the model with this GGUF LoRA; repeat (a NAME again stacks)")  # fmt: skip
     args = parser.parse_args()
     if args.parallel < 1:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
@@ -257,7 +266,7 @@ def main() -> None:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
         asyncio.run(
             serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port, args.api_key or None,
-                  threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
+                  threads, args.ctx_size, args.parallel, args.name, [parse_named_lora(a) for a in args.lora])  # fmt: skip
         )
 
 
