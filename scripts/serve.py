@@ -171,6 +171,8 @@ class Engine:
 
         if self.process is None or self.process.returncode is not None:
             return "unavailable"
+        if not self.ready:  # not `ok` before requests are let through to it
+            return "loading"
         try:
             async with self.upstream.get("/health", timeout=aiohttp.ClientTimeout(total=10)) as response:
                 return {200: "ok", 503: "loading"}.get(response.status, "unavailable")
@@ -218,6 +220,7 @@ class Metrics:
         self.engine = engine
         self.requests: collections.Counter = collections.Counter()  # (endpoint, status)
         self.rejected: collections.Counter = collections.Counter()  # reason
+        self.in_flight = 0
 
     def count(self, endpoint: str, status: int, rejected: str | None) -> None:
         self.requests[endpoint, status] += 1
@@ -233,6 +236,9 @@ class Metrics:
             "# HELP cpuforge_rejected_total Requests refused before they reached llama-server, by reason.",
             "# TYPE cpuforge_rejected_total counter",
             *(f'cpuforge_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejected.items())),
+            "# HELP cpuforge_requests_in_flight Requests taken and not yet answered, this one included.",
+            "# TYPE cpuforge_requests_in_flight gauge",
+            f"cpuforge_requests_in_flight {self.in_flight}",
             "# HELP cpuforge_llama_server_restarts_total Times llama-server died and was brought back.",
             "# TYPE cpuforge_llama_server_restarts_total counter",
             f"cpuforge_llama_server_restarts_total {self.engine.restarts}",
@@ -257,7 +263,11 @@ def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bo
 
     @web.middleware
     async def checks(request, handler):
-        response = await checked(request, handler)
+        metrics.in_flight += 1
+        try:
+            response = await checked(request, handler)
+        finally:
+            metrics.in_flight -= 1
         route = request.match_info.route.resource
         # a fixed label per route, so that odd paths cannot grow the metrics without end
         if route is None or route.canonical == "/{path}":
@@ -351,9 +361,9 @@ def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bo
 
     async def prometheus(request):
         text = metrics.text()
-        if engine.ready:  # llama-server's own figures first: slots, tokens, throughput
-            with contextlib.suppress(aiohttp.ClientError):
-                async with upstream.get("/metrics") as answer:
+        if engine.ready:  # llama-server's own figures first: slots, tokens, throughput; ours even if it hangs
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with upstream.get("/metrics", timeout=aiohttp.ClientTimeout(total=5)) as answer:
                     if answer.status == 200:
                         text = await answer.text() + text
         return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
