@@ -449,9 +449,11 @@ async def serve(
     with tempfile.TemporaryDirectory(prefix="cpuforge-serve-") as private:
         sock = Path(private) / "llama-server.sock"
         key = secrets.token_hex(16)
-        # no time limit: a long generation on a slow CPU is still a good answer
+        # no time limit: a long generation on a slow CPU is still a good answer. A connection per request:
+        # llama-server gives each open connection one of its few HTTP threads and closes idle ones when
+        # it runs short, so a kept-alive connection could be closed just as a request goes out on it
         upstream = aiohttp.ClientSession(
-            "http://llama", connector=aiohttp.UnixConnector(path=str(sock), limit=0),
+            "http://llama", connector=aiohttp.UnixConnector(path=str(sock), limit=0, force_close=True),
             timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False,
             headers={"Authorization": f"Bearer {key}"},
         )  # fmt: skip

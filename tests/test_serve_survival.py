@@ -63,6 +63,23 @@ def answer(url: str, **extra) -> str:
 
 
 @pytest.fixture
+def launch(llama_bin, tmp_path):
+    """Start scripts.serve as a user does: (process, log, URL) once it serves; killed at the end if still up."""
+    started = []
+
+    def launch(gguf: Path, *args):
+        log = tmp_path / f"serve-{len(started)}.log"
+        started.append(start_server(llama_bin, log, gguf, "--port", 0, "--threads", 1, *args))
+        return started[-1], log, wait_for_url(started[-1], log)
+
+    yield launch
+    for process in started:
+        if process.poll() is None:  # a failed test: the kernel then stops its llama-server too (PDEATHSIG)
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
 def gguf(tiny_chat_model, tmp_path) -> Path:
     # a copy of its own, named as the workflow names it, that a test may break
     folder = tmp_path / "chat"
@@ -70,69 +87,62 @@ def gguf(tiny_chat_model, tmp_path) -> Path:
     return Path(shutil.copy(tiny_chat_model / "ggml-model-q4_0.gguf", folder))
 
 
-def test_killed_llama_server_is_restarted_and_requests_in_flight_get_a_503(llama_bin, gguf, tmp_path, capsys):
-    log = tmp_path / "serve.log"
-    # one slot of 4096 tokens: an answer of thousands of tokens is still streaming when the engine is killed
-    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1,
-                           "--parallel", 2, "--ctx-size", 4096)  # fmt: skip
-    try:
-        url = wait_for_url(process, log)
-        before = answer(url)
-        assert before.strip()
-        (first,) = engine_pids(log)
+def test_killed_llama_server_is_restarted_and_requests_in_flight_get_a_503(launch, gguf, capsys):
+    # slots of 4096 tokens: an answer of thousands of tokens is still streaming when the engine is killed
+    process, log, url = launch(gguf, "--api-key", KEY, "--parallel", 2, "--ctx-size", 4096)
+    before = answer(url)
+    assert before.strip()
+    (first,) = engine_pids(log)
 
-        stream = client(url).chat.completions.create(
-            model="chat-q4_0", messages=[{"role": "user", "content": QUESTION}], max_tokens=4000, stream=True,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        pieces = iter(stream)
-        next(pieces)
-        os.kill(first, signal.SIGSTOP)  # frozen mid-answer; a request sent now waits inside it
-        with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(answer, url)
-            until(lambda: in_flight(url) == 3, "the proxy to take the request")  # it, the stream and this call
-            killed = time.monotonic()
-            os.kill(first, signal.SIGKILL)  # what the out-of-memory killer does
-            with pytest.raises(openai.APIError, match="llama-server stopped while answering this request"):
-                for _ in pieces:
-                    pass
-            with pytest.raises(openai.InternalServerError) as failed:
-                waiting.result(timeout=GUARD)
-        assert failed.value.status_code == 503 and failed.value.body["code"] == "engine_unavailable"
+    stream = client(url).chat.completions.create(
+        model="chat-q4_0", messages=[{"role": "user", "content": QUESTION}], max_tokens=4000, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    pieces = iter(stream)
+    next(pieces)
+    os.kill(first, signal.SIGSTOP)  # frozen mid-answer; a request sent now waits inside it
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(answer, url)
+        until(lambda: in_flight(url) == 3, "the proxy to take the request")  # it, the stream and this call
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)  # what the out-of-memory killer does
+        with pytest.raises(openai.APIError, match="llama-server stopped while answering this request"):
+            for _ in pieces:
+                pass
+        with pytest.raises(openai.InternalServerError) as failed:
+            waiting.result(timeout=GUARD)
+    assert failed.value.status_code == 503 and failed.value.body["code"] == "engine_unavailable"
 
-        states = [(0.0, "killed")]
+    states = [(0.0, "killed")]
 
-        def healthy():
-            status, body = get(url, "/health", key="")
-            state = json.loads(body)["status"]
-            assert (status == 200) == (state == "ok")
-            if state != states[-1][1]:
-                states.append((time.monotonic() - killed, state))
-            return state == "ok"
+    def healthy():
+        status, body = get(url, "/health", key="")
+        state = json.loads(body)["status"]
+        assert (status == 200) == (state == "ok")
+        if state != states[-1][1]:
+            states.append((time.monotonic() - killed, state))
+        return state == "ok"
 
-        until(healthy, "/health to say ok again")
-        assert states[1][1] == "unavailable"  # first seen as down, whatever came between
-        assert answer(url) == before  # the same greedy answer from the new llama-server
-        (_, second) = engine_pids(log)
-        assert second != first and alive(second) and not alive(first)
+    until(healthy, "/health to say ok again")
+    assert states[1][1] == "unavailable"  # first seen as down, whatever came between
+    assert answer(url) == before  # the same greedy answer from the new llama-server
+    _, second = engine_pids(log)
+    assert second != first and alive(second) and not alive(first)
 
-        status, metrics = get(url, "/metrics")
-        assert status == 200 and "cpuforge_llama_server_restarts_total 1\n" in metrics.decode()
-        assert re.search(r'cpuforge_rejected_total\{reason="engine_unavailable"\} [1-9]', metrics.decode())
-        timeline = [line for line in log.read_text().splitlines() if re.search(r"__main__: .*(llama-server|serving)", line)]
-        with capsys.disabled():
-            print("\nrestart timeline (log):", *timeline, sep="\n  ")
-            print("states seen on /health, seconds after the kill:", ", ".join(f"{s} {t:.2f}" for t, s in states))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=GUARD) == 0, log.read_text()
+    status, metrics = get(url, "/metrics")
+    assert status == 200 and "cpuforge_llama_server_restarts_total 1\n" in metrics.decode()
+    assert re.search(r'cpuforge_rejected_total\{reason="engine_unavailable"\} [1-9]', metrics.decode())
+    timeline = [line for line in log.read_text().splitlines() if re.search(r"__main__: .*(llama-server|serving)", line)]
+    with capsys.disabled():
+        print("\nrestart timeline (log):", *timeline, sep="\n  ")
+        print("states seen on /health, seconds after the kill:", ", ".join(f"{s} {t:.2f}" for t, s in states))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=GUARD) == 0, log.read_text()
     assert not any(alive(pid) for pid in engine_pids(log))
 
 
-def test_a_model_that_no_longer_loads_ends_the_server_with_one_sentence(llama_bin, gguf, tmp_path):
-    log = tmp_path / "serve.log"
-    process = start_server(llama_bin, log, gguf, "--port", 0, "--threads", 1, "--restarts", 2)
-    wait_for_url(process, log)
+def test_a_model_that_no_longer_loads_ends_the_server_with_one_sentence(launch, gguf):
+    process, log, _ = launch(gguf, "--restarts", 2)
     (pid,) = engine_pids(log)
     gguf.write_bytes(gguf.read_bytes()[:4096])  # the file cut short, as by a full disk or a copy in progress
     os.kill(pid, signal.SIGKILL)
@@ -178,11 +188,8 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
-def test_sigterm_lets_requests_in_flight_finish_then_stops_both(llama_bin, gguf, tmp_path):
-    log = tmp_path / "serve.log"
-    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1,
-                           "--drain-timeout", GUARD)  # fmt: skip
-    url = wait_for_url(process, log)
+def test_sigterm_lets_requests_in_flight_finish_then_stops_both(launch, gguf):
+    process, log, url = launch(gguf, "--api-key", KEY, "--drain-timeout", GUARD)
     expected = answer(url)
     sock, rest = half_sent_request(url)
     until(lambda: in_flight(url) == 2, "the proxy to take the half-sent request")  # it, and the /metrics call
@@ -198,11 +205,8 @@ def test_sigterm_lets_requests_in_flight_finish_then_stops_both(llama_bin, gguf,
     assert not any(alive(pid) for pid in engine_pids(log))
 
 
-def test_a_request_that_never_finishes_is_cut_off_after_the_drain_timeout(llama_bin, gguf, tmp_path):
-    log = tmp_path / "serve.log"
-    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1,
-                           "--drain-timeout", 1)  # fmt: skip
-    url = wait_for_url(process, log)
+def test_a_request_that_never_finishes_is_cut_off_after_the_drain_timeout(launch, gguf):
+    process, log, url = launch(gguf, "--api-key", KEY, "--drain-timeout", 1)
     sock, _ = half_sent_request(url)  # and the rest never comes
     until(lambda: in_flight(url) == 2, "the proxy to take the half-sent request")
     process.send_signal(signal.SIGTERM)
