@@ -233,7 +233,7 @@ async def phase(base: str, name: str, clients: int, seconds: float, kill=None) -
         await watch
     # a 503 is expected from the kill until /health says ok again, and a fault at any other time
     killed = next((t for t, what in timeline if "killed" in what), None)
-    back = next((t for t, what in sorted(timeline) if killed is not None and t > killed and what == "/health: ok"), None)
+    back = next((t for t, what in sorted(timeline) if killed and t > killed and what == "/health: ok"), None)
     for at, what in tally.unavailable:
         t = at - began
         down = killed is not None and killed <= t and (back is None or t <= back + 0.5)
@@ -306,7 +306,7 @@ def table(figures: dict) -> str:
     rows = [("requests answered", "requests"), ("p50 latency (s)", "p50_s"), ("p95 latency (s)", "p95_s"),
             ("p99 latency (s)", "p99_s"), ("tokens/s", "tokens_per_s"),
             ("llama-server RSS start → end (MB)", None), ("proxy RSS start → end (MB)", None)]  # fmt: skip
-    lines = ["| | ours (llama-server killed halfway) | llama-server direct | ours ÷ direct |", "| --- | --- | --- | --- |"]
+    lines = ["| | ours (llama-server killed halfway) | llama-server direct | ours ÷ direct |", "| --- " * 4 + "|"]
     for label, key in rows:
         if key:
             lines.append(f"| {label} | {cell(ours[key])} | {cell(direct[key])} | {ratio(key)} |")

@@ -149,6 +149,8 @@ class Engine:
             code = await self.process.wait()
             self.ready = False
             log.warning("llama-server (pid %d) died with %s", self.process.pid, exit_status(code))
+            if self.max_restarts == 0:
+                raise EngineFailed(f"llama-server died with {exit_status(code)}, and --restarts 0 keeps it down.")
             for attempt in range(1, self.max_restarts + 1):
                 delay = self.backoff * 2 ** (attempt - 1)
                 log.info("restarting llama-server in %g s (attempt %d of %d)", delay, attempt, self.max_restarts)
@@ -182,7 +184,11 @@ class Engine:
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
-            await self.process.wait()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except asyncio.TimeoutError:  # hung: it gets no say
+                self.process.kill()
+                await self.process.wait()
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -199,7 +205,10 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return response
 
 
-def unavailable(message: str = "llama-server is not running; it is being restarted, try again shortly."):
+NOT_READY = "llama-server is not ready (loading the model, or being restarted); try again shortly."
+
+
+def unavailable(message: str = NOT_READY):
     response = error(503, message, kind="unavailable_error", code="engine_unavailable", reason="engine_unavailable")
     response.headers["Retry-After"] = "2"
     return response
