@@ -28,10 +28,11 @@ NAME = "chat-q4_0"  # results/chat/ggml-model-q4_0.gguf
 QUESTIONS = [chat_lesson(start)[0] for start in (100, 300, 500, 700, 900, 1100, 1300, 1500)]
 
 
-def start_server(llama_bin, log: Path, *args) -> subprocess.Popen:
+def start_server(llama_bin, log: Path, *args, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "scripts.serve", *map(str, args)]
     # stderr to a file, not a pipe: a pipe nobody reads would fill and stall the server
-    return subprocess.Popen(cmd, cwd=REPO, env=runtime_env(llama_bin), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env={**runtime_env(llama_bin), **(env or {})}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def wait_for_url(process: subprocess.Popen, log: Path) -> str:
@@ -181,3 +182,83 @@ def test_missing_model_is_refused(llama_bin, tmp_path):
     process = start_server(llama_bin, log, tmp_path / "nope.gguf", "--port", 0, "--threads", 1)
     assert process.wait() == 2
     assert f"{tmp_path / 'nope.gguf'}: file not found." in log.read_text()
+
+
+def get(url: str, path: str, key: str = KEY) -> tuple[int, str, str]:
+    request = urllib.request.Request(url.removesuffix("/v1") + path, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def metric(text: str, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+def test_metrics_count_requests_rejections_and_llama_servers_tokens(server):
+    url, _ = server
+    assert get(url, "/metrics", key="wrong")[0] == 401
+    status, kind, before = get(url, "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    for line in before.splitlines():  # Prometheus' text format: comments, and one sample a line
+        assert re.fullmatch(r"# (HELP|TYPE) \S+ .+|[a-zA-Z_:][\w:]*(\{[^}]*\})? \S+", line), line
+
+    answered = 'cpuforge_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    bad_json = 'cpuforge_rejected_total{reason="invalid_json"}'
+    wrong_key = 'cpuforge_rejected_total{reason="invalid_api_key"}'
+    response = client(url).chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": QUESTIONS[4]}], temperature=0, max_tokens=8
+    )
+    post(url, b'{"messages": [')
+    post(url, b"{}", key="wrong")
+    _, _, after = get(url, "/metrics")
+    assert metric(after, answered) == metric(before, answered) + 1
+    assert metric(after, bad_json) == metric(before, bad_json) + 1
+    assert metric(after, wrong_key) == metric(before, wrong_key) + 1
+    predicted = "llamacpp:tokens_predicted_total"  # llama-server's own, through the same endpoint
+    assert metric(after, predicted) == metric(before, predicted) + response.usage.completion_tokens
+    assert metric(after, "cpuforge_llama_server_ready") == 1
+    assert metric(after, "cpuforge_llama_server_restarts_total") == 0
+
+
+def raw_request(url: str, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    """A request sent as written, path included (urllib would not send `/../` as it is)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    connection.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+ODD_REQUESTS = [
+    ("GET", "/../../etc/passwd", None),
+    ("GET", "/%2e%2e/%2e%2e/etc/passwd", None),
+    ("GET", "/_app/../../../etc/passwd.txt", None),
+    ("GET", "/_app/immutable/nothing.js", None),
+    ("GET", "/slots", None),
+    ("POST", "/", b"{}"),
+    ("POST", "/props", b"{}"),
+    ("DELETE", "/v1/models", None),
+    ("POST", "/v1/chat/completions", b'{"messages": "hello"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}'),
+    ("POST", "/v1/chat/completions", b"[1, 2, 3]"),
+    ("POST", "/v1/chat/completions", b"\xff\xfe"),
+    ("POST", "/v1/completions", b'{"prompt": [999999999, -1], "max_tokens": 4}'),
+    ("POST", "/v1/completions", b'{"prompt": {"a": 1}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "model": ["x"]}'),
+]
+
+
+@pytest.mark.parametrize("method,path,body", ODD_REQUESTS)
+def test_odd_requests_get_a_4xx_and_never_a_5xx(server, answers, method, path, body):
+    url, _ = server
+    status, reply = raw_request(url, method, path, body)
+    assert 400 <= status < 500, (status, reply)
+    assert b"root:" not in reply
+    assert chat(client(url), QUESTIONS[5]) == answers[QUESTIONS[5]]

@@ -1,0 +1,197 @@
+"""The chat page: llama-server's own web UI through the proxy, used in headless Chromium as a person uses it.
+
+Chromium is driven over its DevTools protocol (a websocket, through aiohttp): real clicks and typing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import SOURCE, api_answers, chat_lesson
+from test_eval import chromium  # noqa: F401 (the fixture: Debian's chromium, installed when missing)
+from test_serve import KEY, start_server, wait_for_url
+
+QUESTION = chat_lesson(300)[0]
+GUARD = 300  # seconds: a hang guard, never a speed limit
+
+
+@pytest.fixture(scope="session")
+def webui_env(llama_bin, tmp_path_factory) -> dict[str, str]:
+    """What llama-server needs in its environment to have its web UI.
+
+    Nothing when the build embeds it (llama.cpp built with LLAMA_BUILD_UI=ON); else the UI is built
+    from the pinned source's tools/ui the way that build step does (npm ci, npm run build) and given
+    to llama-server as its static folder (its --path, here through its LLAMA_ARG_STATIC_PATH).
+    """
+    if any(b"_app/version.json" in lib.read_bytes() for lib in llama_bin.glob("*llama-server*")):
+        return {}
+    if shutil.which("npm") is None:
+        pytest.fail("the chat page test needs npm (Node.js 20.19 or newer) to build llama.cpp's web UI")
+    work = tmp_path_factory.mktemp("webui")
+    shutil.copytree(SOURCE / "tools" / "ui", work / "ui", ignore=shutil.ignore_patterns("node_modules", "dist"))
+    for step in (["npm", "ci", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
+        done = subprocess.run(step, cwd=work / "ui", capture_output=True, text=True,
+                              env={**os.environ, "LLAMA_UI_OUT_DIR": str(work / "dist")})  # fmt: skip
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(step)} in llama.cpp's tools/ui failed:\n{done.stdout}\n{done.stderr}")
+    assert (work / "dist" / "index.html").is_file()
+    return {"LLAMA_ARG_STATIC_PATH": str(work / "dist")}
+
+
+def get(url: str, path: str, key: str | None = None) -> tuple[int, str, bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url.removesuffix("/v1") + path, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=GUARD) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+class Page:
+    """One Chromium tab over the DevTools protocol."""
+
+    def __init__(self, ws):
+        self.ws, self.n = ws, 0
+
+    async def send(self, method: str, **params) -> dict:
+        self.n += 1
+        await self.ws.send_json({"id": self.n, "method": method, "params": params})
+        while True:  # events come in between; only the answer to this call matters here
+            message = await self.ws.receive_json()
+            if message.get("id") == self.n:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def js(self, expression: str):
+        result = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str):
+        deadline = time.monotonic() + GUARD
+        while time.monotonic() < deadline:
+            if value := await self.js(expression):
+                return value
+            await asyncio.sleep(0.2)
+        text = await self.js("document.body.innerText")
+        raise AssertionError(f"the page never showed {what}; it shows:\n{text}")
+
+    async def click(self, element: str, what: str) -> None:
+        """A real mouse click in the middle of the element that the JS expression `element` finds."""
+        x, y = await self.wait_for(
+            f"(() => {{ const e = {element}; if (!e) return null; const r = e.getBoundingClientRect();"
+            f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()",
+            what,
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def type(self, text: str) -> None:
+        await self.send("Input.insertText", text=text)
+        await self.send("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter",
+                        windowsVirtualKeyCode=13, text="\r")  # fmt: skip
+        await self.send("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+async def chat_in_the_page(chromium_path: str, url: str, key: str, question: str, answer: str, shot: Path) -> None:
+    import aiohttp
+
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        browser = subprocess.Popen(
+            [chromium_path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"  # Chromium writes its port there
+            deadline = time.monotonic() + GUARD
+            while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+                assert browser.poll() is None and time.monotonic() < deadline, "Chromium did not start"
+                await asyncio.sleep(0.1)
+            port = port_file.read_text().split()[0]
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                    tab = next(t for t in await response.json() if t["type"] == "page")
+                async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    page = Page(ws)
+                    await page.send("Page.navigate", url=url)
+                    # the page's own call without a key is refused, and it asks for one
+                    await page.click("[...document.querySelectorAll('button')].find(b => b.innerText.includes("
+                                     "'Enter API Key'))", "its API key prompt")  # fmt: skip
+                    await page.click("document.getElementById('api-key-input')", "the API key field")
+                    await page.type(key)
+                    await page.click("document.querySelector('textarea')", "the message box")
+                    await page.type(question)
+                    expected = json.dumps(" ".join(answer.split()))
+                    await page.wait_for(f"document.body.innerText.replace(/\\s+/g, ' ').includes({expected})",
+                                        f"the model's answer {expected}")  # fmt: skip
+                    picture = await page.send("Page.captureScreenshot", format="png")
+                    shot.write_bytes(base64.b64decode(picture["data"]))
+        finally:
+            browser.terminate()
+            browser.wait()
+
+
+def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, tmp_path, capsys):  # noqa: F811
+    import matplotlib.image
+    import numpy as np
+
+    gguf = tiny_chat_model / "ggml-model-q4_0.gguf"
+    # greedy, so the page's answer is the one llama-cpp-python gives; the page takes the server's defaults
+    (answer,) = api_answers(gguf, [[{"role": "user", "content": QUESTION}]], max_tokens=200)
+    assert answer.strip()
+    log = tmp_path / "serve.log"
+    env = {**webui_env, "LLAMA_ARG_TEMPERATURE": "0"}
+    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1, env=env)
+    try:
+        url = wait_for_url(process, log)
+        status, kind, html = get(url, "/")  # the page itself needs no key: a browser cannot send one for it
+        assert status == 200 and kind.startswith("text/html") and b"<html" in html.lower()
+        status, _, body = get(url, "/props")  # but every call it makes does
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+
+        shot = tmp_path / "chat-page.png"
+        asyncio.run(chat_in_the_page(chromium, url.removesuffix("/v1") + "/", KEY, QUESTION, answer, shot))
+        with capsys.disabled():
+            print(f"\nchat page screenshot: {shot}")
+        image = matplotlib.image.imread(shot)
+        assert image.shape[:2] == (900, 1280) and np.std(image[..., :3]) > 0.05
+
+        _, _, metrics = get(url, "/metrics", KEY)
+        assert re.search(r'cpuforge_requests_total\{endpoint="/v1/chat/completions",status="200"\} 1$',
+                         metrics.decode(), re.M)  # fmt: skip
+        assert re.search(r'cpuforge_rejected_total\{reason="invalid_api_key"\} [1-9]', metrics.decode())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=GUARD) == 0, log.read_text()
+
+
+def test_no_webui_serves_no_page(llama_bin, tiny_chat_model, tmp_path):
+    log = tmp_path / "serve.log"
+    process = start_server(llama_bin, log, tiny_chat_model / "ggml-model-q4_0.gguf", "--port", 0, "--threads", 1,
+                           "--no-webui")  # fmt: skip
+    try:
+        url = wait_for_url(process, log)
+        status, kind, body = get(url, "/")
+        assert status == 404 and kind.startswith("application/json") and json.loads(body)["error"]["message"]
+        assert "chat page" not in log.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=GUARD) == 0
