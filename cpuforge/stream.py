@@ -3,13 +3,16 @@
 The HF stages (perplexity, task accuracy, generation parity) need the model's
 next-token distributions over a set of sequences known in advance, never free
 generation. So the sequences go through the decoder in layer-major order: every
-sequence passes layer k before layer k+1 is read. Memory is one decoder layer's
-weights in f32, the activations of all sequences, and one chunk of logits; never
-the whole model (a 7B layer is 0.8 GB in f32, the model 27 GB). The numerics are
-transformers' own: one `LlamaDecoderLayer`, `LlamaRotaryEmbedding` and
-`LlamaRMSNorm` built from the folder's config, the layer's weights replaced
-(upcast to f32) before each pass, sdpa attention with its causal mask, each
-sequence a batch of one, as `from_pretrained(dtype=torch.float32)` runs them.
+sequence passes layer k before layer k+1 is read. Memory is the activations of
+all sequences (tokens × hidden size in f32) beside the larger of one decoder
+layer's weights in f32 (and the stored copy of the tensor being read), or the
+output head as stored with HEAD_ROWS of its rows in f32 and a few chunks of
+POSITIONS positions' logits; never the whole model (a 7B layer is 0.8 GB in f32,
+its f16 head 0.4 GB, the model 27 GB). The numerics are transformers' own: one
+`LlamaDecoderLayer`, `LlamaRotaryEmbedding` and `LlamaRMSNorm` built from the
+folder's config, the layer's weights replaced (upcast to f32) before each pass,
+sdpa attention with its causal mask, each sequence a batch of one, as
+`from_pretrained(dtype=torch.float32)` runs them.
 """
 
 from __future__ import annotations
