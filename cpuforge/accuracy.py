@@ -1,7 +1,8 @@
 """Task accuracy of one stage: greedy answers to the task's held-out rows, scored by exact match.
 
-A HF folder answers through transformers (cpuforge.prompt: the chat template of
-the merged model's tokenizer, do_sample=False). A GGUF file answers through
+A HF folder is scored by teacher forcing (answers_hf) in one pass streamed a
+decoder layer at a time, with the prompts of the merged model's tokenizer and
+chat template (cpuforge.prompt). A GGUF file answers through
 llama-cpp-python bound to the pinned libllama, with the chat template stored in
 the GGUF, rendered and tokenized as llama-cpp-python's chat handler does, and
 greedy sampling. A model without a chat template is prompted by plain completion
@@ -16,9 +17,10 @@ import logging
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.generate import gguf_greedy_answers, greedy_answers
+from cpuforge.generate import decode, gguf_greedy_answers, greedy_choices, greedy_divergence, greedy_known, stop_ids
 from cpuforge.llama import load_llama_cpp
-from cpuforge.prompt import first_difference, gguf_prompt_ids, prompt_ids
+from cpuforge.prompt import first_difference, gguf_prompt_ids, prompt_ids, prompt_text
+from cpuforge.task import answer, messages
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,37 @@ def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict
     return gguf_greedy_answers(llm, rows, max_new_tokens)
 
 
-def answers_hf(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM
+def gold_ids(tokenizer, row: dict, prompt: list[int]) -> list[int]:
+    """The row's answer as token ids written after `prompt`, as the model saw it in training
+    (task.training_texts): the prompt's text and the answer tokenized together, less the prompt. Alone,
+    a SentencePiece tokenizer would begin the answer with a word-start piece that it never has there."""
+    if tokenizer.chat_template is None:
+        text, special = prompt_text(row), True
+    else:
+        text, special = tokenizer.apply_chat_template(messages(row), add_generation_prompt=True, tokenize=False), False
+    ids = tokenizer(text + answer(row), add_special_tokens=special)["input_ids"]
+    if ids[: len(prompt)] != prompt:  # the answer's first token merged with the prompt's last
+        log.warning("a prompt and its answer tokenize across their boundary; its answer is tokenized alone")
+        return tokenizer(answer(row), add_special_tokens=False)["input_ids"]
+    return ids[len(prompt) :]
 
-    tokenizer, _ = hf_prompts(tokenizer_dir, rows)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    return greedy_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens)
+
+def answers_hf(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int) -> tuple[list[str], list]:
+    """Which rows the model's greedy answer gets exactly right, by one teacher-forced pass streamed over every
+    prompt + its answer's tokens (cpuforge.stream: one decoder layer in f32 in memory, never the model), and
+    the answers as far as they are known: the task's where right, else up to the first token that differs.
+
+    Greedy decoding writes each token from the prompt and the tokens before it; while those are the task
+    answer's, its choice is the teacher-forced one. So the greedy answer is the task's token for token
+    exactly when the model's choice is the answer's token at every answer position and a stop token after
+    the last (cpuforge.generate.greedy_divergence). One caveat: greedy exact match compares decoded
+    text, so a greedy answer that spells the same text with other tokens (other pieces, or a trailing
+    space the decoding strips) counts as right there and as wrong here."""
+    tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
+    golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
+    stop = stop_ids(tokenizer)
+    choices = greedy_choices(model_dir, prompts, golds, max_new_tokens)
+    differ = [greedy_divergence(c, g, stop, max_new_tokens) for c, g in zip(choices, golds, strict=True)]
+    answers = [answer(r) if d is None else decode(tokenizer, greedy_known(c, g, d, max_new_tokens))
+               for r, g, c, d in zip(rows, golds, choices, differ, strict=True)]  # fmt: skip
+    return answers, [d is None for d in differ]

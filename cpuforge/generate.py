@@ -1,10 +1,12 @@
-"""Greedy answers to task prompts, from a HF model (transformers) or a GGUF (llama-cpp-python)."""
+"""Greedy answers to task prompts, from a HF model (transformers) or a GGUF (llama-cpp-python), and the
+test of a given answer against a HF folder's greedy choices by teacher forcing (cpuforge.stream)."""
 
 from __future__ import annotations
 
 import logging
 
 from cpuforge.prompt import gguf_prompt_ids, prompt_ids
+from cpuforge.stream import next_token_argmax
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,37 @@ def greedy_ids(model, tokenizer, rows: list[dict], max_new_tokens: int = 48, bat
         out_ids += [until_stop(o[width:].tolist(), stop) for o in out]
         log.info("generated %d/%d answers", len(out_ids), len(rows))
     return out_ids
+
+
+def greedy_choices(folder, prompts: list[list[int]], answers: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The model's greedy choice after each prompt and after each of its answer's first `max_new_tokens`
+    tokens: one streamed pass over every prompt + answer, its layers read once (teacher forcing)."""
+    sequences = [p + a[:max_new_tokens] for p, a in zip(prompts, answers, strict=True)]
+    return next_token_argmax(folder, sequences, [len(p) - 1 for p in prompts])
+
+
+def greedy_divergence(choices: list[int], answer: list[int], stop, max_new_tokens: int) -> int | None:
+    """Where the greedy answer departs from `answer`, judged from the greedy choices after the prompt and after
+    each answer token: the index of its first token that differs, None when greedy decoding writes `answer`.
+
+    Greedy decoding writes token i from the prompt and tokens 0..i-1. While those are `answer`'s own, that
+    choice is the teacher-forced one, so the two answers agree up to the first choice that differs from
+    `answer`; they are equal when there is none, and greedy decoding then ends where `answer` does: by a
+    stop token, or by reaching max_new_tokens."""
+    for i, token in enumerate(answer[:max_new_tokens]):
+        if choices[i] != token:
+            return i
+    if len(answer) > max_new_tokens:  # greedy decoding stops writing here; the answer goes on
+        return max_new_tokens
+    if len(answer) < max_new_tokens and choices[len(answer)] not in stop:
+        return len(answer)
+    return None
+
+
+def greedy_known(choices: list[int], answer: list[int], at: int | None, max_new_tokens: int) -> list[int]:
+    """The greedy answer as far as teacher forcing on `answer` tells it: `answer` where they agree (`at` is
+    None), else its first `at` tokens and the greedy choice after them, if greedy decoding writes one."""
+    return answer if at is None else (answer[:at] + choices[at : at + 1])[:max_new_tokens]
 
 
 def decode(tokenizer, ids: list[int]) -> str:

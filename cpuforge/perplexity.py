@@ -1,11 +1,12 @@
 """Perplexity of one stage on the evaluation text, in llama-perplexity's windows.
 
 A GGUF file goes through the pinned `llama-perplexity`. A HF folder goes through
-torch in f32, on exactly the tokens and windows llama-perplexity uses: the text
-is tokenized by the pinned libllama with the f16 GGUF's vocabulary, cut into
-`ctx`-token windows whose first token becomes BOS when the vocabulary adds
-one, and only the second half of each window is scored (tools/perplexity), so
-the HF and GGUF figures differ only by what the weights and kernels do.
+torch in f32, streamed a decoder layer at a time (cpuforge.stream), on exactly
+the tokens and windows llama-perplexity uses: the text is tokenized by the
+pinned libllama with the f16 GGUF's vocabulary, cut into `ctx`-token windows
+whose first token becomes BOS when the vocabulary adds one, and only the
+second half of each window is scored (tools/perplexity), so the HF and GGUF
+figures differ only by what the weights and kernels do.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.files import atomic_output
 from cpuforge.llama import load_llama_cpp, run_llama_tool
+from cpuforge.stream import next_token_nll
 from cpuforge.task import as_text, read_heldout
 
 log = logging.getLogger(__name__)
@@ -59,24 +61,14 @@ def perplexity_from_nll(nll: list[float]) -> tuple[float, float]:
 
 
 def hf_window_nll(model_dir: Path, tokens: list[int], bos: int | None, ctx: int, n_windows: int) -> list[float]:
-    """Negative log-likelihood of every scored token; the model runs in f32 (half precision is slow on CPUs)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    first = ctx // 2
-    nll = []
-    for i in range(n_windows):
-        window = tokens[i * ctx : (i + 1) * ctx]
+    """Negative log-likelihood of every scored token, every window streamed through the model together
+    (cpuforge.stream: one decoder layer in memory at a time, in f32: half precision is slow on CPUs)."""
+    windows = [tokens[i * ctx : (i + 1) * ctx] for i in range(n_windows)]
+    for window in windows:
         if bos is not None:
             window[0] = bos
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([window])).logits[0].float()
-        logp = torch.log_softmax(logits[first : ctx - 1], dim=-1)
-        targets = torch.tensor(window[first + 1 : ctx])
-        nll += (-logp.gather(1, targets[:, None])[:, 0]).double().tolist()
-        log.info("window %d/%d: running perplexity %.4f", i + 1, n_windows, math.exp(sum(nll) / len(nll)))
+    nll = [x for scored in next_token_nll(model_dir, windows, ctx // 2) for x in scored]
+    log.info("%d windows: perplexity %.4f", n_windows, math.exp(sum(nll) / len(nll)))
     return nll
 
 
@@ -86,7 +78,7 @@ def perplexity_hf(model_dir: Path, vocab: Path, bin_dir: Path, text: Path, ctx: 
     nll = hf_window_nll(model_dir, tokens, bos, ctx, n_windows)
     ppl, err = perplexity_from_nll(nll)
     return {"perplexity": ppl, "perplexity_err": err, "windows": n_windows, "scored_tokens": len(nll),
-            "runtime": "torch f32"}  # fmt: skip
+            "runtime": "torch f32, streamed"}  # fmt: skip
 
 
 def perplexity_gguf(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int,

@@ -5,14 +5,19 @@
     python -m scripts.eval_task --gguf ggml-model-q4_0.gguf --merged results/m/merged \
         --heldout data/demo_task/heldout.jsonl --llama-bin BIN --stage q4_0 --out q4_0.json
 
-A HF folder answers through transformers (scripts/task.py: the chat template of
-the merged model's tokenizer, do_sample=False). A GGUF file answers through
-llama-cpp-python bound to the pinned libllama, with the chat template stored in
-the GGUF, rendered and tokenized as llama-cpp-python's chat handler does, and
-greedy sampling. A model without a chat template is prompted by plain completion
-in both. Every stage must see the same prompt: each GGUF prompt's token
-ids are checked against transformers' ids before any answer is generated, and a
-difference stops the step with the row and the first differing position.
+A HF folder is scored by teacher forcing, in one pass streamed a decoder layer
+at a time (cpuforge.accuracy.answers_hf): a row is right when the model's greedy
+choice is the answer's token at every answer position and a stop token after
+it, which is greedy decoding's exact match (do_sample=False); its `answers` are
+the task's where right, else written up to the first token that differs. The
+prompts are built with the merged model's tokenizer and chat template. A GGUF
+file answers through llama-cpp-python bound to the pinned libllama, with the
+chat template stored in the GGUF, rendered and tokenized as llama-cpp-python's
+chat handler does, and greedy sampling. A model without a chat template is
+prompted by plain completion in both. Every stage must see the same prompt:
+each GGUF prompt's token ids are checked against transformers' ids before any
+answer is generated, and a difference stops the step with the row and the first
+differing position.
 """
 
 from __future__ import annotations
@@ -46,14 +51,15 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(threads)
-        answers = answers_hf(args.hf, args.merged, rows, args.max_new_tokens)
-        runtime = "transformers f32"
+        answers, right = answers_hf(args.hf, args.merged, rows, args.max_new_tokens)
+        runtime = "transformers f32, streamed, teacher-forced"
     else:
         if args.llama_bin is None:
             parser.error("a GGUF file needs --llama-bin")
         answers = answers_gguf(args.gguf, args.llama_bin, args.merged, rows, args.max_new_tokens, threads)
+        right = [a == answer(r) for a, r in zip(answers, rows, strict=True)]
         runtime = "llama-cpp-python"
-    correct = sum(a == answer(r) for a, r in zip(answers, rows, strict=True))
+    correct = sum(right)
     write_json(args.out, {"stage": args.stage, "accuracy": correct / len(rows), "correct": correct, "rows": len(rows),
                           "runtime": runtime, "answers": answers})  # fmt: skip
     log.info("%s: exact match %.3f (%d/%d)", args.stage, correct / len(rows), correct, len(rows))

@@ -160,6 +160,7 @@ def test_generation_parity_through_the_chat_template(chat_chain, llama_bin):
     _, merged, gguf = chat_chain
     record = check_generation(gguf, merged, TASK["heldout"], llama_bin, threads=2, max_new_tokens=16, limit=10)
     assert record["passed"] and record["path"] == "chat template" and record["prompts"] == 10
+    assert len(record["first_difference"]) == 10 and record["first_difference"].count(None) == record["agree"]
     assert record["rate"] >= 0.9 and 0 <= record["exact_match"]["gguf"] <= 1
 
 
@@ -172,7 +173,8 @@ def test_generation_parity_by_plain_completion(sp_chain, llama_bin):
 def test_gguf_without_the_adapter_fails_generation_parity(chat_chain, llama_bin, tmp_path):
     base, merged, _ = chat_chain
     unmerged = convert(base, tmp_path / "base.gguf")
-    with pytest.raises(InputError, match=re.escape(f"{unmerged}: greedy answers agree with the merged model's on ")):
+    sentence = re.escape(f"{unmerged}: greedy answers agree with the merged model's on ") + r".* at answer token \d+: "
+    with pytest.raises(InputError, match=sentence):
         check_generation(unmerged, merged, TASK["heldout"], llama_bin, threads=2, max_new_tokens=16, limit=10)
 
 
