@@ -7,12 +7,16 @@ GET /v1/models, GET /health. The model is named `{model}-{qtype}` after its resu
 (`demo-q4_0`), or --name.
 
 The pinned build's llama-server does the work: C++ end to end, continuous batching over
---parallel slots, the model's chat template. It listens on a Unix socket in a private
-folder, so nothing but this process reaches it. This process is a thin proxy in front of
-it that answers what llama-server gets wrong for an OpenAI client: malformed JSON (llama-server
-says 500), a model name it does not serve (llama-server ignores the name) and a wrong API key
-(checked here, so a bad request never reaches the model); everything else, errors included
-(a prompt longer than the context is a 400), passes through byte for byte, streamed as it comes.
+--parallel slots. It listens on a Unix socket in a private folder, so nothing but this
+process reaches it. A chat request is rendered and tokenized here, with the merged model's
+template and tokenizer (results/{model}/merged beside the GGUF, or --tokenizer FOLDER), and
+llama-server is sent those token ids (cpuforge/chat_completion.py), so the model reads the
+ids it was trained on; without a merged folder, llama-server's own template path. This
+process is a thin proxy in front of it that answers what llama-server gets wrong for an
+OpenAI client: malformed JSON (llama-server says 500), a model name it does not serve
+(llama-server ignores the name) and a wrong API key (checked here, so a bad request never
+reaches the model); everything else, errors included (a prompt longer than the context is a
+400), passes through byte for byte, streamed as it comes.
 --threads defaults to `recommended_threads` in the eval report (results/{model}/report/metrics.json)
 when there is one, else the physical core count.
 """
@@ -35,10 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpuforge import chat_completion
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
 from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
 from cpuforge.paths import default_llama_bin, model_name
+from cpuforge.prompt import chat_prompt_for
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +87,11 @@ def error(status: int, message: str, kind: str = "invalid_request_error", code: 
     return web.json_response(body, status=status)
 
 
-def make_app(upstream, name: str, api_key: str | None, created: int | None = None):
+def make_app(upstream, name: str, api_key: str | None, created: int | None = None, prompt=None):
     """The proxy: checks the key, the JSON and the model name, then streams llama-server's answer back.
 
-    `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama).
+    `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama);
+    `prompt` (a cpuforge.prompt.ChatPrompt) renders and tokenizes chat requests, None leaves them to llama-server.
     """
     from aiohttp import web
 
@@ -129,6 +136,10 @@ def make_app(upstream, name: str, api_key: str | None, created: int | None = Non
         if body.get("model", name) != name:
             return error(404, f"The model `{body['model']}` does not exist; this server serves `{name}`.",
                          code="model_not_found")  # fmt: skip
+        if request.path == "/v1/chat/completions" and prompt is not None:
+            if (why := chat_completion.needs_llama_server(body)) is None:
+                return await chat_completion.respond(request, upstream, body, prompt, name)
+            log.info("a chat request with %s: through llama-server's own template", why)
         async with upstream.post(request.path, data=raw, headers={"Content-Type": "application/json"}) as answer:
             response = web.StreamResponse(status=answer.status)
             response.content_type = answer.content_type
@@ -183,7 +194,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(
     model: Path, llama_bin: Path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None,
+    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None, tokenizer: Path | None = None,
 ) -> None:  # fmt: skip
     """Start llama-server and the proxy; serve until SIGINT or SIGTERM, then stop both."""
     import aiohttp
@@ -196,6 +207,7 @@ async def serve(
             f"{llama_bin}: no llama-server (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin)."
         )
     name = name or model_name(model)
+    prompt = chat_prompt_for(model, tokenizer)
     ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
     listener = bind(host, port)
     with tempfile.TemporaryDirectory(prefix="cpuforge-serve-") as private:
@@ -210,7 +222,7 @@ async def serve(
             timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False,
             headers={"Authorization": f"Bearer {key}"},
         )  # fmt: skip
-        runner = web.AppRunner(make_app(upstream, name, api_key), access_log=None)
+        runner = web.AppRunner(make_app(upstream, name, api_key, prompt=prompt), access_log=None)
         try:
             await wait_ready(upstream, process)
             await runner.setup()
@@ -250,6 +262,8 @@ def main() -> None:
         help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens",
     )
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
+    parser.add_argument("--tokenizer", type=Path, metavar="FOLDER",
+                        help="HF folder whose tokenizer and template build chat prompts (default: results/{model}/merged)")
     args = parser.parse_args()
     if args.parallel < 1:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
@@ -257,7 +271,7 @@ def main() -> None:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
         asyncio.run(
             serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port, args.api_key or None,
-                  threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
+                  threads, args.ctx_size, args.parallel, args.name, args.tokenizer)  # fmt: skip
         )
 
 
