@@ -1,8 +1,9 @@
 """Check that the f16 GGUF answers the held-out prompts as the merged HF model does, greedily.
 
-The GGUF answers through llama-cpp-python's chat path on the pinned libllama
-(its own chat template and vocabulary, temperature 0); the merged model through
-transformers in float32 (`do_sample=False`). A model without a chat template
+Both read the same prompts, as training saw them: the token ids of transformers'
+`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+answers them through llama-cpp-python on the pinned libllama (temperature 0); the
+merged model through transformers in float32 (`do_sample=False`). A model without a chat template
 answers both ways by plain completion of the prompt's turns, a line each. The answers, compared token for
 token, must be equal on at least `--min-agreement` of the prompts; f16 rounding
 of the weights explains the rest. Both are decoded by the merged model's
@@ -17,7 +18,7 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.generate import decode, gguf_greedy_ids, greedy_ids, stop_ids
 from cpuforge.llama import load_llama_cpp
-from cpuforge.prompt import first_difference, gguf_chat_formatter, prompt_ids
+from cpuforge.prompt import first_difference, prompt_ids
 from cpuforge.task import answer, exact_match, has_prompts, messages, read_rows
 
 log = logging.getLogger(__name__)
@@ -27,21 +28,21 @@ SHOWN = 10
 
 
 def hf_answers(merged: Path, rows: list[dict], max_new_tokens: int):
-    """Greedy answer ids of the merged model in float32, its tokenizer, and its longest prompt in tokens."""
+    """Greedy answer ids of the merged model in float32, and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    longest = max(len(prompt_ids(tokenizer, r)) for r in rows)
-    return greedy_ids(model, tokenizer, rows, max_new_tokens), tokenizer, longest
+    return greedy_ids(model, tokenizer, rows, max_new_tokens), tokenizer
 
 
-def gguf_answers(gguf, bin_dir, rows, stop, max_new_tokens, n_ctx, threads) -> tuple[list[list[int]], bool]:
-    """Greedy answer ids of the GGUF, and whether they came through its chat template."""
+def gguf_answers(gguf, bin_dir, prompts, stop, max_new_tokens, threads) -> list[list[int]]:
+    """Greedy answer ids of the GGUF to prompts given as token ids."""
     llama_cpp = load_llama_cpp(bin_dir)
+    n_ctx = max(map(len, prompts)) + max_new_tokens + 16
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    return gguf_greedy_ids(llm, rows, stop, max_new_tokens), gguf_chat_formatter(llm) is not None
+    return gguf_greedy_ids(llm, prompts, stop, max_new_tokens)
 
 
 def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48, min_agreement=0.9, limit=0) -> dict:
@@ -50,8 +51,9 @@ def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48,
     if not has_prompts(rows):
         raise InputError(f"{heldout}: rows need `messages` (or the demo's `system` and `news`) to be prompts.")
     rows = rows[:limit] if limit else rows
-    want, tokenizer, longest = hf_answers(merged, rows, max_new_tokens)
-    got, chat = gguf_answers(gguf, bin_dir, rows, stop_ids(tokenizer), max_new_tokens, longest + max_new_tokens + 16, threads)
+    want, tokenizer = hf_answers(merged, rows, max_new_tokens)
+    chat = tokenizer.chat_template is not None
+    got = gguf_answers(gguf, bin_dir, [prompt_ids(tokenizer, r) for r in rows], stop_ids(tokenizer), max_new_tokens, threads)
     agree = [a == b for a, b in zip(want, got, strict=True)]
     rate = sum(agree) / len(rows)
     texts = {"hf": [decode(tokenizer, a) for a in want], "gguf": [decode(tokenizer, a) for a in got]}

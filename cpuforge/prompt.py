@@ -68,7 +68,7 @@ def jinja_environment():
 
     class Generation(jinja2.ext.Extension):
         # transformers marks the assistant's tokens with it; the rendered text is the block's body
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno

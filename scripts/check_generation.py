@@ -3,9 +3,10 @@
     python -m scripts.check_generation --gguf results/demo/ggml-model-f16.gguf --merged results/demo/merged \
         --heldout data/demo_task/heldout.jsonl --llama-bin BUILD/bin --out results/demo/checks/generation.json
 
-The GGUF answers through llama-cpp-python's chat path on the pinned libllama
-(its own chat template and vocabulary, temperature 0); the merged model through
-transformers in float32 (`do_sample=False`). A model without a chat template
+Both read the same prompts, as training saw them: the token ids of transformers'
+`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+answers them through llama-cpp-python on the pinned libllama (temperature 0); the
+merged model through transformers in float32 (`do_sample=False`). A model without a chat template
 answers both ways by plain completion of the prompt's turns, a line each. The answers, compared token for
 token, must be equal on at least `--min-agreement` of the prompts; f16 rounding
 of the weights explains the rest. Both are decoded by the merged model's

@@ -5,14 +5,13 @@
     python -m scripts.eval_task --gguf ggml-model-q4_0.gguf --merged results/m/merged \
         --heldout data/demo_task/heldout.jsonl --llama-bin BIN --stage q4_0 --out q4_0.json
 
-A HF folder answers through transformers (scripts/task.py: the chat template of
-the merged model's tokenizer, do_sample=False). A GGUF file answers through
-llama-cpp-python bound to the pinned libllama, with the chat template stored in
-the GGUF, rendered and tokenized as llama-cpp-python's chat handler does, and
-greedy sampling. A model without a chat template is prompted by plain completion
-in both. Every stage must see the same prompt: each GGUF prompt's token
-ids are checked against transformers' ids before any answer is generated, and a
-difference stops the step with the row and the first differing position.
+Every stage reads the same prompt, as training saw it: the token ids of
+transformers' `apply_chat_template` on the merged model's tokenizer
+(cpuforge.prompt; plain completion for a model without a chat template). A HF
+folder answers them through transformers (do_sample=False), a GGUF file through
+llama-cpp-python bound to the pinned libllama, fed those ids as they are (never
+the GGUF's template re-tokenized by llama.cpp, which differs for sentencepiece
+vocabularies), greedily.
 """
 
 from __future__ import annotations
