@@ -158,6 +158,17 @@ def sse(event: dict) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
+async def post_completion(upstream, completion: dict):
+    """POST /completion. Once more on a fresh connection when the pooled one was dead: llama-server announces
+    keep-alive but closes the connection after a streamed answer, and the next request may find it closing."""
+    import aiohttp
+
+    try:
+        return await upstream.post("/completion", json=completion)
+    except aiohttp.ServerDisconnectedError:
+        return await upstream.post("/completion", json=completion)
+
+
 async def respond(request, upstream, body: dict, prompt, name: str):
     """Answer one /v1/chat/completions request through llama-server's /completion; an aiohttp response.
 
@@ -172,10 +183,11 @@ async def respond(request, upstream, body: dict, prompt, name: str):
         body = {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}}
         return web.json_response(body, status=400)
     translation = Translation(name, bool((body.get("stream_options") or {}).get("include_usage")))
-    async with upstream.post("/completion", json=completion) as answer:
+    async with await post_completion(upstream, completion) as answer:
         if answer.status != 200 or answer.content_type != "text/event-stream":
             data = await answer.read()
             if answer.status != 200 or completion["stream"]:  # an error, in llama-server's OpenAI shape
+                log.info("/v1/chat/completions: llama-server answered %d %s", answer.status, data[:300])
                 return web.Response(status=answer.status, body=data, content_type=answer.content_type)
             return web.json_response(translation.whole(json.loads(data)), dumps=lambda o: json.dumps(o, ensure_ascii=False))
         response = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})

@@ -124,9 +124,9 @@ def check_chat_template(gguf: Path, merged: Path, bin_dir: Path, heldout: Path |
     if in_hf != in_gguf:
         where = "the merged model" if in_hf else "the GGUF"
         raise InputError(f"{gguf}: only {where} has a chat template (merged model: {merged}).")
-    # what a runtime started on this file finds: the merged folder beside it, else the one given here
+    # what a runtime started on this file uses: the merged folder beside it, else the one given here (--tokenizer)
     beside = merged_folder(gguf)
-    folder = None if beside is not None and beside.resolve() == merged.resolve() else merged
+    folder = None if beside is not None and (beside / "tokenizer.json").is_file() else merged
     own = GGUFPrompt(llm)
     chat = chat_prompt_for(gguf, folder)
     paths = {"chat": chat or own, "server": ServerPath(chat, own), "llama.cpp": own}

@@ -370,3 +370,43 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
         models[name] = write_vocab_gguf(MODELS_DIR / f"ggml-vocab-{vocab}.gguf", pair_template(template),
                                         results / name / "ggml-model-f32.gguf")  # fmt: skip
     return models
+
+
+def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[str]:
+    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own: up to an
+    end-of-generation token, decoded as the chat and llama-server decode them. With flash attention, as our
+    chat runs (and llama-bench and llama-server on a CPU decide)."""
+    # piece by piece into a large buffer: llama-cpp-python's detokenize drops a piece longer than 32 bytes
+    code = (
+        "import ctypes, json, sys, llama_cpp\n"
+        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
+        "vocab = llama_cpp.llama_model_get_vocab(m.model)\n"
+        "buf = ctypes.create_string_buffer(4096)\n"
+        "for ids in json.loads(sys.argv[2]):\n"
+        "    out = b''\n"
+        "    for n, t in enumerate(m.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)):\n"
+        f"        if llama_cpp.llama_vocab_is_eog(vocab, t) or n == {max_tokens}:\n"
+        "            break\n"
+        "        size = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)\n"
+        "        out += buf.raw[:size]\n"
+        "    print(json.dumps(out.decode('utf-8', errors='ignore')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(gguf), json.dumps(prompts)],
+        env=runtime_env(BIN), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def chat_ids(folder: Path, conversations: list[list[dict]]) -> list[list[int]]:
+    """transformers' ids of each conversation's prompt, from the tokenizer and template in `folder`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for c in conversations]  # fmt: skip
+
+
+def reference_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
+    """What the model answers to each conversation when fed transformers' ids (the merged folder beside it)."""
+    return ids_answers(gguf, chat_ids(gguf.parent / "merged", conversations), max_tokens)
