@@ -237,25 +237,6 @@ def runtime_env(llama_bin: Path) -> dict[str, str]:
     return {**os.environ, "LLAMA_CPP_LIB_PATH": str(llama_bin), "TERM": "dumb", "PYTHONPATH": str(REPO)}
 
 
-def api_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
-    """Greedy answers from llama-cpp-python's own create_chat_completion, in a process of its own.
-
-    With flash attention, as our chat runs (and llama-bench and llama-server on a CPU decide).
-    """
-    code = (
-        "import json, sys, llama_cpp\n"
-        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
-        "for c in json.loads(sys.argv[2]):\n"
-        f"    out = m.create_chat_completion(c, temperature=0.0, max_tokens={max_tokens})\n"
-        "    print(json.dumps(out['choices'][0]['message']['content']))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(gguf), json.dumps(conversations)],
-        env=runtime_env(BIN), capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 @pytest.fixture(scope="session")
 def smol_tokenizer(tmp_path_factory) -> Path:
     """The demo base's tokenizer and chat template (SmolLM2: byte-level BPE, ChatML, BOS <|im_start|>)."""
@@ -372,10 +353,11 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
     return models
 
 
-def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[str]:
+def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32, errors: str = "ignore") -> list[str]:
     """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own: up to an
-    end-of-generation token, decoded as the chat and llama-server decode them. With flash attention, as our
-    chat runs (and llama-bench and llama-server on a CPU decide)."""
+    end-of-generation token, decoded as the chat decodes them (bytes that are not UTF-8 dropped; llama-server
+    replaces them with U+FFFD: errors="replace"). With flash attention, as our chat runs (and llama-bench and
+    llama-server on a CPU decide)."""
     # piece by piece into a large buffer: llama-cpp-python's detokenize drops a piece longer than 32 bytes
     code = (
         "import ctypes, json, sys, llama_cpp\n"
@@ -389,7 +371,7 @@ def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32) -> l
         "            break\n"
         "        size = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)\n"
         "        out += buf.raw[:size]\n"
-        "    print(json.dumps(out.decode('utf-8', errors='ignore')))\n"
+        f"    print(json.dumps(out.decode('utf-8', errors={errors!r})))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(gguf), json.dumps(prompts)],
