@@ -3,9 +3,11 @@
 A GGUF runs through llama-cpp-python on the pinned libllama (--llama-bin, default: the
 workflow's build); a HF folder runs through transformers' generate on the CPU. Both format
 the conversation with the model's own chat template and stream the answer (beam search
-prints it when the search ends). Generation is greedy, up to 1024 new tokens, unless a
-generation config (--generation-config, HF generation_config.json keys) or the flags say
-otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
+prints it when the search ends). A GGUF is fed the token ids transformers gives for that
+prompt, from the merged model's tokenizer (results/{model}/merged beside the GGUF, or
+--tokenizer FOLDER); without one, the GGUF's own template tokenized by llama.cpp.
+Generation is greedy, up to 1024 new tokens, unless a generation config
+(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
 (results/{model}/report/metrics.json) when there is one, else the physical core count.
 Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
 """
@@ -22,10 +24,12 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from cpuforge.errors import InputError
 from cpuforge.llama import MAX_DEFAULT_CTX, apply_loras, gguf_context_length, load_llama_cpp
 from cpuforge.paths import default_llama_bin
-from cpuforge.prompt import CHATML
+from cpuforge.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +81,11 @@ class GGUFChat:
     """A GGUF model through llama-cpp-python on the pinned libllama, with GGUF LoRA adapters (file, scale)
     applied at run time."""
 
-    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras: list = ()):
+    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras: list = (),
+                 tokenizer: Path | None = None):  # fmt: skip
         if not model.is_file():
             raise InputError(f"{model}: file not found.")
         self.llama_cpp = load_llama_cpp(llama_bin or default_llama_bin(model))
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
         log.info("loading %s (%d threads, context %d)", model, threads, ctx_size)
         # flash attention as llama-bench and llama-server run it on a CPU (their "auto" turns it on):
@@ -91,26 +94,19 @@ class GGUFChat:
             str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
         )
         self.adapters = apply_loras(self.llama_cpp, self.llm, list(loras))
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if template is None:
-            log.warning("%s has no chat template; using ChatML, as llama-server does", model)
+        # the merged model's template and tokenizer, so the model reads the ids it was trained on
+        self.prompt = gguf_runtime_prompt(model, self.llm, tokenizer)
+        log.info("prompts: %s", self.prompt.describe())
         self.vocab = self.llama_cpp.llama_model_get_vocab(self.llm.model)
-
-        def text(token: int) -> str:
-            return self.llama_cpp.llama_vocab_get_text(self.vocab, token).decode() if token != -1 else ""
-
-        # built as llama-cpp-python's own create_chat_completion builds it, so both agree token for token
-        self.formatter = Jinja2ChatFormatter(
-            template=template or CHATML, eos_token=text(self.llm.token_eos()), bos_token=text(self.llm.token_bos())
-        )
         self._piece = ctypes.create_string_buffer(256)
         self.n_generated = 0
 
     def prompt_tokens(self, messages: list[dict]) -> tuple[list[int], list[str]]:
-        formatted = self.formatter(messages=messages)
-        tokens = self.llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
-        stops = [s for s in (formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]) if s]
-        return tokens, stops
+        """The ids this chat evaluates for `messages`, and the stop strings of its template."""
+        try:
+            return self.prompt.ids(messages), self.prompt.stop
+        except TemplateError as e:  # the template refuses the conversation (e.g. roles out of turn)
+            raise InputError(f"the chat template refuses this conversation: {e}") from None
 
     def piece(self, token: int) -> bytes:
         n = self.llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
@@ -186,10 +182,9 @@ class HFChat:
         import torch
         from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        n_prompt = inputs["input_ids"].shape[1]
+        ids = hf_chat_ids(self.tokenizer, messages)
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        n_prompt = len(ids)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and n_prompt >= limit:
             raise InputError(f"the conversation is {n_prompt} tokens, the model holds {limit}.")
@@ -274,7 +269,8 @@ def repl(chat, gen: Generation, system: str | None = None, read=input, write=wri
         messages.append({"role": "assistant", "content": text})
 
 
-def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras=()):
+def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras=(),
+              tokenizer: Path | None = None):  # fmt: skip
     if hf and loras:
         raise InputError("--lora applies a GGUF LoRA to a GGUF base; the HF model (--hf) is the merged one already.")
-    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin, loras)
+    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin, loras, tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from cpuforge.prompt import gguf_prompt_ids, prompt_ids
+from cpuforge.prompt import prompt_ids
 from cpuforge.stream import next_token_argmax
 
 log = logging.getLogger(__name__)
@@ -91,21 +91,22 @@ def gguf_stop_ids(llm) -> list[int]:
     return stop + ([vocab.token_eos()] if vocab.token_eos() != -1 else [])
 
 
-def gguf_greedy_answers(llm, rows: list[dict], max_new_tokens: int = 48) -> list[str]:
-    ids = gguf_greedy_ids(llm, rows, gguf_stop_ids(llm), max_new_tokens)
+def gguf_greedy_answers(llm, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
+    ids = gguf_greedy_ids(llm, prompts, gguf_stop_ids(llm), max_new_tokens)
     return [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in ids]
 
 
-def gguf_greedy_ids(llm, rows: list[dict], stop: list[int], max_new_tokens: int = 48) -> list[list[int]]:
-    """Greedy answers from a GGUF through llama-cpp-python (temperature 0, no penalties), as token ids."""
+def gguf_greedy_ids(llm, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 48) -> list[list[int]]:
+    """Greedy answers from a GGUF through llama-cpp-python (temperature 0, no penalties) to prompts given as
+    token ids (cpuforge.prompt: transformers' ids, as training saw them), as token ids."""
     out_ids = []
-    for i, row in enumerate(rows, 1):
+    for i, prompt in enumerate(prompts, 1):
         answer_ids = []
-        for token in llm.generate(gguf_prompt_ids(llm, row), temp=0.0, repeat_penalty=1.0, reset=True):
+        for token in llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
             if token in stop or len(answer_ids) == max_new_tokens:
                 break
             answer_ids.append(token)
         out_ids.append(answer_ids)
-        if i % 10 == 0 or i == len(rows):
-            log.info("generated %d/%d answers", i, len(rows))
+        if i % 10 == 0 or i == len(prompts):
+            log.info("generated %d/%d answers", i, len(prompts))
     return out_ids

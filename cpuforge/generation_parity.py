@@ -1,16 +1,17 @@
 """Check that the f16 GGUF answers the held-out prompts as the merged HF model does, greedily.
 
-The GGUF answers first, through llama-cpp-python's chat path on the pinned
-libllama (its own chat template and vocabulary, temperature 0), and is closed.
-Then one teacher-forced pass of the merged model in float32, streamed a decoder
-layer at a time (cpuforge.stream), over every prompt + the GGUF's answer gives
-the merged model's greedy choice at each answer position: its greedy answer is
-the GGUF's exactly when every choice is the GGUF's token and, where the GGUF
-stopped, a stop token (cpuforge.generate.greedy_divergence). So the memory is
-the GGUF's, then one layer's, never both models, nor the whole merged model in
-f32. A model without a chat template answers both ways by plain completion of
-the prompt's turns, a line each. The answers must be equal on at least
-`--min-agreement` of the prompts; f16 rounding of the weights explains the
+Both read the same prompts, as training saw them: the token ids of transformers'
+`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+answers first, through llama-cpp-python on the pinned libllama (temperature 0),
+and is closed. Then one teacher-forced pass of the merged model in float32,
+streamed a decoder layer at a time (cpuforge.stream), over every prompt + the
+GGUF's answer gives the merged model's greedy choice at each answer position:
+its greedy answer is the GGUF's exactly when every choice is the GGUF's token
+and, where the GGUF stopped, a stop token (cpuforge.generate.greedy_divergence).
+So the memory is the GGUF's, then one layer's, never both models, nor the whole
+merged model in f32. A model without a chat template answers both ways by plain
+completion of the prompt's turns, a line each. The answers must be equal on at
+least `--min-agreement` of the prompts; f16 rounding of the weights explains the
 rest. Each mismatch is recorded with its first differing token and the merged
 model's answer up to that token; the GGUF's answers are scored by exact match
 against the task's (the merged model's exact match is eval_task_hf's figure).
@@ -19,12 +20,11 @@ against the task's (the merged model's exact match is eval_task_hf's figure).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.generate import decode, gguf_greedy_ids, greedy_choices, greedy_divergence, greedy_known, stop_ids
 from cpuforge.llama import load_llama_cpp
-from cpuforge.prompt import gguf_chat_formatter, prompt_ids
+from cpuforge.prompt import prompt_ids
 from cpuforge.task import answer, exact_match, has_prompts, messages, read_rows
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,13 @@ log = logging.getLogger(__name__)
 SHOWN = 10
 
 
-def gguf_answers(gguf, bin_dir, rows, stop, max_new_tokens, n_ctx, threads) -> tuple[list[list[int]], bool]:
-    """Greedy answer ids of the GGUF, and whether they came through its chat template."""
+def gguf_answers(gguf, bin_dir, prompts, stop, max_new_tokens, threads) -> list[list[int]]:
+    """Greedy answer ids of the GGUF to prompts given as token ids."""
     llama_cpp = load_llama_cpp(bin_dir)
+    n_ctx = max(map(len, prompts)) + max_new_tokens + 16
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     try:
-        return gguf_greedy_ids(llm, rows, stop, max_new_tokens), gguf_chat_formatter(llm) is not None
+        return gguf_greedy_ids(llm, prompts, stop, max_new_tokens)
     finally:
         llm.close()  # its memory is given back before the merged model is read
 
@@ -55,8 +56,8 @@ def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48,
     tokenizer = AutoTokenizer.from_pretrained(merged)
     prompts = [prompt_ids(tokenizer, r) for r in rows]
     stop = stop_ids(tokenizer)
-    n_ctx = max(map(len, prompts)) + max_new_tokens + 16
-    got, chat = gguf_answers(gguf, bin_dir, rows, stop, max_new_tokens, n_ctx, threads)
+    chat = tokenizer.chat_template is not None
+    got = gguf_answers(gguf, bin_dir, prompts, stop, max_new_tokens, threads)
     choices = greedy_choices(merged, prompts, got, max_new_tokens)
     differ = [greedy_divergence(c, a, stop, max_new_tokens) for c, a in zip(choices, got, strict=True)]
     agree = sum(d is None for d in differ)

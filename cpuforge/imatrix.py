@@ -23,6 +23,7 @@ from cpuforge.files import atomic_output
 from cpuforge.generate import gguf_greedy_answers
 from cpuforge.llama import load_gguf_vocab, load_llama_cpp, run_llama_tool
 from cpuforge.perplexity import parse_kl_output
+from cpuforge.prompt import prompt_ids
 from cpuforge.quant import NEEDS_IMATRIX, quantize
 from cpuforge.task import exact_match, has_prompts, prose, read_rows, training_texts
 
@@ -111,15 +112,24 @@ def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path 
     return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", [*args, "--kl-divergence"]))
 
 
-def task_accuracy(bin_dir: Path, model: Path, rows: list[dict], threads: int) -> float:
+def task_accuracy(bin_dir: Path, model: Path, prompts: list[list[int]], rows: list[dict], threads: int) -> float:
+    """Exact match of the GGUF's greedy answers to the rows' prompts, given as transformers' token ids."""
     llama_cpp = load_llama_cpp(bin_dir)
     llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    return exact_match(gguf_greedy_answers(llm, rows), rows)
+    return exact_match(gguf_greedy_answers(llm, prompts), rows)
 
 
-def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512, chunks=20, prompts=0) -> dict:
+def task_prompts(merged: Path, rows: list[dict]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    return [prompt_ids(tokenizer, r) for r in rows]
+
+
+def compare(bin_dir, f16, merged, quant, imatrix, qtype, heldout, out, threads, ctx=512, chunks=20, prompts=0) -> dict:
     rows = read_rows(heldout) if heldout else []
     rows = (rows[:prompts] if prompts else rows) if has_prompts(rows) else []
+    ids = task_prompts(merged, rows) if rows else []
     record = {
         "type": qtype,
         "with": {"artifact": quant.name},
@@ -142,7 +152,7 @@ def compare(bin_dir, f16, quant, imatrix, qtype, heldout, out, threads, ctx=512,
             kl = perplexity(bin_dir, model, base, threads)
             record[side] |= {k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")}
             if rows:
-                record[side]["task_exact_match"] = task_accuracy(bin_dir, model, rows, threads)
+                record[side]["task_exact_match"] = task_accuracy(bin_dir, model, ids, rows, threads)
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
         # both runs score against the same saved f16 logits, so either states the f16 perplexity
         record["f16"] = {"perplexity": kl["f16_perplexity"]}

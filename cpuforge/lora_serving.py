@@ -80,9 +80,13 @@ class ModelTable:
         scales = self.models[model]
         return [{"id": i, "scale": scales.get(i, 0.0)} for i in range(len(self.files))]
 
-    def request_body(self, body: dict, raw: bytes) -> bytes:
-        """The body to forward: as sent when no adapter is loaded, else with the model's `lora` field
-        (a client's own `lora` is replaced: the model name alone picks the adapters)."""
+    def with_lora(self, body: dict) -> dict:
+        """The request with the model's `lora` field when adapters are loaded (a client's own `lora` is
+        replaced: the model name alone picks the adapters)."""
         if not self.files:
-            return raw
-        return json.dumps({**body, "lora": self.lora_field(body.get("model", self.base))}).encode()
+            return body
+        return {**body, "lora": self.lora_field(body.get("model", self.base))}
+
+    def request_body(self, body: dict, raw: bytes) -> bytes:
+        """The body to forward: as sent when no adapter is loaded, else with the model's `lora` field."""
+        return raw if not self.files else json.dumps(self.with_lora(body)).encode()

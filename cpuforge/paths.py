@@ -77,6 +77,13 @@ def model_name(model: str | os.PathLike) -> str:
     return f"{model.resolve().parent.name}-{match[1]}" if match else model.stem
 
 
+def merged_folder(gguf: str | os.PathLike) -> Path | None:
+    """results/{model}/merged for results/{model}/ggml-model-{qtype}.gguf, the folder whose tokenizer a
+    chat or server on that GGUF builds its prompts with; None for a GGUF outside that layout."""
+    gguf = Path(gguf)
+    return gguf.parent / "merged" if re.fullmatch(r"ggml-model-(.+)\.gguf", gguf.name) else None
+
+
 def report_metrics(model: str | os.PathLike) -> Path:
     """`results/{model}/report/metrics.json` for a model file or folder under results/{model}/."""
     return Path(model).resolve().parent / "report" / "metrics.json"

@@ -252,15 +252,23 @@ def rate(result: dict) -> str:
     return f"{result['agree']}/{result['samples']} ({100 * result['agree'] / max(result['samples'], 1):.1f}%)"
 
 
+def template_verdict(template: dict | None) -> str:
+    """How many prompts each runtime was fed exactly transformers' ids for: `chat 44/44, server 44/44, …`."""
+    if template is None:
+        return "–"
+    if not template["template"]:
+        return template["message"]
+    return ", ".join(f"{name} {r['same_ids']}/{r['prompts']}" for name, r in template["runtimes"].items())
+
+
 def checks_html(checks: dict) -> str:
     parts = []
     if checks["tokenizer"]:
         corpora = list(next(iter(checks["tokenizer"].values()))["corpora"])
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["artifact", *corpora, "chat template"])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["artifact", *corpora, "chat prompts: transformers' ids"])
         rows = []
         for stage, record in checks["tokenizer"].items():
-            template = checks["chat_template"].get(stage)
-            verdict = "–" if template is None else ("same" if template["template"] else template["message"])
+            verdict = template_verdict(checks["chat_template"].get(stage))
             cells = [record["artifact"], *(rate(record["corpora"][c]) for c in corpora), verdict]
             rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         mismatches = "".join(
@@ -272,7 +280,10 @@ def checks_html(checks: dict) -> str:
         )
         parts.append(
             "<h3>Tokenizer and chat-template parity</h3><p>Token ids from the GGUF's vocabulary (pinned libllama) "
-            "against the merged model's tokenizer; the task data must agree 100%.</p>"
+            "against the merged model's tokenizer; the task data must agree 100%. The last column counts the chat "
+            "prompts (fixed conversations and held-out prompts) that the chat and the server were fed with exactly "
+            "transformers' token ids (both must be all), beside llama.cpp's own tokenization of the GGUF's template, "
+            "which the runtimes use only without a merged model.</p>"
             f"<table class='checks'><tr>{head}</tr>{''.join(rows)}</table>"
             + (f"<details><summary>first mismatches</summary><ul>{mismatches}</ul></details>" if mismatches else "")
         )

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.files import atomic_output, read_json
-from cpuforge.generate import gguf_greedy_ids, gguf_stop_ids
+from cpuforge.generate import gguf_greedy_ids, stop_ids
 from cpuforge.llama import apply_loras, load_llama_cpp
 from cpuforge.lora import EMBED, LM_HEAD, Adapter, Plan, adapter_shapes, check_inputs
 from cpuforge.merge import copy_tokenizer
-from cpuforge.prompt import first_difference, gguf_prompt_ids
+from cpuforge.prompt import first_difference, prompt_ids, tokenizer_folder
 from cpuforge.provenance import copy_gguf_with_provenance
 from cpuforge.safetensors_io import safetensors_header
 from cpuforge.task import has_prompts, messages, read_rows
@@ -117,15 +117,21 @@ def check_runtime_lora(
     if not has_prompts(rows):
         raise InputError(f"{heldout}: rows need `messages` (or the demo's `system` and `news`) to be prompts.")
     rows = rows[:limit] if limit else rows
+    from transformers import AutoTokenizer
+
+    # both sides read the ids transformers gives for the merged model's template, as every runtime does
+    folder = tokenizer_folder(merged)
+    if folder is None:
+        raise InputError(f"{merged}: no merged model folder beside it to build the prompts from.")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = [prompt_ids(tokenizer, r) for r in rows]
+    n_ctx = max(map(len, prompts)) + max_new_tokens + 16  # the longest prompt and its answer
     llama_cpp = load_llama_cpp(bin_dir)
     answers, texts = {}, {}
     for side, path, adapters in (("merged", merged, []), ("runtime", base, loras)):
-        # the context of the longest prompt and its answer, as check_generation sizes it
-        vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-        n_ctx = max(len(gguf_prompt_ids(vocab, r)) for r in rows) + max_new_tokens + 16
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
         apply_loras(llama_cpp, llm, [(a, 1.0) for a in adapters])
-        answers[side] = gguf_greedy_ids(llm, rows, gguf_stop_ids(llm), max_new_tokens)
+        answers[side] = gguf_greedy_ids(llm, prompts, stop_ids(tokenizer), max_new_tokens)
         texts[side] = [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in answers[side]]
     agree = [a == b for a, b in zip(answers["merged"], answers["runtime"], strict=True)]
     rate = sum(agree) / len(rows)

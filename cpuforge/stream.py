@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.lora import EMBED, LM_HEAD, base_shards
-from cpuforge.safetensors_io import SafetensorsReader
+from cpuforge.safetensors_io import open_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Weights:
     def __init__(self, folder: Path):
         self.folder = folder
         self.files = base_shards(folder)
-        self.readers: dict[Path, SafetensorsReader] = {}
+        self.readers: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -57,7 +57,7 @@ class Weights:
             raise InputError(f"{self.folder}: the model has no tensor {name}.")
         path = self.files[name]
         if path not in self.readers:
-            self.readers[path] = SafetensorsReader(path)
+            self.readers[path] = open_weights(path)  # a .bin shard memory-mapped
         return self.readers[path][name]
 
     def load(self, module, prefix: str) -> None:

@@ -52,6 +52,8 @@ rule check_runtime_lora:
     input:
         gguf="results/{model}/base-{stage}.gguf",
         merged="results/{model}/ggml-model-{stage}.gguf",
+        # its tokenizer and template build the prompts both sides read
+        tokenizer="results/{model}/merged",
         loras=get_adapter_ggufs,
         heldout=get_heldout,
         lib=f"{get_llama_bin()}/libllama.so",

@@ -28,6 +28,7 @@ rule check_chat_template:
     input:
         gguf="results/{model}/ggml-model-{stage}.gguf",
         merged="results/{model}/merged",
+        heldout=get_heldout,
         lib=f"{get_llama_bin()}/libllama.so",
     output:
         "results/{model}/checks/chat-template-{stage}.json",
@@ -41,9 +42,11 @@ rule check_chat_template:
     resources:
         mem_mb=get_check_mem_mb,
         runtime=10,
+    params:
+        heldout=get_heldout_arg,
     shell:
-        'python -m scripts.check_chat_template --gguf {input.gguf:q} --merged {input.merged:q} --llama-bin "$(dirname {input.lib:q})"'
-        " --out {output:q} > {log:q} 2>&1"
+        'python -m scripts.check_chat_template --gguf {input.gguf:q} --merged {input.merged:q} {params.heldout:q}'
+        ' --llama-bin "$(dirname {input.lib:q})" --out {output:q} > {log:q} 2>&1'
 
 
 rule check_generation:
@@ -75,6 +78,7 @@ rule check_generation:
 rule compare_imatrix:
     input:
         f16="results/{model}/ggml-model-f16.gguf",
+        merged="results/{model}/merged",
         quant="results/{model}/ggml-model-{qtype}.gguf",
         imatrix="results/{model}/imatrix.gguf",
         task=get_task_files,
@@ -97,6 +101,7 @@ rule compare_imatrix:
         **config["checks"]["imatrix"],
         heldout=get_heldout_arg,
     shell:
-        'python -m scripts.compare_imatrix --llama-bin "$(dirname {input.lib:q})" --gguf {input.f16:q} --quant {input.quant:q}'
+        'python -m scripts.compare_imatrix --llama-bin "$(dirname {input.lib:q})" --gguf {input.f16:q}'
+        " --merged {input.merged:q} --quant {input.quant:q}"
         " --imatrix {input.imatrix:q} --type {wildcards.qtype} {params.heldout:q} --ctx-size {params.ctx_size}"
         " --chunks {params.chunks} --prompts {params.prompts} --threads {threads} --out {output:q} > {log:q} 2>&1"

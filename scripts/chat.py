@@ -8,9 +8,11 @@
 A GGUF runs through llama-cpp-python on the pinned libllama (--llama-bin, default: the
 workflow's build); a HF folder runs through transformers' generate on the CPU. Both format
 the conversation with the model's own chat template and stream the answer (beam search
-prints it when the search ends). Generation is greedy, up to 1024 new tokens, unless a
-generation config (--generation-config, HF generation_config.json keys) or the flags say
-otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
+prints it when the search ends). A GGUF is fed the token ids transformers gives for that
+prompt, from the merged model's tokenizer (results/{model}/merged beside the GGUF, or
+--tokenizer FOLDER); without one, the GGUF's own template tokenized by llama.cpp.
+Generation is greedy, up to 1024 new tokens, unless a generation config
+(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
 (results/{model}/report/metrics.json) when there is one, else the physical core count.
 Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
 """
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply this GGUF LoRA adapter to the GGUF at run time; repeat to stack")  # fmt: skip
+    parser.add_argument("--tokenizer", type=Path, metavar="FOLDER",
+                        help="HF folder whose tokenizer and template build a GGUF's prompts (default: results/{model}/merged)")
     parser.add_argument("--generation-config", type=Path, help="JSON with HF GenerationConfig keys")
     parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--temperature", type=float)
@@ -68,7 +72,7 @@ def main() -> None:
     # script is (Python keeps an inherited SIG_IGN and then never raises KeyboardInterrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     loras = [parse_scaled_file(a) for a in args.lora]
-    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin, loras)
+    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin, loras, args.tokenizer)
     try:
         if args.prompt is not None:
             messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -1,16 +1,16 @@
-"""Check that a GGUF's chat template builds the prompts transformers builds, to the character.
+"""Check that the chat and the server on a GGUF feed the model the token ids transformers gives.
 
     python -m scripts.check_chat_template --gguf results/demo/ggml-model-q4_0.gguf --merged results/demo/merged \
-        --llama-bin BUILD/bin --out results/demo/checks/chat-template-q4_0.json
+        --heldout data/demo_task/heldout.jsonl --llama-bin BUILD/bin --out results/demo/checks/chat-template-q4_0.json
 
-For a few fixed conversations (system + user, multi-turn, user only; each with the
-generation prompt) the prompt that llama-cpp-python's chat path builds from the
-GGUF's `tokenizer.chat_template` (what a chat or server on the GGUF sends to the
-model; for a template it knows byte for byte, such as ChatML, it uses a built-in
-format instead) must equal transformers' `apply_chat_template` on the merged folder,
-character for character, and its tokenization must start with exactly one BOS
-(none for a model that uses none). A model without a template passes with a
-message: chat on it is plain completion, never a guessed template.
+For fixed conversations (system + user, multi-turn with the assistant's history,
+user only, system + multi-turn) and the task's held-out prompts (--heldout), the
+ids the chat (scripts.chat's GGUF path) and the server (what scripts.serve's proxy
+sends llama-server) really evaluate must equal transformers' `apply_chat_template`
+ids on the merged folder; how many did is recorded per runtime, with llama.cpp's
+own tokenization of the GGUF's template beside them for the record. Metadata and
+tokenizers only, no weights. A model without a template passes with a message:
+chat on it is plain completion, never a guessed template.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, "gguf", "merged", "llama-bin", "out")
+    add_flags(parser, "gguf", "merged", "heldout", "llama-bin", "out")
     args = parser.parse_args()
-    for path in (args.gguf, args.merged):
+    for path in (args.gguf, args.merged, *([args.heldout] if args.heldout else [])):
         if not path.exists():
             raise InputError(f"{path}: not found.")
-    record = check_chat_template(args.gguf, args.merged, args.llama_bin)
+    record = check_chat_template(args.gguf, args.merged, args.llama_bin, args.heldout)
     with atomic_output(args.out) as tmp:
         tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     log.info("chat template parity of %s written to %s", args.gguf, args.out)

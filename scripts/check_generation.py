@@ -3,17 +3,18 @@
     python -m scripts.check_generation --gguf results/demo/ggml-model-f16.gguf --merged results/demo/merged \
         --heldout data/demo_task/heldout.jsonl --llama-bin BUILD/bin --out results/demo/checks/generation.json
 
-The GGUF answers first, through llama-cpp-python's chat path on the pinned
-libllama (its own chat template and vocabulary, temperature 0), and is closed;
-then one teacher-forced pass of the merged model in float32, streamed a decoder
-layer at a time, over each prompt + the GGUF's answer tells whether the merged
-model's greedy answer (`do_sample=False`) is the same: its greedy choice must be
-the GGUF's token at every answer position, and a stop token where the GGUF
-stopped. A model without a chat template answers both ways by plain completion
-of the prompt's turns, a line each. The answers must be equal on at least
-`--min-agreement` of the prompts; f16 rounding of the weights explains the
-rest. The record holds each prompt's first differing answer token and the
-GGUF's exact match against the task's answers.
+Both read the same prompts, as training saw them: the token ids of transformers'
+`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+answers first, through llama-cpp-python on the pinned libllama (temperature 0),
+and is closed; then one teacher-forced pass of the merged model in float32,
+streamed a decoder layer at a time, over each prompt + the GGUF's answer tells
+whether the merged model's greedy answer (`do_sample=False`) is the same: its
+greedy choice must be the GGUF's token at every answer position, and a stop
+token where the GGUF stopped. A model without a chat template answers both ways
+by plain completion of the prompt's turns, a line each. The answers must be
+equal on at least `--min-agreement` of the prompts; f16 rounding of the weights
+explains the rest. The record holds each prompt's first differing answer token
+and the GGUF's exact match against the task's answers.
 """
 
 from __future__ import annotations

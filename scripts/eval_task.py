@@ -5,19 +5,17 @@
     python -m scripts.eval_task --gguf ggml-model-q4_0.gguf --merged results/m/merged \
         --heldout data/demo_task/heldout.jsonl --llama-bin BIN --stage q4_0 --out q4_0.json
 
-A HF folder is scored by teacher forcing, in one pass streamed a decoder layer
-at a time (cpuforge.accuracy.answers_hf): a row is right when the model's greedy
+Every stage reads the same prompt, as training saw it: the token ids of
+transformers' `apply_chat_template` on the merged model's tokenizer
+(cpuforge.prompt; plain completion for a model without a chat template). A HF
+folder is scored by teacher forcing, in one pass streamed a decoder layer at a
+time (cpuforge.accuracy.answers_hf): a row is right when the model's greedy
 choice is the answer's token at every answer position and a stop token after
 it, which is greedy decoding's exact match (do_sample=False); its `answers` are
-the task's where right, else written up to the first token that differs. The
-prompts are built with the merged model's tokenizer and chat template. A GGUF
-file answers through llama-cpp-python bound to the pinned libllama, with the
-chat template stored in the GGUF, rendered and tokenized as llama-cpp-python's
-chat handler does, and greedy sampling. A model without a chat template is
-prompted by plain completion in both. Every stage must see the same prompt:
-each GGUF prompt's token ids are checked against transformers' ids before any
-answer is generated, and a difference stops the step with the row and the first
-differing position.
+the task's where right, else written up to the first token that differs. A GGUF
+file answers through llama-cpp-python bound to the pinned libllama, fed those
+ids as they are (never the GGUF's template re-tokenized by llama.cpp, which
+differs for sentencepiece vocabularies), greedily.
 """
 
 from __future__ import annotations

@@ -10,12 +10,16 @@ GET /v1/models, GET /health, GET /metrics (Prometheus text), and llama-server's 
 GGUF LoRA applied, picked per request by its `model` field (cpuforge/lora_serving.py).
 
 The pinned build's llama-server does the work: C++ end to end, continuous batching over
---parallel slots, the model's chat template. It listens on a Unix socket in a private
-folder, so nothing but this process reaches it. This process is a thin proxy in front of
-it that answers what llama-server gets wrong for an OpenAI client: malformed JSON (llama-server
-says 500), a model name it does not serve (llama-server ignores the name) and a wrong API key
-(checked here, so a bad request never reaches the model); everything else, errors included
-(a prompt longer than the context is a 400), passes through byte for byte, streamed as it comes.
+--parallel slots. It listens on a Unix socket in a private folder, so nothing but this
+process reaches it. A chat request is rendered and tokenized here, with the merged model's
+template and tokenizer (results/{model}/merged beside the GGUF, or --tokenizer FOLDER), and
+llama-server is sent those token ids (cpuforge/chat_completion.py), so the model reads the
+ids it was trained on; without a merged folder, llama-server's own template path. This
+process is a thin proxy in front of it that answers what llama-server gets wrong for an
+OpenAI client: malformed JSON (llama-server says 500), a model name it does not serve
+(llama-server ignores the name) and a wrong API key (checked here, so a bad request never
+reaches the model); everything else, errors included (a prompt longer than the context is a
+400), passes through byte for byte, streamed as it comes.
 
 The proxy also keeps llama-server alive: /health says `loading`, `ok` or `unavailable` (503 for
 the two not ok), a request in flight when llama-server dies gets a 503 in the OpenAI error shape,
@@ -47,11 +51,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpuforge import chat_completion
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
 from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
 from cpuforge.lora_serving import ModelTable, parse_named_lora
 from cpuforge.paths import default_llama_bin, model_name
+from cpuforge.prompt import chat_prompt_for
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +256,12 @@ class Metrics:
 
 
 def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bool = True,
-             created: int | None = None, table: ModelTable | None = None):  # fmt: skip
+             created: int | None = None, table: ModelTable | None = None, prompt=None):  # fmt: skip
     """The proxy: checks the key, the JSON and the model name, then streams llama-server's answer back.
 
     `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama);
     `table` names the base and its adapters (default: the base alone).
+    `prompt` (a cpuforge.prompt.ChatPrompt) renders and tokenizes chat requests, None leaves them to llama-server.
     """
     import aiohttp
     from aiohttp import web
@@ -322,6 +329,17 @@ def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bo
         if body.get("model", name) not in table:
             return error(404, f"The model `{body['model']}` does not exist; this server serves {served}.",
                          code="model_not_found", reason="model_not_found")  # fmt: skip
+        if request.path == "/v1/chat/completions" and prompt is not None:
+            if (why := chat_completion.needs_llama_server(body)) is None:
+                if not engine.ready:
+                    return unavailable()
+                try:  # the model's adapters ride along as llama-server's per-request `lora`
+                    return await chat_completion.respond(request, upstream, table.with_lora(body), prompt,
+                                                         body.get("model", name))  # fmt: skip
+                except aiohttp.ClientError as e:  # llama-server died before it answered
+                    log.warning("%s: llama-server went away (%s)", request.path, e.__class__.__name__)
+                    return unavailable("llama-server stopped while answering this request; it is being restarted.")
+            log.info("a chat request with %s: through llama-server's own template", why)
         data = table.request_body(body, raw)  # the model's adapters, as llama-server's per-request `lora`
         return await relay(request, "POST", request.path, data=data, headers={"Content-Type": "application/json"})
 
@@ -432,7 +450,7 @@ def bind(host: str, port: int) -> socket.socket:
 async def serve(
     model: Path, llama_bin: Path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
     threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None, loras: list = (),
-    webui: bool = True, restarts: int = RESTARTS, drain_timeout: float = DRAIN_TIMEOUT,
+    webui: bool = True, restarts: int = RESTARTS, drain_timeout: float = DRAIN_TIMEOUT, tokenizer: Path | None = None,
 ) -> None:  # fmt: skip
     """Start llama-server and the proxy; serve until SIGINT or SIGTERM, then drain and stop both.
 
@@ -449,6 +467,7 @@ async def serve(
         )
     name = name or model_name(model)
     table = ModelTable.build(name, list(loras))
+    prompt = chat_prompt_for(model, tokenizer)
     ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
     listener = bind(host, port)
     with tempfile.TemporaryDirectory(prefix="cpuforge-serve-") as private:
@@ -465,7 +484,7 @@ async def serve(
         command = llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel, webui)
         command += table.server_args()
         engine = Engine(command, sock, key, upstream, restarts)
-        app = make_app(upstream, name, api_key, engine, webui, table=table)
+        app = make_app(upstream, name, api_key, engine, webui, table=table, prompt=prompt)
         # aiohttp's graceful stop: close the listener, let handlers in flight finish for so long, then cancel them
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_timeout)
         supervisor = None
@@ -526,6 +545,8 @@ def main() -> None:
     parser.add_argument("--llama-bin", type=Path, help="pinned llama.cpp bin folder (default: the workflow's build)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME=FILE[:SCALE]",
                         help="serve BASE+NAME: the model with this GGUF LoRA; repeat (a NAME again stacks)")  # fmt: skip
+    parser.add_argument("--tokenizer", type=Path, metavar="FOLDER",
+                        help="HF folder whose tokenizer and template build chat prompts (default: results/{model}/merged)")
     args = parser.parse_args()
     if args.parallel < 1:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
@@ -535,9 +556,10 @@ def main() -> None:
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
             asyncio.run(
-                serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port, args.api_key or None,
-                      threads, args.ctx_size, args.parallel, args.name, [parse_named_lora(a) for a in args.lora],
-                      not args.no_webui, args.restarts, args.drain_timeout)  # fmt: skip
+                serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port,
+                      args.api_key or None, threads, args.ctx_size, args.parallel, args.name,
+                      [parse_named_lora(a) for a in args.lora], not args.no_webui, args.restarts, args.drain_timeout,
+                      args.tokenizer)  # fmt: skip
             )
     except EngineFailed as e:
         # for a supervisor (systemd, SLURM): the server is gone, and why, in one line

@@ -241,25 +241,6 @@ def runtime_env(llama_bin: Path) -> dict[str, str]:
     return {**os.environ, "LLAMA_CPP_LIB_PATH": str(llama_bin), "TERM": "dumb", "PYTHONPATH": str(REPO)}
 
 
-def api_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
-    """Greedy answers from llama-cpp-python's own create_chat_completion, in a process of its own.
-
-    With flash attention, as our chat runs (and llama-bench and llama-server on a CPU decide).
-    """
-    code = (
-        "import json, sys, llama_cpp\n"
-        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
-        "for c in json.loads(sys.argv[2]):\n"
-        f"    out = m.create_chat_completion(c, temperature=0.0, max_tokens={max_tokens})\n"
-        "    print(json.dumps(out['choices'][0]['message']['content']))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(gguf), json.dumps(conversations)],
-        env=runtime_env(BIN), capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in result.stdout.splitlines()]
-
-
 @pytest.fixture(scope="session")
 def smol_tokenizer(tmp_path_factory) -> Path:
     """The demo base's tokenizer and chat template (SmolLM2: byte-level BPE, ChatML, BOS <|im_start|>)."""
@@ -366,3 +347,128 @@ def unknown_bpe_tokenizer(out: Path) -> Path:
     tokenizer.train_from_iterator([prose()], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
     return out
+# Llama-2-chat's own template (meta-llama/Llama-2-7b-chat-hf): BOS written by the template before every
+# `[INST]`, the system prompt inside the first turn, EOS after every answer
+LLAMA_2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+MODELS_DIR = SOURCE / "models"
+# (vocabulary, chat template) pairs: the pinned source's real vocabularies (models/ggml-vocab-*.gguf) with real
+# templates (models/templates/*.jinja, or Llama-2-chat's above); two sentencepiece ones open with `{{ bos_token }}`
+VOCAB_PAIRS = {
+    "llama2-spm": ("llama-spm", LLAMA_2_CHAT_TEMPLATE),
+    "mistral-spm": ("llama-spm", "mistralai-Mistral-Nemo-Instruct-2407.jinja"),
+    "phi3-spm": ("phi-3", "microsoft-Phi-3.5-mini-instruct.jinja"),
+    "llama3-bpe": ("llama-bpe", "meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    "qwen2-bpe": ("qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja"),
+}
+
+
+def pair_template(template: str) -> str:
+    return (MODELS_DIR / "templates" / template).read_text() if template.endswith(".jinja") else template
+
+
+def write_vocab_gguf(vocab: Path, template: str, out: Path, seed: int = 0, hidden: int = 64, ffn: int = 128) -> Path:
+    """A tiny random Llama GGUF (2 layers, f32) that reads with `vocab`'s tokenizer, written with gguf-py:
+    every `tokenizer.*` key of the vocabulary file as llama.cpp's converter made it, and `template`."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(vocab)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    writer = GGUFWriter(out, arch="llama")
+    writer.add_name(out.parent.name)
+    for add, value in ((writer.add_context_length, 256), (writer.add_embedding_length, hidden),
+                       (writer.add_block_count, 2), (writer.add_feed_forward_length, ffn), (writer.add_head_count, 2),
+                       (writer.add_head_count_kv, 2), (writer.add_rope_dimension_count, hidden // 2),
+                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, n_vocab), (writer.add_file_type, 0)):  # fmt: skip
+        add(value)
+    for field in reader.fields.values():
+        if field.name.startswith("tokenizer.") and field.name != "tokenizer.chat_template":
+            array = field.types[0] == GGUFValueType.ARRAY
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1] if array else None)
+    writer.add_chat_template(template)
+    # weights large enough that each step has a clear favourite: greedy answers then agree across runtimes
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd": (n_vocab, hidden), "output": (n_vocab, hidden)}
+    for i in range(2):
+        shapes |= {f"blk.{i}.{n}": (hidden, hidden) for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
+        shapes |= {f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden), f"blk.{i}.ffn_down": (hidden, ffn)}
+    for name, shape in shapes.items():
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.2).astype(np.float32))
+    for name in ["output_norm", *(f"blk.{i}.{n}" for i in range(2) for n in ("attn_norm", "ffn_norm"))]:
+        writer.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="session")
+def vocab_models(tmp_path_factory) -> dict[str, Path]:
+    """results/{pair}/ggml-model-f32.gguf for each of VOCAB_PAIRS, with results/{pair}/merged beside it: the
+    tokenizer transformers reads from the vocabulary file (gguf_file=), saved with the template."""
+    from transformers import AutoTokenizer
+
+    results = tmp_path_factory.mktemp("vocab_models") / "results"
+    tokenizers, models = {}, {}
+    for name, (vocab, template) in VOCAB_PAIRS.items():
+        if vocab not in tokenizers:
+            tokenizers[vocab] = AutoTokenizer.from_pretrained(MODELS_DIR, gguf_file=f"ggml-vocab-{vocab}.gguf")
+        tokenizer = tokenizers[vocab]
+        tokenizer.chat_template = pair_template(template)
+        tokenizer.save_pretrained(results / name / "merged")
+        models[name] = write_vocab_gguf(MODELS_DIR / f"ggml-vocab-{vocab}.gguf", pair_template(template),
+                                        results / name / "ggml-model-f32.gguf")  # fmt: skip
+    return models
+
+
+def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32, errors: str = "ignore") -> list[str]:
+    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own: up to an
+    end-of-generation token, decoded as the chat decodes them (bytes that are not UTF-8 dropped; llama-server
+    replaces them with U+FFFD: errors="replace"). With flash attention, as our chat runs (and llama-bench and
+    llama-server on a CPU decide)."""
+    # piece by piece into a large buffer: llama-cpp-python's detokenize drops a piece longer than 32 bytes
+    code = (
+        "import ctypes, json, sys, llama_cpp\n"
+        "m = llama_cpp.Llama(sys.argv[1], n_ctx=256, n_threads=1, flash_attn=True, verbose=False)\n"
+        "vocab = llama_cpp.llama_model_get_vocab(m.model)\n"
+        "buf = ctypes.create_string_buffer(4096)\n"
+        "for ids in json.loads(sys.argv[2]):\n"
+        "    out = b''\n"
+        "    for n, t in enumerate(m.generate(ids, temp=0.0, repeat_penalty=1.0, reset=True)):\n"
+        f"        if llama_cpp.llama_vocab_is_eog(vocab, t) or n == {max_tokens}:\n"
+        "            break\n"
+        "        size = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, False)\n"
+        "        out += buf.raw[:size]\n"
+        f"    print(json.dumps(out.decode('utf-8', errors={errors!r})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(gguf), json.dumps(prompts)],
+        env=runtime_env(BIN), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def chat_ids(folder: Path, conversations: list[list[dict]]) -> list[list[int]]:
+    """transformers' ids of each conversation's prompt, from the tokenizer and template in `folder`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for c in conversations]  # fmt: skip
+
+
+def reference_answers(gguf: Path, conversations: list[list[dict]], max_tokens: int = 32) -> list[str]:
+    """What the model answers to each conversation when fed transformers' ids (the merged folder beside it)."""
+    return ids_answers(gguf, chat_ids(gguf.parent / "merged", conversations), max_tokens)

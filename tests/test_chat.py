@@ -9,13 +9,13 @@ import sys
 
 import pexpect
 import pytest
-from conftest import REPO, api_answers, chat_lesson, runtime_env
+from conftest import REPO, chat_lesson, reference_answers, runtime_env
 
 from cpuforge.chat import Generation, load_generation
 from cpuforge.errors import InputError
 from cpuforge.llama import default_threads, physical_cores
 
-MAX_NEW = 32  # as api_answers
+MAX_NEW = 32  # as reference_answers
 QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]
 
 
@@ -43,15 +43,15 @@ def gguf(tiny_chat_model):
     return tiny_chat_model / "ggml-model-q4_0.gguf"
 
 
-def test_terminal_chat_answers_as_the_python_api(llama_bin, gguf):
+def test_terminal_chat_answers_as_the_model_does_to_transformers_ids(llama_bin, gguf):
     first, second = QUESTIONS
-    want_first, want_alone = api_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    want_first, want_alone = reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
     history = [
         {"role": "user", "content": first},
         {"role": "assistant", "content": want_first},
         {"role": "user", "content": second},
     ]
-    (want_second,) = api_answers(gguf, [history])
+    (want_second,) = reference_answers(gguf, [history])
     assert want_first.strip() and want_second.strip()
     assert "\n> " not in want_first + want_second  # the prompt marks the end of an answer
 
@@ -86,14 +86,14 @@ def test_a_conversation_longer_than_the_context_is_refused_and_the_chat_goes_on(
     child.sendline("word " * 300)
     child.expect_exact("the context holds 256.")
     child.expect_exact("> ")
-    (want,) = api_answers(gguf, [[{"role": "user", "content": QUESTIONS[0]}]])
+    (want,) = reference_answers(gguf, [[{"role": "user", "content": QUESTIONS[0]}]])
     assert ask(child, QUESTIONS[0]) == want  # the refused turn left no trace in the conversation
     child.sendeof()
     child.expect(pexpect.EOF)
 
 
 def test_one_shot_prompt(llama_bin, gguf):
-    (want,) = api_answers(gguf, [[{"role": "user", "content": QUESTIONS[1]}]])
+    (want,) = reference_answers(gguf, [[{"role": "user", "content": QUESTIONS[1]}]])
     result = subprocess.run(
         [sys.executable, "-m", "scripts.chat", str(gguf), "--prompt", QUESTIONS[1], "--threads", "1",
          "--max-new-tokens", str(MAX_NEW)],

@@ -17,7 +17,7 @@ from cpuforge.llama import load_gguf_vocab
 from cpuforge.merge import merge
 from cpuforge.provenance import copy_gguf_with_provenance
 from cpuforge.task import task_texts
-from cpuforge.template_parity import check_chat_template
+from cpuforge.template_parity import CHECKED, check_chat_template
 from cpuforge.tokenizer_parity import check_tokenizer
 
 TASK_FILES = [TASK["train"], TASK["heldout"]]
@@ -98,22 +98,24 @@ def test_model_without_template_gets_a_clear_message(sp_chain, llama_bin):
     )
 
 
-def test_chat_template_renders_as_transformers(chat_chain, llama_bin):
+def test_chat_template_feeds_transformers_ids(chat_chain, llama_bin):
     base, merged, gguf = chat_chain
-    record = check_chat_template(gguf, merged, llama_bin)
-    assert record["passed"] and record["template"]
-    assert [c["name"] for c in record["conversations"]] == ["system+user", "multi-turn", "user only"]
+    record = check_chat_template(gguf, merged, llama_bin, TASK["heldout"])
+    assert record["passed"] and record["template"] and record["tokenizer"] == str(merged)
+    assert [c["name"] for c in record["conversations"]] == list(CHECKED)
     for conversation in record["conversations"]:
-        assert conversation["same_text"] and conversation["same_ids"], conversation
-        assert conversation["leading_bos"] == conversation["expected_bos"] == 1
-        assert conversation["text"].startswith("<|im_start|>system\n")
+        assert conversation["same_ids"] == {"chat": True, "server": True, "llama.cpp": True}, conversation
+        assert conversation["hf_head"][:2] == ["<|im_start|>", "system"]
+    for runtime in record["runtimes"].values():  # a byte-level BPE vocabulary: llama.cpp's own path agrees too
+        assert runtime["same_ids"] == runtime["prompts"] == len(CHECKED) + 40
     tokens = check_tokenizer(gguf, merged, base, TASK_FILES, llama_bin)
     assert tokens["corpora"]["chat_prompts"]["rate"] == 1.0 and tokens["corpora"]["chat_prompts"]["samples"] == 363
 
 
-def test_bos_doubled_fails_both_checks(chat_chain, llama_bin, tmp_path):
+def test_bos_doubled_fails_the_tokenizer_gate_and_never_reaches_the_chat(chat_chain, llama_bin, tmp_path):
     """A GGUF that says "add BOS" where transformers adds none, on a model whose ChatML template opens
-    with its BOS (<|im_start|>): plain text gains a BOS, chat prompts start with two."""
+    with its BOS (<|im_start|>): plain text gains a BOS, and the tokenizer gate fails; the chat and the
+    server are fed transformers' ids, with one BOS, where llama.cpp's own path would start with two."""
     from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
 
     base, merged, _ = chat_chain
@@ -123,28 +125,20 @@ def test_bos_doubled_fails_both_checks(chat_chain, llama_bin, tmp_path):
     doubled = tmp_path / "doubled.gguf"
     copy_gguf_with_provenance(good, doubled, "test", {}, {"tokenizer.ggml.add_bos_token": True})
 
-    with pytest.raises(InputError) as failure:
-        check_chat_template(doubled, chatml, llama_bin)
-    assert str(failure.value) == (
-        f"{doubled}: the chat prompt of the system+user conversation starts with 2 BOS tokens, not 1: "
-        "its tokens begin ['<|im_start|>', '<|im_start|>', 'system', 'Ċ']."
-    )
+    record = check_chat_template(doubled, chatml, llama_bin)
+    assert record["passed"] and all(c["same_ids"]["chat"] and c["same_ids"]["server"] for c in record["conversations"])
+    own = record["runtimes"]["llama.cpp"]
+    assert own["same_ids"] == 0 and own["first_mismatch"]["prompt"] == "system+user"
+    assert own["first_mismatch"]["runtime"][:4] == ["<|im_start|>", "<|im_start|>", "system", "Ċ"]
     with pytest.raises(InputError) as failure:
         check_tokenizer(doubled, chatml, base, TASK_FILES, llama_bin)
     message = str(failure.value)
     assert message.startswith(f"{doubled}: tokenizes the task text ")
     assert quoted(message, "tokenizes the task text") in task_texts(TASK_FILES)[0]
     assert "as ['<|im_start|>', 'Extract'" in message and f"({chatml}) gives ['Extract'" in message
-
-    # the same file with transformers' BOS behaviour passes the tokenizer gate, and its chat check
-    # finds what llama-cpp-python does to a template it knows: an empty system turn where there is none
+    # the same file with transformers' BOS behaviour passes both
     assert check_tokenizer(good, chatml, base, TASK_FILES, llama_bin)["passed"]
-    with pytest.raises(InputError) as failure:
-        check_chat_template(good, chatml, llama_bin)
-    assert str(failure.value).startswith(
-        f"{good}: llama-cpp-python's built-in chatml format, which replaces its template, renders the multi-turn "
-        "conversation as '<|im_start|>system\\n<|im_end|>\\n<|im_start|>user\\nName ' where transformers renders"
-    )
+    assert check_chat_template(good, chatml, llama_bin)["runtimes"]["llama.cpp"]["same_ids"] == len(CHECKED)
 
 
 def test_convert_states_transformers_bos_behaviour(chat_chain, llama_bin):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import REPO, api_answers, chat_lesson, runtime_env
+from conftest import REPO, VOCAB_PAIRS, chat_ids, chat_lesson, ids_answers, reference_answers, runtime_env
 
 from cpuforge.paths import model_name
 
@@ -59,9 +59,9 @@ def server(llama_bin, tiny_chat_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def answers(server):
-    """What llama-cpp-python's own API answers, greedily, to each question."""
+    """What the model answers, greedily, to each question fed as transformers' ids."""
     _, gguf = server
-    return dict(zip(QUESTIONS, api_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS]), strict=True))
+    return dict(zip(QUESTIONS, reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS]), strict=True))
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:
@@ -86,7 +86,7 @@ def test_models(server):
     assert c.models.retrieve(NAME).id == NAME
 
 
-def test_chat_completions_answer_as_the_python_api(server, answers):
+def test_chat_completions_answer_as_the_model_does_to_transformers_ids(server, answers):
     url, _ = server
     question = QUESTIONS[0]
     assert answers[question].strip()
@@ -262,3 +262,90 @@ def test_odd_requests_get_a_4xx_and_never_a_5xx(server, answers, method, path, b
     assert 400 <= status < 500, (status, reply)
     assert b"root:" not in reply
     assert chat(client(url), QUESTIONS[5]) == answers[QUESTIONS[5]]
+SYSTEM = {"role": "system", "content": "You are a careful assistant."}
+TURNS = ["What is the capital of France?", "And the capital of Spain?"]
+
+
+@pytest.mark.parametrize("pair", VOCAB_PAIRS)
+def test_server_feeds_transformers_ids_multi_turn(llama_bin, vocab_models, tmp_path, pair):
+    """Real vocabularies and templates, two turns with a system prompt, streamed and not: the server answers
+    as llama-cpp-python does to transformers' ids, and its usage counts those ids."""
+    gguf = vocab_models[pair]
+    log = tmp_path / "serve.log"
+    process = start_server(llama_bin, log, gguf, "--port", 0, "--threads", 1, "--parallel", 1)
+    try:
+        c = client(wait_for_url(process, log))
+        name = model_name(gguf)
+        conversation = [SYSTEM]
+        for turn, question in enumerate(TURNS):
+            conversation.append({"role": "user", "content": question})
+            (ids,) = chat_ids(gguf.parent / "merged", [conversation])
+            (want,) = ids_answers(gguf, [ids], max_tokens=16, errors="replace")
+            whole = c.chat.completions.create(model=name, messages=conversation, temperature=0, max_tokens=16)
+            assert whole.choices[0].message.content == want
+            assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens <= 16
+            chunks = list(c.chat.completions.create(model=name, messages=conversation, temperature=0, max_tokens=16,
+                                                    stream=True, stream_options={"include_usage": True}))  # fmt: skip
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+            assert chunks[-1].usage.prompt_tokens == len(ids) and not chunks[-1].choices
+            conversation.append({"role": "assistant", "content": want})
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+    assert "Traceback" not in log.read_text()
+
+
+def test_llama_server_evaluates_the_ids_the_proxy_sends(llama_bin, vocab_models):
+    """Straight to the pinned llama-server: /completion given the proxy's body evaluates exactly those ids (its
+    `prompt` is their detokenization, its count theirs), where its own chat endpoint evaluates llama.cpp's."""
+    from cpuforge.chat_completion import completion_request
+    from cpuforge.prompt import ChatPrompt
+
+    gguf = vocab_models["llama2-spm"]
+    conversation = [SYSTEM, {"role": "user", "content": "bank"}, {"role": "assistant", "content": "merger"},
+                    {"role": "user", "content": "report"}]  # fmt: skip
+    (ids,) = chat_ids(gguf.parent / "merged", [conversation])
+    body = completion_request({"messages": conversation, "max_tokens": 8, "temperature": 0}, ChatPrompt(gguf.parent / "merged"))
+    assert body["prompt"] == ids and body["stop"] == ["</s>"]
+    port = free_port()
+    process = subprocess.Popen([str(llama_bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                "-t", "1", "-c", "512", "--no-webui", "--offline"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        while process.poll() is None and not ready(base):
+            time.sleep(0.1)
+        answer = call(f"{base}/completion", body)
+        assert answer["tokens_evaluated"] == len(ids)
+        assert answer["prompt"] == call(f"{base}/detokenize", {"tokens": ids})["content"]
+        own_text = call(f"{base}/apply-template", {"messages": conversation})["prompt"]
+        own = call(f"{base}/tokenize", {"content": own_text, "add_special": True, "parse_special": True})["tokens"]
+        assert own != ids  # what llama-server's own chat endpoint would have evaluated
+        assert answer["prompt"] != call(f"{base}/detokenize", {"tokens": own})["content"]
+        (want,) = ids_answers(gguf, [ids], max_tokens=8, errors="replace")
+        assert answer["content"] == want
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health") as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def call(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
