@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -112,41 +111,45 @@ class Page:
 async def chat_in_the_page(chromium_path: str, url: str, key: str, question: str, answer: str, shot: Path) -> None:
     import aiohttp
 
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        browser = subprocess.Popen(
-            [chromium_path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            port_file = Path(profile) / "DevToolsActivePort"  # Chromium writes its port there
-            deadline = time.monotonic() + GUARD
-            while not (port_file.exists() and len(port_file.read_text().split()) == 2):
-                assert browser.poll() is None and time.monotonic() < deadline, "Chromium did not start"
-                await asyncio.sleep(0.1)
-            port = port_file.read_text().split()[0]
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
-                    tab = next(t for t in await response.json() if t["type"] == "page")
-                async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                    page = Page(ws)
-                    await page.send("Page.navigate", url=url)
-                    # the page's own call without a key is refused, and it asks for one
-                    await page.click("[...document.querySelectorAll('button')].find(b => b.innerText.includes("
-                                     "'Enter API Key'))", "its API key prompt")  # fmt: skip
-                    await page.click("document.getElementById('api-key-input')", "the API key field")
-                    await page.type(key)
-                    await page.click("document.querySelector('textarea')", "the message box")
-                    await page.type(question)
-                    expected = json.dumps(" ".join(answer.split()))
-                    await page.wait_for(f"document.body.innerText.replace(/\\s+/g, ' ').includes({expected})",
-                                        f"the model's answer {expected}")  # fmt: skip
-                    picture = await page.send("Page.captureScreenshot", format="png")
-                    shot.write_bytes(base64.b64decode(picture["data"]))
-        finally:
-            browser.terminate()
-            browser.wait()
+    # a new profile beside the screenshot; not a TemporaryDirectory, which Chromium's helpers may still write to
+    profile = shot.parent / "chromium-profile"
+    browser = subprocess.Popen(
+        [chromium_path, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,900", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"  # Chromium writes its port there
+        deadline = time.monotonic() + GUARD
+        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+            assert browser.poll() is None and time.monotonic() < deadline, "Chromium did not start"
+            await asyncio.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                tab = next(t for t in await response.json() if t["type"] == "page")
+            async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                page = Page(ws)
+                # the window's size less no browser frame: the screenshot is exactly this
+                await page.send("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+                                mobile=False)  # fmt: skip
+                await page.send("Page.navigate", url=url)
+                # the page's own call without a key is refused, and it asks for one
+                await page.click("[...document.querySelectorAll('button')].find(b => b.innerText.includes("
+                                 "'Enter API Key'))", "its API key prompt")  # fmt: skip
+                await page.click("document.getElementById('api-key-input')", "the API key field")
+                await page.type(key)
+                await page.click("document.querySelector('textarea')", "the message box")
+                await page.type(question)
+                expected = json.dumps(" ".join(answer.split()))
+                await page.wait_for(f"document.body.innerText.replace(/\\s+/g, ' ').includes({expected})",
+                                    f"the model's answer {expected}")  # fmt: skip
+                picture = await page.send("Page.captureScreenshot", format="png")
+                shot.write_bytes(base64.b64decode(picture["data"]))
+    finally:
+        browser.terminate()
+        browser.wait()
 
 
 def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, tmp_path, capsys):  # noqa: F811
