@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SOURCE, api_answers, chat_lesson
+from conftest import SOURCE, chat_lesson, reference_answers
 from test_eval import chromium  # noqa: F401 (the fixture: Debian's chromium, installed when missing)
 from test_serve import KEY, start_server, wait_for_url
 
@@ -158,7 +158,7 @@ def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, 
 
     gguf = tiny_chat_model / "ggml-model-q4_0.gguf"
     # greedy, so the page's answer is the one llama-cpp-python gives; the page takes the server's defaults
-    (answer,) = api_answers(gguf, [[{"role": "user", "content": QUESTION}]], max_tokens=200)
+    (answer,) = reference_answers(gguf, [[{"role": "user", "content": QUESTION}]], max_tokens=200)
     assert answer.strip()
     log = tmp_path / "serve.log"
     env = {**webui_env, "LLAMA_ARG_TEMPERATURE": "0"}
