@@ -14,6 +14,7 @@ with SOURCE.json recording what was fetched and how it was verified.
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,8 @@ CMAKE_OPTIONS = {
 # crash every q4_0/q4_1/q8_0 matmul on VMs that list AMX (seen on this project's
 # machines); an explicit -mno-* wins over -march=native whatever the order
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if platform.machine() == "x86_64":
+    CMAKE_OPTIONS |= {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
 
 
 def build(source: Path, work: Path, out: Path, threads: int, tools=LLAMA_TOOLS) -> None:
