@@ -204,7 +204,7 @@ def test_metrics_count_requests_rejections_and_llama_servers_tokens(server):
     status, kind, before = get(url, "/metrics")
     assert status == 200 and kind.startswith("text/plain; version=0.0.4")
     for line in before.splitlines():  # Prometheus' text format: comments, and one sample a line
-        assert re.fullmatch(r"# (HELP|TYPE) \S+ .+|[a-zA-Z_:][\w:]*(\{[^}]*\})? \S+", line), line
+        assert re.fullmatch(r'# (HELP|TYPE) \S+ .+|[a-zA-Z_:][\w:]*(\{\w+="[^"]*"(,\w+="[^"]*")*\})? \S+', line), line
 
     answered = 'cpuforge_requests_total{endpoint="/v1/chat/completions",status="200"}'
     bad_json = 'cpuforge_rejected_total{reason="invalid_json"}'
