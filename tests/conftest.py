@@ -354,7 +354,8 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32, errors: str = "ignore") -> list[str]:
-    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own: up to an
+    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own (in order, each
+    reusing what the last left in the KV cache, as a chat's turns do): up to an
     end-of-generation token, decoded as the chat decodes them (bytes that are not UTF-8 dropped; llama-server
     replaces them with U+FFFD: errors="replace"). With flash attention, as our chat runs (and llama-bench and
     llama-server on a CPU decide)."""
