@@ -125,7 +125,7 @@ FIGURES = {
 }
 
 
-CHUNKS = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
+KL_CHUNKS = re.compile(r"kl_divergence: computing over (\d+) chunks, n_ctx=(\d+)")
 
 
 def parse_kl_output(out: str) -> dict:
@@ -138,7 +138,7 @@ def parse_kl_output(out: str) -> dict:
         figures[name] = float(m[1]) * scale
         if m[2]:
             figures[f"{name}_err"] = float(m[2]) * scale
-    if m := CHUNKS.search(out):
+    if m := KL_CHUNKS.search(out):
         figures["windows"], ctx = int(m[1]), int(m[2])
         figures["scored_tokens"] = figures["windows"] * (ctx - 1 - ctx // 2)
     return figures
