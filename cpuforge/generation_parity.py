@@ -53,7 +53,8 @@ def check_generation(gguf, merged, heldout, bin_dir, threads, max_new_tokens=48,
     rows = rows[:limit] if limit else rows
     want, tokenizer = hf_answers(merged, rows, max_new_tokens)
     chat = tokenizer.chat_template is not None
-    got = gguf_answers(gguf, bin_dir, [prompt_ids(tokenizer, r) for r in rows], stop_ids(tokenizer), max_new_tokens, threads)
+    prompts = [prompt_ids(tokenizer, r) for r in rows]
+    got = gguf_answers(gguf, bin_dir, prompts, stop_ids(tokenizer), max_new_tokens, threads)
     agree = [a == b for a, b in zip(want, got, strict=True)]
     rate = sum(agree) / len(rows)
     texts = {"hf": [decode(tokenizer, a) for a in want], "gguf": [decode(tokenizer, a) for a in got]}
