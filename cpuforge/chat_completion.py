@@ -145,7 +145,11 @@ class Translation:
             out.append(self.chunk(index, {"role": "assistant", "content": None}))
         probs = result.get("completion_probabilities")
         if result.get("content") or probs:
-            out.append(self.chunk(index, {"content": result.get("content", "")}, logprobs={"content": probs} if probs else None))
+            out.append(
+                self.chunk(
+                    index, {"content": result.get("content", "")}, logprobs={"content": probs} if probs else None
+                )
+            )
         if result.get("stop"):
             out.append(self.chunk(index, {}, finish_reason(result)))
             if self.include_usage:
@@ -191,7 +195,9 @@ async def respond(request, upstream, body: dict, prompt, name: str):
             if answer.status != 200 or completion["stream"]:  # an error, in llama-server's OpenAI shape
                 log.info("/v1/chat/completions: llama-server answered %d %s", answer.status, data[:300])
                 return web.Response(status=answer.status, body=data, content_type=answer.content_type)
-            return web.json_response(translation.whole(json.loads(data)), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+            return web.json_response(
+                translation.whole(json.loads(data)), dumps=lambda o: json.dumps(o, ensure_ascii=False)
+            )
         response = web.StreamResponse(status=200, headers={"Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
         await response.prepare(request)

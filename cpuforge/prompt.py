@@ -108,7 +108,9 @@ def jinja_environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"a chat template cannot set {name!r} on a namespace.")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f),
                     "dict": TemplateDict(), "namespace": TemplateNamespace}  # fmt: skip
@@ -153,12 +155,18 @@ class ChatPrompt:
 
         self.folder = Path(folder)
         if not (self.folder / "tokenizer.json").is_file():
-            raise InputError(f"{self.folder}: no tokenizer.json, so its chat prompts cannot be tokenized without transformers.")
+            raise InputError(
+                f"{self.folder}: no tokenizer.json, so its chat prompts cannot be tokenized without transformers."
+            )
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if (self.folder / name).is_file():
-                config |= {k: v for k, v in json.loads((self.folder / name).read_text(encoding="utf-8")).items() if v is not None}
+                config |= {
+                    k: v
+                    for k, v in json.loads((self.folder / name).read_text(encoding="utf-8")).items()
+                    if v is not None
+                }
         self.special = {k: token_text(config[k]) for k in SPECIAL_TOKENS if token_text(config.get(k)) is not None}
         self.template = read_template(self.folder, config)
         if self.template is None:
@@ -178,7 +186,9 @@ class ChatPrompt:
     def ids(self, conversation: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         """transformers' apply_chat_template(conversation, tokenize=True): the rendered text's ids, no special
         tokens added (the template writes its own)."""
-        return self.tokenizer.encode(self.text(conversation, add_generation_prompt, **kwargs), add_special_tokens=False).ids
+        return self.tokenizer.encode(
+            self.text(conversation, add_generation_prompt, **kwargs), add_special_tokens=False
+        ).ids
 
     def describe(self) -> str:
         return f"the chat template and tokenizer of {self.folder}, as transformers applies them"

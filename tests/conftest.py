@@ -387,22 +387,24 @@ def write_vocab_gguf(vocab: Path, template: str, out: Path, seed: int = 0, hidde
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     writer = GGUFWriter(out, arch="llama")
     writer.add_name(out.parent.name)
-    for add, value in ((writer.add_context_length, 256), (writer.add_embedding_length, hidden),
-                       (writer.add_block_count, 2), (writer.add_feed_forward_length, ffn), (writer.add_head_count, 2),
-                       (writer.add_head_count_kv, 2), (writer.add_rope_dimension_count, hidden // 2),
-                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, n_vocab), (writer.add_file_type, 0)):  # fmt: skip
+    hparams = {writer.add_context_length: 256, writer.add_embedding_length: hidden, writer.add_block_count: 2,
+               writer.add_feed_forward_length: ffn, writer.add_head_count: 2, writer.add_head_count_kv: 2,
+               writer.add_rope_dimension_count: hidden // 2, writer.add_layer_norm_rms_eps: 1e-5,
+               writer.add_vocab_size: n_vocab, writer.add_file_type: 0}  # fmt: skip
+    for add, value in hparams.items():
         add(value)
     for field in reader.fields.values():
         if field.name.startswith("tokenizer.") and field.name != "tokenizer.chat_template":
             array = field.types[0] == GGUFValueType.ARRAY
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1] if array else None)
+            sub_type = field.types[-1] if array else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
     writer.add_chat_template(template)
     # weights large enough that each step has a clear favourite: greedy answers then agree across runtimes
     rng = np.random.default_rng(seed)
     shapes = {"token_embd": (n_vocab, hidden), "output": (n_vocab, hidden)}
     for i in range(2):
         shapes |= {f"blk.{i}.{n}": (hidden, hidden) for n in ("attn_q", "attn_k", "attn_v", "attn_output")}
-        shapes |= {f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden), f"blk.{i}.ffn_down": (hidden, ffn)}
+        shapes |= {f"blk.{i}.ffn_{n}": (ffn, hidden) for n in ("gate", "up")} | {f"blk.{i}.ffn_down": (hidden, ffn)}
     for name, shape in shapes.items():
         writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.2).astype(np.float32))
     for name in ["output_norm", *(f"blk.{i}.{n}" for i in range(2) for n in ("attn_norm", "ffn_norm"))]:
@@ -434,7 +436,8 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def ids_answers(gguf: Path, prompts: list[list[int]], max_tokens: int = 32, errors: str = "ignore") -> list[str]:
-    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own: up to an
+    """Greedy answers of llama-cpp-python to prompts given as token ids, in a process of its own (in order, each
+    reusing what the last left in the KV cache, as a chat's turns do): up to an
     end-of-generation token, decoded as the chat decodes them (bytes that are not UTF-8 dropped; llama-server
     replaces them with U+FFFD: errors="replace"). With flash attention, as our chat runs (and llama-bench and
     llama-server on a CPU decide)."""

@@ -45,13 +45,15 @@ def gguf(tiny_chat_model):
 
 def test_terminal_chat_answers_as_the_model_does_to_transformers_ids(llama_bin, gguf):
     first, second = QUESTIONS
-    want_first, want_alone = reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    (want_first,) = reference_answers(gguf, [[{"role": "user", "content": first}]])
     history = [
         {"role": "user", "content": first},
         {"role": "assistant", "content": want_first},
         {"role": "user", "content": second},
     ]
-    (want_second,) = reference_answers(gguf, [history])
+    # in the chat's order, in one process: each prompt reuses what the last one left in the KV cache, as
+    # the chat's do, so both round alike (a fresh evaluation of turn two may flip a near-tie)
+    _, want_second, want_alone = reference_answers(gguf, [history[:1], history, [{"role": "user", "content": second}]])
     assert want_first.strip() and want_second.strip()
     assert "\n> " not in want_first + want_second  # the prompt marks the end of an answer
 

@@ -61,7 +61,8 @@ def server(llama_bin, tiny_chat_model, tmp_path_factory):
 def answers(server):
     """What the model answers, greedily, to each question fed as transformers' ids."""
     _, gguf = server
-    return dict(zip(QUESTIONS, reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS]), strict=True))
+    want = reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
+    return dict(zip(QUESTIONS, want, strict=True))
 
 
 def client(url: str, key: str = KEY) -> openai.OpenAI:
@@ -307,12 +308,13 @@ def test_llama_server_evaluates_the_ids_the_proxy_sends(llama_bin, vocab_models)
     conversation = [SYSTEM, {"role": "user", "content": "bank"}, {"role": "assistant", "content": "merger"},
                     {"role": "user", "content": "report"}]  # fmt: skip
     (ids,) = chat_ids(gguf.parent / "merged", [conversation])
-    body = completion_request({"messages": conversation, "max_tokens": 8, "temperature": 0}, ChatPrompt(gguf.parent / "merged"))
+    request = {"messages": conversation, "max_tokens": 8, "temperature": 0}
+    body = completion_request(request, ChatPrompt(gguf.parent / "merged"))
     assert body["prompt"] == ids and body["stop"] == ["</s>"]
     port = free_port()
-    process = subprocess.Popen([str(llama_bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                "-t", "1", "-c", "512", "--no-webui", "--offline"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [str(llama_bin / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-t", "1", "-c", "512", "--no-webui", "--offline"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
         while process.poll() is None and not ready(base):
