@@ -63,8 +63,9 @@ class ModelTable:
             table.models.setdefault(f"{base}+{name}", {})[table.files.index(path)] = scale
         return table
 
-    def __contains__(self, model: str) -> bool:
-        return model in self.models
+    def __contains__(self, model) -> bool:
+        # a request's `model` may be any JSON value; only a name it serves is in
+        return isinstance(model, str) and model in self.models
 
     def names(self) -> list[str]:
         return list(self.models)
