@@ -13,7 +13,9 @@ The sampling fields are llama-server's own (its /completion reads the OpenAI nam
 temperature, top_p, max_tokens, seed, stop, …), passed on as they came; `stop` gains
 the template's stop text, and generation also ends at every end-of-generation token.
 What only llama-server's chat parser does goes to its own chat endpoint as before:
-tools (tool-call parsing), content given as parts, continuing a final assistant message.
+tools for a template that renders them (tool-call parsing), content given as parts, continuing a final
+assistant message. Tools sent to a model whose template never reads them are left out, as transformers leaves
+them out: a chat page or agent that always sends its tools gets the answer the model gives to the conversation.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ OWN_FIELDS = ("messages", "stream", "response_format", "logprobs", "top_logprobs
               "chat_template_kwargs", "tools", "tool_choice")  # fmt: skip
 
 
-def needs_llama_server(body: dict) -> str | None:
-    """Why a request must go to llama-server's own chat endpoint (its template and tokenizer), or None."""
-    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+def needs_llama_server(body: dict, prompt) -> str | None:
+    """Why a request must go to llama-server's own chat endpoint (its template and tokenizer), or None.
+
+    Tools go there only when the model's template renders them (and llama-server parses the calls): for a
+    template that never reads `tools`, llama-server would write a tool prompt of its own that the model never
+    saw in training, so the conversation is rendered without them, as transformers renders it.
+    """
+    if body.get("tools") and body.get("tool_choice", "auto") != "none" and prompt.renders_tools:
         return "tools"
     if body.get("continue_final_message"):
         return "continue_final_message"

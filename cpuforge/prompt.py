@@ -151,6 +151,7 @@ class ChatPrompt:
     variables, the text tokenized by tokenizer.json without adding special tokens. No torch."""
 
     def __init__(self, folder: Path):
+        import jinja2.meta
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
@@ -171,7 +172,10 @@ class ChatPrompt:
         self.template = read_template(self.folder, config)
         if self.template is None:
             log.warning("%s has no chat template; using ChatML, as llama.cpp does", self.folder)
-        self.compiled = jinja_environment().from_string(self.template or CHATML)
+        environment = jinja_environment()
+        self.compiled = environment.from_string(self.template or CHATML)
+        # a template that never reads `tools` shows the model none: transformers renders it without them
+        self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(self.template or ""))
         # llama-cpp-python's chat handler stops at the EOS text too; llama.cpp stops at every end-of-generation token
         self.stop = [self.special["eos_token"]] if "eos_token" in self.special else []
 

@@ -330,7 +330,9 @@ def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bo
             return error(404, f"The model `{body['model']}` does not exist; this server serves {served}.",
                          code="model_not_found", reason="model_not_found")  # fmt: skip
         if request.path == "/v1/chat/completions" and prompt is not None:
-            if (why := chat_completion.needs_llama_server(body)) is None:
+            if (why := chat_completion.needs_llama_server(body, prompt)) is None:
+                if body.get("tools") and not prompt.renders_tools:
+                    log.info("a chat request with tools: the chat template does not render them, so they are left out")
                 if not engine.ready:
                     return unavailable()
                 try:  # the model's adapters ride along as llama-server's per-request `lora`

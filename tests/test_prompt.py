@@ -55,6 +55,33 @@ def test_every_shipped_template_renders_as_transformers(vocab_models, tmp_path):
     assert rendered > 0.9 * len(templates) * len(CHECKED)
 
 
+TOOL = {"type": "function", "function": {"name": "get_datetime", "description": "The local date and time.",
+                                         "parameters": {"type": "object", "properties": {}, "required": []}}}  # fmt: skip
+
+
+def test_tools_are_left_out_only_where_the_template_would_not_show_them(vocab_models, tmp_path):
+    """The proxy renders a chat request that carries tools itself, leaving them out, only for a template that
+    never reads `tools`: there transformers' text with the tools equals its text without them."""
+    from transformers import AutoTokenizer
+
+    conversation = [{"role": "user", "content": QUESTIONS[0]}]
+    shown = 0
+    for template in sorted((MODELS_DIR / "templates").glob("*.jinja")):
+        folder = shutil.copytree(vocab_models["llama2-spm"].parent / "merged", tmp_path / template.stem)
+        (folder / "chat_template.jinja").write_text(template.read_text())
+        tokenizer, prompt = AutoTokenizer.from_pretrained(folder), ChatPrompt(folder)
+        without = hf_or_refusal(tokenizer, conversation)
+        try:
+            with_tools = tokenizer.apply_chat_template(conversation, tools=[TOOL], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 (a template refuses with whatever it raises)
+            with_tools = f"refused ({type(e).__name__})"
+        if not prompt.renders_tools:
+            assert with_tools == without, template.name
+        shown += with_tools != without
+    assert shown > 20  # most shipped templates do show tools, and are told apart
+
+
 @pytest.mark.parametrize("pair", VOCAB_PAIRS)
 def test_chat_prompt_equals_transformers(vocab_models, pair):
     """The fixed conversations and the task's held-out prompts, on each (vocabulary, template) pair."""

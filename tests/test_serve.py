@@ -95,6 +95,19 @@ def test_chat_completions_answer_as_the_model_does_to_transformers_ids(server, a
     assert chat(client(url), question, stream=True) == answers[question]
 
 
+def test_tools_the_template_cannot_show_are_left_out(server, answers):
+    """What a chat page or an agent sends with every message: its tools. The tiny model's template never reads
+    them, so the model is fed the conversation as in training, and answers as it does without them."""
+    url, _ = server
+    tool = {"type": "function", "function": {"name": "get_datetime", "description": "The local date and time.",
+                                             "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+    question = QUESTIONS[2]
+    response = client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                                   tools=[tool], temperature=0, max_tokens=32)  # fmt: skip
+    assert response.choices[0].message.content == answers[question]
+    assert not response.choices[0].message.tool_calls
+
+
 def test_completions_streamed_and_not(server):
     url, _ = server
     c = client(url)
