@@ -5,7 +5,8 @@ workflow's build); a HF folder runs through transformers' generate on the CPU. B
 the conversation with the model's own chat template and stream the answer (beam search
 prints it when the search ends). Generation is greedy, up to 1024 new tokens, unless a
 generation config (--generation-config, HF generation_config.json keys) or the flags say
-otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
+otherwise; flags win. --threads (generation) and --threads-batch (prompt processing) default
+to `recommended_threads` and `recommended_threads_batch` in the eval report
 (results/{model}/report/metrics.json) when there is one, else the physical core count.
 Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, gguf_context_length, load_llama_cpp
+from cpuforge.llama import MAX_DEFAULT_CTX, cpu_backend, describe_cpu_backend, gguf_context_length, load_llama_cpp
 from cpuforge.paths import default_llama_bin
 from cpuforge.prompt import CHATML
 
@@ -76,18 +77,22 @@ def load_generation(path: Path | None = None, **overrides) -> Generation:
 class GGUFChat:
     """A GGUF model through llama-cpp-python on the pinned libllama."""
 
-    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None):
+    def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None,
+                 threads_batch: int | None = None):  # fmt: skip
         if not model.is_file():
             raise InputError(f"{model}: file not found.")
-        self.llama_cpp = load_llama_cpp(llama_bin or default_llama_bin(model))
+        llama_bin = llama_bin or default_llama_bin(model)
+        self.llama_cpp = load_llama_cpp(llama_bin)
+        log.info("%s", describe_cpu_backend(cpu_backend(llama_bin)))
+        threads_batch = threads_batch or threads
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
-        log.info("loading %s (%d threads, context %d)", model, threads, ctx_size)
+        log.info("loading %s (%d threads, %d for prompts, context %d)", model, threads, threads_batch, ctx_size)
         # flash attention as llama-bench and llama-server run it on a CPU (their "auto" turns it on):
         # llama-cpp-python would leave it off, a few percent slower and a different rounding
         self.llm = self.llama_cpp.Llama(
-            str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
+            str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads_batch, flash_attn=True, verbose=False
         )
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template is None:
@@ -272,5 +277,6 @@ def repl(chat, gen: Generation, system: str | None = None, read=input, write=wri
         messages.append({"role": "assistant", "content": text})
 
 
-def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None):
-    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin)
+def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None,
+              threads_batch: int | None = None):  # fmt: skip
+    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin, threads_batch)

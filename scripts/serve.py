@@ -13,8 +13,9 @@ it that answers what llama-server gets wrong for an OpenAI client: malformed JSO
 says 500), a model name it does not serve (llama-server ignores the name) and a wrong API key
 (checked here, so a bad request never reaches the model); everything else, errors included
 (a prompt longer than the context is a 400), passes through byte for byte, streamed as it comes.
---threads defaults to `recommended_threads` in the eval report (results/{model}/report/metrics.json)
-when there is one, else the physical core count.
+--threads (generation) and --threads-batch (prompt processing) default to `recommended_threads`
+and `recommended_threads_batch` in the eval report (results/{model}/report/metrics.json) when
+there is one, else the physical core count.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
+from cpuforge.llama import MAX_DEFAULT_CTX, default_thread_counts, gguf_context_length
 from cpuforge.paths import default_llama_bin, model_name
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ FORWARDED = ("/v1/chat/completions", "/v1/completions")
 
 
 def llama_server_command(
-    llama_bin: Path, model: Path, sock: Path, name: str, threads: int, ctx_size: int, parallel: int
-) -> list[str]:
+    llama_bin: Path, model: Path, sock: Path, name: str, threads: int, ctx_size: int, parallel: int,
+    threads_batch: int | None = None,
+) -> list[str]:  # fmt: skip
     return [
         str(llama_bin / "llama-server"), "--model", str(model), "--alias", name, "--host", str(sock),
-        "--threads", str(threads), "--threads-batch", str(threads),
+        "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
         # a KV cache of its own for each slot: a shared one lets busy slots run it full, and then
         # llama-server fails every request in flight with a 500; this way a request that does not
         # fit its slot gets a 400 before it starts, and the others are untouched
@@ -183,7 +185,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def serve(
     model: Path, llama_bin: Path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None,
+    threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None, threads_batch: int | None = None,
 ) -> None:  # fmt: skip
     """Start llama-server and the proxy; serve until SIGINT or SIGTERM, then stop both."""
     import aiohttp
@@ -202,7 +204,9 @@ async def serve(
         sock = Path(private) / "llama-server.sock"
         key = secrets.token_hex(16)
         process = start_llama_server(
-            llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel), llama_bin, key
+            llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel, threads_batch),
+            llama_bin,
+            key,
         )
         # no time limit: a long generation on a slow CPU is still a good answer
         upstream = aiohttp.ClientSession(
@@ -216,8 +220,9 @@ async def serve(
             await runner.setup()
             await web.SockSite(runner, listener).start()
             address = f"[{host}]" if ":" in host else host
-            log.info("serving %s at http://%s:%d/v1 (%d threads, %d slots of %d tokens)",
-                     name, address, listener.getsockname()[1], threads, parallel, ctx_size)  # fmt: skip
+            log.info("serving %s at http://%s:%d/v1 (%d threads, %d for prompts, %d slots of %d tokens)",
+                     name, address, listener.getsockname()[1], threads, threads_batch or threads, parallel,
+                     ctx_size)  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,7 +244,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("CPUFORGE_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $CPUFORGE_API_KEY, else no key)")  # fmt: skip
     parser.add_argument("--name", help="model id in the API (default: {model}-{qtype})")
-    parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
+    parser.add_argument("--threads", type=int, help="generation threads (default: the eval report's recommendation)")
+    parser.add_argument("--threads-batch", type=int, help="prompt-processing threads (default: likewise)")
     parser.add_argument(
         "--ctx-size", type=int, default=0, help=f"context of each request; default the model's, ≤{MAX_DEFAULT_CTX}"
     )
@@ -253,11 +259,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.parallel < 1:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
-    threads = check_threads(args.threads) if args.threads is not None else default_threads(args.model)
+    threads, threads_batch = default_thread_counts(args.model, args.threads, args.threads_batch)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
         asyncio.run(
             serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port, args.api_key or None,
-                  threads, args.ctx_size, args.parallel, args.name)  # fmt: skip
+                  threads, args.ctx_size, args.parallel, args.name, threads_batch)  # fmt: skip
         )
 
 

@@ -19,14 +19,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cpuforge.paths import DEFAULT_FLAVOUR  # noqa: E402
+
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 # shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
 BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
-BIN = BUILD_DIR / COMMIT / "bin"
+# the build flavour under test (config llama_cpp.cpu): the default one, which CI builds, unless
+# CPUFORGE_CPU names the other (`CPUFORGE_CPU=portable pytest` runs the suite on a portable build)
+FLAVOUR = os.environ.get("CPUFORGE_CPU", DEFAULT_FLAVOUR)
+BIN = BUILD_DIR / COMMIT / FLAVOUR / "bin"
 SOURCE = BUILD_DIR / COMMIT / "source"
 TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": str(REPO / "data" / "demo_task" / "heldout.jsonl")}
-
-sys.path.insert(0, str(REPO))
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +47,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
 def write_config(path: Path, models: list[dict], **extra) -> Path:
     import yaml
 
-    config = {"models": models, "llama_cpp": {"build_dir": str(BUILD_DIR)}, **extra}
+    config = {"models": models, "llama_cpp": {"build_dir": str(BUILD_DIR), "cpu": FLAVOUR}, **extra}
     path.write_text(yaml.safe_dump(config))
     return path
 
