@@ -1,8 +1,11 @@
 """Prompt-processing and generation speed of a GGUF for a sweep of thread counts, with the pinned llama-bench.
 
-The recommended thread count is the smallest whose generation speed is within
---tolerance-pct of the fastest: generation is what a chat user waits for, and
-beyond that point more threads only take cores from everything else.
+Two thread counts are recommended, since the two phases are bound by different
+things (llama.cpp PR #2534, which added --threads-batch): `threads` for generation,
+which is memory-bound and stops gaining once the memory bus is full, and
+`threads_batch` for prompt processing, which is compute-bound and gains from
+every core. Each is the smallest count whose speed is within --tolerance-pct of
+the fastest: beyond that point more threads only take cores from everything else.
 """
 
 from __future__ import annotations
@@ -43,7 +46,13 @@ def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen
     return list(rows.values())
 
 
-def recommended_threads(runs: list[dict], tolerance_pct: float) -> int:
-    """The fewest threads whose generation tokens/s is within tolerance_pct of the fastest."""
-    fastest = max(r["tg_tps"] for r in runs)
-    return min(r["threads"] for r in runs if r["tg_tps"] >= fastest * (1 - tolerance_pct / 100))
+def fewest_threads(runs: list[dict], key: str, tolerance_pct: float) -> int:
+    """The fewest threads whose `key` tokens/s is within tolerance_pct of the fastest."""
+    fastest = max(r[key] for r in runs)
+    return min(r["threads"] for r in runs if r[key] >= fastest * (1 - tolerance_pct / 100))
+
+
+def recommended_threads(runs: list[dict], tolerance_pct: float) -> dict[str, int]:
+    """`threads` for generation (tg), `threads_batch` for prompt processing (pp)."""
+    return {"threads": fewest_threads(runs, "tg_tps", tolerance_pct),
+            "threads_batch": fewest_threads(runs, "pp_tps", tolerance_pct)}  # fmt: skip

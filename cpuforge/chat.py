@@ -7,7 +7,9 @@ prints it when the search ends). A GGUF is fed the token ids transformers gives 
 prompt, from the merged model's tokenizer (results/{model}/merged beside the GGUF, or
 --tokenizer FOLDER); without one, the GGUF's own template tokenized by llama.cpp.
 Generation is greedy, up to 1024 new tokens, unless a generation config
-(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
+(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win.
+--threads (generation) and --threads-batch (prompt processing) default to
+`recommended_threads` and `recommended_threads_batch` in the eval report
 (results/{model}/report/metrics.json) when there is one, else the physical core count.
 Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, apply_loras, gguf_context_length, load_llama_cpp
+from cpuforge.llama import MAX_DEFAULT_CTX, apply_loras, cpu_backend, describe_cpu_backend, gguf_context_length, load_llama_cpp
 from cpuforge.paths import default_llama_bin
 from cpuforge.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
 
@@ -82,16 +84,19 @@ class GGUFChat:
     applied at run time."""
 
     def __init__(self, model: Path, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras: list = (),
-                 tokenizer: Path | None = None):  # fmt: skip
+                 tokenizer: Path | None = None, threads_batch: int | None = None):  # fmt: skip
         if not model.is_file():
             raise InputError(f"{model}: file not found.")
-        self.llama_cpp = load_llama_cpp(llama_bin or default_llama_bin(model))
+        llama_bin = llama_bin or default_llama_bin(model)
+        self.llama_cpp = load_llama_cpp(llama_bin)
+        log.info("%s", describe_cpu_backend(cpu_backend(llama_bin)))
+        threads_batch = threads_batch or threads
         ctx_size = ctx_size or min(gguf_context_length(model), MAX_DEFAULT_CTX)
-        log.info("loading %s (%d threads, context %d)", model, threads, ctx_size)
+        log.info("loading %s (%d threads, %d for prompts, context %d)", model, threads, threads_batch, ctx_size)
         # flash attention as llama-bench and llama-server run it on a CPU (their "auto" turns it on):
         # llama-cpp-python would leave it off, a few percent slower and a different rounding
         self.llm = self.llama_cpp.Llama(
-            str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False
+            str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads_batch, flash_attn=True, verbose=False
         )
         self.adapters = apply_loras(self.llama_cpp, self.llm, list(loras))
         # the merged model's template and tokenizer, so the model reads the ids it was trained on
@@ -270,7 +275,9 @@ def repl(chat, gen: Generation, system: str | None = None, read=input, write=wri
 
 
 def open_chat(model: Path, hf: bool, threads: int, ctx_size: int = 0, llama_bin: Path | None = None, loras=(),
-              tokenizer: Path | None = None):  # fmt: skip
+              tokenizer: Path | None = None, threads_batch: int | None = None):  # fmt: skip
     if hf and loras:
         raise InputError("--lora applies a GGUF LoRA to a GGUF base; the HF model (--hf) is the merged one already.")
-    return HFChat(model, threads) if hf else GGUFChat(model, threads, ctx_size, llama_bin, loras, tokenizer)
+    if hf:
+        return HFChat(model, threads)
+    return GGUFChat(model, threads, ctx_size, llama_bin, loras, tokenizer, threads_batch)

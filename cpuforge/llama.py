@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
 from cpuforge.files import read_json
 from cpuforge.paths import report_metrics
@@ -28,7 +32,87 @@ def load_llama_cpp(bin_dir: str | os.PathLike):
     os.environ["LLAMA_CPP_LIB_PATH"] = str(bin_dir)
     import llama_cpp
 
+    load_backends(bin_dir)
     return llama_cpp
+
+
+def load_backends(bin_dir: str | os.PathLike) -> ctypes.CDLL:
+    """ggml of the build in `bin_dir`, its backends registered in this process.
+
+    A portable build's CPU code is one loadable library per CPU variant, which only
+    ggml_backend_load_all* registers (the best one for this CPU). llama-cpp-python has no
+    binding for it (llama-cpp-python #2069), and llama_backend_init's own call looks beside the
+    Python executable, so it is called here, through ctypes, before the first model. A native
+    build links its CPU backend, so it has one registered already and nothing is loaded."""
+    bin_dir = Path(bin_dir).resolve()
+    ggml = ctypes.CDLL(str(bin_dir / "libggml.so"))  # the one libllama.so links: dlopen returns it
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if ggml.ggml_backend_reg_count() == 0:
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        ggml.ggml_backend_load_all_from_path(os.fsencode(bin_dir))
+        if ggml.ggml_backend_reg_count() == 0:
+            raise InputError(f"{bin_dir}: none of its libggml-cpu-*.so runs on this CPU.")
+    return ggml
+
+
+class _Feature(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+# arch_prctl(2) on x86-64 Linux: the extended states the kernel can grant a process; AMX's tile data is bit 18
+SYS_ARCH_PRCTL, ARCH_GET_XCOMP_SUPP, XFEATURE_XTILEDATA = 158, 0x1021, 18
+
+
+def kernel_grants_amx() -> bool:
+    """Whether the kernel can give this process AMX's tile state, which ggml asks for
+    (ARCH_REQ_XCOMP_PERM) before it uses AMX; without it (a CPU or a VM without AMX, a kernel
+    before 5.16) ggml keeps to AVX-512."""
+    if platform.machine() != "x86_64" or sys.platform != "linux":
+        return False
+    mask = ctypes.c_uint64()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_GET_XCOMP_SUPP, ctypes.byref(mask)) != 0:
+        return False
+    return bool(mask.value >> XFEATURE_XTILEDATA & 1)
+
+
+def cpu_backend(bin_dir: str | os.PathLike) -> dict:
+    """What CPU code of the build in `bin_dir` runs in this process: the build's flavour, the variant
+    ggml picked (`native` for a native build), the features its CPU backend reports (AVX2, AVX512*,
+    AMX_INT8, REPACK: the q4_0 weight repacking, ...), and whether AMX is used (compiled in and
+    granted by the kernel)."""
+    ggml = load_backends(bin_dir)
+    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    reg = ggml.ggml_backend_reg_by_name(b"CPU")
+    address = ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+    get_features = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(address)
+    features, feature = {}, get_features(reg)
+    for i in range(256):
+        if feature[i].name is None:
+            break
+        features[feature[i].name.decode()] = feature[i].value.decode()
+    # the variant ggml picked is the one libggml-cpu-<variant>.so of bin_dir left mapped in this process
+    maps = Path("/proc/self/maps").read_text()
+    variant = re.search(re.escape(str(Path(bin_dir).resolve())) + r"/libggml-cpu-([\w.]+)\.so", maps)
+    return {
+        "build": "portable" if any(Path(bin_dir).glob("libggml-cpu-*.so")) else "native",
+        "variant": variant[1] if variant else "native",
+        "features": features,
+        "amx": "AMX_INT8" in features and kernel_grants_amx(),
+    }
+
+
+def feature_names(backend: dict) -> str:
+    return " ".join(k if v == "1" else f"{k}={v}" for k, v in backend["features"].items())
+
+
+def describe_cpu_backend(backend: dict) -> str:
+    """One line for a log: `portable build, CPU variant zen4 (AVX2 AVX512 ... REPACK), AMX not used`."""
+    amx = "used" if backend["amx"] else "not used"
+    return f"{backend['build']} build, CPU variant {backend['variant']} ({feature_names(backend)}), AMX {amx}"
 
 
 def run_tool(cmd: list[str]) -> str:
@@ -89,16 +173,17 @@ def gguf_context_length(path: str | os.PathLike) -> int:
     return int(fields[key].contents())
 
 
-def default_threads(model: str | os.PathLike) -> int:
-    """Threads to run `model` with: the eval report's `recommended_threads`, else the physical cores."""
+def default_threads(model: str | os.PathLike, key: str = "recommended_threads") -> int:
+    """Threads to run `model` with: the eval report's `recommended_threads` (generation) or
+    `recommended_threads_batch` (prompt processing), else the physical cores."""
     metrics = report_metrics(model)
     if metrics.is_file():
-        recommended = read_json(metrics).get("recommended_threads")
+        recommended = read_json(metrics).get(key)
         if isinstance(recommended, int) and recommended >= 1:
-            log.info("threads: %d, recommended by %s", recommended, metrics)
+            log.info("%s: %d, from %s", key, recommended, metrics)
             return recommended
     threads = physical_cores()
-    log.info("threads: %d, the physical cores (no recommended_threads in %s)", threads, metrics)
+    log.info("%s: %d, the physical cores (none in %s)", key, threads, metrics)
     return threads
 
 
@@ -123,3 +208,10 @@ def apply_loras(llama_cpp, llm, loras: list[tuple[Path, float]]) -> list:
             raise InputError(f"{loras[0][0]}: llama.cpp could not apply the LoRA adapters.")
         log.info("applied %s", ", ".join(f"{p} (scale {s:g})" for p, s in loras))
     return adapters
+
+
+def default_thread_counts(model: str | os.PathLike, threads: int | None, threads_batch: int | None) -> tuple[int, int]:
+    """--threads and --threads-batch, each defaulting to its recommendation in the eval report."""
+    return (check_threads(threads) if threads is not None else default_threads(model),
+            check_threads(threads_batch) if threads_batch is not None
+            else default_threads(model, "recommended_threads_batch"))  # fmt: skip

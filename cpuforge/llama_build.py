@@ -92,18 +92,28 @@ CMAKE_OPTIONS = {
 }
 
 
-# -march=native turns on AMX where the CPU lists it, and ggml's AMX kernels then
-# crash every q4_0/q4_1/q8_0 matmul on VMs that list AMX (seen on this project's
-# machines); an explicit -mno-* wins over -march=native whatever the order
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-if platform.machine() == "x86_64":
-    CMAKE_OPTIONS |= {"CMAKE_C_FLAGS": NO_AMX, "CMAKE_CXX_FLAGS": NO_AMX}
+# `llama_cpp.cpu`: what the CPU code is compiled for. native: this machine's instructions
+# (-march=native), which die with SIGILL on an older node of a cluster; portable: every x86-64
+# (or ARM) CPU variant as a loadable backend, the best for the running CPU picked at run time
+FLAVOURS = {
+    "native": {"GGML_NATIVE": "ON"},
+    "portable": {"GGML_NATIVE": "OFF", "GGML_BACKEND_DL": "ON", "GGML_CPU_ALL_VARIANTS": "ON"},
+}
+# GCC's <amxtileintrin.h> drops ggml's AMX tile configuration (see the header): ours goes first
+GCC_FIXES = Path(__file__).with_name("gcc_fixes")
 
 
-def build(source: Path, work: Path, out: Path, threads: int, tools=LLAMA_TOOLS) -> None:
-    options = [f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()]
+def cmake_options(flavour: str) -> dict[str, str]:
+    options = CMAKE_OPTIONS | FLAVOURS[flavour]
+    if platform.machine() == "x86_64":
+        options |= {"CMAKE_C_FLAGS": f"-I{GCC_FIXES}", "CMAKE_CXX_FLAGS": f"-I{GCC_FIXES}"}
+    return options
+
+
+def build(source: Path, work: Path, out: Path, threads: int, flavour: str, tools=LLAMA_TOOLS) -> None:
+    options = [f"-D{k}={v}" for k, v in cmake_options(flavour).items()]
     subprocess.run(["cmake", "-S", str(source), "-B", str(work), *options], check=True, stdout=sys.stderr)
-    log.info("building %s with %d jobs", " ".join(tools), threads)
+    log.info("building %s (%s) with %d jobs", " ".join(tools), flavour, threads)
     subprocess.run(
         ["cmake", "--build", str(work), "--parallel", str(threads), "--target", *tools],
         check=True, stdout=sys.stderr,

@@ -1,4 +1,4 @@
-"""Where things are: the build/llama.cpp/<commit>/{bin,source} layout and the results/{model}/ names.
+"""Where things are: the build/llama.cpp/<commit>/{source,<flavour>/bin} layout and the results/{model}/ names.
 
 The workflow passes its configured build folder and commit to these functions;
 the CLIs that run without Snakemake (chat, serve) find the build from the
@@ -17,28 +17,30 @@ BUILD_DIR = Path("build/llama.cpp")  # config llama_cpp.build_dir's default
 # what build_llama_cpp makes into bin/, beside the ggml libraries
 LLAMA_TOOLS = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "llama-imatrix")
 LIBLLAMA = "libllama.so"
+# config llama_cpp.cpu: one source per commit, one build of it per flavour (cpuforge.llama_build.FLAVOURS)
+DEFAULT_FLAVOUR = "native"
 
 
 def llama_dir(build_dir: str | os.PathLike, commit: str) -> Path:
     return Path(build_dir) / commit
 
 
-def llama_bin(build_dir: str | os.PathLike, commit: str) -> Path:
-    return llama_dir(build_dir, commit) / "bin"
+def llama_bin(build_dir: str | os.PathLike, commit: str, flavour: str) -> Path:
+    return llama_dir(build_dir, commit) / flavour / "bin"
 
 
 def llama_source(build_dir: str | os.PathLike, commit: str) -> Path:
     return llama_dir(build_dir, commit) / "source"
 
 
-def llama_outputs(build_dir: str | os.PathLike, commit: str) -> list[Path]:
+def llama_outputs(build_dir: str | os.PathLike, commit: str, flavour: str) -> list[Path]:
     """Every file build_llama_cpp makes that a rule depends on."""
-    return [llama_bin(build_dir, commit) / name for name in (*LLAMA_TOOLS, LIBLLAMA)]
+    return [llama_bin(build_dir, commit, flavour) / name for name in (*LLAMA_TOOLS, LIBLLAMA)]
 
 
 def source_record(bin_dir: str | os.PathLike) -> Path:
-    """The verified source's SOURCE.json beside a build's bin folder."""
-    return Path(bin_dir).resolve().parent / "source" / "SOURCE.json"
+    """The verified source's SOURCE.json of a build's bin folder (<commit>/<flavour>/bin)."""
+    return Path(bin_dir).resolve().parent.parent / "source" / "SOURCE.json"
 
 
 def gguf_commit(model: str | os.PathLike) -> str | None:
@@ -56,17 +58,19 @@ def gguf_commit(model: str | os.PathLike) -> str | None:
 
 def default_llama_bin(model: str | os.PathLike | None = None) -> Path:
     """The bin folder of the pinned build: $LLAMA_CPP_LIB_PATH, else the build of the commit that made
-    `model` (its provenance), else the only build there is; looked for under the working directory
-    (where a run put results/), then under the repository, so `python -m scripts.chat results/...`
-    works after `snakemake q4_model` without flags."""
+    `model` (its provenance), else the only commit there is; of that commit's flavours the default
+    one when it is there. Looked for under the working directory (where a run put results/), then
+    under the repository, so `python -m scripts.chat results/...` works after `snakemake q4_model`
+    without flags."""
     if os.environ.get("LLAMA_CPP_LIB_PATH"):
         return Path(os.environ["LLAMA_CPP_LIB_PATH"])
     commit = gguf_commit(model) if model is not None and Path(model).is_file() else None
     for root in (Path.cwd(), REPO):
-        builds = sorted((root / BUILD_DIR).glob(f"{commit or '*'}/bin/{LIBLLAMA}"))
-        if len(builds) == 1 or (builds and commit):
+        builds = sorted((root / BUILD_DIR).glob(f"{commit or '*'}/*/bin/{LIBLLAMA}"))
+        if len({b.parent.parent.parent for b in builds}) == 1 or (builds and commit):
+            builds.sort(key=lambda b: b.parent.parent.name != DEFAULT_FLAVOUR)
             return builds[0].parent
-    return Path.cwd() / llama_bin(BUILD_DIR, commit or "<commit>")
+    return Path.cwd() / llama_bin(BUILD_DIR, commit or "<commit>", DEFAULT_FLAVOUR)
 
 
 def model_name(model: str | os.PathLike) -> str:

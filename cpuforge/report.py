@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.files import read_json, size_on_disk
+from cpuforge.llama import feature_names
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def stage_record(stage: str, path: Path, figures: Path, task: bool) -> dict:
         record.update(accuracy=answers["accuracy"], correct=answers["correct"], rows=answers["rows"])
     if gguf:
         speed = read_json(figures / "bench" / f"{stage}.json")
-        record.update(bench=speed["runs"], recommended_threads=speed["recommended_threads"])
+        record.update(bench=speed["runs"], recommended_threads=speed["recommended_threads"],
+                      recommended_threads_batch=speed["recommended_threads_batch"])  # fmt: skip
     record["provenance"] = read_provenance(path)
     return record
 
@@ -314,6 +316,13 @@ def checks_html(checks: dict) -> str:
     return "<h2>Fidelity checks</h2>" + "".join(parts) if parts else ""
 
 
+def cpu_html(backend: dict) -> str:
+    amx = "AMX used" if backend["amx"] else "AMX not used"
+    return (f"{html.escape(backend['build'])} build, CPU variant <strong id='cpu-variant'>"
+            f"{html.escape(backend['variant'])}</strong> (<span id='cpu-features'>"
+            f"{html.escape(feature_names(backend))}</span>; {amx})")  # fmt: skip
+
+
 def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes], checks: dict) -> str:
     gate = metrics["gate"]
     if gate["passed"]:
@@ -343,9 +352,11 @@ img.plot {{ border: 1px solid #ddd; }}
 </style></head>
 <body>
 <h1>cpuforge evaluation report: {html.escape(metrics['model'])}</h1>
-<p>llama.cpp <code>{html.escape(metrics['llama_cpp_commit'])}</code>. Recommended thread count for
-{html.escape(metrics['recommended_for'])}: <strong id="recommended-threads">{metrics['recommended_threads']}</strong>
-(the fewest threads within {ev['bench_tolerance_pct']:g}% of the fastest generation).</p>
+<p>llama.cpp <code>{html.escape(metrics['llama_cpp_commit'])}</code>, {cpu_html(metrics['cpu_backend'])}.
+Recommended thread counts for {html.escape(metrics['recommended_for'])}: generation
+<strong id="recommended-threads">{metrics['recommended_threads']}</strong>, prompt processing
+<strong id="recommended-threads-batch">{metrics['recommended_threads_batch']}</strong>
+(each the fewest threads within {ev['bench_tolerance_pct']:g}% of the fastest).</p>
 {verdict}
 <p>Thresholds: {html.escape(thresholds)}.</p>
 <h2>Stages</h2>
@@ -396,8 +407,11 @@ def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, 
     metrics = {
         "model": model,
         "llama_cpp_commit": commit,
-        # the serving commands read this key
+        # the CPU code that ran the benchmark: the build's flavour, the variant ggml picked, its features
+        "cpu_backend": bench["cpu_backend"],
+        # the serving commands read these keys
         "recommended_threads": by_stage[serve]["recommended_threads"],
+        "recommended_threads_batch": by_stage[serve]["recommended_threads_batch"],
         "recommended_for": serve,
         "eval": settings,
         "f16_vs_merged_perplexity_rel_diff": f16_vs_merged,

@@ -109,11 +109,11 @@ def get_llama_source():
 
 
 def get_llama_bin():
-    return str(paths.llama_bin(LLAMA["build_dir"], COMMIT))
+    return str(paths.llama_bin(LLAMA["build_dir"], COMMIT, LLAMA["cpu"]))
 
 
 def get_llama_tools():
-    return [str(p) for p in paths.llama_outputs(LLAMA["build_dir"], COMMIT)]
+    return [str(p) for p in paths.llama_outputs(LLAMA["build_dir"], COMMIT, LLAMA["cpu"])]
 
 
 # Flags that carry paths are lists of words, each quoted by the rule's `:q`, so a path may hold

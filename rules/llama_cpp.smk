@@ -35,5 +35,8 @@ rule build_llama_cpp:
     resources:
         mem_mb=get_build_mem_mb,
         runtime=60,
+    params:
+        flavour=LLAMA["cpu"],
     shell:
-        "python -m scripts.build_llama_cpp --source {input:q} --threads {threads} > {log:q} 2>&1"
+        "python -m scripts.build_llama_cpp --source {input:q} --flavour {params.flavour} --threads {threads}"
+        " > {log:q} 2>&1"

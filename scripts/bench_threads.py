@@ -3,9 +3,10 @@
     python -m scripts.bench_threads --llama-bin BIN --gguf ggml-model-q4_0.gguf --sweep 1,2,4 \
         --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --stage q4_0 --out q4_0.json
 
-The recommended thread count is the smallest whose generation speed is within
---tolerance-pct of the fastest: generation is what a chat user waits for, and
-beyond that point more threads only take cores from everything else.
+Recommended: `threads` (generation) and `threads_batch` (prompt processing), each
+the smallest count within --tolerance-pct of its fastest (see cpuforge.bench).
+The CPU variant and features of the build that ran (cpuforge.llama.cpu_backend)
+are recorded beside the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from cpuforge.bench import bench, parse_threads, recommended_threads
 from cpuforge.cli import add_flags, run
 from cpuforge.files import write_json
+from cpuforge.llama import cpu_backend, describe_cpu_backend
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,14 @@ def main() -> None:
     runs = bench(args.llama_bin, args.gguf, parse_threads(args.sweep), args.prompt_tokens, args.gen_tokens,
                  args.repetitions)  # fmt: skip
     best = recommended_threads(runs, args.tolerance_pct)
+    backend = cpu_backend(args.llama_bin)
+    log.info("%s", describe_cpu_backend(backend))
     write_json(args.out, {"stage": args.stage, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                           "repetitions": args.repetitions, "tolerance_pct": args.tolerance_pct,
-                          "recommended_threads": best, "runs": runs})  # fmt: skip
-    log.info("%s: %d threads recommended", args.stage, best)
+                          "recommended_threads": best["threads"], "recommended_threads_batch": best["threads_batch"],
+                          "cpu_backend": backend, "runs": runs})  # fmt: skip
+    log.info("%s: %d threads for generation, %d for prompt processing recommended", args.stage, best["threads"],
+             best["threads_batch"])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Build the llama.cpp tools and shared libraries that cpuforge needs from a verified source.
 
-cmake builds in `cmake/` beside the source (kept, so a rebuild is incremental);
-the executables and shared libraries are then copied into `bin/` beside it as
+cmake builds in `<flavour>/cmake/` beside the source (kept, so a rebuild is
+incremental); the executables and shared libraries (with a portable build, every
+CPU variant's libggml-cpu-*.so) are then copied into `<flavour>/bin/` beside it as
 one folder, which is what the rules call and what llama-cpp-python loads
 through LLAMA_CPP_LIB_PATH.
 Binaries find their libraries through an $ORIGIN rpath, so the folder works
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import check_threads, run
-from cpuforge.llama_build import build
+from cpuforge.llama_build import FLAVOURS, build
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,14 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, required=True, help="verified llama.cpp source folder")
-    parser.add_argument("--work", type=Path, help="cmake build folder (default: cmake/ beside the source)")
-    parser.add_argument("--out", type=Path, help="folder for the tools and libraries (default: bin/ beside it)")
+    parser.add_argument("--flavour", choices=FLAVOURS, default="native", help="what the CPU code is compiled for")
+    parser.add_argument("--work", type=Path, help="cmake build folder (default: <flavour>/cmake beside the source)")
+    parser.add_argument("--out", type=Path, help="folder for the tools and libraries (default: <flavour>/bin)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    out = args.out or args.source.parent / "bin"
-    build(args.source, args.work or args.source.parent / "cmake", out, check_threads(args.threads))
+    here = args.source.parent / args.flavour
+    out = args.out or here / "bin"
+    build(args.source, args.work or here / "cmake", out, check_threads(args.threads), args.flavour)
     log.info("llama.cpp tools ready in %s", out)
 
 

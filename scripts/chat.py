@@ -12,7 +12,9 @@ prints it when the search ends). A GGUF is fed the token ids transformers gives 
 prompt, from the merged model's tokenizer (results/{model}/merged beside the GGUF, or
 --tokenizer FOLDER); without one, the GGUF's own template tokenized by llama.cpp.
 Generation is greedy, up to 1024 new tokens, unless a generation config
-(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win. --threads defaults to `recommended_threads` in the eval report
+(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win.
+--threads (generation) and --threads-batch (prompt processing) default to
+`recommended_threads` and `recommended_threads_batch` in the eval report
 (results/{model}/report/metrics.json) when there is one, else the physical core count.
 Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
 """
@@ -25,9 +27,9 @@ import sys
 from pathlib import Path
 
 from cpuforge.chat import answer, load_generation, open_chat, repl, write_stdout
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, default_threads
+from cpuforge.llama import MAX_DEFAULT_CTX, default_thread_counts
 from cpuforge.lora_serving import parse_scaled_file
 
 
@@ -37,7 +39,8 @@ def main() -> None:
     parser.add_argument("--hf", type=Path, metavar="FOLDER", help="merged HF model folder instead of a GGUF")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system message")
-    parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
+    parser.add_argument("--threads", type=int, help="generation threads (default: the eval report's recommendation)")
+    parser.add_argument("--threads-batch", type=int, help="prompt-processing threads (GGUF; default: likewise)")
     parser.add_argument(
         "--ctx-size", type=int, default=0, help=f"GGUF context; default the model's, ≤{MAX_DEFAULT_CTX}"
     )
@@ -67,12 +70,13 @@ def main() -> None:
     )  # fmt: skip
     if args.model is not None and gen.num_beams > 1:
         raise InputError("beam search runs only on the HF model (--hf); llama.cpp decodes one sequence.")
-    threads = check_threads(args.threads) if args.threads is not None else default_threads(model)
+    threads, threads_batch = default_thread_counts(model, args.threads, args.threads_batch)
     # Ctrl-C ends the chat even when it was started with SIGINT ignored, as a background job of a
     # script is (Python keeps an inherited SIG_IGN and then never raises KeyboardInterrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     loras = [parse_scaled_file(a) for a in args.lora]
-    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin, loras, args.tokenizer)
+    chat = open_chat(model, args.hf is not None, threads, args.ctx_size, args.llama_bin, loras, args.tokenizer,
+                     threads_batch)  # fmt: skip
     try:
         if args.prompt is not None:
             messages = [{"role": "system", "content": args.system}] if args.system else []

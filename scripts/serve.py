@@ -27,8 +27,9 @@ and llama-server is restarted (up to --restarts times in a row, waiting 1, 2, 4 
 cannot be (the model no longer loads), the proxy exits with code 1 and one sentence. SIGTERM or
 SIGINT stops taking requests, lets those in flight finish for up to --drain-timeout seconds,
 then stops both processes.
---threads defaults to `recommended_threads` in the eval report (results/{model}/report/metrics.json)
-when there is one, else the physical core count.
+--threads (generation) and --threads-batch (prompt processing) default to `recommended_threads`
+and `recommended_threads_batch` in the eval report (results/{model}/report/metrics.json) when
+there is one, else the physical core count.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ import time
 from pathlib import Path
 
 from cpuforge import chat_completion
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, default_threads, gguf_context_length
+from cpuforge.llama import MAX_DEFAULT_CTX, default_thread_counts, gguf_context_length
 from cpuforge.lora_serving import ModelTable, parse_named_lora
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.prompt import chat_prompt_for
@@ -76,11 +77,11 @@ DRAIN_TIMEOUT = 30.0
 
 def llama_server_command(
     llama_bin: Path, model: Path, sock: Path, name: str, threads: int, ctx_size: int, parallel: int,
-    webui: bool = True,
+    webui: bool = True, threads_batch: int | None = None,
 ) -> list[str]:  # fmt: skip
     return [
         str(llama_bin / "llama-server"), "--model", str(model), "--alias", name, "--host", str(sock),
-        "--threads", str(threads), "--threads-batch", str(threads),
+        "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
         # a KV cache of its own for each slot: a shared one lets busy slots run it full, and then
         # llama-server fails every request in flight with a 500; this way a request that does not
         # fit its slot gets a 400 before it starts, and the others are untouched
@@ -453,6 +454,7 @@ async def serve(
     model: Path, llama_bin: Path, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
     threads: int = 1, ctx_size: int = 0, parallel: int = 4, name: str | None = None, loras: list = (),
     webui: bool = True, restarts: int = RESTARTS, drain_timeout: float = DRAIN_TIMEOUT, tokenizer: Path | None = None,
+    threads_batch: int | None = None,
 ) -> None:  # fmt: skip
     """Start llama-server and the proxy; serve until SIGINT or SIGTERM, then drain and stop both.
 
@@ -483,7 +485,7 @@ async def serve(
             timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False,
             headers={"Authorization": f"Bearer {key}"},
         )  # fmt: skip
-        command = llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel, webui)
+        command = llama_server_command(llama_bin, model, sock, name, threads, ctx_size, parallel, webui, threads_batch)
         command += table.server_args()
         engine = Engine(command, sock, key, upstream, restarts)
         app = make_app(upstream, name, api_key, engine, webui, table=table, prompt=prompt)
@@ -498,8 +500,8 @@ async def serve(
             except EngineFailed as e:
                 raise InputError(f"{e}; see its log above.") from None
             address = f"[{host}]" if ":" in host else host
-            log.info("serving %s at http://%s:%d/v1 (%d threads, %d slots of %d tokens%s)",
-                     name, address, listener.getsockname()[1], threads, parallel, ctx_size,
+            log.info("serving %s at http://%s:%d/v1 (%d threads, %d for prompts, %d slots of %d tokens%s)",
+                     name, address, listener.getsockname()[1], threads, threads_batch or threads, parallel, ctx_size,
                      ", chat page at /" if webui else "")  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -529,7 +531,8 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("CPUFORGE_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $CPUFORGE_API_KEY, else no key)")  # fmt: skip
     parser.add_argument("--name", help="model id in the API (default: {model}-{qtype})")
-    parser.add_argument("--threads", type=int, help="default: the eval report's recommended count, else physical cores")
+    parser.add_argument("--threads", type=int, help="generation threads (default: the eval report's recommendation)")
+    parser.add_argument("--threads-batch", type=int, help="prompt-processing threads (default: likewise)")
     parser.add_argument(
         "--ctx-size", type=int, default=0, help=f"context of each request; default the model's, ≤{MAX_DEFAULT_CTX}"
     )
@@ -554,14 +557,14 @@ def main() -> None:
         raise InputError(f"--parallel must be at least 1, got {args.parallel}.")
     if args.restarts < 0:
         raise InputError(f"--restarts must be 0 or more, got {args.restarts}.")
-    threads = check_threads(args.threads) if args.threads is not None else default_threads(args.model)
+    threads, threads_batch = default_thread_counts(args.model, args.threads, args.threads_batch)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads: stop quietly, as after
             asyncio.run(
                 serve(args.model, args.llama_bin or default_llama_bin(args.model), args.host, args.port,
                       args.api_key or None, threads, args.ctx_size, args.parallel, args.name,
                       [parse_named_lora(a) for a in args.lora], not args.no_webui, args.restarts, args.drain_timeout,
-                      args.tokenizer)  # fmt: skip
+                      args.tokenizer, threads_batch)  # fmt: skip
             )
     except EngineFailed as e:
         # for a supervisor (systemd, SLURM): the server is gone, and why, in one line

@@ -26,7 +26,10 @@ from cpuforge import paths  # noqa: E402  (the repository's own package, importa
 COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 # shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
 BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
-BIN = paths.llama_bin(BUILD_DIR, COMMIT)
+# the build flavour under test (config llama_cpp.cpu): the default one, which CI builds, unless
+# CPUFORGE_CPU names the other (`CPUFORGE_CPU=portable pytest` runs the suite on a portable build)
+FLAVOUR = os.environ.get("CPUFORGE_CPU", paths.DEFAULT_FLAVOUR)
+BIN = paths.llama_bin(BUILD_DIR, COMMIT, FLAVOUR)
 SOURCE = paths.llama_source(BUILD_DIR, COMMIT)
 TASK = {"train": str(REPO / "data" / "demo_task" / "train.jsonl"), "heldout": str(REPO / "data" / "demo_task" / "heldout.jsonl")}
 
@@ -46,7 +49,7 @@ def snakemake(
 def write_config(path: Path, models: list[dict], **extra) -> Path:
     import yaml
 
-    config = {"models": models, "llama_cpp": {"build_dir": str(BUILD_DIR)}, **extra}
+    config = {"models": models, "llama_cpp": {"build_dir": str(BUILD_DIR), "cpu": FLAVOUR}, **extra}
     path.write_text(yaml.safe_dump(config))
     return path
 

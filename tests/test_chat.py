@@ -13,7 +13,7 @@ from conftest import REPO, chat_lesson, reference_answers, runtime_env
 
 from cpuforge.chat import Generation, load_generation
 from cpuforge.errors import InputError
-from cpuforge.llama import default_threads, physical_cores
+from cpuforge.llama import cpu_backend, default_thread_counts, default_threads, describe_cpu_backend, physical_cores
 
 MAX_NEW = 32  # as reference_answers
 QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]
@@ -98,10 +98,13 @@ def test_one_shot_prompt(llama_bin, gguf):
     (want,) = reference_answers(gguf, [[{"role": "user", "content": QUESTIONS[1]}]])
     result = subprocess.run(
         [sys.executable, "-m", "scripts.chat", str(gguf), "--prompt", QUESTIONS[1], "--threads", "1",
-         "--max-new-tokens", str(MAX_NEW)],
+         "--threads-batch", "2", "--max-new-tokens", str(MAX_NEW)],
         cwd=REPO, env=runtime_env(llama_bin), capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert result.stdout == want + "\n"
+    # the start-up log says which CPU code runs the model, as this process loads the same build
+    assert describe_cpu_backend(cpu_backend(llama_bin)) in result.stderr
+    assert "(1 threads, 2 for prompts," in result.stderr
 
 
 def test_sampling_follows_the_seed(llama_bin, gguf):
@@ -174,3 +177,10 @@ def test_threads_follow_the_eval_report(tmp_path):
     (model.parent / "report").mkdir()
     (model.parent / "report" / "metrics.json").write_text(json.dumps({"recommended_threads": 7}))
     assert default_threads(model) == default_threads(model.parent / "merged") == 7
+    assert default_thread_counts(model, None, None) == (7, physical_cores())
+    metrics = {"recommended_threads": 7, "recommended_threads_batch": 12}
+    (model.parent / "report" / "metrics.json").write_text(json.dumps(metrics))
+    assert default_thread_counts(model, None, None) == (7, 12)
+    assert default_thread_counts(model, 3, None) == (3, 12) and default_thread_counts(model, None, 5) == (7, 5)
+    with pytest.raises(InputError, match="threads must be at least 1, got 0"):
+        default_thread_counts(model, None, 0)

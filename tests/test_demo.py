@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUILD_DIR, snakemake
+from conftest import BUILD_DIR, FLAVOUR, snakemake
 
 from cpuforge.task import TASK_DIR, load_split
 
@@ -16,7 +16,8 @@ from cpuforge.task import TASK_DIR, load_split
 @pytest.mark.slow
 def test_demo_q4_model(llama_bin, tmp_path):
     config = tmp_path / "build.yaml"
-    config.write_text(f"llama_cpp: {{build_dir: {BUILD_DIR}}}\n")  # only the shared build; models stay the demo
+    # only the shared build; models stay the demo
+    config.write_text(f"llama_cpp: {{build_dir: {BUILD_DIR}, cpu: {FLAVOUR}}}\n")
     snakemake(tmp_path, "q4_model", "--configfile", str(config))
     q4 = tmp_path / "results" / "demo" / "ggml-model-q4_0.gguf"
     f16 = tmp_path / "results" / "demo" / "ggml-model-f16.gguf"

@@ -10,9 +10,11 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama, write_config
+from conftest import BIN, PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama
+from conftest import write_config
 
 from cpuforge.bench import recommended_threads
+from cpuforge.llama import cpu_backend
 from cpuforge.perplexity import parse_kl_output, perplexity_from_nll
 from cpuforge.report import quality_gate
 from cpuforge.task import as_text, load_split
@@ -101,6 +103,9 @@ def test_every_metric_is_present_and_sane(eval_run):
         assert all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in runs)
     assert metrics["recommended_threads"] in (1, 2) and metrics["recommended_for"] == "q4_0"
     assert metrics["recommended_threads"] == q4["recommended_threads"]
+    assert metrics["recommended_threads_batch"] == q4["recommended_threads_batch"] in (1, 2)
+    # the CPU code that ran the benchmark, as this process's own load of the same build reports it
+    assert metrics["cpu_backend"] == cpu_backend(BIN)
     assert metrics["gate"]["passed"] and (report_dir(workdir) / "quality_gate.txt").is_file()
     assert metrics["eval"]["task_rows"] == 6 and metrics["eval"]["scored_tokens"] == 4 * (128 - 1 - 64)
     for name in ("merged", "f16", "q4_0"):
@@ -205,6 +210,9 @@ def test_report_renders_its_plots_in_chromium(eval_run, chromium, tmp_path):
     for plot in ("throughput", "size_vs_perplexity", "accuracy"):
         assert re.search(rf"<img class=\"plot\" id=\"plot-{plot}\"[^>]*src=\"data:image/png;base64,", dom), plot
     assert "Quality gate passed" in dom and 'id="recommended-threads"' in dom
+    backend = metrics_of(workdir)["cpu_backend"]
+    assert f'id="cpu-variant">{backend["variant"]}<' in dom and 'id="recommended-threads-batch"' in dom
+    assert re.search(r'id="cpu-features">[^<]*\bREPACK\b', dom)  # the q4_0 weight repacking
 
     shot = tmp_path / "report.png"
     headless(chromium, tmp_path / "profile-shot", "--window-size=1280,2600", f"--screenshot={shot}", page)
@@ -223,10 +231,13 @@ def test_snakemake_report_holds_the_evaluation(eval_run):
     assert "Evaluation" in text and "size_vs_perplexity.png" in text
 
 
-def test_recommended_threads_is_the_fewest_within_tolerance():
-    runs = [{"threads": 1, "tg_tps": 10.0}, {"threads": 2, "tg_tps": 19.5}, {"threads": 4, "tg_tps": 20.0}]
-    assert recommended_threads(runs, 5) == 2
-    assert recommended_threads(runs, 0) == 4
+def test_recommended_threads_is_the_fewest_within_tolerance_for_each_phase():
+    # generation levels off once memory is the limit, prompt processing gains from every core
+    runs = [{"threads": 1, "tg_tps": 10.0, "pp_tps": 50.0}, {"threads": 2, "tg_tps": 19.5, "pp_tps": 98.0},
+            {"threads": 4, "tg_tps": 20.0, "pp_tps": 190.0}]  # fmt: skip
+    assert recommended_threads(runs, 5) == {"threads": 2, "threads_batch": 4}
+    assert recommended_threads(runs, 0) == {"threads": 4, "threads_batch": 4}
+    assert recommended_threads(runs, 50) == {"threads": 1, "threads_batch": 2}
 
 
 def test_perplexity_from_nll_is_llama_perplexitys_formula():

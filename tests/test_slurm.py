@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, snakemake, write_config
+from conftest import FLAVOUR, REPO, snakemake, write_config
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue")
 PRODUCTS = ("merged/model.safetensors", "ggml-model-f16.gguf", "ggml-model-q4_0.gguf")
@@ -167,6 +167,8 @@ def test_chain_through_slurm_matches_a_local_run(llama_bin, slurm_cluster, tiny_
     snakemake(local, "q4_model", "--profile", str(REPO / "profiles" / "local"), "--configfile", str(tiny_config))
     snakemake(
         cluster, "q4_model", "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(tiny_config),
+        # the session's one build, not the profile's portable one (CI builds llama.cpp once)
+        "--config", f"llama_cpp={{cpu: {FLAVOUR}}}",
         # the node's cores bound every job's --cpus-per-task (the profile asks for up to 16)
         "--max-threads", str(cpus),
         # poll every few seconds, not the plugin's 40 (MinJobAge above stays 3 × larger)

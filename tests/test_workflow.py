@@ -156,9 +156,10 @@ def test_user_models_replace_the_demo(tiny_run):
     assert "make_demo_base" not in out and "results/demo" not in out
 
 
-def test_gguf_carries_its_provenance(tiny_run):
-    """The file alone tells its history, and `scripts.inspect` prints it."""
+def test_gguf_carries_its_provenance(tiny_run, llama_bin):
+    """The file alone tells its history, and `scripts.inspect` prints it, with the CPU code that runs it here."""
     from cpuforge.files import sha256_file
+    from cpuforge.llama import cpu_backend
 
     workdir, _ = tiny_run
     results = workdir / "results" / "tiny"
@@ -176,6 +177,7 @@ def test_gguf_carries_its_provenance(tiny_run):
     assert quantize["type"] == "q4_0" and set(quantize["versions"]) >= {"python", "torch", "transformers", "peft", "gguf"}
     sidecar = json.loads((results / "ggml-model-q4_0.gguf.provenance.json").read_text())
     assert sidecar == quantize
+    assert history["cpu_backend"] == {"llama_bin": str(llama_bin.resolve()), **cpu_backend(llama_bin)}
 
 
 def test_paths_with_a_space_a_quote_and_a_letter_beyond_ascii(llama_bin, tmp_path_factory):
