@@ -23,7 +23,7 @@ from cpuforge.generate import (
     greedy_known,
     stop_ids,
 )
-from cpuforge.llama import load_llama_cpp
+from cpuforge.llama import apply_loras, load_llama_cpp
 from cpuforge.prompt import prompt_ids, prompt_text
 from cpuforge.task import answer, messages
 
@@ -38,11 +38,13 @@ def hf_prompts(tokenizer_dir: Path, rows: list[dict]) -> tuple[object, list[list
 
 
 def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
-                 threads: int) -> list[str]:  # fmt: skip
+                 threads: int, loras: list[Path] = ()) -> list[str]:  # fmt: skip
+    """Greedy answers of `gguf`, with GGUF LoRA adapters applied at run time if given (each at scale 1)."""
     llama_cpp = load_llama_cpp(bin_dir)
     _, hf_ids = hf_prompts(tokenizer_dir, rows)
     n_ctx = max(map(len, hf_ids)) + max_new_tokens
     llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    adapters = apply_loras(llama_cpp, llm, [(lora, 1.0) for lora in loras])  # noqa: F841 (they live with llm)
     log.info("the GGUF answers the %d prompts as transformers' token ids from %s", len(rows), tokenizer_dir)
     return gguf_greedy_answers(llm, hf_ids, max_new_tokens)
 

@@ -136,8 +136,12 @@ def parse_kl_output(out: str) -> dict:
     return figures
 
 
-def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int) -> dict:
+def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = ()) -> dict:
+    """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
+    time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them."""
     args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads]
+    for lora in loras:
+        args += ["--lora", lora]
     return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", args))
 
 

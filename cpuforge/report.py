@@ -1,7 +1,8 @@
 """Gather every stage's figures into metrics.json and a self-contained report.html, and judge the quality gate.
 
 The figures are the JSON files the evaluation steps wrote under --figures
-(perplexity/, kl_divergence/, task/, bench/). The report shows one row per stage,
+(perplexity/, kl_divergence/, task/, bench/, runtime_lora/). The report shows one row per stage,
+each quant merged beside its unmerged base with the adapters applied at run time (when they can be),
 three matplotlib plots embedded as PNG, the quality gate's verdict, the fidelity
 checks the workflow made (--checks FILE...: tokenizer and chat-template parity of each
 GGUF, greedy generation parity, each quant with and without the importance
@@ -39,14 +40,14 @@ def label(stage: str) -> str:
     return LABELS.get(stage, f"{stage} GGUF")
 
 
-def parse_stages(specs: list[str]) -> dict[str, Path]:
+def parse_stages(specs: list[str], flag: str = "--stage", reference: bool = True) -> dict[str, Path]:
     stages = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise InputError(f"--stage {spec!r}: expected NAME=PATH.")
+            raise InputError(f"{flag} {spec!r}: expected NAME=PATH.")
         stages[name] = Path(path)
-    if REFERENCE not in stages:
+    if reference and REFERENCE not in stages:
         raise InputError("--stage: the f16 GGUF stage is missing; every comparison is made against it.")
     return stages
 
@@ -216,6 +217,73 @@ def bench_table(records: list[dict]) -> str:
             + "".join(rows) + "</table>")  # fmt: skip
 
 
+def runtime_lora_rows(runtime_lora: dict[str, Path], adapters: list[Path], records: list[dict], figures: Path,
+                      task: bool) -> list[dict]:  # fmt: skip
+    """Per quant type, "merged then {qtype}" beside "base {qtype} + runtime LoRA": bytes on disk (the base and
+    every adapter), perplexity and KL divergence against the merged f16 (llama-perplexity --lora), task
+    accuracy, and prompt and generation tokens/s of both measured side by side in one run by the same code;
+    and one sentence on which serves the model better."""
+    by_stage = {r["stage"]: r for r in records}
+    rows = []
+    for qtype, base in runtime_lora.items():
+        folder = figures / "runtime_lora"
+        kl, speed = read_json(folder / f"{qtype}-kl.json"), read_json(folder / f"{qtype}-speed.json")
+        merged = {k: by_stage[qtype].get(k) for k in ("size_bytes", "perplexity", "kl_divergence", "top1_agreement",
+                                                      "accuracy")}  # fmt: skip
+        lora = {"size_bytes": size_on_disk(base) + sum(size_on_disk(a) for a in adapters),
+                **{k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")},
+                "accuracy": read_json(folder / f"{qtype}-task.json")["accuracy"] if task else None}  # fmt: skip
+        for side, figures_of in (("merged", merged), ("runtime_lora", lora)):
+            figures_of.update(pp_tps=speed[side]["pp_tps"], tg_tps=speed[side]["tg_tps"])
+        rows.append({"qtype": qtype, "base": str(base), "adapters": [str(a) for a in adapters], "merged": merged,
+                     "runtime_lora": lora, "speed_runtime": speed["runtime"], "speed_threads": speed["threads"],
+                     "verdict": lora_verdict(qtype, merged, lora, len(adapters))})  # fmt: skip
+    return rows
+
+
+def lora_verdict(qtype: str, merged: dict, lora: dict, n_adapters: int) -> str:
+    """Which way serves the model better at `qtype`, from the figures: closer to the merged f16 (KL, then
+    task accuracy where there is one) and faster at generation."""
+    closer = lora["kl_divergence"] < merged["kl_divergence"]
+    if merged["accuracy"] is not None and lora["accuracy"] != merged["accuracy"]:
+        closer = lora["accuracy"] > merged["accuracy"]
+    faster = lora["tg_tps"] > merged["tg_tps"]
+    ratio = lora["tg_tps"] / merged["tg_tps"]
+    figures = (f"KL divergence from the merged f16 {lora['kl_divergence']:.4g} against {merged['kl_divergence']:.4g}"
+               + ("" if merged["accuracy"] is None else
+                  f", task accuracy {lora['accuracy']:.3f} against {merged['accuracy']:.3f}")
+               + f", generation at {ratio:.2f}× the merged speed, {lora['size_bytes'] / 2**20:,.1f} MiB on disk "
+               f"for the base and its {n_adapters} adapter{'s' * (n_adapters != 1)} against "
+               f"{merged['size_bytes'] / 2**20:,.1f} MiB merged")  # fmt: skip
+    if closer and faster:
+        return f"At {qtype}, base + runtime LoRA serves this model better: {figures}."
+    if not closer and not faster:
+        return (f"At {qtype}, merging serves this model better: {figures}; a runtime LoRA pays off only where "
+                f"several adapters share one base.")
+    return (f"At {qtype}, neither way wins outright: {figures}; merge for "
+            f"{'speed' if closer else 'quality'}, keep the LoRA at run time for {'quality' if closer else 'speed'}.")
+
+
+def runtime_lora_html(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    head = ("stage", "size", "perplexity", "KL div. vs merged f16", "top-1 agreement", "task accuracy",
+            "prompt t/s", "generation t/s")  # fmt: skip
+    body = []
+    for row in rows:
+        for label, r in ((f"merged then {row['qtype']}", row["merged"]),
+                         (f"base {row['qtype']} + runtime LoRA", row["runtime_lora"])):  # fmt: skip
+            cells = (label, f"{r['size_bytes'] / 2**20:.1f} MiB", number(r["perplexity"]), number(r["kl_divergence"]),
+                     "–" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%",
+                     number(r["accuracy"], 3), speed(r["pp_tps"]), speed(r["tg_tps"]))  # fmt: skip
+            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    verdicts = "".join(f"<p class='lora-verdict'>{html.escape(row['verdict'])}</p>" for row in rows)
+    return (f"<h2>Merged or runtime LoRA</h2><table class='runtime-lora'>{header}{''.join(body)}</table>{verdicts}"
+            f"<p>Sizes count the base and every adapter file. Speed: {html.escape(rows[0]['speed_runtime'])}, "
+            f"{rows[0]['speed_threads']} threads, both sides in turns in one run, each its best round.</p>")
+
+
 def provenance_html(records: list[dict]) -> str:
     parts = []
     for r in records:
@@ -368,6 +436,7 @@ against the f16 GGUF (llama-perplexity --kl-divergence). f16 GGUF vs merged HF p
 {metrics['f16_vs_merged_perplexity_rel_diff']:.2e}.</p>
 <h2>Plots</h2>
 {images}
+{runtime_lora_html(metrics.get("runtime_lora", []))}
 {checks_html(checks)}
 <h2>Speed by thread count</h2>
 {bench_table(records)}
@@ -385,7 +454,8 @@ window.addEventListener("load", () => {{
 
 
 def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, serve: str, commit: str,
-                thresholds: dict[str, float]) -> tuple[dict, list[dict], dict[str, bytes]]:  # fmt: skip
+                thresholds: dict[str, float], runtime_lora: dict[str, Path] | None = None,
+                adapters: list[Path] = ()) -> tuple[dict, list[dict], dict[str, bytes]]:  # fmt: skip
     records = [stage_record(stage, path, figures, task) for stage, path in stages.items()]
     relative_figures(records)
     by_stage = {r["stage"]: r for r in records}
@@ -417,6 +487,7 @@ def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, 
         "f16_vs_merged_perplexity_rel_diff": f16_vs_merged,
         "gate": {"thresholds": thresholds, "passed": not failures, "failures": failures},
         "stages": [{k: v for k, v in r.items() if k != "provenance"} for r in records],
+        "runtime_lora": runtime_lora_rows(runtime_lora or {}, list(adapters), records, figures, task),
         "provenance": {r["stage"]: r["provenance"] for r in records},
     }
     plots = {

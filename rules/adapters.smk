@@ -78,3 +78,89 @@ rule check_runtime_lora:
         ' --heldout {input.heldout:q} --llama-bin "$(dirname {input.lib:q})" --min-agreement {params.min_agreement}'
         " {params.gate:q} --max-new-tokens {params.max_new_tokens} --prompts {params.prompts} --threads {threads}"
         " --out {output:q} > {log:q} 2>&1"
+
+
+# The report's "base {qtype} + runtime LoRA" stage, beside "merged then {qtype}"
+
+
+rule eval_kl_divergence_lora:
+    input:
+        gguf="results/{model}/base-{qtype}.gguf",
+        loras=get_adapter_ggufs,
+        logits="results/{model}/report/f16-logits.kld",
+        perplexity=f"{get_llama_bin()}/llama-perplexity",
+    output:
+        "results/{model}/report/runtime_lora/{qtype}-kl.json",
+    log:
+        "logs/{model}/eval_kl_divergence_lora_{qtype}.log",
+    benchmark:
+        "benchmarks/{model}/eval_kl_divergence_lora_{qtype}.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        ctx=EVAL["ctx"],
+        loras=get_lora_args,
+    shell:
+        "python -m scripts.eval_kl_divergence --gguf {input.gguf:q} {params.loras:q}"
+        ' --llama-bin "$(dirname {input.perplexity:q})" --logits {input.logits:q} --ctx-size {params.ctx}'
+        " --stage base-{wildcards.qtype}+lora --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule eval_task_lora:
+    input:
+        gguf="results/{model}/base-{qtype}.gguf",
+        loras=get_adapter_ggufs,
+        task=get_heldout,
+        tokenizer="results/{model}/merged",
+        lib=f"{get_llama_bin()}/libllama.so",
+    output:
+        "results/{model}/report/runtime_lora/{qtype}-task.json",
+    log:
+        "logs/{model}/eval_task_lora_{qtype}.log",
+    benchmark:
+        "benchmarks/{model}/eval_task_lora_{qtype}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        max_new_tokens=EVAL["max_new_tokens"],
+        loras=get_lora_args,
+    shell:
+        "python -m scripts.eval_task --gguf {input.gguf:q} {params.loras:q} --merged {input.tokenizer:q}"
+        ' --heldout {input.task:q} --llama-bin "$(dirname {input.lib:q})" --max-new-tokens {params.max_new_tokens}'
+        " --stage base-{wildcards.qtype}+lora --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule bench_runtime_lora:
+    input:
+        gguf="results/{model}/ggml-model-{qtype}.gguf",
+        base="results/{model}/base-{qtype}.gguf",
+        loras=get_adapter_ggufs,
+        lib=f"{get_llama_bin()}/libllama.so",
+    output:
+        "results/{model}/report/runtime_lora/{qtype}-speed.json",
+    log:
+        "logs/{model}/bench_runtime_lora_{qtype}.log",
+    benchmark:
+        "benchmarks/{model}/bench_runtime_lora_{qtype}.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    # all cores, so no other job runs beside the measurement and skews it
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+    params:
+        threads=max(get_bench_threads()),
+        prompt_tokens=EVAL["bench"]["prompt_tokens"],
+        gen_tokens=EVAL["bench"]["gen_tokens"],
+        rounds=EVAL["bench"]["repetitions"],
+        loras=get_lora_args,
+    shell:
+        "python -m scripts.bench_runtime_lora --gguf {input.gguf:q} --base {input.base:q} {params.loras:q}"
+        ' --llama-bin "$(dirname {input.lib:q})" --threads {params.threads} --prompt-tokens {params.prompt_tokens}'
+        " --gen-tokens {params.gen_tokens} --rounds {params.rounds} --out {output:q} > {log:q} 2>&1"

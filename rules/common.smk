@@ -1,4 +1,5 @@
 import errno
+import functools
 import math
 import os
 import shlex
@@ -194,6 +195,30 @@ def get_runtime_adapters(wildcards):
         except InputError as e:
             fail(str(e))
     return adapters
+
+
+@functools.cache
+def has_runtime_lora(model):
+    """Whether the report sets each quant merged beside its unmerged base + the adapters applied at run
+    time: when the model has adapters that can run as GGUF LoRAs (the demo's is checked by its step). One
+    that cannot is left out of the report, said once, and is merged as ever."""
+    base, adapters = MODELS[model]["base"], MODELS[model]["adapters"]
+    if not adapters or base == "demo":
+        return bool(adapters)
+    try:
+        check_runtime(Path(base), [Path(a) for a in adapters])
+    except InputError as e:
+        print(f"The report of {model} has no runtime-LoRA stages: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def get_runtime_lora_args(wildcards):
+    """scripts.make_eval_report's --runtime-lora QTYPE=BASE for each quant type, and the adapters' files."""
+    if not has_runtime_lora(wildcards.model):
+        return []
+    bases = [f"--runtime-lora={q}=results/{wildcards.model}/base-{q}.gguf" for q in QUANT_TYPES]
+    return [*bases, "--adapters", *get_adapter_ggufs(wildcards)]
 
 
 def get_unmerged_base_input(wildcards):
@@ -462,9 +487,14 @@ def get_report_input(wildcards):
         "bench": [f"{figures}/bench/{s}.json" for s in get_gguf_stages()],
         "checks": get_model_checks(model),
         "task": [],
+        "runtime_lora": [],
     }
     if has_task(model):
         inputs["task"] = [f"{figures}/task/{s}.json" for s in get_stages()]
+    if has_runtime_lora(model):
+        kinds = ("kl", "speed", "task") if has_task(model) else ("kl", "speed")
+        inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in QUANT_TYPES for k in kinds]
+        inputs["runtime_lora"] += [f"results/{model}/base-{q}.gguf" for q in QUANT_TYPES]
     return inputs
 
 

@@ -221,6 +221,7 @@ rule make_eval_report:
         mem_mb=1000,
     params:
         stages=get_report_args,
+        runtime_lora=get_runtime_lora_args,
         figures="results/{model}/report",
         task=get_report_task_flag,
         serve=QUANT_TYPES[0],
@@ -229,7 +230,8 @@ rule make_eval_report:
         max_kl=EVAL["gate"]["max_kl_divergence"],
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
-        "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} --figures {params.figures:q}"
+        "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} {params.runtime_lora:q}"
+        " --figures {params.figures:q}"
         " {params.task:q} --checks {input.checks:q} --serve {params.serve} --llama-cpp-commit {params.commit}"
         " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
         " --min-accuracy {params.min_accuracy} --html {output.html:q} --metrics {output.metrics:q}"

@@ -6,7 +6,8 @@
 `llama-perplexity --kl-divergence` reads the tokens and f16 log-probabilities
 that eval_perplexity saved and scores the quant on the same windows: the mean
 KL divergence KL(f16 || quant) per token, how often both pick the same top-1
-token, and the quant's own perplexity on those tokens.
+token, and the quant's own perplexity on those tokens. With --lora, the GGUF is an
+unmerged base and the adapters are applied to it at run time.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def main() -> None:
     add_flags(parser, "gguf", "llama-bin", "ctx-size", "out", "threads", gguf={"help": "quantized GGUF"},
               ctx_size={"help": "window length the logits were made with"})  # fmt: skip
     parser.add_argument("--logits", type=Path, required=True, help="f16 log-probs (eval_perplexity --save-logits)")
+    parser.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
+                        help="a GGUF LoRA applied to --gguf at run time (repeat for a stack, in order)")  # fmt: skip
     parser.add_argument("--stage", required=True)
     args = parser.parse_args()
-    result = kl_divergence(args.llama_bin, args.gguf, args.logits, args.ctx_size, check_threads(args.threads))
-    write_json(args.out, {"stage": args.stage, "ctx": args.ctx_size, "runtime": "llama-perplexity", **result})
+    result = kl_divergence(args.llama_bin, args.gguf, args.logits, args.ctx_size, check_threads(args.threads),
+                           args.lora)  # fmt: skip
+    write_json(args.out, {"stage": args.stage, "ctx": args.ctx_size, "runtime": "llama-perplexity",
+                          "loras": [str(a) for a in args.lora], **result})  # fmt: skip
     log.info("%s: mean KL divergence %.5f, top-1 agreement %.3f, perplexity %.4f", args.stage,
              result["kl_divergence"], result["top1_agreement"], result["perplexity"])  # fmt: skip
 

@@ -41,10 +41,14 @@ def main() -> None:
               merged={"help": "merged HF model folder, whose tokenizer and template build the prompts"},
               llama_bin={"required": False, "help": "the pinned llama.cpp bin folder (GGUF files)"})  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
+                        help="a GGUF LoRA applied to --gguf at run time (repeat for a stack, in order)")  # fmt: skip
     parser.add_argument("--stage", required=True)
     args = parser.parse_args()
     threads = check_threads(args.threads)
     rows = read_heldout(args.heldout)
+    if args.hf is not None and args.lora:
+        parser.error("--lora applies GGUF LoRAs to a GGUF (--gguf); a HF folder is merged already")
     if args.hf is not None:
         import torch
 
@@ -54,9 +58,9 @@ def main() -> None:
     else:
         if args.llama_bin is None:
             parser.error("a GGUF file needs --llama-bin")
-        answers = answers_gguf(args.gguf, args.llama_bin, args.merged, rows, args.max_new_tokens, threads)
+        answers = answers_gguf(args.gguf, args.llama_bin, args.merged, rows, args.max_new_tokens, threads, args.lora)
         right = [a == answer(r) for a, r in zip(answers, rows, strict=True)]
-        runtime = "llama-cpp-python"
+        runtime = "llama-cpp-python" + (" + runtime LoRA" if args.lora else "")
     correct = sum(right)
     write_json(args.out, {"stage": args.stage, "accuracy": correct / len(rows), "correct": correct, "rows": len(rows),
                           "runtime": runtime, "answers": answers})  # fmt: skip

@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True, help="folder of the evaluation steps' JSON files")
     parser.add_argument("--task", action="store_true", help="the model has a task: read task/<stage>.json")
     parser.add_argument("--checks", type=Path, nargs="*", default=[], help="the fidelity checks' JSON files")
+    parser.add_argument("--runtime-lora", action="append", default=[], metavar="QTYPE=BASE_GGUF",
+                        help="a quant type's unmerged base; its figures under runtime_lora/")  # fmt: skip
+    parser.add_argument("--adapters", type=Path, nargs="*", default=[], help="the GGUF LoRA files applied to it")
     parser.add_argument("--serve", default="q4_0", help="GGUF stage whose recommended thread count is reported")
     parser.add_argument("--llama-cpp-commit", default="unknown")
     parser.add_argument("--max-ppl-increase-pct", type=float, default=25.0)
@@ -51,7 +54,8 @@ def main() -> None:
 
     matplotlib.use("Agg")
     metrics, records, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
-                                          args.serve, args.llama_cpp_commit, thresholds)  # fmt: skip
+                                          args.serve, args.llama_cpp_commit, thresholds,
+                                          parse_stages(args.runtime_lora, "--runtime-lora", reference=False), args.adapters)  # fmt: skip
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:
             tmp.write_bytes(data)
@@ -63,6 +67,8 @@ def main() -> None:
     for r in records:
         log.info("%-12s %8.1f MiB  ppl %.4f  %s", r["stage"], r["size_bytes"] / 2**20, r["perplexity"],
                  "" if "accuracy" not in r else f"accuracy {r['accuracy']:.3f}")  # fmt: skip
+    for row in metrics["runtime_lora"]:
+        log.info("%s", row["verdict"])
     log.info("quality gate %s; report written to %s", "passed" if not metrics["gate"]["failures"] else "failed",
              args.html)  # fmt: skip
 

@@ -151,6 +151,27 @@ def test_runtime_lora_answers_as_the_merged_model(lora_run):
     log.info("runtime LoRA vs merged: f16 %d/%d, q4_0 %d/%d", f16["agree"], f16["prompts"], q4["agree"], q4["prompts"])
 
 
+def test_llama_perplexity_applies_the_lora_for_the_report(lora_run, llama_bin, tmp_path):
+    """The report's runtime-LoRA KL divergence (eval_kl_divergence --lora): the f16 base with adapter a applied
+    is the merged f16 up to rounding, far closer than the base alone or with the other adapter."""
+    from conftest import prose
+
+    from cpuforge.perplexity import kl_divergence, perplexity_gguf
+
+    results = lora_run / "results" / "alpha"
+    text = tmp_path / "text.txt"
+    text.write_text(prose(6000))
+    logits = tmp_path / "f16.kld"
+    perplexity_gguf(llama_bin, results / "ggml-model-f16.gguf", text, 128, 8, 1, logits)
+    kl = {
+        name: kl_divergence(llama_bin, results / "base-f16.gguf", logits, 128, 1, loras)["kl_divergence"]
+        for name, loras in (("a", [results / "adapters" / "1-a.gguf"]), ("none", []),
+                            ("b", [lora_run / "results" / "beta" / "adapters" / "1-b.gguf"]))
+    }  # fmt: skip
+    log.info("KL divergence from the merged f16: %s", kl)
+    assert kl["a"] < 1e-3 and kl["a"] < kl["none"] / 10 and kl["a"] < kl["b"] / 10
+
+
 def test_runtime_lora_check_fails_on_the_wrong_adapter(lora_run, llama_bin):
     """The other adapter on the base does not answer as the merged model: the check names both."""
     results = lora_run / "results"

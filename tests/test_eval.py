@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -118,6 +119,30 @@ def test_every_metric_is_present_and_sane(eval_run):
     assert not (report_dir(workdir) / "f16-logits.kld").exists()  # temporary: gone once every quant is scored
 
 
+def test_each_quant_merged_beside_its_base_with_the_runtime_lora(eval_run):
+    """The report's "base q4_0 + runtime LoRA" stage beside "merged then q4_0": the base and the adapter's
+    bytes, its figures from its own steps, both speeds from one side-by-side run, one sentence on which wins."""
+    workdir, _ = eval_run
+    results = workdir / "results" / "tiny"
+    (row,) = metrics_of(workdir)["runtime_lora"]
+    merged, lora = row["merged"], row["runtime_lora"]
+    assert row["qtype"] == "q4_0" and row["adapters"] == ["results/tiny/adapters/1-adapter.gguf"]
+    assert lora["size_bytes"] == sum(
+        (results / name).stat().st_size for name in ("base-q4_0.gguf", "adapters/1-adapter.gguf")
+    )
+    assert merged["size_bytes"] == stages_of(workdir)["q4_0"]["size_bytes"]
+    figures = report_dir(workdir) / "runtime_lora"
+    kl, task = json.loads((figures / "q4_0-kl.json").read_text()), json.loads((figures / "q4_0-task.json").read_text())
+    assert kl["loras"] == row["adapters"] and lora["kl_divergence"] == kl["kl_divergence"] > 0
+    assert 1 < lora["perplexity"] < 512 and 0 < lora["top1_agreement"] <= 1
+    assert task["runtime"] == "llama-cpp-python + runtime LoRA" and lora["accuracy"] == task["accuracy"]
+    assert merged["kl_divergence"] == stages_of(workdir)["q4_0"]["kl_divergence"]
+    assert all(side[k] > 0 for side in (merged, lora) for k in ("pp_tps", "tg_tps"))
+    assert row["verdict"].startswith("At q4_0, ") and f"{lora['kl_divergence']:.4g}" in row["verdict"]
+    page = (report_dir(workdir) / "report.html").read_text()
+    assert "base q4_0 + runtime LoRA" in page and html.escape(row["verdict"]) in page
+
+
 def test_report_shows_the_fidelity_checks(eval_run):
     workdir, _ = eval_run
     checks = metrics_of(workdir)["checks"]
@@ -133,7 +158,7 @@ def test_every_stage_is_scored_on_the_same_tokens(eval_run):
     workdir, _ = eval_run
     figures = [json.loads(p.read_text()) for p in report_dir(workdir).glob("*/*.json") if p.parent.name != "task"]
     scored = {(f["stage"], f.get("scored_tokens"), f.get("windows")) for f in figures if "perplexity" in f}
-    assert {s for s, _, _ in scored} == set(STAGES)
+    assert {s for s, _, _ in scored} == {*STAGES, "base-q4_0+lora"}  # the base with the adapter at run time too
     assert {(n, w) for _, n, w in scored} == {(4 * 63, 4)}
     texts = {f["text_sha256"] for f in figures if "text_sha256" in f}
     assert len(texts) == 1
