@@ -228,10 +228,10 @@ def runtime_lora_rows(runtime_lora: dict[str, Path], adapters: list[Path], recor
     for qtype, base in runtime_lora.items():
         folder = figures / "runtime_lora"
         kl, speed = read_json(folder / f"{qtype}-kl.json"), read_json(folder / f"{qtype}-speed.json")
-        merged = {k: by_stage[qtype].get(k) for k in ("size_bytes", "perplexity", "kl_divergence", "top1_agreement",
-                                                      "accuracy")}  # fmt: skip
+        shared = ("perplexity", "kl_divergence", "kl_divergence_err", "top1_agreement")
+        merged = {k: by_stage[qtype].get(k) for k in ("size_bytes", *shared, "accuracy")}
         lora = {"size_bytes": size_on_disk(base) + sum(size_on_disk(a) for a in adapters),
-                **{k: kl[k] for k in ("perplexity", "kl_divergence", "top1_agreement")},
+                **{k: kl[k] for k in shared},
                 "accuracy": read_json(folder / f"{qtype}-task.json")["accuracy"] if task else None}  # fmt: skip
         for side, figures_of in (("merged", merged), ("runtime_lora", lora)):
             figures_of.update(pp_tps=speed[side]["pp_tps"], tg_tps=speed[side]["tg_tps"])
@@ -242,26 +242,26 @@ def runtime_lora_rows(runtime_lora: dict[str, Path], adapters: list[Path], recor
 
 
 def lora_verdict(qtype: str, merged: dict, lora: dict, n_adapters: int) -> str:
-    """Which way serves the model better at `qtype`, from the figures: closer to the merged f16 (KL, then
-    task accuracy where there is one) and faster at generation."""
-    closer = lora["kl_divergence"] < merged["kl_divergence"]
+    """Which way serves the model better at `qtype`, from the figures: closer to the merged f16 (task accuracy
+    where the two differ, else KL divergence beyond both estimates' error) and faster at generation."""
+    closer = None  # as close, within the error
+    if abs(lora["kl_divergence"] - merged["kl_divergence"]) > lora["kl_divergence_err"] + merged["kl_divergence_err"]:
+        closer = lora["kl_divergence"] < merged["kl_divergence"]
     if merged["accuracy"] is not None and lora["accuracy"] != merged["accuracy"]:
         closer = lora["accuracy"] > merged["accuracy"]
     faster = lora["tg_tps"] > merged["tg_tps"]
-    ratio = lora["tg_tps"] / merged["tg_tps"]
-    figures = (f"KL divergence from the merged f16 {lora['kl_divergence']:.4g} against {merged['kl_divergence']:.4g}"
+    figures = (f"KL divergence from the merged f16 {lora['kl_divergence']:.4g} ± {lora['kl_divergence_err']:.2g} "
+               f"against {merged['kl_divergence']:.4g} ± {merged['kl_divergence_err']:.2g}"
                + ("" if merged["accuracy"] is None else
                   f", task accuracy {lora['accuracy']:.3f} against {merged['accuracy']:.3f}")
-               + f", generation at {ratio:.2f}× the merged speed, {lora['size_bytes'] / 2**20:,.1f} MiB on disk "
-               f"for the base and its {n_adapters} adapter{'s' * (n_adapters != 1)} against "
-               f"{merged['size_bytes'] / 2**20:,.1f} MiB merged")  # fmt: skip
-    if closer and faster:
-        return f"At {qtype}, base + runtime LoRA serves this model better: {figures}."
-    if not closer and not faster:
-        return (f"At {qtype}, merging serves this model better: {figures}; a runtime LoRA pays off only where "
-                f"several adapters share one base.")
-    return (f"At {qtype}, neither way wins outright: {figures}; merge for "
-            f"{'speed' if closer else 'quality'}, keep the LoRA at run time for {'quality' if closer else 'speed'}.")
+               + f", generation at {lora['tg_tps'] / merged['tg_tps']:.2f}× the merged speed, "
+               f"{lora['size_bytes'] / 2**20:,.1f} MiB on disk for the base and its {n_adapters} "
+               f"adapter{'s' * (n_adapters != 1)} against {merged['size_bytes'] / 2**20:,.1f} MiB merged")  # fmt: skip
+    if closer in (None, faster):
+        way = "base + runtime LoRA" if faster else "merging"
+        return f"At {qtype}, {way} serves this model better: {figures}."
+    return (f"At {qtype}, neither way wins outright: {figures}; merge for {'speed' if closer else 'quality'}, "
+            f"keep the LoRA at run time for {'quality' if closer else 'speed'}.")
 
 
 def runtime_lora_html(rows: list[dict]) -> str:

@@ -285,6 +285,27 @@ def test_kl_summary_is_read_from_llama_perplexity_output():
     assert figures["perplexity"] == 14.413613 and figures["scored_tokens"] == 4 * 63
 
 
+def test_merged_or_runtime_lora_is_said_from_the_figures():
+    from cpuforge.report import lora_verdict
+
+    merged = {"kl_divergence": 0.02, "kl_divergence_err": 0.001, "accuracy": 0.9, "tg_tps": 100.0, "size_bytes": 2**30}
+
+    def verdict(**lora):
+        return lora_verdict("q4_0", merged, {**merged, "size_bytes": 2**29, **lora}, 2)
+
+    # within both estimates' error and as accurate: the faster way wins
+    assert verdict(kl_divergence=0.0215, tg_tps=90.0).startswith("At q4_0, merging serves this model better: ")
+    assert verdict(kl_divergence=0.0185, tg_tps=110.0).startswith("At q4_0, base + runtime LoRA serves")
+    # closer and faster, or further and slower
+    assert "runtime LoRA serves" in verdict(kl_divergence=0.01, tg_tps=101.0)
+    assert "merging serves" in verdict(kl_divergence=0.05, tg_tps=99.0)
+    # accuracy decides quality where the two differ, KL otherwise; a trade is said as one
+    trade = verdict(kl_divergence=0.01, accuracy=0.8, tg_tps=120.0)
+    assert "neither way wins outright" in trade and "merge for quality, keep the LoRA at run time for speed" in trade
+    assert "task accuracy 0.800 against 0.900" in trade and "1.20× the merged speed" in trade
+    assert "512.0 MiB on disk for the base and its 2 adapters against 1,024.0 MiB merged" in trade
+
+
 def test_quality_gate_names_the_stage_and_the_figure():
     records = [
         {"stage": "f16", "kind": "gguf", "perplexity": 10.0, "ppl_increase_vs_f16_pct": 0.0},
