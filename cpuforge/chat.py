@@ -29,7 +29,14 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, apply_loras, cpu_backend, describe_cpu_backend, gguf_context_length, load_llama_cpp
+from cpuforge.llama import (
+    MAX_DEFAULT_CTX,
+    apply_loras,
+    cpu_backend,
+    describe_cpu_backend,
+    gguf_context_length,
+    load_llama_cpp,
+)
 from cpuforge.paths import default_llama_bin
 from cpuforge.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
 

@@ -190,8 +190,8 @@ def speed_side_by_side(
     llama_cpp = load_llama_cpp(bin_dir)
     sides = {}
     for side, path, adapters in (("merged", merged, []), ("runtime_lora", base, loras)):
-        llm = llama_cpp.Llama(str(path), n_ctx=max(prompt_tokens, gen_tokens) + 16, n_batch=prompt_tokens, n_threads=threads,
-                              n_threads_batch=threads, flash_attn=True, verbose=False)  # fmt: skip
+        llm = llama_cpp.Llama(str(path), n_ctx=max(prompt_tokens, gen_tokens) + 16, n_batch=prompt_tokens,
+                              n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)  # fmt: skip
         sides[side] = (llm, apply_loras(llama_cpp, llm, [(a, 1.0) for a in adapters]))
         decode_speed(llm, prompt_tokens, gen_tokens)  # a warm-up, not counted: the first run allocates and pages in
     best = {side: {"pp_tps": 0.0, "tg_tps": 0.0} for side in sides}

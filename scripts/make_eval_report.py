@@ -53,9 +53,10 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    runtime_lora = parse_stages(args.runtime_lora, "--runtime-lora", reference=False)
     metrics, records, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
-                                          args.serve, args.llama_cpp_commit, thresholds,
-                                          parse_stages(args.runtime_lora, "--runtime-lora", reference=False), args.adapters)  # fmt: skip
+                                          args.serve, args.llama_cpp_commit, thresholds, runtime_lora,
+                                          args.adapters)  # fmt: skip
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:
             tmp.write_bytes(data)

@@ -55,8 +55,14 @@ def test_every_shipped_template_renders_as_transformers(vocab_models, tmp_path):
     assert rendered > 0.9 * len(templates) * len(CHECKED)
 
 
-TOOL = {"type": "function", "function": {"name": "get_datetime", "description": "The local date and time.",
-                                         "parameters": {"type": "object", "properties": {}, "required": []}}}  # fmt: skip
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_datetime",
+        "description": "The local date and time.",
+        "parameters": {"type": "object", "properties": {}, "required": []},
+    },
+}
 
 
 def test_tools_are_left_out_only_where_the_template_would_not_show_them(vocab_models, tmp_path):
