@@ -36,16 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.common import (
-    MAX_DEFAULT_CTX,
-    InputError,
-    check_threads,
-    default_llama_bin,
-    gguf_context_length,
-    llama_cpp_env,
-    run,
-)
-from scripts.serve import llama_server_command, model_name
+from cpuforge.cli import check_threads, run
+from cpuforge.errors import InputError
+from cpuforge.llama import MAX_DEFAULT_CTX, gguf_context_length, llama_cpp_env
+from cpuforge.paths import default_llama_bin, model_name
+from scripts.serve import llama_server_command
 
 log = logging.getLogger(__name__)
 
