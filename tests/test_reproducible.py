@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_lora, make_tiny_llama, snakemake, write_config
+from conftest import REPO, SOURCE, make_lora, make_tiny_llama, snakemake, write_config
 
 from cpuforge.files import sha256_file
 
@@ -81,7 +81,7 @@ def test_full_disk_during_convert(llama_bin, tiny_base, tiny_adapter, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        source = llama_bin.parent / "source"
+        source = SOURCE
         out = disk / "ggml-model-f16.gguf"
         result = subprocess.run(
             [sys.executable, "-m", "scripts.convert", "--source", str(source), "--merged", str(tmp_path / "merged"),
