@@ -47,6 +47,8 @@ FLAGS = {
     "ctx-size": {"type": int, "default": 512, "help": "context (window) length in tokens"},
     "threads": {"type": int, "default": 1, "help": "threads to use"},
     "out": {"type": Path, "required": True, "help": "output"},
+    "lora": {"type": Path, "action": "append", "default": [], "metavar": "FILE",
+             "help": "a GGUF LoRA applied to the GGUF at run time, at scale 1 (repeat for a stack, in order)"},
 }  # fmt: skip
 
 

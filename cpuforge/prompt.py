@@ -173,9 +173,10 @@ class ChatPrompt:
         if self.template is None:
             log.warning("%s has no chat template; using ChatML, as llama.cpp does", self.folder)
         environment = jinja_environment()
-        self.compiled = environment.from_string(self.template or CHATML)
+        source = environment.parse(self.template or CHATML)
+        self.compiled = environment.from_string(source)
         # a template that never reads `tools` shows the model none: transformers renders it without them
-        self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(environment.parse(self.template or ""))
+        self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(source)
         # llama-cpp-python's chat handler stops at the EOS text too; llama.cpp stops at every end-of-generation token
         self.stop = [self.special["eos_token"]] if "eos_token" in self.special else []
 

@@ -224,9 +224,8 @@ def runtime_lora_rows(runtime_lora: dict[str, Path], adapters: list[Path], recor
     accuracy, and prompt and generation tokens/s of both measured side by side in one run by the same code;
     and one sentence on which serves the model better."""
     by_stage = {r["stage"]: r for r in records}
-    rows = []
+    folder, rows = figures / "runtime_lora", []
     for qtype, base in runtime_lora.items():
-        folder = figures / "runtime_lora"
         kl, speed = read_json(folder / f"{qtype}-kl.json"), read_json(folder / f"{qtype}-speed.json")
         shared = ("perplexity", "kl_divergence", "kl_divergence_err", "top1_agreement")
         merged = {k: by_stage[qtype].get(k) for k in ("size_bytes", *shared, "accuracy")}

@@ -25,8 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, "gguf", "llama-bin", "out", "threads", gguf={"help": "the merged GGUF"})
     parser.add_argument("--base", type=Path, required=True, help="the unmerged base GGUF, of the same quant type")
-    parser.add_argument("--lora", type=Path, action="append", required=True, metavar="FILE",
-                        help="a GGUF LoRA applied to --base (repeat for a stack, in order)")  # fmt: skip
+    add_flags(parser, "lora", lora={"required": True, "help": "a GGUF LoRA applied to --base (repeat, in order)"})
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)

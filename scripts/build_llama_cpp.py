@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads, run
 from cpuforge.llama_build import FLAVOURS, build
+from cpuforge.paths import DEFAULT_FLAVOUR
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, required=True, help="verified llama.cpp source folder")
-    parser.add_argument("--flavour", choices=FLAVOURS, default="native", help="what the CPU code is compiled for")
+    parser.add_argument("--flavour", choices=FLAVOURS, default=DEFAULT_FLAVOUR, help="what the CPU code is compiled for")
     parser.add_argument("--work", type=Path, help="cmake build folder (default: <flavour>/cmake beside the source)")
     parser.add_argument("--out", type=Path, help="folder for the tools and libraries (default: <flavour>/bin)")
     parser.add_argument("--threads", type=int, default=1)

@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, "gguf", "heldout", "llama-bin", "out", "threads", gguf={"help": "the unmerged base GGUF"},
               heldout={"required": True})  # fmt: skip
-    parser.add_argument("--lora", type=Path, action="append", required=True, help="GGUF LoRA; repeat, in order")
+    add_flags(parser, "lora", lora={"required": True})
     parser.add_argument("--merged-gguf", type=Path, required=True, help="the merged model's GGUF of the same type")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--min-agreement", type=float, default=0.9)

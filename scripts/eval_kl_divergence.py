@@ -28,8 +28,7 @@ def main() -> None:
     add_flags(parser, "gguf", "llama-bin", "ctx-size", "out", "threads", gguf={"help": "quantized GGUF"},
               ctx_size={"help": "window length the logits were made with"})  # fmt: skip
     parser.add_argument("--logits", type=Path, required=True, help="f16 log-probs (eval_perplexity --save-logits)")
-    parser.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
-                        help="a GGUF LoRA applied to --gguf at run time (repeat for a stack, in order)")  # fmt: skip
+    add_flags(parser, "lora")
     parser.add_argument("--stage", required=True)
     args = parser.parse_args()
     result = kl_divergence(args.llama_bin, args.gguf, args.logits, args.ctx_size, check_threads(args.threads),

@@ -41,8 +41,7 @@ def main() -> None:
               merged={"help": "merged HF model folder, whose tokenizer and template build the prompts"},
               llama_bin={"required": False, "help": "the pinned llama.cpp bin folder (GGUF files)"})  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
-                        help="a GGUF LoRA applied to --gguf at run time (repeat for a stack, in order)")  # fmt: skip
+    add_flags(parser, "lora")
     parser.add_argument("--stage", required=True)
     args = parser.parse_args()
     threads = check_threads(args.threads)
