@@ -21,6 +21,7 @@ include: "rules/adapters.smk"
 # the parity and vocabulary checks read only tokenizers and GGUF metadata (seconds, little memory).
 localrules:
     all,
+    plan,
     llama_cpp,
     merged_model,
     f16_model,
@@ -84,3 +85,14 @@ rule eval_report:
 rule lora_adapters:
     input:
         get_lora_adapters(),
+
+
+# what every job of `all` needs (peak memory, disk written, runtime), predicted from the inputs' headers;
+# printed, and written to results/plan.tsv, each time it is asked for
+rule plan:
+    log:
+        "logs/plan.log",
+    params:
+        tsv="results/plan.tsv",
+    run:
+        show_plan(params.tsv, log[0])

@@ -61,11 +61,12 @@ def make_imatrix(bin_dir: Path, gguf: Path, text: str, out: Path, ctx_size: int,
         work = tmp.with_name(tmp.name + ".work")
         work.mkdir()
         (work / CALIBRATION).write_text(text, encoding="utf-8")
-        # llama-imatrix saves to its output name as it goes: give it a scratch name
+        # llama-imatrix saves to its output name as it goes: give it a scratch name. Its perplexity is not
+        # wanted, but only with it does it log each chunk as it ends ("[n]ppl" after "computing over N chunks")
         scratch = work / "imatrix.gguf"
         cmd = [str((bin_dir / "llama-imatrix").resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION, "-o", str(scratch.resolve()),
                "-c", str(ctx_size), "--chunks", str(used), "-t", str(threads), "-tb", str(threads),
-               "--parse-special", "--no-ppl", "--output-frequency", "1000000"]  # fmt: skip
+               "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=work)
         shutil.move(scratch, tmp)

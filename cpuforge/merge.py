@@ -33,7 +33,7 @@ from cpuforge.lora import (
     lora_delta,
     merged_shard_name,
 )
-from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsWriter, open_weights
+from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,18 @@ def copy_tokenizer(source: Path, folder: Path) -> None:
         write_sentencepiece_tokenizer_json(folder)
 
 
+FLOATING = ("F32", "F16", "BF16", "F64")
+
+
+def output_dtype(dtype: str, stored: str, shape: list[int]) -> str:
+    """The safetensors dtype a merged tensor is written in: matrices in `dtype`, vectors (norms, biases)
+    in f32, as the f16 GGUF keeps them (the converter writes every tensor of one dimension in f32), so an
+    f16 merge holds every bit of the f16 GGUF at half the disk of an f32 one; other tensors as they are."""
+    if stored not in FLOATING:
+        return stored
+    return SAFETENSORS_DTYPES[DTYPES[dtype] if len(shape) > 1 else "float32"]
+
+
 def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
     import torch
@@ -118,7 +130,6 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
 
     plan = check_inputs(base, adapters)
     readers = [open_weights(a.weights) for a in plan.adapters]
-    out_dtype = getattr(torch, DTYPES[dtype])
     shards = sorted(set(plan.base_files.values()))
     weight_map, total = {}, 0
     progress = tqdm(total=len(plan.shapes), desc="merging", unit="tensor", mininterval=5)
@@ -128,17 +139,15 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
             names = [n for n, f in plan.base_files.items() if f == shard]
             if EMBED in names and not plan.tied and LM_HEAD not in plan.base_files:
                 names.append(LM_HEAD)  # untied from the base's embeddings, kept beside them
-            floating = {"F32", "F16", "BF16", "F64"}
-            specs = {
-                n: (SAFETENSORS_DTYPES[DTYPES[dtype]] if plan.dtypes[n] in floating else plan.dtypes[n], plan.shapes[n])
-                for n in names
-            }
+            specs = {n: (output_dtype(dtype, plan.dtypes[n], plan.shapes[n]), plan.shapes[n]) for n in names}
             f = open_weights(shard)  # a .bin shard is memory-mapped: one shard's pages at a time
             with SafetensorsWriter(tmp / merged_shard_name(shard), specs) as w:
                 for name in sorted(names):
                     source = EMBED if name == LM_HEAD and LM_HEAD not in plan.base_files else name
                     weight = merged_tensor(name, f[source], plan, readers)
-                    w.write(name, weight.to(out_dtype) if weight.is_floating_point() else weight)
+                    if weight.is_floating_point():
+                        weight = weight.to(getattr(torch, SafetensorsReader.TORCH_DTYPES[specs[name][0]]))
+                    w.write(name, weight)
                     progress.update()
             f.close()
             total += w.size

@@ -15,8 +15,9 @@ rule make_unmerged_base:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_check_mem_mb,
-        runtime=10,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,
@@ -39,8 +40,9 @@ rule convert_adapter:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_check_mem_mb,
-        runtime=10,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         adapter=get_adapter_folder,
     shell:
@@ -67,8 +69,9 @@ rule check_runtime_lora:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_runtime_check_mem_mb,
-        runtime=get_generation_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         **config["checks"]["generation"],
         loras=get_lora_args,
@@ -99,7 +102,9 @@ rule eval_kl_divergence_lora:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         ctx=EVAL["ctx"],
         loras=get_lora_args,
@@ -126,7 +131,9 @@ rule eval_task_lora:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         max_new_tokens=EVAL["max_new_tokens"],
         loras=get_lora_args,
@@ -153,7 +160,9 @@ rule bench_runtime_lora:
     # all cores, so no other job runs beside the measurement and skews it
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         threads=max(get_bench_threads()),
         prompt_tokens=EVAL["bench"]["prompt_tokens"],

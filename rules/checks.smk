@@ -14,8 +14,9 @@ rule check_tokenizer:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_check_mem_mb,
-        runtime=15,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         base=get_base,
         task=get_task_args,
@@ -40,12 +41,13 @@ rule check_chat_template:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_check_mem_mb,
-        runtime=10,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         heldout=get_heldout_arg,
     shell:
-        'python -m scripts.check_chat_template --gguf {input.gguf:q} --merged {input.merged:q} {params.heldout:q}'
+        "python -m scripts.check_chat_template --gguf {input.gguf:q} --merged {input.merged:q} {params.heldout:q}"
         ' --llama-bin "$(dirname {input.lib:q})" --out {output:q} > {log:q} 2>&1'
 
 
@@ -65,8 +67,9 @@ rule check_generation:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_generation_mem_mb,
-        runtime=get_generation_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         **config["checks"]["generation"],
     shell:
@@ -95,8 +98,9 @@ rule compare_imatrix:
         "../envs/torch.yaml"
     threads: 16
     resources:
-        mem_mb=get_compare_mem_mb,
-        runtime=get_compare_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         **config["checks"]["imatrix"],
         heldout=get_heldout_arg,

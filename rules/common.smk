@@ -1,10 +1,9 @@
-import errno
 import functools
-import math
 import os
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.utils import min_version, validate
 
@@ -16,13 +15,13 @@ sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from cpuforge import paths
+from cpuforge import paths, resources
+from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS, demo_gguf
 from cpuforge.errors import InputError
-from cpuforge.lora import DTYPES, TOKENIZER_FILES, adapter_weights_file, base_shards, check_inputs, tokenizer_source
+from cpuforge.lora import TOKENIZER_FILES, check_inputs, tokenizer_source
 from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
 from cpuforge.runtime_lora import check_runtime
-from cpuforge.safetensors_io import weights_header
-from cpuforge.task import read_heldout
+from cpuforge.task import prose, read_heldout, read_rows
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -65,10 +64,11 @@ def check_config():
             for path in [model["base"], *model["adapters"]]:
                 if not Path(path).is_dir():
                     fail(f"config models[{name}]: {path} is not a folder.")
-            check_inputs(Path(model["base"]), [Path(a) for a in model["adapters"]])
+            PLANS[name] = check_inputs(Path(model["base"]), [Path(a) for a in model["adapters"]])
         for name in MODELS:
             if has_task(name):
                 read_heldout(get_task_data(name)["heldout"])
+            get_model_facts(name)  # what every job will need, from the headers
         if EVAL["text"] != "pydoc_topics" and not Path(EVAL["text"]).is_file():
             fail(f"config eval.text: {EVAL['text']} is neither `pydoc_topics` nor a file.")
     except InputError as e:
@@ -365,78 +365,6 @@ def get_checks():
     return [check for model in MODELS for check in get_model_checks(model)]
 
 
-# Resources: what a job asks a scheduler for (SLURM's --mem and --time, minutes),
-# sized from the job's inputs where the cost grows with the model. Memory figures
-# are the step's peak plus HEADROOM_MB for the interpreter and its libraries.
-# A rule's `threads:` is the most its step uses well: `-c N` caps it, and
-# profiles/slurm/config.yaml sets it per rule for a cluster.
-MB = 1 << 20
-GB = 1 << 30
-HEADROOM_MB = 1024
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def get_made(path):
-    """`path` once an earlier job has made it; until then FileNotFoundError, which Snakemake
-    takes as "size this job later" and asks again when the job's input is all there."""
-    if not Path(path).exists():
-        raise FileNotFoundError(errno.ENOENT, "not made yet", path)
-    return Path(path)
-
-
-def get_shard_numels(folder):
-    """Element counts of every tensor, by weights shard (safetensors or .bin), of a HF model folder (headers only)."""
-    shards = sorted(set(base_shards(get_made(folder)).values()))
-    return {shard: [math.prod(t["shape"]) for t in weights_header(shard).values()] for shard in shards}
-
-
-def get_tree_bytes(folder):
-    return sum(p.stat().st_size for p in get_made(folder).rglob("*") if p.is_file())
-
-
-def get_merge_mem_mb(wildcards, input):
-    """scripts.merge streams one tensor at a time: the largest base tensor as read, its f32 working
-    copy and LoRA delta, and its output-dtype copy; plus the adapters (a .bin one is read whole)."""
-    numels = get_shard_numels(get_base(wildcards)).values()
-    largest = max(map(max, numels))
-    out = BYTES_PER_ELEMENT[DTYPES[config["merge"]["dtype"]]]
-    tensor = largest * (4 + 4 + 4 + out)  # as read (at most f32), f32 copy, f32 delta, output
-    adapters = sum(adapter_weights_file(get_made(a)).stat().st_size for a in get_adapters(wildcards))
-    return math.ceil((tensor + adapters) / MB) + HEADROOM_MB
-
-
-def get_merge_runtime(wildcards, input):
-    """Minutes: reading, merging and writing the base, at a pessimistic 2 minutes per GB."""
-    return 10 + math.ceil(2 * get_tree_bytes(get_base(wildcards)) / GB)
-
-
-def get_convert_mem_mb(wildcards, input):
-    """The converter reads tensors lazily: a few f32 copies of the largest one are alive at a time."""
-    largest = max(max(n) for n in get_shard_numels(input.model).values())
-    return math.ceil(3 * 4 * largest / MB) + HEADROOM_MB
-
-
-def get_convert_runtime(wildcards, input):
-    return 10 + math.ceil(2 * get_tree_bytes(input.model) / GB)
-
-
-def get_quantize_mem_mb(wildcards, input):
-    """llama-quantize reads one tensor at a time: its f16 data, an f32 copy and the quantized output."""
-    from gguf import GGUFReader
-
-    largest = max(int(t.n_elements) for t in GGUFReader(get_made(input.gguf)).tensors)
-    return math.ceil((2 + 4 + 4) * largest / MB) + HEADROOM_MB // 2
-
-
-def get_quantize_runtime(wildcards, input):
-    return 10 + math.ceil(get_made(input.gguf).stat().st_size / GB)
-
-
-def get_build_mem_mb(wildcards, threads):
-    """One compiler per thread; ggml's largest sources need about 500 MB each."""
-    return HEADROOM_MB + 500 * threads
-
-
 def get_eval_text_input(wildcards):
     inputs = {}
     if has_task(wildcards.model):
@@ -516,43 +444,321 @@ def get_eval_reports():
     )
 
 
-def get_check_mem_mb(wildcards, input):
-    """A transformers tokenizer and a vocabulary-only GGUF load: the vocabulary, not the weights."""
-    return 2 * HEADROOM_MB
+# Resources: what a job asks a scheduler for (mem_mb, disk_mb and runtime: SLURM's --mem and --time)
+# and what the start-up preflight holds against this machine; one set of figures per job, from
+# cpuforge.resources, predicted from the inputs' headers before anything is made (the merge's plan, the
+# merged model it gives, a GGUF's own header once it exists). A rule's `threads:` is the most its step
+# uses well: `-c N` caps it, and profiles/slurm/config.yaml sets it per rule for a cluster.
+PREFLIGHT = config["preflight"]
+PLANS = {}  # model -> its checked merge (cpuforge.lora.Plan), kept by check_config
 
 
-def get_generation_mem_mb(wildcards, input):
-    """The merged model in float32 and the f16 GGUF, both loaded whole, plus the generation caches."""
-    return math.ceil((get_tree_bytes(input.merged) + get_made(input.gguf).stat().st_size) / MB) + 2 * HEADROOM_MB
+@functools.cache
+def get_model_facts(model):
+    """A model's figures from its base's and adapters' headers; for the demo before they are made, from
+    the GGUF its base comes from."""
+    dtype = config["merge"]["dtype"]
+    if model not in PLANS and Path(DEMO_ADAPTER).is_dir():
+        PLANS[model] = check_inputs(Path(DEMO_BASE), [Path(DEMO_ADAPTER)])
+    if model in PLANS:
+        return resources.plan_model(PLANS[model], dtype)
+    return resources.demo_model(demo_gguf(), config["demo"]["rank"], DEMO_TARGETS, dtype)
 
 
-def get_generation_runtime(wildcards, input):
-    return 20 + math.ceil(20 * get_made(input.gguf).stat().st_size / GB)
+@functools.cache
+def read_gguf_header(path, mtime):
+    return resources.read_gguf(path)
 
 
-def get_runtime_check_mem_mb(wildcards, input):
-    """The merged GGUF, then the unmerged one with its adapters (both alive at once at worst), plus the caches."""
-    sizes = get_made(input.gguf).stat().st_size + get_made(input.merged).stat().st_size
-    return math.ceil(sizes / MB) + 2 * HEADROOM_MB
+def get_gguf_facts(model, stage, weights="ggml-model"):
+    """A GGUF's figures (`weights`: ggml-model, the merged one, or base, the unmerged one of runtime LoRA):
+    its header once it is made, else as the merged model (or the base) predicts it."""
+    path = Path(f"results/{model}/{weights}-{stage}.gguf")
+    if path.is_file():
+        return read_gguf_header(str(path), path.stat().st_mtime)
+    facts = get_model_facts(model)
+    return resources.predicted_gguf(facts if weights == "ggml-model" else resources.unmerged_base(facts), stage)
 
 
-def get_imatrix_mem_mb(wildcards, input):
-    """llama-imatrix holds the f16 GGUF and one context's activations."""
-    return math.ceil(get_made(input.gguf).stat().st_size / MB) + 2 * HEADROOM_MB
+def get_lora_bytes(model):
+    """The model's GGUF LoRAs, as they load beside the unmerged base."""
+    return resources.lora_gguf_bytes(get_model_facts(model))
 
 
-def get_imatrix_runtime(wildcards, input):
-    """Minutes: a forward pass over the calibration text, pessimistically 10 minutes per GB of f16 weights."""
-    return 10 + math.ceil(10 * get_made(input.gguf).stat().st_size / GB)
+@functools.cache
+def get_task_figures(model, limit=0):
+    rows = read_heldout(get_task_data(model)["heldout"]) if has_task(model) else []
+    return resources.task_figures(rows[:limit] if limit else rows)
 
 
-def get_compare_mem_mb(wildcards, input):
-    """One model at a time (quantize, llama-perplexity, generation), the f16 one being the largest."""
-    return math.ceil(get_made(input.f16).stat().st_size / MB) + 2 * HEADROOM_MB
+def get_text_bytes(files):
+    return sum(Path(f).stat().st_size for f in files)
 
 
-def get_compare_runtime(wildcards, input):
-    return 20 + math.ceil(30 * get_made(input.f16).stat().st_size / GB)
+def get_imatrix_chunks(model):
+    """Chunks of llama-imatrix: imatrix.chunks, else as many as the calibration text holds."""
+    if IMATRIX["chunks"]:
+        return IMATRIX["chunks"]
+    text = get_text_bytes(get_calibration_files(SimpleNamespace(model=model))) + IMATRIX["prose_chars"]
+    return max(1, resources.estimated_tokens(text) // IMATRIX["ctx_size"])
+
+
+def get_compare_chunks():
+    compare = config["checks"]["imatrix"]
+    return compare["chunks"] or max(1, resources.utf8_tokens(prose("evaluation")) // compare["ctx_size"])
+
+
+def get_demo_example_tokens():
+    """The longest demo training example (prompt and answer), in estimated tokens."""
+    task = resources.task_figures(read_rows(DEMO_TASK["train"]))
+    return task.longest_prompt + task.longest_answer
+
+
+def get_stage_facts(model, stage):
+    """The tensors and architecture a HF stage's streamed pass reads: the base's or the merged model's."""
+    m = get_model_facts(model)
+    return (m.merged, m.arch) if stage == "merged" else (m.base, resources.base_arch(m))
+
+
+GENERATION, COMPARE = config["checks"]["generation"], config["checks"]["imatrix"]
+NEEDS = {
+    "merge": lambda w, t: resources.merge(get_model_facts(w["model"]), t),
+    "convert": lambda w, t: resources.convert(get_model_facts(w["model"]), get_gguf_facts(w["model"], "f16")),
+    "quantize": lambda w, t: resources.quantize(
+        get_gguf_facts(w["model"], "f16"), get_gguf_facts(w["model"], w["qtype"]), w["qtype"], t
+    ),
+    "make_imatrix": lambda w, t: resources.make_imatrix(
+        get_gguf_facts(w["model"], "f16"), IMATRIX["ctx_size"], get_imatrix_chunks(w["model"]), t
+    ),
+    "eval_perplexity": lambda w, t: resources.eval_perplexity(
+        get_gguf_facts(w["model"], "f16"), EVAL["ctx"], EVAL["chunks"], t
+    ),
+    "eval_kl_divergence": lambda w, t: resources.eval_kl_divergence(
+        get_gguf_facts(w["model"], w["qtype"]), EVAL["ctx"], EVAL["chunks"], t
+    ),
+    "eval_perplexity_hf": lambda w, t: resources.eval_perplexity_hf(
+        *get_stage_facts(w["model"], w["hf_stage"]), EVAL["ctx"], EVAL["chunks"], t
+    ),
+    "eval_task_hf": lambda w, t: resources.eval_task_hf(
+        *get_stage_facts(w["model"], w["hf_stage"]), get_task_figures(w["model"]), EVAL["max_new_tokens"], t
+    ),
+    "eval_task": lambda w, t: resources.eval_task(
+        get_gguf_facts(w["model"], w["gguf_stage"]), get_task_figures(w["model"]), EVAL["max_new_tokens"], t
+    ),
+    "bench_threads": lambda w, t: resources.bench_threads(
+        get_gguf_facts(w["model"], w["gguf_stage"]),
+        EVAL["bench"]["prompt_tokens"],
+        EVAL["bench"]["gen_tokens"],
+        EVAL["bench"]["repetitions"],
+        get_bench_threads(),
+    ),
+    "check_generation": lambda w, t: resources.check_generation(
+        get_model_facts(w["model"]),
+        get_gguf_facts(w["model"], "f16"),
+        get_task_figures(w["model"], GENERATION["prompts"]),
+        GENERATION["max_new_tokens"],
+        t,
+    ),
+    "compare_imatrix": lambda w, t: resources.compare_imatrix(
+        get_gguf_facts(w["model"], "f16"),
+        get_gguf_facts(w["model"], w["qtype"]),
+        w["qtype"],
+        COMPARE["ctx_size"],
+        get_compare_chunks(),
+        get_task_figures(w["model"], COMPARE["prompts"]),
+        t,
+    ),
+    "check_tokenizer": lambda w, t: resources.check_tokenizer(
+        get_model_facts(w["model"]).arch, get_text_bytes(get_task_data(w["model"]).values())
+    ),
+    "check_chat_template": lambda w, t: resources.check_chat_template(get_model_facts(w["model"]).arch),
+    "check_converter_vocab": lambda w, t: resources.check_converter_vocab(get_model_facts(w["model"]).arch),
+    # runtime LoRA (rules/adapters.smk): the unmerged base through the same converter and llama-quantize
+    "make_unmerged_base": lambda w, t: resources.make_unmerged_base(get_model_facts(w["model"])),
+    "convert_base": lambda w, t: resources.convert(
+        resources.unmerged_base(get_model_facts(w["model"])), get_gguf_facts(w["model"], "f16", "base")
+    ),
+    "quantize_base": lambda w, t: resources.quantize(
+        get_gguf_facts(w["model"], "f16", "base"), get_gguf_facts(w["model"], w["qtype"], "base"), w["qtype"], t
+    ),
+    "convert_adapter": lambda w, t: resources.convert_adapter(
+        get_model_facts(w["model"]), get_adapter_names(w["model"]).index(w["adapter"])
+    ),
+    "check_runtime_lora": lambda w, t: resources.check_runtime_lora(
+        get_gguf_facts(w["model"], w["stage"]),
+        get_gguf_facts(w["model"], w["stage"], "base"),
+        get_lora_bytes(w["model"]),
+        get_task_figures(w["model"], GENERATION["prompts"]),
+        GENERATION["max_new_tokens"],
+        t,
+    ),
+    "eval_kl_divergence_lora": lambda w, t: resources.eval_kl_divergence_lora(
+        get_gguf_facts(w["model"], w["qtype"], "base"), get_lora_bytes(w["model"]), EVAL["ctx"], EVAL["chunks"], t
+    ),
+    "eval_task_lora": lambda w, t: resources.eval_task_lora(
+        get_gguf_facts(w["model"], w["qtype"], "base"),
+        get_lora_bytes(w["model"]),
+        get_task_figures(w["model"]),
+        EVAL["max_new_tokens"],
+        t,
+    ),
+    "bench_runtime_lora": lambda w, t: resources.bench_runtime_lora(
+        get_gguf_facts(w["model"], w["qtype"]),
+        get_gguf_facts(w["model"], w["qtype"], "base"),
+        get_lora_bytes(w["model"]),
+        EVAL["bench"]["prompt_tokens"],
+        EVAL["bench"]["gen_tokens"],
+        EVAL["bench"]["repetitions"],
+        max(get_bench_threads()),
+    ),
+    "build_llama_cpp": lambda w, t: resources.build_llama_cpp(t),
+    "make_demo_base": lambda w, t: resources.make_demo_base(get_model_facts("demo")),
+    "train_demo_adapter": lambda w, t: resources.train_demo_adapter(
+        get_model_facts("demo"), config["demo"]["batch_size"], config["demo"]["steps"], t, get_demo_example_tokens()
+    ),
+}
+
+
+@functools.cache
+def get_need(name, wildcards, threads):
+    """One job's figures, `name` its rule's and `wildcards` as sorted items; None for a target rule, which
+    only names files. (`name`, since the linter takes a line with the word rule, a space and a colon
+    for a rule definition.)"""
+    if name in resources.SMALL:
+        return resources.SMALL[name]
+    return NEEDS[name](dict(wildcards), threads) if name in NEEDS else None
+
+
+def get_mem_mb(wildcards, threads, rulename):
+    return get_need(rulename, tuple(sorted(wildcards.items())), threads).mem_mb
+
+
+def get_disk_mb(wildcards, threads, rulename):
+    return get_need(rulename, tuple(sorted(wildcards.items())), threads).disk_mb
+
+
+def get_runtime(wildcards, threads, rulename):
+    return get_need(rulename, tuple(sorted(wildcards.items())), threads).runtime
+
+
+def get_job(rule, wildcards, threads, output):
+    """A job of the plan or the preflight: its figures beside its rule, model and other wildcards."""
+    need = get_need(rule, tuple(sorted(wildcards.items())), threads)
+    if need is None:
+        return None
+    model = wildcards.get("model", "demo" if rule in ("make_demo_base", "train_demo_adapter") else "-")
+    job = ",".join(f"{k}={v}" for k, v in sorted(wildcards.items()) if k != "model")
+    return resources.Job(rule, model, job, str(output), need)
+
+
+def get_plan_jobs():
+    """The jobs `all` runs from scratch, as (rule, wildcards, first output); tests/test_resources.py holds
+    them against Snakemake's own dry run."""
+    jobs = []
+    if not all(Path(t).exists() for t in get_llama_tools()):
+        jobs += [("fetch_llama_cpp", {}, get_llama_source()), ("build_llama_cpp", {}, get_llama_tools()[0])]
+    if any(m["base"] == "demo" for m in MODELS.values()):
+        jobs += [("make_demo_base", {}, DEMO_BASE), ("train_demo_adapter", {}, DEMO_ADAPTER)]
+    for model in MODELS:
+        r, w = f"results/{model}", {"model": model}
+        jobs.append(("check_converter_vocab", w, f"{r}/checks/converter-vocab.json"))
+        jobs += [("merge", w, f"{r}/merged"), ("convert", w, f"{r}/ggml-model-f16.gguf")]
+        jobs += [("quantize", w | {"qtype": q}, f"{r}/ggml-model-{q}.gguf") for q in QUANT_TYPES]
+        if any(uses_imatrix(q) for q in QUANT_TYPES):
+            jobs.append(("make_imatrix", w, f"{r}/imatrix.gguf"))
+        jobs += [
+            ("make_eval_text", w, f"{r}/report/eval_text.txt"),
+            ("eval_perplexity", w, f"{r}/report/perplexity/f16.json"),
+        ]
+        jobs += [("eval_perplexity_hf", w | {"hf_stage": s}, f"{r}/report/perplexity/{s}.json") for s in HF_STAGES]
+        jobs += [("eval_kl_divergence", w | {"qtype": q}, f"{r}/report/kl_divergence/{q}.json") for q in QUANT_TYPES]
+        if has_task(model):
+            jobs += [("eval_task_hf", w | {"hf_stage": s}, f"{r}/report/task/{s}.json") for s in HF_STAGES]
+            jobs += [("eval_task", w | {"gguf_stage": s}, f"{r}/report/task/{s}.json") for s in get_gguf_stages()]
+            jobs.append(("check_generation", w, f"{r}/checks/generation.json"))
+        jobs += [("bench_threads", w | {"gguf_stage": s}, f"{r}/report/bench/{s}.json") for s in get_gguf_stages()]
+        jobs += [
+            ("make_eval_report", w, f"{r}/report/report.html"),
+            ("check_quality_gate", w, f"{r}/report/quality_gate.txt"),
+        ]
+        for stage in get_gguf_stages():
+            jobs.append(("check_tokenizer", w | {"stage": stage}, f"{r}/checks/tokenizer-{stage}.json"))
+            jobs.append(("check_chat_template", w | {"stage": stage}, f"{r}/checks/chat-template-{stage}.json"))
+        jobs += [
+            ("compare_imatrix", w | {"qtype": q}, f"{r}/checks/imatrix-{q}.json")
+            for q in QUANT_TYPES
+            if uses_imatrix(q)
+        ]
+        if has_runtime_lora(model):
+            jobs += [("make_unmerged_base", w, f"{r}/base"), ("convert_base", w, f"{r}/base-f16.gguf")]
+            jobs += [("quantize_base", w | {"qtype": q}, f"{r}/base-{q}.gguf") for q in QUANT_TYPES]
+            jobs += [
+                ("convert_adapter", w | {"adapter": a}, f"{r}/adapters/{a}.gguf") for a in get_adapter_names(model)
+            ]
+            kinds = ["kl", "speed", "task"] if has_task(model) else ["kl", "speed"]
+            rules = {"kl": "eval_kl_divergence_lora", "speed": "bench_runtime_lora", "task": "eval_task_lora"}
+            jobs += [
+                (rules[k], w | {"qtype": q}, f"{r}/report/runtime_lora/{q}-{k}.json")
+                for q in QUANT_TYPES
+                for k in kinds
+            ]
+    return jobs
+
+
+def get_rule_threads(rule):
+    """The threads a rule's job gets here: its `threads:`, capped by the cores snakemake was given."""
+    return min(workflow.get_rule(rule).resources["_cores"].value, workflow.cores or os.cpu_count())
+
+
+def get_plan():
+    return [get_job(rule, w, get_rule_threads(rule), out) for rule, w, out in get_plan_jobs()]
+
+
+def show_plan(tsv, log):
+    """Print the plan table, with the sentence of every job that this machine could not run; the table
+    also goes to `log`, and as TSV to `tsv`."""
+    jobs = get_plan()
+    resources.write_plan(jobs, tsv)
+    memory, free = get_machine()
+    lines = [
+        f"here: {sentence}"
+        for job in jobs
+        if (sentence := resources.refusal(job, memory, free or resources.free_disk_mb(job.output)))
+    ]
+    text = resources.plan_table(jobs) + "".join(line + "\n" for line in lines)
+    Path(log).write_text(text)
+    print(text, end="")
+
+
+def get_machine():
+    """This machine's memory in MiB, and the free disk if preflight.disk_mb states it (else None: each
+    job's own file system is asked)."""
+    return PREFLIGHT["mem_mb"] or resources.machine_memory_mb(), PREFLIGHT["disk_mb"] or None
+
+
+def preflight():
+    """Before any job of a local run: refuse the run, in one sentence, when a job needs more memory than
+    this machine has or more disk than is free where it writes, counting what the jobs before it write
+    there. A cluster run asks each job's figures of the scheduler instead."""
+    if not workflow.local_exec or not workflow.is_main_process:
+        return
+    memory, free = get_machine()
+    written = {}
+    jobs = set(workflow.dag.needrun_jobs())
+    for layer in workflow.dag.toposorted(jobs):
+        figures = [
+            get_job(j.rule.name, dict(j.wildcards.items()), j.threads, j.output[0] if j.output else "") for j in layer
+        ]
+        # within a layer the order is Snakemake's choice: the largest first, so it is the one named
+        for job in sorted(filter(None, figures), key=lambda f: (-f.need.disk_mb, f.rule, f.job)):
+            device, space = resources.file_system(job.output)
+            if sentence := resources.refusal(job, memory, free or space, written.get(device, 0)):
+                fail(sentence)
+            written[device] = written.get(device, 0) + job.need.kept_mb
 
 
 check_config()
+
+
+onstart:
+    preflight()

@@ -12,8 +12,9 @@ rule convert:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_convert_mem_mb,
-        runtime=get_convert_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     shell:
         "python -m scripts.convert --source {input.source:q} --merged {input.model:q} --out {output:q}"
         " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log:q} 2>&1"

@@ -9,8 +9,9 @@ rule make_demo_base:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     shell:
         "python -m scripts.make_demo_base --out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -30,8 +31,9 @@ rule train_demo_adapter:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         **config["demo"],
     shell:

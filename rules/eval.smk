@@ -11,7 +11,9 @@ rule make_eval_text:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=500,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         text=EVAL["text"],
         task=get_task_arg,
@@ -35,7 +37,9 @@ rule eval_perplexity_hf:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         model=get_hf_stage_model,
         ctx=EVAL["ctx"],
@@ -65,7 +69,9 @@ rule eval_perplexity:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
@@ -91,7 +97,9 @@ rule eval_kl_divergence:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         ctx=EVAL["ctx"],
     shell:
@@ -115,7 +123,9 @@ rule eval_task_hf:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         model=get_hf_stage_model,
         max_new_tokens=EVAL["max_new_tokens"],
@@ -141,7 +151,9 @@ rule eval_task:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=4000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
@@ -166,7 +178,9 @@ rule bench_threads:
     # all cores, so no other job runs beside the sweep and skews it
     threads: workflow.cores
     resources:
-        mem_mb=2000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         threads=",".join(map(str, get_bench_threads())),
         prompt_tokens=EVAL["bench"]["prompt_tokens"],
@@ -218,7 +232,9 @@ rule make_eval_report:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         stages=get_report_args,
         runtime_lora=get_runtime_lora_args,
@@ -251,7 +267,9 @@ rule check_quality_gate:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=200,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     # the verdict also goes to snakemake's own output, so a failing gate is read where it fails
     shell:
         "python -m scripts.check_quality_gate --metrics {input:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -9,8 +9,9 @@ rule fetch_llama_cpp:
         "../envs/llama_cpp.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=15,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         kind=LLAMA["source"],
         commit=COMMIT,
@@ -33,8 +34,9 @@ rule build_llama_cpp:
         "../envs/llama_cpp.yaml"
     threads: 32
     resources:
-        mem_mb=get_build_mem_mb,
-        runtime=60,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         flavour=LLAMA["cpu"],
     shell:

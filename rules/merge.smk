@@ -13,8 +13,9 @@ rule check_converter_vocab:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_check_mem_mb,
-        runtime=10,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,
@@ -37,8 +38,9 @@ rule merge:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_merge_mem_mb,
-        runtime=get_merge_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,

@@ -14,8 +14,9 @@ rule make_imatrix:
         "../envs/torch.yaml"
     threads: 16
     resources:
-        mem_mb=get_imatrix_mem_mb,
-        runtime=get_imatrix_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         args=get_calibration_args,
         ctx_size=IMATRIX["ctx_size"],
@@ -40,8 +41,9 @@ rule quantize:
         "../envs/llama_cpp.yaml"
     threads: 16
     resources:
-        mem_mb=get_quantize_mem_mb,
-        runtime=get_quantize_runtime,
+        mem_mb=get_mem_mb,
+        disk_mb=get_disk_mb,
+        runtime=get_runtime,
     params:
         imatrix=get_imatrix_arg,
     shell:

@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="HF model folder")
     parser.add_argument("--adapter", type=Path, action="append", required=True, help="PEFT LoRA folder; repeat, in order")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="dtype of the merged weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f16",
+                        help="dtype of the merged matrices; vectors (norms, biases) are always f32")
     parser.add_argument("--verify", action="store_true", help="check the merged logits against peft's unmerged model")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, make_lora, save_seed_era_adapter, save_seed_era_base
+from conftest import REPO, convert, make_lora, save_seed_era_adapter, save_seed_era_base
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -58,10 +58,28 @@ def test_stacked_adapters_with_their_own_rank_alpha_and_rslora(tmp_path, tiny_ba
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_output_dtype(tmp_path, tiny_base, tiny_adapter, dtype, torch_dtype):
+    """Matrices in the merge dtype, vectors (the norms) in f32, as the f16 GGUF keeps them."""
     merge(tiny_base, [tiny_adapter], tmp_path / "merged", dtype)
     tensors = load_file(tmp_path / "merged" / "model.safetensors")
-    assert {t.dtype for t in tensors.values()} == {torch_dtype}
+    assert {t.dtype for t in tensors.values() if t.dim() > 1} == {torch_dtype}
+    assert {t.dtype for t in tensors.values() if t.dim() == 1} == {torch.float32}
+    assert tensors["model.norm.weight"].dim() == 1
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == str(torch_dtype)[6:]
+
+
+def test_f16_merge_gives_the_f16_gguf_of_an_f32_merge(tmp_path, tiny_base, tiny_adapter, llama_bin):
+    """The default dtype loses nothing the f16 GGUF keeps: its tensors are bit for bit those of an f32 merge's."""
+    from gguf import GGUFReader
+
+    data = {}
+    for dtype in ("f32", "f16"):
+        merge(tiny_base, [tiny_adapter], tmp_path / dtype, dtype)
+        reader = GGUFReader(convert(tmp_path / dtype, tmp_path / f"{dtype}.gguf"))
+        data[dtype] = {t.name: (t.tensor_type.name, bytes(t.data)) for t in reader.tensors}
+    assert data["f16"] == data["f32"]
+    assert {kind for kind, _ in data["f16"].values()} == {"F16", "F32"}
+    sizes = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in data}
+    assert sizes["f16"] < 0.6 * sizes["f32"]
 
 
 def test_merged_folder_carries_the_tokenizer(tmp_path, tiny_base, tiny_adapter):
