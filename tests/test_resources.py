@@ -203,11 +203,14 @@ def refused(result) -> str:
 
 
 def test_lowered_memory_limit_refuses_the_run_at_start_up(tmp_path, tiny_base, tiny_adapter, llama_bin):
+    """merged_model runs the converter's vocabulary check, then the merge: one MiB less than the larger of the
+    two needs refuses that one (on the tiny model the check's interpreter outweighs the merge)."""
     models = [{"name": "tiny", "base": str(tiny_base), "adapters": [str(tiny_adapter)]}]
-    need = int(plan(tmp_path, write_config(tmp_path / "plan.yaml", models))[("merge", "")]["peak_rss_mib"])
+    planned = plan(tmp_path, write_config(tmp_path / "plan.yaml", models))
+    need, rule = max((int(planned[(r, "")]["peak_rss_mib"]), r) for r in ("check_converter_vocab", "merge"))
     config = write_config(tmp_path / "small.yaml", models, preflight={"mem_mb": need - 1})
     sentence = refused(snakemake(tmp_path, "-c1", "merged_model", "--configfile", str(config), check=False))
-    assert sentence == (f"rule merge for model tiny needs {need} MiB of memory, but this machine has {need - 1} MiB; "
+    assert sentence == (f"rule {rule} for model tiny needs {need} MiB of memory, but this machine has {need - 1} MiB; "
                         "run it on a larger one (or with --profile profiles/slurm).")  # fmt: skip
     assert not (tmp_path / "results" / "tiny").exists()
 
