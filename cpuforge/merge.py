@@ -91,10 +91,15 @@ def output_dtype(dtype: str, stored: str, shape: list[int]) -> str:
     return SAFETENSORS_DTYPES[DTYPES[dtype] if len(shape) > 1 else "float32"]
 
 
-def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
-    """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
+def all_finite(tensor) -> bool:
+    """torch.isfinite a slice at a time: on a whole f16 embedding its temporaries take twice the tensor."""
     import torch
 
+    return all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22))
+
+
+def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
+    """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
     weight = base_tensor
     for adapter, reader in zip(plan.adapters, readers, strict=True):
         if name in adapter.replace:
@@ -103,7 +108,7 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
             if lora.target == name:
                 # merge in f32: half-precision matmuls are slow on many CPUs and lose bits
                 weight = weight.float() + lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
-    if weight is not base_tensor and not torch.isfinite(weight).all():
+    if weight is not base_tensor and not all_finite(weight):
         raise InputError(f"{plan.adapters[-1].weights}: merging into {name} gives non-finite values.")
     return weight
 

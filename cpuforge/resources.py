@@ -49,18 +49,18 @@ MIB = 1 << 20
 BASE_MB = {
     "merge": 250, "convert": 560, "quantize": 70, "make_imatrix": 550, "eval_perplexity": 40,
     "eval_kl_divergence": 40, "bench_threads": 15, "eval_task": 170, "eval_perplexity_hf": 300,
-    "eval_task_hf": 250, "check_generation": 250, "compare_imatrix": 60, "check_tokenizer": 300,
+    "eval_task_hf": 250, "check_generation": 250, "compare_imatrix": 300, "check_tokenizer": 300,
     "check_chat_template": 270, "make_eval_text": 22, "make_eval_report": 60, "check_quality_gate": 15,
     "fetch_llama_cpp": 100, "build_llama_cpp": 60, "make_demo_base": 350, "train_demo_adapter": 450, "plan": 15,
-    # main's vocabulary and runtime-LoRA steps, not yet in benchmarks/scale.py: check_converter_vocab and
-    # convert_adapter measured once by hand on the test suite's tiny model (306 and 312 MiB, 512 tokens);
-    # make_unmerged_base 24 MiB there, but it loads transformers (about 300) when it must write a
-    # tokenizer.json; check_runtime_lora and bench_runtime_lora guessed as eval_task's llama-cpp-python
-    "check_converter_vocab": 300, "make_unmerged_base": 300, "convert_adapter": 310, "check_runtime_lora": 250,
+    # convert_adapter measured once by hand on the test suite's tiny model (312 MiB, 512 tokens);
+    # check_runtime_lora and bench_runtime_lora guessed as eval_task's llama-cpp-python
+    "check_converter_vocab": 290, "make_unmerged_base": 35, "convert_adapter": 310, "check_runtime_lora": 250,
     "bench_runtime_lora": 170,
 }  # fmt: skip
 # a transformers tokenizer and a GGUF vocabulary held by a step, per token of the vocabulary
 TOKENIZER_BYTES = 3 << 10
+# transformers, imported to write a tokenizer.json where only a sentencepiece tokenizer.model came
+TRANSFORMERS_MB = 300
 # every memory figure is rounded up by this: allocator slack, the libraries' caches, sampling noise
 MARGIN = 1.1
 # pessimistic rates of a small machine, for the time limits
@@ -98,10 +98,17 @@ LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16")
 REPACKED = ("q4_0", "q4_k", "iq4_nl", "q2_k")
 
 
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 @dataclass(frozen=True)
 class Tensor:
     shape: tuple[int, ...]
-    itemsize: int  # bytes per element as stored
+    dtype: str  # as stored, in safetensors' names (F16, BF16, F32, …)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
 
     @property
     def numel(self) -> int:
@@ -268,29 +275,31 @@ class AdapterSpec:
 
 
 def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec],
-                 shapes: dict[str, tuple[int, ...]], dtype_bytes: int) -> Model:  # fmt: skip
+                 shapes: dict[str, tuple[int, ...]], dtype: str) -> Model:  # fmt: skip
     """The Model of a merge: `base` as stored, the adapters in order, `shapes` every output tensor's final
-    shape (cpuforge.lora.Plan.shapes) and `dtype_bytes` the merge dtype's size (matrices; vectors are f32,
-    cpuforge.merge.output_dtype)."""
+    shape (cpuforge.lora.Plan.shapes) and `dtype` the merge dtype (f16, bf16, f32: the matrices'; vectors
+    are f32, cpuforge.merge.output_dtype). cpuforge.merge.merged_tensor holds, for each tensor, the base's
+    as read and every replacement an adapter brings; a LoRA target also its f32 copy, the f32 delta and
+    their sum at once; any other tensor not in the output dtype yet, one copy in it."""
+    from cpuforge.merge import output_dtype
+
     merged, peak, macs = {}, 0, 0
     lora_params = tuple(sum(r * sum(shapes[t]) for t, ranks in a.loras.items() for r in ranks) for a in adapters)
     for name, shape in shapes.items():
         source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
-        out = dtype_bytes if len(shape) > 1 else 4
-        merged[name] = Tensor(tuple(shape), out)
+        replacements = [a.replace[name] for a in adapters if name in a.replace]
+        merged[name] = out = Tensor(tuple(shape), output_dtype(dtype, source.dtype, list(shape)))
         n = math.prod(shape)
-        held = source.nbytes + sum(a.replace[name].nbytes for a in adapters if name in a.replace)
         ranks = [r for a in adapters for r in a.loras.get(name, [])]
         macs += n * sum(ranks)
-        # a LoRA target: its f32 copy, the delta and their sum; any other tensor: its copy in the output dtype
-        held += 3 * 4 * n if ranks else out * n
+        held = source.nbytes + sum(t.nbytes for t in replacements)
+        if ranks:  # its cast to the output dtype comes after the copy and the delta are gone
+            held += 3 * 4 * n
+        elif out.dtype != (replacements or [source])[-1].dtype:
+            held += out.nbytes
         peak = max(peak, held)
     arch = replace(arch, vocab=shapes[EMBED][0])
     return Model(arch, base, merged, peak, macs, sum(a.whole_file_bytes for a in adapters), lora_params)
-
-
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
 def adapter_spec(adapter) -> AdapterSpec:
@@ -298,7 +307,7 @@ def adapter_spec(adapter) -> AdapterSpec:
     from cpuforge.safetensors_io import weights_header
 
     header = weights_header(adapter.weights)
-    tensors = {n: Tensor(tuple(h["shape"]), ITEMSIZE[h["dtype"]]) for n, h in header.items()}
+    tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
     whole = 0 if adapter.weights.suffix == ".safetensors" else adapter.weights.stat().st_size
     loras: dict[str, list[int]] = {}
     for lora in adapter.loras:
@@ -314,11 +323,11 @@ def plan_model(plan, dtype: str) -> Model:
 
     base = {}
     for shard in sorted(set(plan.base_files.values())):
-        base |= {n: Tensor(tuple(h["shape"]), ITEMSIZE[h["dtype"]]) for n, h in weights_header(shard).items()}
+        base |= {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in weights_header(shard).items()}
     config = Path(next(iter(plan.base_files.values()))).parent / "config.json"
     arch = arch_from_config(read_json(config), base[EMBED].shape[0], config)
     adapters = [adapter_spec(a) for a in plan.adapters]
-    return merged_model(arch, base, adapters, plan.shapes, DTYPE_BYTES[dtype])
+    return merged_model(arch, base, adapters, plan.shapes, dtype)
 
 
 def demo_model(gguf: str | Path, rank: int, targets: list[str], dtype: str) -> Model:
@@ -326,9 +335,9 @@ def demo_model(gguf: str | Path, rank: int, targets: list[str], dtype: str) -> M
     f32 (cpuforge.demo), its LoRA of rank `rank` on `targets` in every layer."""
     g = read_gguf(gguf)
     shapes = llama_shapes(g.arch, tied="output.weight" not in g.tensors)
-    base = {n: Tensor(s, 4) for n, s in shapes.items()}
+    base = {n: Tensor(s, "F32") for n, s in shapes.items()}
     lora = AdapterSpec(loras={n: [rank] for n in shapes if n.split(".")[-2] in targets})
-    return merged_model(g.arch, base, [lora], shapes, DTYPE_BYTES[dtype])
+    return merged_model(g.arch, base, [lora], shapes, dtype)
 
 
 def task_figures(rows: list[dict]) -> Task:
@@ -481,7 +490,7 @@ def convert(m: Model, f16: Gguf) -> Need:
     when it is not f16 already, and writes it; then its scratch file is copied with the provenance added,
     64 MiB at a time."""
     largest = max(m.merged.values(), key=lambda t: t.numel)
-    work = largest.nbytes + (0 if largest.itemsize == 2 else 2 * largest.numel) + tokenizer_bytes(m.arch)
+    work = largest.nbytes + (0 if largest.dtype == "F16" else 2 * largest.numel) + tokenizer_bytes(m.arch)
     seconds = (sum(t.nbytes for t in m.merged.values()) + 3 * f16.nbytes) / DISK_BYTES_PER_SECOND
     return cost("convert", work, 2 * f16.nbytes, seconds, kept=f16.nbytes).need()
 
@@ -561,13 +570,14 @@ def check_generation(m: Model, f16: Gguf, task: Task, max_new_tokens: int, threa
 
 def compare_imatrix(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: int, task: Task, threads: int) -> Need:
     """Quantize without the matrix, llama-perplexity on the f16 (saving its log-probabilities), then on both
-    quants against them, then each quant's task answers: one model at a time, beside the Python."""
-    rule = "compare_imatrix"
+    quants against them, then each quant's task answers: one model at a time, beside the Python, which
+    holds the merged model's tokenizer from the start."""
+    rule, tokenizer = "compare_imatrix", tokenizer_bytes(f16.arch) / MIB
+    llama_steps = [_quantize(rule, f16, quant, qtype, threads), _perplexity_gguf(rule, f16, ctx, chunks, threads, True),
+                   *[_perplexity_gguf(rule, quant, ctx, chunks, threads, False)] * 2]  # fmt: skip
     return one_after_another(
-        _quantize(rule, f16, quant, qtype, threads),
-        _perplexity_gguf(rule, f16, ctx, chunks, threads, True),
-        *[_perplexity_gguf(rule, quant, ctx, chunks, threads, False)] * 2,
-        *[_task_gguf(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.imatrix.task_accuracy
+        *[replace(c, mem=c.mem + tokenizer) for c in llama_steps],
+        *[_task_gguf(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.imatrix.task_accuracy; counts it
         kept=0,  # its quant, logits and text are scratch
     ).need()
 
@@ -604,12 +614,16 @@ def train_demo_adapter(m: Model, batch_size: int, steps: int, threads: int, long
 
 def check_converter_vocab(arch: Arch) -> Need:
     """The pinned converter's vocabulary code on the tokenizer the merged model will carry (no weights)."""
-    return cost("check_converter_vocab", 2 * tokenizer_bytes(arch), seconds=60).need()
+    return cost("check_converter_vocab", tokenizer_bytes(arch), seconds=60).need()
 
 
-def make_unmerged_base(m: Model) -> Need:
-    """Links the base's shards, copies its config and writes the merged model's tokenizer files."""
-    return cost("make_unmerged_base", tokenizer_bytes(m.arch), 16 << 20, 60).need()
+def make_unmerged_base(m: Model, tokenizer: Path | None) -> Need:
+    """Links the base's shards and copies its config and the merged model's tokenizer files (from the folder
+    `tokenizer`; None: one that has a tokenizer.json); where only a sentencepiece tokenizer.model came,
+    transformers writes the tokenizer.json (cpuforge.merge.copy_tokenizer)."""
+    writes_json = tokenizer is not None and not (tokenizer / "tokenizer.json").is_file()
+    work = TRANSFORMERS_MB * MIB + tokenizer_bytes(m.arch) if writes_json else 0
+    return cost("make_unmerged_base", work, 16 << 20, 60).need()
 
 
 def convert_adapter(m: Model, index: int) -> Need:

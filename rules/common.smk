@@ -465,6 +465,13 @@ def get_model_facts(model):
     return resources.demo_model(demo_gguf(), config["demo"]["rank"], DEMO_TARGETS, dtype)
 
 
+def get_tokenizer_source(model):
+    """The folder the merged model's tokenizer files come from; None for the demo before its adapter is made
+    (it saves a tokenizer.json)."""
+    get_model_facts(model)
+    return PLANS[model].tokenizer if model in PLANS else None
+
+
 @functools.cache
 def read_gguf_header(path, mtime):
     return resources.read_gguf(path)
@@ -574,7 +581,9 @@ NEEDS = {
     "check_chat_template": lambda w, t: resources.check_chat_template(get_model_facts(w["model"]).arch),
     "check_converter_vocab": lambda w, t: resources.check_converter_vocab(get_model_facts(w["model"]).arch),
     # runtime LoRA (rules/adapters.smk): the unmerged base through the same converter and llama-quantize
-    "make_unmerged_base": lambda w, t: resources.make_unmerged_base(get_model_facts(w["model"])),
+    "make_unmerged_base": lambda w, t: resources.make_unmerged_base(
+        get_model_facts(w["model"]), get_tokenizer_source(w["model"])
+    ),
     "convert_base": lambda w, t: resources.convert(
         resources.unmerged_base(get_model_facts(w["model"])), get_gguf_facts(w["model"], "f16", "base")
     ),
