@@ -14,11 +14,12 @@ step measured here inherits its memory high-water mark.
 
 Then it runs `snakemake -c2 plan` and `snakemake -c2 TARGET` on them, with the evaluation sized down
 (see EVAL), samples the memory of every job's process tree every 0.2 s, and prints one row per job:
-wall time, predicted and measured peak RSS (the sampled peak; Snakemake's own max_rss, sampled every
-30 s after a job's first 15 s, beside it), predicted disk and the size of what it wrote. Then peft's
-merge_and_unload + save_pretrained on the same inputs (f16, as the seed's own merge script loads it),
-stopped when it would take more memory than is available, and the f16 and q4_0 sizes beside the seed's
-log. Run by hand: `1b` takes about 10 minutes and 10 GB of disk; a 7B shape 30+ GB of disk.
+wall time beside the plan's time limit, predicted and measured peak RSS (the sampled peak; Snakemake's
+own max_rss, sampled every 30 s after a job's first 15 s, beside it), predicted disk and the size of
+what it wrote. Then peft's merge_and_unload + save_pretrained on the same inputs (f16, as the seed's
+own merge script loads it), stopped when it would take more memory than is available, and the f16 and
+q4_0 sizes beside the seed's log. Run by hand: `1b` takes about 15 minutes and 10 GB of disk; the
+seed's 7B `all` about 30 minutes and 50 GB of disk.
 """
 
 from __future__ import annotations
@@ -353,15 +354,15 @@ def peft_merge(workdir: Path, inputs: Path, rows: int, threads: int, limit_mb: f
 
 def report(workdir: Path, peaks: dict[str, float]) -> None:
     plan = read_plan(workdir)
-    print(f"{'rule':20} {'job':22} {'wall s':>8} {'pred MiB':>9} {'peak MiB':>9} {'ratio':>6} {'smk max_rss':>11}"
-          f" {'pred disk':>10} {'written MiB':>11}")  # fmt: skip
+    print(f"{'rule':20} {'job':22} {'wall s':>8} {'limit min':>9} {'pred MiB':>9} {'peak MiB':>9} {'ratio':>6}"
+          f" {'smk max_rss':>11} {'pred disk':>10} {'written MiB':>11}")  # fmt: skip
     for output, row in plan.items():
         if output not in peaks:
             continue
         bench = snakemake_benchmark(workdir, row["rule"], row["job"])
         predicted, peak = int(row["peak_rss_mib"]), peaks[output]
         written = size_of(workdir / output) / 2**20
-        print(f"{row['rule']:20} {row['job']:22} {bench.get('s', 'NA'):>8} {predicted:>9} {peak:>9.0f} "
+        print(f"{row['rule']:20} {row['job']:22} {bench.get('s', 'NA'):>8} {row['runtime_min']:>9} {predicted:>9} {peak:>9.0f} "
               f"{peak / predicted:>6.2f} {bench.get('max_rss', 'NA'):>11} {row['disk_mib']:>10} {written:>11.1f}")  # fmt: skip
     sizes = {q: size_of(workdir / "results" / "scale" / f"ggml-model-{q}.gguf") / 2**20 for q in ("f16", "q4_0")}
     print("sizes (MiB, llama.cpp's \"MB\"): "

@@ -736,7 +736,9 @@ def refusal(job: Job, memory_mb: int, free_mb: int, written_before_mb: int = 0) 
         return (f"{what} needs {job.need.mem_mb} MiB of memory, but this machine has {memory_mb} MiB; run it on a "
                 "larger one (or with --profile profiles/slurm).")  # fmt: skip
     if written_before_mb + job.need.disk_mb > free_mb:
-        before = f" on top of the {written_before_mb} MiB that the run writes before it" if written_before_mb else ""
+        # the jobs before it are named only when they are what leaves too little
+        fits_alone = job.need.disk_mb <= free_mb
+        before = f" on top of the {written_before_mb} MiB that the run writes before it" if fits_alone else ""
         return f"{what} needs {job.need.disk_mb} MiB of disk{before}, but {free_mb} MiB are free where it writes."
     return None
 
