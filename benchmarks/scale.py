@@ -18,7 +18,7 @@ wall time beside the plan's time limit, predicted and measured peak RSS (the sam
 own max_rss, sampled every 30 s after a job's first 15 s, beside it), predicted disk and the size of
 what it wrote. Then peft's merge_and_unload + save_pretrained on the same inputs (f16, as the seed's
 own merge script loads it), stopped when it would take more memory than is available, and the f16 and
-q4_0 sizes beside the seed's log. Run by hand: `1b` takes about 15 minutes and 10 GB of disk; the
+q4_0 sizes beside the seed's log. Run by hand: `1b` takes about 10 minutes and 10 GB of disk; the
 seed's 7B `all` about 30 minutes and 50 GB of disk.
 """
 
