@@ -664,8 +664,12 @@ def get_plan_jobs():
     """The jobs `all` runs from scratch, as (rule, wildcards, first output); tests/test_resources.py holds
     them against Snakemake's own dry run."""
     jobs = []
-    if not all(Path(t).exists() for t in get_llama_tools()):
-        jobs += [("fetch_llama_cpp", {}, get_llama_source()), ("build_llama_cpp", {}, get_llama_tools()[0])]
+    # the source is fetched once for every flavour; a flavour is built where its tools are missing
+    fetched = Path(get_llama_source()).exists()
+    if not fetched:
+        jobs.append(("fetch_llama_cpp", {}, get_llama_source()))
+    if not fetched or not all(Path(t).exists() for t in get_llama_tools()):
+        jobs.append(("build_llama_cpp", {}, get_llama_tools()[0]))
     if any(m["base"] == "demo" for m in MODELS.values()):
         jobs += [("make_demo_base", {}, DEMO_BASE), ("train_demo_adapter", {}, DEMO_ADAPTER)]
     for model in MODELS:

@@ -162,9 +162,9 @@ def test_predicted_f16_gguf_is_the_converters(tmp_path, tiny_base, tiny_adapter,
     assert 0 < real.nbytes - weights < predicted.nbytes - weights
 
 
-def plan(workdir, config) -> dict[tuple[str, str], dict]:
+def plan(workdir, config, *args) -> dict[tuple[str, str], dict]:
     """`snakemake plan`'s table, by rule and job."""
-    out = snakemake(workdir, "plan", "--configfile", str(config)).stdout
+    out = snakemake(workdir, "plan", "--configfile", str(config), *args).stdout
     assert re.search(r"^rule\s+model\s+job\s+peak_rss_mib\s+disk_mib\s+runtime_min$", out, re.M), out
     with open(workdir / "results" / "plan.tsv") as f:
         return {(r["rule"], r["job"]): r for r in csv.DictReader(f, delimiter="\t")}
@@ -188,7 +188,8 @@ def test_rules_ask_for_the_plans_figures(tmp_path, llama_7b):
     base, adapter = llama_7b
     models = [{"name": "big", "base": str(base), "adapters": [str(adapter)], "task_data": TASK}]
     config = write_config(tmp_path / "big.yaml", models, quant_types=["q4_0", "q4_k_m"], imatrix={"use_for": ["q4_k_m"]})
-    planned = plan(tmp_path, config)
+    # the profile's portable llama.cpp, which may not be built yet here (the tests build the native one)
+    planned = plan(tmp_path, config, "--config", "llama_cpp={cpu: portable}")
     jobs = [j for j in dry_run_jobs(tmp_path, config, "all", "--profile", str(REPO / "profiles" / "slurm")) if j["rule"] != "all"]
     keys = {(j["rule"], ",".join(f"{k}={v}" for k, v in sorted(j["wildcards"].items()) if k != "model")) for j in jobs}
     assert keys == set(planned)
