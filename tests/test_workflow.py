@@ -75,7 +75,9 @@ def test_chain_makes_a_real_q4_0_gguf(tiny_run):
         assert (workdir / "logs" / "tiny" / log).stat().st_size > 0
     assert not list(results.rglob("*.partial"))
     merged = json.loads((results / "merged.provenance.json").read_text())
-    assert 0 <= merged["verify_max_abs_logit_diff"] < 1e-4  # checked against peft by the rule itself
+    # checked against peft's f32 model by the rule itself: the default f16 merge rounds each weight by up to
+    # 2^-11 of it (measured here 3.3e-4 at most; an f32 merge stays below 1e-4)
+    assert merged["dtype"] == "f16" and 0 < merged["verify_max_abs_logit_diff"] < 1e-3
 
 
 def test_f16_gguf_holds_the_merged_weights(tiny_run):
