@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import re
-import struct
 
 import pytest
 from conftest import REPO, TASK, convert, snakemake, write_config
@@ -18,6 +17,7 @@ from conftest import REPO, TASK, convert, snakemake, write_config
 from cpuforge import resources
 from cpuforge.lora import check_inputs
 from cpuforge.merge import merge
+from cpuforge.safetensors_io import safetensors_layout
 
 MIB = 1 << 20
 LLAMA_7B = resources.Arch(layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000)
@@ -25,32 +25,12 @@ LLAMA_70B = resources.Arch(layers=80, hidden=8192, heads=64, kv_heads=8, ffn=286
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_sparse_safetensors(path, shapes: dict[str, tuple], dtype="F16", itemsize=2) -> None:
-    """A valid safetensors file whose tensors are all zeros that take no disk space."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+def write_sparse_safetensors(path, specs: dict[str, tuple[str, list[int]]]) -> None:
+    """A valid safetensors file of `specs` (name -> dtype, shape) whose tensors are zeros that take no disk."""
+    header, size = safetensors_layout(specs)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-
-
-def write_mixed_safetensors(path, header: dict[str, dict]) -> None:
-    """A sparse safetensors file of tensors of several dtypes."""
-    sizes, offset = {"F32": 4, "F16": 2}, 0
-    for info in header.values():
-        size = math.prod(info["shape"]) * sizes[info["dtype"]]
-        info["data_offsets"] = [offset, offset + size]
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
+        f.write(header)
+        f.truncate(len(header) + size)
 
 
 def make_sparse_llama(folder, arch: resources.Arch, shards: int = 2):
@@ -62,7 +42,7 @@ def make_sparse_llama(folder, arch: resources.Arch, shards: int = 2):
     for i in range(shards):
         file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = names[i * len(names) // shards : (i + 1) * len(names) // shards]
-        write_sparse_safetensors(folder / file, {n: shapes[n] for n in part})
+        write_sparse_safetensors(folder / file, {n: ("F16", list(shapes[n])) for n in part})
         weight_map |= dict.fromkeys(part, file)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": arch.hidden,
@@ -90,12 +70,12 @@ def make_sparse_lora(folder, arch: resources.Arch, rank: int, targets=PROJECTION
             tensors[f"base_model.model.{module}.lora_A.weight"] = (rank, shape[1])
             tensors[f"base_model.model.{module}.lora_B.weight"] = (shape[0], rank)
     # f32 LoRA factors and f16 whole tensors in one file, as peft saves them
-    header = {n: {"dtype": "F32", "shape": list(sh)} for n, sh in tensors.items()}
+    specs = {n: ("F32", list(sh)) for n, sh in tensors.items()}
     if rows:
         whole = [f"base_model.model.{m}.weight" for m in ("model.embed_tokens", "lm_head")]
-        header |= {n: {"dtype": "F16", "shape": [rows, arch.hidden]} for n in whole}
+        specs |= {n: ("F16", [rows, arch.hidden]) for n in whole}
         write_tokenizer(folder, rows)
-    write_mixed_safetensors(folder / "adapter_model.safetensors", header)
+    write_sparse_safetensors(folder / "adapter_model.safetensors", specs)
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
