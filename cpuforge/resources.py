@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cpuforge.errors import InputError
+from cpuforge.safetensors_io import ITEMSIZE
 
 MIB = 1 << 20
 # resident MiB of each step's processes before any work, measured on the `tiny` shape of
@@ -97,9 +98,6 @@ LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16")
 # ggml types whose matrices the CPU backend repacks into an interleaved copy on x86 with AVX2 (q2_K with
 # AVX-512; ggml-cpu/repack.cpp): counted on every machine, which is right on most and too much on some
 REPACKED = ("q4_0", "q4_k", "iq4_nl", "q2_k")
-
-
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)

@@ -111,13 +111,16 @@ def weights_header(path: Path) -> dict:
     return BinReader(path).header
 
 
+# bytes per element of each safetensors dtype
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def safetensors_layout(specs: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:
     """The header of a safetensors file holding `specs` (name -> dtype, shape) in name order, and its data size."""
-    sizes = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in sorted(specs):
         dtype, shape = specs[name]
-        size = sizes[dtype] * math.prod(shape)
+        size = ITEMSIZE[dtype] * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
