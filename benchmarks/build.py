@@ -22,12 +22,12 @@ import logging
 import time
 from pathlib import Path
 
-from cpuforge.bench import bench
+from cpuforge.evaluate.bench import bench
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.files import read_json, write_json
-from cpuforge.llama import cpu_backend, describe_cpu_backend
-from cpuforge.llama_build import FLAVOURS, build
+from cpuforge.io.files import read_json, write_json
+from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend
+from cpuforge.llama.build import FLAVOURS, build
 from cpuforge.paths import BUILD_DIR, LLAMA_TOOLS, llama_bin, llama_source
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], see
     """Random weights (norms 1), one tensor in memory at a time; `sparse`: zeros that take no disk."""
     import torch
 
-    from cpuforge.safetensors_io import safetensors_layout
+    from cpuforge.io.safetensors import safetensors_layout
 
     header, size = safetensors_layout(tensors)
     generator = torch.Generator().manual_seed(seed)

@@ -33,12 +33,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cpuforge.chat import Generation, GGUFChat
+from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.llama import llama_cpp_env
+from cpuforge.llama.runtime import llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
-from cpuforge.task import load_split, messages
+from cpuforge.text.task import load_split, messages
 
 log = logging.getLogger(__name__)
 

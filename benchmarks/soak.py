@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, gguf_context_length, llama_cpp_env
+from cpuforge.llama.runtime import MAX_DEFAULT_CTX, gguf_context_length, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from scripts.serve import llama_server_command
 

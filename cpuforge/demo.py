@@ -14,11 +14,11 @@ import random
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.generate import greedy_answers
-from cpuforge.prompt import prompt_ids
-from cpuforge.provenance import provenance, write_provenance
-from cpuforge.task import TASK_DIR, exact_match, load_split
+from cpuforge.io.files import atomic_output
+from cpuforge.text.generate import greedy_answers
+from cpuforge.text.prompt import prompt_ids
+from cpuforge.io.provenance import provenance, write_provenance
+from cpuforge.text.task import TASK_DIR, exact_match, load_split
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ BUILD_DIR = Path("build/llama.cpp")  # config llama_cpp.build_dir's default
 # what build_llama_cpp makes into bin/, beside the ggml libraries
 LLAMA_TOOLS = ("llama-quantize", "llama-cli", "llama-perplexity", "llama-bench", "llama-server", "llama-imatrix")
 LIBLLAMA = "libllama.so"
-# config llama_cpp.cpu: one source per commit, one build of it per flavour (cpuforge.llama_build.FLAVOURS)
+# config llama_cpp.cpu: one source per commit, one build of it per flavour (cpuforge.llama.build.FLAVOURS)
 DEFAULT_FLAVOUR = "native"
 
 
@@ -48,7 +48,7 @@ def gguf_commit(model: str | os.PathLike) -> str | None:
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(model).get_field("cpuforge.convert")
+        field = GGUFReader(model).get_field("cpuforge.llama.convert")
     except (OSError, ValueError):
         return None
     if field is None:

@@ -15,13 +15,14 @@ sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-from cpuforge import paths, resources
+from cpuforge import paths
+from cpuforge.sizing import resources
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS, demo_gguf
 from cpuforge.errors import InputError
-from cpuforge.lora import TOKENIZER_FILES, check_inputs, tokenizer_source
-from cpuforge.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
-from cpuforge.runtime_lora import check_runtime
-from cpuforge.task import prose, read_heldout, read_rows
+from cpuforge.merge.plan import TOKENIZER_FILES, check_inputs, tokenizer_source
+from cpuforge.llama.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
+from cpuforge.merge.runtime_lora import check_runtime
+from cpuforge.text.task import prose, read_heldout, read_rows
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -446,11 +447,11 @@ def get_eval_reports():
 
 # Resources: what a job asks a scheduler for (mem_mb, disk_mb and runtime: SLURM's --mem and --time)
 # and what the start-up preflight holds against this machine; one set of figures per job, from
-# cpuforge.resources, predicted from the inputs' headers before anything is made (the merge's plan, the
+# cpuforge.sizing.resources, predicted from the inputs' headers before anything is made (the merge's plan, the
 # merged model it gives, a GGUF's own header once it exists). A rule's `threads:` is the most its step
 # uses well: `-c N` caps it, and profiles/slurm/config.yaml sets it per rule for a cluster.
 PREFLIGHT = config["preflight"]
-PLANS = {}  # model -> its checked merge (cpuforge.lora.Plan), kept by check_config
+PLANS = {}  # model -> its checked merge (cpuforge.merge.plan.Plan), kept by check_config
 
 
 @functools.cache

@@ -4,8 +4,8 @@
         --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --stage q4_0 --out q4_0.json
 
 Recommended: `threads` (generation) and `threads_batch` (prompt processing), each
-the smallest count within --tolerance-pct of its fastest (see cpuforge.bench).
-The CPU variant and features of the build that ran (cpuforge.llama.cpu_backend)
+the smallest count within --tolerance-pct of its fastest (see cpuforge.evaluate.bench).
+The CPU variant and features of the build that ran (cpuforge.llama.runtime.cpu_backend)
 are recorded beside the figures.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cpuforge.bench import bench, parse_threads, recommended_threads
+from cpuforge.evaluate.bench import bench, parse_threads, recommended_threads
 from cpuforge.cli import add_flags, run
-from cpuforge.files import write_json
-from cpuforge.llama import cpu_backend, describe_cpu_backend
+from cpuforge.io.files import write_json
+from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend
 
 log = logging.getLogger(__name__)
 

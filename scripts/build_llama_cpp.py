@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import check_threads, run
-from cpuforge.llama_build import FLAVOURS, build
+from cpuforge.llama.build import FLAVOURS, build
 from cpuforge.paths import DEFAULT_FLAVOUR
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ import signal
 import sys
 from pathlib import Path
 
-from cpuforge.chat import answer, load_generation, open_chat, repl, write_stdout
+from cpuforge.serve.chat import answer, load_generation, open_chat, repl, write_stdout
 from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, default_thread_counts
-from cpuforge.lora_serving import parse_scaled_file
+from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
+from cpuforge.serve.adapters import parse_scaled_file
 
 
 def main() -> None:

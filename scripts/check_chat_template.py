@@ -21,8 +21,8 @@ import logging
 
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.template_parity import check_chat_template
+from cpuforge.io.files import atomic_output
+from cpuforge.checks.template import check_chat_template
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, run
-from cpuforge.convert import check_converter_vocab
-from cpuforge.files import atomic_output
+from cpuforge.llama.convert import check_converter_vocab
+from cpuforge.io.files import atomic_output
 
 log = logging.getLogger(__name__)
 

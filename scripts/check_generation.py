@@ -4,7 +4,7 @@
         --heldout data/demo_task/heldout.jsonl --llama-bin BUILD/bin --out results/demo/checks/generation.json
 
 Both read the same prompts, as training saw them: the token ids of transformers'
-`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+`apply_chat_template` on the merged model's tokenizer (cpuforge.text.prompt). The GGUF
 answers first, through llama-cpp-python on the pinned libllama (temperature 0),
 and is closed; then one teacher-forced pass of the merged model in float32,
 streamed a decoder layer at a time, over each prompt + the GGUF's answer tells
@@ -25,8 +25,8 @@ import logging
 
 from cpuforge.cli import add_flags, check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.generation_parity import check_generation
+from cpuforge.io.files import atomic_output
+from cpuforge.checks.generation import check_generation
 
 log = logging.getLogger(__name__)
 

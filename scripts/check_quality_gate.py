@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.files import atomic_output, read_json
+from cpuforge.io.files import atomic_output, read_json
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.files import atomic_output
-from cpuforge.runtime_lora import check_runtime_lora
+from cpuforge.io.files import atomic_output
+from cpuforge.merge.runtime_lora import check_runtime_lora
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.tokenizer_parity import check_tokenizer
+from cpuforge.io.files import atomic_output
+from cpuforge.checks.tokenizer import check_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.imatrix import compare
-from cpuforge.provenance import provenance, write_provenance
-from cpuforge.quant import check_quant_type
+from cpuforge.llama.imatrix import compare
+from cpuforge.io.provenance import provenance, write_provenance
+from cpuforge.llama.quant import check_quant_type
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.convert import OUTTYPES, convert
-from cpuforge.files import read_json
-from cpuforge.provenance import provenance, write_provenance
+from cpuforge.llama.convert import OUTTYPES, convert
+from cpuforge.io.files import read_json
+from cpuforge.io.provenance import provenance, write_provenance
 
 log = logging.getLogger(__name__)
 

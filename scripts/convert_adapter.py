@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.files import read_json
-from cpuforge.provenance import provenance, write_provenance
-from cpuforge.runtime_lora import convert_adapter
+from cpuforge.io.files import read_json
+from cpuforge.io.provenance import provenance, write_provenance
+from cpuforge.merge.runtime_lora import convert_adapter
 
 log = logging.getLogger(__name__)
 

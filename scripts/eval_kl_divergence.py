@@ -17,8 +17,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.files import write_json
-from cpuforge.perplexity import kl_divergence
+from cpuforge.io.files import write_json
+from cpuforge.evaluate.perplexity import kl_divergence
 
 log = logging.getLogger(__name__)
 

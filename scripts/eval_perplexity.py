@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.files import sha256_file, write_json
-from cpuforge.perplexity import perplexity_gguf, perplexity_hf
+from cpuforge.io.files import sha256_file, write_json
+from cpuforge.evaluate.perplexity import perplexity_gguf, perplexity_hf
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.files import atomic_output
-from cpuforge.llama_build import fetch_git, fetch_path, fetch_sdist
+from cpuforge.io.files import atomic_output
+from cpuforge.llama.build import fetch_git, fetch_path, fetch_sdist
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.llama import cpu_backend, describe_cpu_backend
+from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend
 from cpuforge.paths import default_llama_bin
-from cpuforge.provenance import read_history
+from cpuforge.io.provenance import read_history
 
 
 def main() -> None:

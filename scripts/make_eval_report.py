@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.files import atomic_output, write_json
-from cpuforge.report import make_report, parse_stages, read_checks, render_html
+from cpuforge.io.files import atomic_output, write_json
+from cpuforge.evaluate.report import make_report, parse_stages, read_checks, render_html
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import argparse
 import logging
 
 from cpuforge.cli import add_flags, run
-from cpuforge.files import atomic_output
-from cpuforge.perplexity import PYDOC, eval_text
+from cpuforge.io.files import atomic_output
+from cpuforge.evaluate.perplexity import PYDOC, eval_text
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.imatrix import calibration_text, make_imatrix
-from cpuforge.provenance import provenance, write_provenance
+from cpuforge.llama.imatrix import calibration_text, make_imatrix
+from cpuforge.io.provenance import provenance, write_provenance
 
 log = logging.getLogger(__name__)
 

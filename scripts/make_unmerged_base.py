@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.provenance import provenance, write_provenance
-from cpuforge.runtime_lora import make_unmerged_base
+from cpuforge.io.provenance import provenance, write_provenance
+from cpuforge.merge.runtime_lora import make_unmerged_base
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import check_threads, run
-from cpuforge.lora import DTYPES
-from cpuforge.merge import VERIFY_PROMPTS, merge
-from cpuforge.provenance import provenance, write_provenance
+from cpuforge.merge.plan import DTYPES
+from cpuforge.merge.merge import VERIFY_PROMPTS, merge
+from cpuforge.io.provenance import provenance, write_provenance
 
 log = logging.getLogger(__name__)
 

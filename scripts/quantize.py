@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.files import check_gguf, read_json
+from cpuforge.io.files import check_gguf, read_json
 from cpuforge.paths import source_record
-from cpuforge.provenance import provenance, write_provenance
-from cpuforge.quant import check_imatrix, check_quant_type, quantize
+from cpuforge.io.provenance import provenance, write_provenance
+from cpuforge.llama.quant import check_imatrix, check_quant_type, quantize
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ Endpoints: POST /v1/chat/completions and /v1/completions (with "stream": true to
 GET /v1/models, GET /health, GET /metrics (Prometheus text), and llama-server's web UI at /
 (--no-webui turns it off). The model is named `{model}-{qtype}` after its results/ path
 (`demo-q4_0`), or --name; with --lora NAME=FILE, `{model}-{qtype}+NAME` is the base with that
-GGUF LoRA applied, picked per request by its `model` field (cpuforge/lora_serving.py).
+GGUF LoRA applied, picked per request by its `model` field (cpuforge/serve/adapters.py).
 
 The pinned build's llama-server does the work: C++ end to end, continuous batching over
 --parallel slots. It listens on a Unix socket in a private folder, so nothing but this
 process reaches it. A chat request is rendered and tokenized here, with the merged model's
 template and tokenizer (results/{model}/merged beside the GGUF, or --tokenizer FOLDER), and
-llama-server is sent those token ids (cpuforge/chat_completion.py), so the model reads the
+llama-server is sent those token ids (cpuforge/serve/completions.py), so the model reads the
 ids it was trained on; without a merged folder, llama-server's own template path. This
 process is a thin proxy in front of it that answers what llama-server gets wrong for an
 OpenAI client: malformed JSON (llama-server says 500), a model name it does not serve
@@ -52,13 +52,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpuforge import chat_completion
+from cpuforge.serve import completions as chat_completion
 from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama import MAX_DEFAULT_CTX, default_thread_counts, gguf_context_length
-from cpuforge.lora_serving import ModelTable, parse_named_lora
+from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts, gguf_context_length
+from cpuforge.serve.adapters import ModelTable, parse_named_lora
 from cpuforge.paths import default_llama_bin, model_name
-from cpuforge.prompt import chat_prompt_for
+from cpuforge.text.prompt import chat_prompt_for
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def make_app(upstream, name: str, api_key: str | None, engine: Engine, webui: bo
 
     `upstream` is an aiohttp.ClientSession whose requests reach llama-server (base URL http://llama);
     `table` names the base and its adapters (default: the base alone).
-    `prompt` (a cpuforge.prompt.ChatPrompt) renders and tokenizes chat requests, None leaves them to llama-server.
+    `prompt` (a cpuforge.text.prompt.ChatPrompt) renders and tokenizes chat requests, None leaves them to llama-server.
     """
     import aiohttp
     from aiohttp import web

@@ -29,7 +29,7 @@ from conftest import (
 from test_serve import client, start_server, wait_for_url
 
 from cpuforge.errors import InputError
-from cpuforge.runtime_lora import check_runtime_lora
+from cpuforge.merge.runtime_lora import check_runtime_lora
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def test_lora_adapters_makes_gguf_loras_and_the_unmerged_base(lora_run):
         "tokenizer.ggml.bos_token_id",
     ):
         assert base[key] == merged[key], key
-    assert "cpuforge.quantize" in base and "cpuforge.convert" in base
+    assert "cpuforge.quantize" in base and "cpuforge.llama.convert" in base
     assert (lora_run / "results" / "beta" / "adapters" / "1-b.gguf").is_file()
     assert not list((lora_run / "results").rglob("*.partial"))
 
@@ -156,7 +156,7 @@ def test_llama_perplexity_applies_the_lora_for_the_report(lora_run, llama_bin, t
     is the merged f16 up to rounding, far closer than the base alone or with the other adapter."""
     from conftest import prose
 
-    from cpuforge.perplexity import kl_divergence, perplexity_gguf
+    from cpuforge.evaluate.perplexity import kl_divergence, perplexity_gguf
 
     results = lora_run / "results" / "alpha"
     text = tmp_path / "text.txt"

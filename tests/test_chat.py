@@ -11,9 +11,9 @@ import pexpect
 import pytest
 from conftest import REPO, chat_lesson, reference_answers, runtime_env
 
-from cpuforge.chat import Generation, load_generation
+from cpuforge.serve.chat import Generation, load_generation
 from cpuforge.errors import InputError
-from cpuforge.llama import cpu_backend, default_thread_counts, default_threads, describe_cpu_backend, physical_cores
+from cpuforge.llama.runtime import cpu_backend, default_thread_counts, default_threads, describe_cpu_backend, physical_cores
 
 MAX_NEW = 32  # as reference_answers
 QUESTIONS = [chat_lesson(start)[0] for start in (200, 800)]

@@ -12,13 +12,13 @@ import pytest
 from conftest import TASK, convert, make_chat_llama, make_lora, make_tokenizer
 
 from cpuforge.errors import InputError
-from cpuforge.generation_parity import check_generation
-from cpuforge.llama import load_gguf_vocab
-from cpuforge.merge import merge
-from cpuforge.provenance import copy_gguf_with_provenance
-from cpuforge.task import task_texts
-from cpuforge.template_parity import CHECKED, check_chat_template
-from cpuforge.tokenizer_parity import check_tokenizer
+from cpuforge.checks.generation import check_generation
+from cpuforge.llama.runtime import load_gguf_vocab
+from cpuforge.merge.merge import merge
+from cpuforge.io.provenance import copy_gguf_with_provenance
+from cpuforge.text.task import task_texts
+from cpuforge.checks.template import CHECKED, check_chat_template
+from cpuforge.checks.tokenizer import check_tokenizer
 
 TASK_FILES = [TASK["train"], TASK["heldout"]]
 

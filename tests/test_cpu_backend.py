@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import FLAVOUR, REPO, SOURCE, convert, snakemake
 
-from cpuforge.llama import cpu_backend, describe_cpu_backend, kernel_grants_amx
-from cpuforge.llama_build import cmake_options
+from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend, kernel_grants_amx
+from cpuforge.llama.build import cmake_options
 from cpuforge.paths import DEFAULT_FLAVOUR
 
 # ggml's feature names and /proc/cpuinfo's flags for the same instructions

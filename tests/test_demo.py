@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import BUILD_DIR, FLAVOUR, snakemake
 
-from cpuforge.task import TASK_DIR, load_split
+from cpuforge.text.task import TASK_DIR, load_split
 
 
 @pytest.mark.slow

@@ -14,11 +14,11 @@ import pytest
 from conftest import BIN, PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama
 from conftest import write_config
 
-from cpuforge.bench import recommended_threads
-from cpuforge.llama import cpu_backend
-from cpuforge.perplexity import parse_kl_output, perplexity_from_nll
-from cpuforge.report import quality_gate
-from cpuforge.task import as_text, load_split
+from cpuforge.evaluate.bench import recommended_threads
+from cpuforge.llama.runtime import cpu_backend
+from cpuforge.evaluate.perplexity import parse_kl_output, perplexity_from_nll
+from cpuforge.evaluate.report import quality_gate
+from cpuforge.text.task import as_text, load_split
 
 # f16 GGUF (llama-perplexity) vs merged HF (torch f32) perplexity on the same tokens: measured 3e-5 to 6e-5
 # relative on tiny models (f16 rounding of the weights, llama.cpp's kernels); about twenty times that is allowed
@@ -286,7 +286,7 @@ def test_kl_summary_is_read_from_llama_perplexity_output():
 
 
 def test_merged_or_runtime_lora_is_said_from_the_figures():
-    from cpuforge.report import lora_verdict
+    from cpuforge.evaluate.report import lora_verdict
 
     merged = {"kl_divergence": 0.02, "kl_divergence_err": 0.001, "accuracy": 0.9, "tg_tps": 100.0, "size_bytes": 2**30}
 

@@ -12,7 +12,7 @@ from conftest import REPO, convert, make_lora, save_seed_era_adapter, save_seed_
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
-from cpuforge.merge import merge
+from cpuforge.merge.merge import merge
 
 PROMPTS = torch.tensor([[1, 5, 77, 300, 12, 9, 400, 33], [1, 200, 201, 7, 8, 450, 3, 2]])
 
@@ -148,7 +148,7 @@ def make_extended_adapter(base, out, words=ADDED_WORDS, targets=("embed_tokens",
 
 
 def reference_logits(base, adapters, ids=PROMPTS):
-    from cpuforge.merge import peft_reference
+    from cpuforge.merge.merge import peft_reference
 
     with torch.no_grad():
         return peft_reference(base, adapters)(ids).logits
@@ -250,7 +250,7 @@ def test_missing_base(tmp_path, tiny_adapter):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_verify_against_peft(tmp_path, tiny_base, tiny_adapter, dtype):
-    from cpuforge.merge import VERIFY_PROMPTS
+    from cpuforge.merge.merge import VERIFY_PROMPTS
 
     worst = merge(tiny_base, [tiny_adapter], tmp_path / "merged", dtype, VERIFY_PROMPTS)
     assert 0 <= worst < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2}[dtype]
@@ -258,8 +258,8 @@ def test_verify_against_peft(tmp_path, tiny_base, tiny_adapter, dtype):
 
 def test_verify_catches_a_wrong_merge(tmp_path, tiny_base, tiny_adapter, monkeypatch):
     """A merge that forgets LoRA's scale fails verification, and leaves no merged folder."""
-    import cpuforge.lora as lora
-    import cpuforge.merge as m
+    import cpuforge.merge.plan as lora
+    import cpuforge.merge.merge as m
 
     monkeypatch.setattr(lora, "lora_scale", lambda config, module, rank: 1.0)
     with pytest.raises(InputError, match="logits differ from peft's"):
@@ -332,7 +332,7 @@ def test_outputs_get_the_modes_of_the_umask(tmp_path, tiny_base, umask, file_mod
 
     from transformers import AutoModelForCausalLM
 
-    from cpuforge.files import atomic_output
+    from cpuforge.io.files import atomic_output
 
     old = os.umask(umask)
     try:

@@ -1,4 +1,4 @@
-"""The one prompt path on real templates and real vocabularies: cpuforge.prompt renders and tokenizes
+"""The one prompt path on real templates and real vocabularies: cpuforge.text.prompt renders and tokenizes
 as transformers does, and the chat and the chat-template check see the ids every runtime is fed."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import shutil
 import pytest
 from conftest import MODELS_DIR, TASK, VOCAB_PAIRS, chat_ids, reference_answers
 
-from cpuforge.chat import Generation, GGUFChat
+from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.errors import InputError
 from cpuforge.paths import merged_folder
-from cpuforge.prompt import ChatPrompt, GGUFPrompt, chat_prompt_for
-from cpuforge.task import load_split, messages
-from cpuforge.template_parity import CHECKED, check_chat_template
+from cpuforge.text.prompt import ChatPrompt, GGUFPrompt, chat_prompt_for
+from cpuforge.text.task import load_split, messages
+from cpuforge.checks.template import CHECKED, check_chat_template
 
 HELDOUT = [messages(r) for r in load_split("heldout")]
 SPM = [name for name, (vocab, _) in VOCAB_PAIRS.items() if vocab in ("llama-spm", "phi-3")]

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import REPO, SOURCE, make_lora, make_tiny_llama, snakemake, write_config
 
-from cpuforge.files import sha256_file
+from cpuforge.io.files import sha256_file
 
 
 def artifacts(workdir):
@@ -72,7 +72,7 @@ def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
 
 def test_full_disk_during_convert(llama_bin, tiny_base, tiny_adapter, tmp_path):
     """An output filesystem too small for the GGUF: one clear sentence, no partial GGUF."""
-    from cpuforge.merge import merge
+    from cpuforge.merge.merge import merge
 
     merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f32")
     disk = tmp_path / "disk"

@@ -14,10 +14,10 @@ import re
 import pytest
 from conftest import REPO, TASK, convert, snakemake, write_config
 
-from cpuforge import resources
-from cpuforge.lora import check_inputs
-from cpuforge.merge import merge
-from cpuforge.safetensors_io import safetensors_layout
+from cpuforge.sizing import resources
+from cpuforge.merge.plan import check_inputs
+from cpuforge.merge.merge import merge
+from cpuforge.io.safetensors import safetensors_layout
 
 MIB = 1 << 20
 LLAMA_7B = resources.Arch(layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000)

@@ -314,8 +314,8 @@ def test_server_feeds_transformers_ids_multi_turn(llama_bin, vocab_models, tmp_p
 def test_llama_server_evaluates_the_ids_the_proxy_sends(llama_bin, vocab_models):
     """Straight to the pinned llama-server: /completion given the proxy's body evaluates exactly those ids (its
     `prompt` is their detokenization, its count theirs), where its own chat endpoint evaluates llama.cpp's."""
-    from cpuforge.chat_completion import completion_request
-    from cpuforge.prompt import ChatPrompt
+    from cpuforge.serve.completions import completion_request
+    from cpuforge.text.prompt import ChatPrompt
 
     gguf = vocab_models["llama2-spm"]
     conversation = [SYSTEM, {"role": "user", "content": "bank"}, {"role": "assistant", "content": "merger"},

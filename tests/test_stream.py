@@ -1,4 +1,4 @@
-"""The streamed forward pass (cpuforge.stream) against transformers' whole model, on tiny real models:
+"""The streamed forward pass (cpuforge.text.stream) against transformers' whole model, on tiny real models:
 perplexity, teacher-forced generation parity and exact match, the architectures it refuses, its memory."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import CHAT_TEMPLATE, REPO, chat_lesson, make_lora, make_tiny_llama, prose
 
-from cpuforge import stream
-from cpuforge.accuracy import answers_hf, hf_prompts
+from cpuforge.text import stream
+from cpuforge.evaluate.accuracy import answers_hf, hf_prompts
 from cpuforge.errors import InputError
-from cpuforge.generate import greedy_answers, greedy_choices, greedy_divergence, greedy_ids, stop_ids
-from cpuforge.merge import merge
-from cpuforge.perplexity import hf_window_nll, perplexity_from_nll
-from cpuforge.prompt import first_difference
-from cpuforge.task import answer, training_texts
+from cpuforge.text.generate import greedy_answers, greedy_choices, greedy_divergence, greedy_ids, stop_ids
+from cpuforge.merge.merge import merge
+from cpuforge.evaluate.perplexity import hf_window_nll, perplexity_from_nll
+from cpuforge.text.prompt import first_difference
+from cpuforge.text.task import answer, training_texts
 
 # streamed vs whole-model perplexity: measured equal to the last bit on these models (the same modules and
 # kernels, each sequence a batch of one); the output head's matmul in chunks may round otherwise elsewhere
@@ -161,7 +161,7 @@ def test_teacher_forced_exact_match_equals_greedy_exact_match(taught):
 PEAK = """
 import sys, torch, transformers.models.llama.modeling_llama
 from transformers import AutoModelForCausalLM
-from cpuforge.stream import next_token_nll
+from cpuforge.text.stream import next_token_nll
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key))

@@ -160,8 +160,8 @@ def test_user_models_replace_the_demo(tiny_run):
 
 def test_gguf_carries_its_provenance(tiny_run, llama_bin):
     """The file alone tells its history, and `scripts.inspect` prints it, with the CPU code that runs it here."""
-    from cpuforge.files import sha256_file
-    from cpuforge.llama import cpu_backend
+    from cpuforge.io.files import sha256_file
+    from cpuforge.llama.runtime import cpu_backend
 
     workdir, _ = tiny_run
     results = workdir / "results" / "tiny"
@@ -187,7 +187,7 @@ def test_paths_with_a_space_a_quote_and_a_letter_beyond_ascii(llama_bin, tmp_pat
     (q4_model with its parity checks), under umask 002: a group sharing the folder can read and write it all."""
     from conftest import PLAIN_CHAT_TEMPLATE, make_tiny_llama
 
-    from cpuforge.task import load_split
+    from cpuforge.text.task import load_split
 
     root = tmp_path_factory.mktemp("paths") / "my models" / "it's é"
     inputs = root / "inputs"

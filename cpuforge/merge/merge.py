@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output, read_json
-from cpuforge.lora import (
+from cpuforge.io.files import atomic_output, read_json
+from cpuforge.merge.plan import (
     DTYPES,
     EMBED,
     LM_HEAD,
@@ -33,7 +33,7 @@ from cpuforge.lora import (
     lora_delta,
     merged_shard_name,
 )
-from cpuforge.safetensors_io import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
+from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
-from cpuforge.files import read_json
+from cpuforge.io.files import read_json
 from cpuforge.paths import report_metrics
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ def run_tool(cmd: list[str]) -> str:
 
 
 def run_llama_tool(tool: str | os.PathLike, args: list[str]) -> str:
-    """Run a pinned llama.cpp tool through cpuforge/llama_tool.py, which keeps its last log lines (see there)."""
-    runner = Path(__file__).with_name("llama_tool.py")
+    """Run a pinned llama.cpp tool through cpuforge/llama/tool.py, which keeps its last log lines (see there)."""
+    runner = Path(__file__).with_name("tool.py")
     return run_tool([sys.executable, str(runner), str(tool), *map(str, args)])
 
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output, sha256_file
+from cpuforge.io.files import atomic_output, sha256_file
 from cpuforge.paths import LLAMA_TOOLS
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.generate import gguf_greedy_answers
-from cpuforge.llama import load_gguf_vocab, load_llama_cpp, run_llama_tool
-from cpuforge.perplexity import parse_kl_output
-from cpuforge.prompt import prompt_ids
-from cpuforge.quant import NEEDS_IMATRIX, quantize
-from cpuforge.task import exact_match, has_prompts, prose, read_rows, training_texts
+from cpuforge.io.files import atomic_output
+from cpuforge.text.generate import gguf_greedy_answers
+from cpuforge.llama.runtime import load_gguf_vocab, load_llama_cpp, run_llama_tool
+from cpuforge.evaluate.perplexity import parse_kl_output
+from cpuforge.text.prompt import prompt_ids
+from cpuforge.llama.quant import NEEDS_IMATRIX, quantize
+from cpuforge.text.task import exact_match, has_prompts, prose, read_rows, training_texts
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every stage reads the same prompt, as training saw it: the token ids of
 transformers' `apply_chat_template` on the merged model's tokenizer
-(cpuforge.prompt; plain completion for a model without a chat template). A HF
+(cpuforge.text.prompt; plain completion for a model without a chat template). A HF
 folder is scored by teacher forcing (answers_hf) in one pass streamed a decoder
 layer at a time; a GGUF file answers through llama-cpp-python bound to the
 pinned libllama, fed those ids as they are (never the GGUF's template
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cpuforge.generate import (
+from cpuforge.text.generate import (
     decode,
     gguf_greedy_answers,
     greedy_choices,
@@ -23,9 +23,9 @@ from cpuforge.generate import (
     greedy_known,
     stop_ids,
 )
-from cpuforge.llama import apply_loras, load_llama_cpp
-from cpuforge.prompt import prompt_ids, prompt_text
-from cpuforge.task import answer, messages
+from cpuforge.llama.runtime import apply_loras, load_llama_cpp
+from cpuforge.text.prompt import prompt_ids, prompt_text
+from cpuforge.text.task import answer, messages
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ def gold_ids(tokenizer, row: dict, prompt: list[int]) -> list[int]:
 
 def answers_hf(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int) -> tuple[list[str], list]:
     """Which rows the model's greedy answer gets exactly right, by one teacher-forced pass streamed over every
-    prompt + its answer's tokens (cpuforge.stream: one decoder layer in f32 in memory, never the model), and
+    prompt + its answer's tokens (cpuforge.text.stream: one decoder layer in f32 in memory, never the model), and
     the answers as far as they are known: the task's where right, else up to the first token that differs.
 
     Greedy decoding writes each token from the prompt and the tokens before it; while those are the task
     answer's, its choice is the teacher-forced one. So the greedy answer is the task's token for token
     exactly when the model's choice is the answer's token at every answer position and a stop token after
-    the last (cpuforge.generate.greedy_divergence). One caveat: greedy exact match compares decoded
+    the last (cpuforge.text.generate.greedy_divergence). One caveat: greedy exact match compares decoded
     text, so a greedy answer that spells the same text with other tokens (other pieces, or a trailing
     space the decoding strips) counts as right there and as wrong here."""
     tokenizer, prompts = hf_prompts(tokenizer_dir, rows)

@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import read_json, size_on_disk
-from cpuforge.llama import feature_names
+from cpuforge.io.files import read_json, size_on_disk
+from cpuforge.llama.runtime import feature_names
 
 log = logging.getLogger(__name__)
 

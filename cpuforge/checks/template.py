@@ -5,10 +5,10 @@ user only, system + multi-turn; each with the generation prompt) and the task's
 held-out prompts, the ids each runtime really evaluates are compared with
 transformers' `apply_chat_template(..., tokenize=True)` on the merged folder:
 
-- chat: the prompt of scripts.chat's GGUF path (cpuforge.prompt.gguf_runtime_prompt,
+- chat: the prompt of scripts.chat's GGUF path (cpuforge.text.prompt.gguf_runtime_prompt,
   as GGUFChat builds it for this file);
 - server: the ids scripts.serve's proxy sends llama-server's /completion for the
-  request (cpuforge.chat_completion.completion_request).
+  request (cpuforge.serve.completions.completion_request).
 
 "passed" means both gave exactly transformers' ids for every prompt; a difference
 fails the step with the runtime, the prompt and the first differing token. Also
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 
-from cpuforge.chat_completion import completion_request
+from cpuforge.serve.completions import completion_request
 from cpuforge.errors import InputError
-from cpuforge.llama import load_gguf_vocab
+from cpuforge.llama.runtime import load_gguf_vocab
 from cpuforge.paths import merged_folder
-from cpuforge.prompt import CONVERSATIONS, ChatPrompt, GGUFPrompt, chat_prompt_for, first_difference, hf_chat_ids
-from cpuforge.task import has_prompts, messages, read_rows
+from cpuforge.text.prompt import CONVERSATIONS, ChatPrompt, GGUFPrompt, chat_prompt_for, first_difference, hf_chat_ids
+from cpuforge.text.task import has_prompts, messages, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Check that the f16 GGUF answers the held-out prompts as the merged HF model does, greedily.
 
 Both read the same prompts, as training saw them: the token ids of transformers'
-`apply_chat_template` on the merged model's tokenizer (cpuforge.prompt). The GGUF
+`apply_chat_template` on the merged model's tokenizer (cpuforge.text.prompt). The GGUF
 answers first, through llama-cpp-python on the pinned libllama (temperature 0),
 and is closed. Then one teacher-forced pass of the merged model in float32,
-streamed a decoder layer at a time (cpuforge.stream), over every prompt + the
+streamed a decoder layer at a time (cpuforge.text.stream), over every prompt + the
 GGUF's answer gives the merged model's greedy choice at each answer position:
 its greedy answer is the GGUF's exactly when every choice is the GGUF's token
-and, where the GGUF stopped, a stop token (cpuforge.generate.greedy_divergence).
+and, where the GGUF stopped, a stop token (cpuforge.text.generate.greedy_divergence).
 So the memory is the GGUF's, then one layer's, never both models, nor the whole
 merged model in f32. A model without a chat template answers both ways by plain
 completion of the prompt's turns, a line each. The answers must be equal on at
@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 
 from cpuforge.errors import InputError
-from cpuforge.generate import decode, gguf_greedy_ids, greedy_choices, greedy_divergence, greedy_known, stop_ids
-from cpuforge.llama import load_llama_cpp
-from cpuforge.prompt import prompt_ids
-from cpuforge.task import answer, exact_match, has_prompts, messages, read_rows
+from cpuforge.text.generate import decode, gguf_greedy_ids, greedy_choices, greedy_divergence, greedy_known, stop_ids
+from cpuforge.llama.runtime import load_llama_cpp
+from cpuforge.text.prompt import prompt_ids
+from cpuforge.text.task import answer, exact_match, has_prompts, messages, read_rows
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.paths import merged_folder
-from cpuforge.task import messages
+from cpuforge.text.task import messages
 
 log = logging.getLogger(__name__)
 

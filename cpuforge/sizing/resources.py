@@ -14,7 +14,7 @@ How each figure arises, so that the formulas can be checked against the code the
 - The merge holds one tensor at a time: the base tensor as read, an adapter's whole replacement, and
   for a LoRA target its f32 copy, the f32 delta and their f32 sum (peft's get_delta_weight).
 - The torch stages (eval_perplexity_hf, eval_task_hf and the merged side of check_generation) stream
-  the decoder one layer at a time (cpuforge.stream): the hidden states of every sequence in f32, beside
+  the decoder one layer at a time (cpuforge.text.stream): the hidden states of every sequence in f32, beside
   the larger of one layer's weights in f32 with the tensor being read as stored and one sequence's
   activations inside the layer, or the output head as stored with HEAD_ROWS of its rows in f32 and a
   few chunks of STREAM_POSITIONS positions' logits.
@@ -24,7 +24,7 @@ How each figure arises, so that the formulas can be checked against the code the
   chiefly that batch's logits) and its output buffer (the logits it keeps). llama-quantize holds one
   tensor mapped, its f32 copy and its quantized bytes.
 - Disk is what a step writes, scratch included: the converter's and llama-quantize's output sits beside
-  its copy (cpuforge.provenance) until the copy is complete.
+  its copy (cpuforge.io.provenance) until the copy is complete.
 - Runtimes are time limits: pessimistic rates of a small machine (forward passes at FLOPS_PER_THREAD,
   each generated token the time it takes to read the weights once, files at DISK_BYTES_PER_SECOND),
   times three.
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.safetensors_io import ITEMSIZE
+from cpuforge.io.safetensors import ITEMSIZE
 
 MIB = 1 << 20
 # resident MiB of each step's processes before any work, measured on the `tiny` shape of
@@ -74,7 +74,7 @@ SLOW_QUANTIZE = 4
 MINUTES_MIN = 5
 # llama.cpp's default micro-batch, which llama-cpp-python also keeps a score array of
 UBATCH = 512
-# cpuforge.stream's chunks: positions per chunk of logits, rows of the output head upcast at a time
+# cpuforge.text.stream's chunks: positions per chunk of logits, rows of the output head upcast at a time
 STREAM_POSITIONS = 128
 HEAD_ROWS = 8192
 
@@ -276,11 +276,11 @@ class AdapterSpec:
 def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec],
                  shapes: dict[str, tuple[int, ...]], dtype: str) -> Model:  # fmt: skip
     """The Model of a merge: `base` as stored, the adapters in order, `shapes` every output tensor's final
-    shape (cpuforge.lora.Plan.shapes) and `dtype` the merge dtype (f16, bf16, f32: the matrices'; vectors
-    are f32, cpuforge.merge.output_dtype). cpuforge.merge.merged_tensor holds, for each tensor, the base's
+    shape (cpuforge.merge.plan.Plan.shapes) and `dtype` the merge dtype (f16, bf16, f32: the matrices'; vectors
+    are f32, cpuforge.merge.merge.output_dtype). cpuforge.merge.merge.merged_tensor holds, for each tensor, the base's
     as read and every replacement an adapter brings; a LoRA target also its f32 copy, the f32 delta and
     their sum at once; any other tensor not in the output dtype yet, one copy in it."""
-    from cpuforge.merge import output_dtype
+    from cpuforge.merge.merge import output_dtype
 
     merged, peak, macs = {}, 0, 0
     lora_params = tuple(sum(r * sum(shapes[t]) for t, ranks in a.loras.items() for r in ranks) for a in adapters)
@@ -302,8 +302,8 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
 
 
 def adapter_spec(adapter) -> AdapterSpec:
-    """An AdapterSpec of a cpuforge.lora.Adapter, from its safetensors header (a .bin file is read)."""
-    from cpuforge.safetensors_io import weights_header
+    """An AdapterSpec of a cpuforge.merge.plan.Adapter, from its safetensors header (a .bin file is read)."""
+    from cpuforge.io.safetensors import weights_header
 
     header = weights_header(adapter.weights)
     tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
@@ -315,10 +315,10 @@ def adapter_spec(adapter) -> AdapterSpec:
 
 
 def plan_model(plan, dtype: str) -> Model:
-    """The Model of a checked merge (cpuforge.lora.check_inputs' Plan): the base's headers and config.json,
+    """The Model of a checked merge (cpuforge.merge.plan.check_inputs' Plan): the base's headers and config.json,
     and the adapters' headers."""
-    from cpuforge.files import read_json
-    from cpuforge.safetensors_io import weights_header
+    from cpuforge.io.files import read_json
+    from cpuforge.io.safetensors import weights_header
 
     base = {}
     for shard in sorted(set(plan.base_files.values())):
@@ -342,7 +342,7 @@ def demo_model(gguf: str | Path, rank: int, targets: list[str], dtype: str) -> M
 def task_figures(rows: list[dict]) -> Task:
     """A Task of held-out rows: their prompts' turns and answers, in estimated tokens (with 8 a turn for
     the chat template's markers)."""
-    from cpuforge.task import answer, messages
+    from cpuforge.text.task import answer, messages
 
     prompts = [sum(utf8_tokens(m["content"]) + 8 for m in messages(r)) for r in rows]
     answers = [utf8_tokens(answer(r) or "") for r in rows]
@@ -355,7 +355,7 @@ def base_arch(m: Model) -> Arch:
 
 
 def unmerged_base(m: Model) -> Model:
-    """results/{model}/base, the runtime-LoRA base (cpuforge.runtime_lora.make_unmerged_base): the base's
+    """results/{model}/base, the runtime-LoRA base (cpuforge.merge.runtime_lora.make_unmerged_base): the base's
     tensors as stored, linked not copied, so convert_base and quantize_base see the base, not the merge."""
     return replace(m, arch=base_arch(m), merged=dict(m.base), merge_peak=0, merge_macs=0, adapter_bytes=0)
 
@@ -453,7 +453,7 @@ def kld_bytes(arch: Arch, ctx: int, chunks: int) -> int:
 
 def streamed_forward(rule: str, tensors: dict[str, Tensor], arch: Arch, tokens: int, longest: int,
                      threads: int) -> Cost:  # fmt: skip
-    """cpuforge.stream over sequences of `tokens` tokens in all, the longest `longest`: the hidden states of
+    """cpuforge.text.stream over sequences of `tokens` tokens in all, the longest `longest`: the hidden states of
     all of them (and one sequence's new ones) in f32, beside the largest of the embeddings as read, a
     layer's phase (its weights in f32, the tensor being read as stored, one sequence's activations inside
     the layer: attention's q, k, v, output and scores, the MLP's gate, up and their product) and the
@@ -576,7 +576,7 @@ def compare_imatrix(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: int, t
                    *[_perplexity_gguf(rule, quant, ctx, chunks, threads, False)] * 2]  # fmt: skip
     return one_after_another(
         *[replace(c, mem=c.mem + tokenizer) for c in llama_steps],
-        *[_task_gguf(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.imatrix.task_accuracy; counts it
+        *[_task_gguf(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.llama.imatrix.task_accuracy; counts it
         kept=0,  # its quant, logits and text are scratch
     ).need()
 
@@ -619,7 +619,7 @@ def check_converter_vocab(arch: Arch) -> Need:
 def make_unmerged_base(m: Model, tokenizer: Path | None) -> Need:
     """Links the base's shards and copies its config and the merged model's tokenizer files (from the folder
     `tokenizer`; None: one that has a tokenizer.json); where only a sentencepiece tokenizer.model came,
-    transformers writes the tokenizer.json (cpuforge.merge.copy_tokenizer)."""
+    transformers writes the tokenizer.json (cpuforge.merge.merge.copy_tokenizer)."""
     writes_json = tokenizer is not None and not (tokenizer / "tokenizer.json").is_file()
     work = TRANSFORMERS_MB * MIB + tokenizer_bytes(m.arch) if writes_json else 0
     return cost("make_unmerged_base", work, 16 << 20, 60).need()
@@ -659,7 +659,7 @@ def both_alive(rule: str, *costs: Cost) -> Cost:
 def check_runtime_lora(merged: Gguf, base: Gguf, loras: list[int], task: Task, max_new_tokens: int,
                        threads: int) -> Need:  # fmt: skip
     """Greedy answers of the merged GGUF, then of the base with the LoRAs; the first context is not freed
-    before the second is made (cpuforge.runtime_lora.check_runtime_lora), so both count."""
+    before the second is made (cpuforge.merge.runtime_lora.check_runtime_lora), so both count."""
     rule, tokens = "check_runtime_lora", task.rows * (task.longest_prompt + max_new_tokens)
     merged_run = _task_gguf(rule, merged, task, max_new_tokens, threads)
     base_run = with_loras(_task_gguf(rule, base, task, max_new_tokens, threads), loras, tokens, threads)
@@ -668,7 +668,7 @@ def check_runtime_lora(merged: Gguf, base: Gguf, loras: list[int], task: Task, m
 
 def bench_runtime_lora(merged: Gguf, base: Gguf, loras: list[int], prompt_tokens: int, gen_tokens: int,
                        rounds: int, threads: int) -> Need:  # fmt: skip
-    """Both sides' contexts alive at once (cpuforge.runtime_lora.speed_side_by_side), a warm-up and
+    """Both sides' contexts alive at once (cpuforge.merge.runtime_lora.speed_side_by_side), a warm-up and
     `rounds` runs of each."""
     rule, n_ctx = "bench_runtime_lora", max(prompt_tokens, gen_tokens) + 16
     sides = [llama_run(rule, merged, n_ctx, 1, threads, prompt_tokens, gen_tokens),
@@ -760,7 +760,7 @@ def plan_table(jobs: list[Job]) -> str:
 
 def write_plan(jobs: list[Job], path: str | Path) -> None:
     """The plan as TSV, one job a line, with the output each job makes."""
-    from cpuforge.files import atomic_output
+    from cpuforge.io.files import atomic_output
 
     lines = ["\t".join(COLUMNS)]
     lines += ["\t".join(map(str, (j.rule, j.model, j.job, j.need.mem_mb, j.need.disk_mb, j.need.runtime, j.output)))

@@ -20,15 +20,15 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output, read_json
-from cpuforge.generate import gguf_greedy_ids, stop_ids
-from cpuforge.llama import apply_loras, load_llama_cpp
-from cpuforge.lora import EMBED, LM_HEAD, Adapter, Plan, adapter_shapes, check_inputs
-from cpuforge.merge import copy_tokenizer
-from cpuforge.prompt import first_difference, prompt_ids, tokenizer_folder
-from cpuforge.provenance import copy_gguf_with_provenance
-from cpuforge.safetensors_io import safetensors_header
-from cpuforge.task import has_prompts, messages, read_rows
+from cpuforge.io.files import atomic_output, read_json
+from cpuforge.text.generate import gguf_greedy_ids, stop_ids
+from cpuforge.llama.runtime import apply_loras, load_llama_cpp
+from cpuforge.merge.plan import EMBED, LM_HEAD, Adapter, Plan, adapter_shapes, check_inputs
+from cpuforge.merge.merge import copy_tokenizer
+from cpuforge.text.prompt import first_difference, prompt_ids, tokenizer_folder
+from cpuforge.io.provenance import copy_gguf_with_provenance
+from cpuforge.io.safetensors import safetensors_header
+from cpuforge.text.task import has_prompts, messages, read_rows
 
 log = logging.getLogger(__name__)
 

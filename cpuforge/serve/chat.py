@@ -29,7 +29,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from cpuforge.errors import InputError
-from cpuforge.llama import (
+from cpuforge.llama.runtime import (
     MAX_DEFAULT_CTX,
     apply_loras,
     cpu_backend,
@@ -38,7 +38,7 @@ from cpuforge.llama import (
     load_llama_cpp,
 )
 from cpuforge.paths import default_llama_bin
-from cpuforge.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
+from cpuforge.text.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output, read_json
-from cpuforge.provenance import copy_gguf_with_provenance
-from cpuforge.safetensors_io import safetensors_header
+from cpuforge.io.files import atomic_output, read_json
+from cpuforge.io.provenance import copy_gguf_with_provenance
+from cpuforge.io.safetensors import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: 
     the converter made of it: tokenizer model, pre-tokenizer and number of tokens."""
     from gguf import GGUFReader
 
-    from cpuforge.lora import check_inputs
-    from cpuforge.merge import write_model_files
+    from cpuforge.merge.plan import check_inputs
+    from cpuforge.merge.merge import write_model_files
 
     plan = check_inputs(base, adapters)
     folder, stage, vocab = work / "merged", work / "stage", work / "vocab.gguf"

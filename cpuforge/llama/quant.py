@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output, check_gguf
-from cpuforge.provenance import copy_gguf_with_provenance
+from cpuforge.io.files import atomic_output, check_gguf
+from cpuforge.io.provenance import copy_gguf_with_provenance
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Perplexity of one stage on the evaluation text, in llama-perplexity's windows.
 
 A GGUF file goes through the pinned `llama-perplexity`. A HF folder goes through
-torch in f32, streamed a decoder layer at a time (cpuforge.stream), on exactly
+torch in f32, streamed a decoder layer at a time (cpuforge.text.stream), on exactly
 the tokens and windows llama-perplexity uses: the text is tokenized by the
 pinned libllama with the f16 GGUF's vocabulary, cut into `ctx`-token windows
 whose first token becomes BOS when the vocabulary adds one, and only the
@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import atomic_output
-from cpuforge.llama import load_llama_cpp, run_llama_tool
-from cpuforge.stream import next_token_nll
-from cpuforge.task import as_text, read_heldout
+from cpuforge.io.files import atomic_output
+from cpuforge.llama.runtime import load_llama_cpp, run_llama_tool
+from cpuforge.text.stream import next_token_nll
+from cpuforge.text.task import as_text, read_heldout
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def perplexity_from_nll(nll: list[float]) -> tuple[float, float]:
 
 def hf_window_nll(model_dir: Path, tokens: list[int], bos: int | None, ctx: int, n_windows: int) -> list[float]:
     """Negative log-likelihood of every scored token, every window streamed through the model together
-    (cpuforge.stream: one decoder layer in memory at a time, in f32: half precision is slow on CPUs)."""
+    (cpuforge.text.stream: one decoder layer in memory at a time, in f32: half precision is slow on CPUs)."""
     windows = [tokens[i * ctx : (i + 1) * ctx] for i in range(n_windows)]
     for window in windows:
         if bos is not None:

@@ -22,9 +22,9 @@ import re
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.llama import load_gguf_vocab
-from cpuforge.prompt import CONVERSATIONS, first_difference
-from cpuforge.task import messages, paragraphs, prose, read_rows, task_texts
+from cpuforge.llama.runtime import load_gguf_vocab
+from cpuforge.text.prompt import CONVERSATIONS, first_difference
+from cpuforge.text.task import messages, paragraphs, prose, read_rows, task_texts
 
 log = logging.getLogger(__name__)
 

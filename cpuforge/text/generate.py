@@ -1,12 +1,12 @@
 """Greedy answers to task prompts, from a HF model (transformers) or a GGUF (llama-cpp-python), and the
-test of a given answer against a HF folder's greedy choices by teacher forcing (cpuforge.stream)."""
+test of a given answer against a HF folder's greedy choices by teacher forcing (cpuforge.text.stream)."""
 
 from __future__ import annotations
 
 import logging
 
-from cpuforge.prompt import prompt_ids
-from cpuforge.stream import next_token_argmax
+from cpuforge.text.prompt import prompt_ids
+from cpuforge.text.stream import next_token_argmax
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def gguf_greedy_answers(llm, prompts: list[list[int]], max_new_tokens: int = 48)
 
 def gguf_greedy_ids(llm, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 48) -> list[list[int]]:
     """Greedy answers from a GGUF through llama-cpp-python (temperature 0, no penalties) to prompts given as
-    token ids (cpuforge.prompt: transformers' ids, as training saw them), as token ids."""
+    token ids (cpuforge.text.prompt: transformers' ids, as training saw them), as token ids."""
     out_ids = []
     for i, prompt in enumerate(prompts, 1):
         answer_ids = []

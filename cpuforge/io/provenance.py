@@ -9,7 +9,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from cpuforge.files import atomic_output, check_gguf, sha256_tree
+from cpuforge.io.files import atomic_output, check_gguf, sha256_tree
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from cpuforge.errors import InputError
 log = logging.getLogger(__name__)
 
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_task"
+TASK_DIR = Path(__file__).resolve().parents[2] / "data" / "demo_task"
 
 
 FIELDS = ("system", "news", "answer")

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.files import read_json
-from cpuforge.safetensors_io import weights_header
+from cpuforge.io.files import read_json
+from cpuforge.io.safetensors import weights_header
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run a pinned llama.cpp tool in this process and drain its log queue before exiting.
 
-    python -m cpuforge.llama_tool BIN/llama-perplexity -m model.gguf -f text.txt ...
+    python -m cpuforge.llama.tool BIN/llama-perplexity -m model.gguf -f text.txt ...
 
 The tools of the pinned commit print through common/log.cpp, whose worker thread
 is deliberately leaked at exit (upstream issue 22142), so the last lines, which

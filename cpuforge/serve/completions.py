@@ -4,7 +4,7 @@ llama-server renders a chat request with its own template engine and tokenizes t
 text with llama.cpp's tokenizer, which for a sentencepiece vocabulary is not what
 the model was trained on (a `▁` after every special token the template writes,
 llama.cpp #8584). So the proxy renders and tokenizes the conversation itself
-(cpuforge.prompt.ChatPrompt: the merged model's template and tokenizer, as
+(cpuforge.text.prompt.ChatPrompt: the merged model's template and tokenizer, as
 transformers applies them), sends the ids to llama-server's `/completion`, which
 evaluates a token array as it is, and turns the answer back into the OpenAI chat
 shape, streamed (`chat.completion.chunk` events, `[DONE]`) or whole, with usage.

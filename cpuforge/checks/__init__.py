@@ -1,0 +1,1 @@
+"""The fidelity checks: a GGUF tokenizes, renders its chat template and answers as the merged HF model does."""

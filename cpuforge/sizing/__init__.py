@@ -1,0 +1,1 @@
+"""What each rule needs before it runs (memory, disk, time), predicted from headers; the preflight and the plan."""
