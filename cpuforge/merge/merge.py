@@ -27,12 +27,14 @@ from cpuforge.merge.plan import (
     EMBED,
     LM_HEAD,
     TOKENIZER_FILES,
+    Lora,
     Plan,
     adapter_embedding_rows,
     check_inputs,
     lora_delta,
     merged_shard_name,
 )
+from cpuforge.merge.lora import dora_weight, residual_base
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)
@@ -100,17 +102,35 @@ def all_finite(tensor) -> bool:
 
 def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
+    import torch
+
     weight = base_tensor
     for adapter, reader in zip(plan.adapters, readers, strict=True):
         if name in adapter.replace:
             weight = reader[adapter.replace[name]]
+        for rows in adapter.rows:
+            if rows.target == name:  # peft's TrainableTokens merge: the trained rows copied over the base's
+                weight = weight.float().index_copy(0, torch.tensor(rows.indices), reader[rows.tensor].float())
         for lora in adapter.loras:
             if lora.target == name:
-                # merge in f32: half-precision matmuls are slow on many CPUs and lose bits
-                weight = weight.float() + lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+                weight = lora_weight(weight, lora, reader)
+        for bias in adapter.biases:
+            if bias.target == name:
+                weight = weight.float() + bias.scale * reader[bias.tensor].float()
     if weight is not base_tensor and not all_finite(weight):
         raise InputError(f"{plan.adapters[-1].weights}: merging into {name} gives non-finite values.")
     return weight
+
+
+def lora_weight(weight, lora: Lora, reader):
+    """`weight` with one LoRA merged as peft merges it, in f32 (half-precision matmuls are slow on many CPUs and
+    lose bits): onto the residual base of a PiSSA / OLoRA initialisation, rescaled row by row under DoRA."""
+    if lora.init:
+        weight = residual_base(weight, lora.init, lora.rank, lora.scale)
+    delta = lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+    if lora.magnitude:
+        return dora_weight(weight, delta, reader[lora.magnitude])
+    return weight.float() + delta
 
 
 def write_model_files(base: Path, plan: Plan, dtype: str, folder: Path) -> None:
