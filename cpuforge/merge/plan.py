@@ -113,6 +113,7 @@ def base_shards(base: Path) -> dict[str, Path]:
         raise InputError(f"{base}: base model folder not found.")
     if not (base / "config.json").is_file():
         raise InputError(f"{base}: not a HF model folder (no config.json).")
+    check_not_quantized(base / "config.json")
     for index_name, single in WEIGHT_FILES:
         index = base / index_name
         if index.is_file():
@@ -127,6 +128,27 @@ def base_shards(base: Path) -> dict[str, Path]:
         if not f.is_file():
             raise InputError(f"{f}: shard named in {index.name} is missing.")
     return {name: f for name, f in files.items() if not name.endswith(SKIPPED)}
+
+
+def quantization_name(quantization: dict) -> str:
+    """How a quantization_config names itself: its method, and the bits where it says (bitsandbytes 4-bit, gptq 4-bit)."""
+    method = quantization.get("quant_method", "unknown method")
+    if quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
+        return f"{method} {4 if quantization.get('load_in_4bit') else 8}-bit"
+    bits = quantization.get("bits") or quantization.get("w_bit")
+    return f"{method} {bits}-bit" if bits else str(method)
+
+
+def check_not_quantized(config_path: Path) -> None:
+    """A base saved quantized (QLoRA's bitsandbytes download, GPTQ, AWQ, …) stores packed integers, not the
+    weights a merge adds to: named here, before its shapes would blame the adapter."""
+    quantization = read_json(config_path).get("quantization_config")
+    if quantization:
+        name = quantization_name(quantization) if isinstance(quantization, dict) else repr(quantization)
+        raise InputError(
+            f"{config_path}: this base model is quantized (quantization_config: {name}), and cpuforge merges into "
+            "16- or 32-bit weights; give the 16-bit model it was quantized from."
+        )
 
 
 def merged_shard_name(shard: Path) -> str:

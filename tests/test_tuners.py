@@ -1,0 +1,261 @@
+"""Every peft option the merge implements gives, tensor by tensor, what peft's own merge_and_unload gives; every
+other is refused with its sentence. Real peft 0.21.2 on tiny random Llamas made here; merges in f32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import make_lora, make_tiny_llama
+from safetensors.torch import load_file
+
+from cpuforge.errors import InputError
+from cpuforge.merge.lora import DEFAULTS, LEGACY_FIELDS, LORA_FIELDS, REFUSED
+from cpuforge.merge.merge import merge
+
+# f32 merges: ours and peft's do the same f32 operations, in an order that may differ by a rounding
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bias_base(tmp_path_factory):
+    """A tiny Llama whose attention projections and MLP have biases (attention_bias, mlp_bias), for lora_bias and bias."""
+    return make_tiny_llama(tmp_path_factory.mktemp("bias") / "base", seed=1, attention_bias=True, mlp_bias=True)
+
+
+def trained_adapter(base, out, seed=7, **lora):
+    """A peft LoRA adapter on `base`, its every trainable parameter moved off its initial value as training
+    would (B off zero, DoRA's magnitude off the weight norm, trainable tokens off the embeddings), and the
+    reference: peft's merge_and_unload of that same model, as a state dict."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], **lora}
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(task_type="CAUSAL_LM", **settings))
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(out)
+    with torch.no_grad():
+        return out, {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def merged_state(folder):
+    state = {}
+    for f in folder.glob("*.safetensors"):
+        state |= load_file(f)
+    return state
+
+
+def max_difference(folder, reference) -> float:
+    got = merged_state(folder)
+    assert set(got) == set(reference), set(got) ^ set(reference)
+    return max((got[k].float() - reference[k].float()).abs().max().item() for k in reference)
+
+
+VARIANTS = {
+    "lora": {},
+    "rslora": {"use_rslora": True, "lora_alpha": 16},
+    "dora": {"use_dora": True},
+    "dora_rslora_rank_pattern": {"use_dora": True, "use_rslora": True, "rank_pattern": {"up_proj": 8}},
+    "trainable_tokens": {"trainable_token_indices": [3, 7, 9]},
+    "trainable_tokens_and_lm_head": {"trainable_token_indices": {"embed_tokens": [3, 7], "lm_head": [4, 500]}},
+    "pissa": {"init_lora_weights": "pissa"},
+    "pissa_rslora": {"init_lora_weights": "pissa", "use_rslora": True, "lora_alpha": 4},
+    "olora": {"init_lora_weights": "olora"},
+    "olora_dora": {"init_lora_weights": "olora", "use_dora": True, "lora_alpha": 16},
+    "gaussian": {"init_lora_weights": "gaussian"},
+    "orthogonal": {"init_lora_weights": "orthogonal"},
+    "mica": {"init_lora_weights": "mica"},
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_variant_merges_as_peft_does(tmp_path, tiny_base, variant):
+    adapter, reference = trained_adapter(tiny_base, tmp_path / "adapter", **VARIANTS[variant])
+    merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+    assert max_difference(tiny_base, reference) > 1e-3  # the adapter does change the model
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("lora", [{"lora_bias": True}, {"bias": "all"}, {"bias": "lora_only", "use_dora": True}])
+def test_biases_merge_as_peft_does(tmp_path, bias_base, lora):
+    adapter, reference = trained_adapter(bias_base, tmp_path / "adapter", **lora)
+    merge(bias_base, [adapter], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(reference[bias], load_file(bias_base / "model.safetensors")[bias])
+
+
+@pytest.mark.unit
+def test_stacked_pissa_on_dora(tmp_path, tiny_base):
+    """A PiSSA adapter trained on the model a DoRA adapter made: its residual is that merged model's."""
+    first, merged_first = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.load_state_dict(merged_first)
+    model.save_pretrained(tmp_path / "step1")
+    second, reference = trained_adapter(tmp_path / "step1", tmp_path / "pissa", seed=8, init_lora_weights="pissa")
+    merge(tiny_base, [first, second], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+
+
+def edit_config(adapter, **fields):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | fields))
+    return adapter / "adapter_config.json"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "lora_ga"])
+def test_inits_that_left_an_unknowable_residual_are_refused_with_how_to_convert(tmp_path, tiny_base, init):
+    adapter = make_lora(tiny_base, tmp_path / "adapter")
+    path = edit_config(adapter, init_lora_weights=init)
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{path}: init_lora_weights is {init!r}, so the adapter was saved for the residual base peft made when it "
+        "initialised it (the base minus the initial adapter, which depends on more than the base); save it with "
+        "peft's save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>) "
+        "(LLaMA-Factory: pissa_convert) to turn it into a LoRA of the original base, and give that."
+    )
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.unit
+def test_pissa_niter_adapter_as_peft_saves_it_is_refused(tmp_path, tiny_base):
+    """LLaMA-Factory's pissa_init without pissa_convert: fast-SVD PiSSA (randomised), saved for its residual."""
+    adapter, _ = trained_adapter(tiny_base, tmp_path / "adapter", init_lora_weights="pissa_niter_4")
+    with pytest.raises(InputError, match="init_lora_weights is 'pissa_niter_4', so the adapter was saved for"):
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+
+
+@pytest.mark.unit
+def test_converted_pissa_merges_into_the_original_base(tmp_path, tiny_base):
+    """peft's conversion (path_initial_model_for_weight_conversion) writes init_lora_weights=True and a LoRA of
+    twice the rank for the original base: merged as plain LoRA, it gives the fine-tune."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa_niter_2")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base), config)
+    model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    with torch.no_grad():
+        reference = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    merge(tiny_base, [tmp_path / "converted"], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+
+
+REFUSALS = {
+    "alora_invocation_tokens": ([5, 6], "an activated LoRA acts only after its invocation tokens, so peft cannot "
+                                "merge it either"),
+    "layer_replication": ([[0, 2], [1, 2]], "the adapted model has more layers than the base, which a merge into "
+                          "the base cannot hold"),
+    "use_qalora": (True, "QALoRA pools the input for GPTQ layers, and peft cannot merge it either"),
+    "target_parameters": (["mlp.experts.down_proj"], "it adapts raw parameters (MoE experts), which a LLaMA does not "
+                          "have"),
+}  # fmt: skip
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("field", sorted(REFUSALS))
+def test_refused_fields_are_named(tmp_path, tiny_base, tiny_adapter, field):
+    import shutil
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    value, why = REFUSALS[field]
+    path = edit_config(adapter, **{field: value})
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == f"{path}: {field} is {value!r}; cpuforge will not merge it: {why}."
+
+
+@pytest.mark.unit
+def test_unknown_field_is_refused_by_name(tmp_path, tiny_base, tiny_adapter):
+    import shutil
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    path = edit_config(adapter, lora_flux=0.5)
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{path}: field 'lora_flux' (value 0.5) is not one of peft 0.21.2's LoraConfig, so cpuforge cannot tell what "
+        "it does to the merged weights."
+    )
+
+
+@pytest.mark.unit
+def test_lora_bias_on_a_base_without_biases_is_refused_as_peft_refuses(tmp_path, tiny_base, bias_base):
+    adapter, _ = trained_adapter(bias_base, tmp_path / "adapter", lora_bias=True)
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{adapter / 'adapter_config.json'}: lora_bias is true, but the base {tiny_base} has no bias "
+        "model.layers.0.mlp.up_proj.bias for adapter_model.safetensors tensor "
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.bias; peft refuses this merge too (the base layer has no bias)."
+    )
+
+
+@pytest.mark.unit
+def test_dora_magnitude_without_use_dora_is_refused(tmp_path, tiny_base):
+    adapter, _ = trained_adapter(tiny_base, tmp_path / "adapter", use_dora=True)
+    path = edit_config(adapter, use_dora=False)
+    with pytest.raises(InputError, match="use_dora is false, but adapter_model.safetensors holds DoRA's "):
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert path.is_file()
+
+
+@pytest.mark.unit
+def test_every_field_of_peft_lora_config_is_classified():
+    """A peft upgrade that adds a LoraConfig field fails here until the merge says what it does with it."""
+    import peft
+
+    fields = {f.name: f for f in dataclasses.fields(peft.LoraConfig)}
+    assert set(fields) - set(LORA_FIELDS) == set(), "LoraConfig fields the merge has not classified"
+    assert set(LORA_FIELDS) - set(fields) == set(), "classified fields the pinned peft does not have"
+    assert not set(LEGACY_FIELDS) & set(fields)
+    for name, kind in LORA_FIELDS.items():
+        assert kind in ("exact", REFUSED) or (kind.startswith("ignored: ") and len(kind) > 20), name
+        if kind == REFUSED:
+            field = fields[name]
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert DEFAULTS[name] == default, name
+
+
+@pytest.mark.unit
+def test_quantized_base_is_named_with_what_to_give_instead(tmp_path, tiny_base, tiny_adapter):
+    import shutil
+
+    base = shutil.copytree(tiny_base, tmp_path / "base-bnb-4bit")
+    config = json.loads((base / "config.json").read_text())
+    quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (base / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}))
+    with pytest.raises(InputError) as e:
+        merge(base, [tiny_adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{base / 'config.json'}: this base model is quantized (quantization_config: bitsandbytes 4-bit), and "
+        "cpuforge merges into 16- or 32-bit weights; give the 16-bit model it was quantized from."
+    )
+
+
+@pytest.mark.unit
+def test_qlora_adapter_merges_into_the_16_bit_base(tmp_path, tiny_base):
+    """A QLoRA adapter names the quantized repository it was trained on; its 16-bit source is the right base."""
+    adapter, reference = trained_adapter(tiny_base, tmp_path / "adapter")
+    edit_config(adapter, base_model_name_or_path="unsloth/llama-3-8b-bnb-4bit")
+    merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
