@@ -435,9 +435,28 @@ def tokenizer_size(folder: Path) -> tuple[int, Path]:
     return max([n - 1, *added.values()]) + 1, source
 
 
+# the JSON files of the base's and the adapters' folders that the merge, the checks and transformers read
+JSON_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def check_json_files(folders: list[Path]) -> None:
+    """Parse each of them in full now, so a broken one is named (file, line, column) before any rule runs."""
+    for folder in folders:
+        for name in JSON_FILES:
+            if (folder / name).is_file():
+                read_json(folder / name)
+
+
 def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     """Every check that needs only headers; raises InputError naming the file at the first problem."""
     files = base_shards(base)
+    check_json_files([base, *adapters])
     shapes, dtypes = {}, {}
     for f in sorted(set(files.values())):
         for name, info in weights_header(f).items():
