@@ -1,0 +1,32 @@
+"""The peft tuners other than LoRA: one module per tuner, each with its config table and its exact merge."""
+
+from __future__ import annotations
+
+from . import ia3
+from .base import Tuner
+
+# peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
+TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (ia3.TUNER,)}
+
+# peft_type → why cpuforge refuses to merge it (the tail of one sentence)
+PROMPT = "it adds learned virtual tokens or prefixes to the input, which no weight of the model can hold"
+NOT_YET = "cpuforge does not implement its merge yet"
+REFUSED: dict[str, str] = {
+    "PROMPT_TUNING": PROMPT,
+    "MULTITASK_PROMPT_TUNING": PROMPT,
+    "P_TUNING": PROMPT,
+    "PREFIX_TUNING": PROMPT,
+    "CPT": PROMPT,
+    "CARTRIDGE": PROMPT,
+    "ADAPTION_PROMPT": "it adds gated attention over learned prompts to the attention layers; peft cannot merge it",
+    "XLORA": "its mix of LoRA experts depends on each input, so no single merged weight equals it; peft cannot merge it",
+    "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
+    **{
+        t: NOT_YET
+        for t in (
+            "LOHA LOKR ADALORA VERA OFT BOFT HRA FOURIERFT C3A RANDLORA SHIRA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
+            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS HIRA OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
+            "SUPERTUNING DEFT"
+        ).split()
+    },
+}
