@@ -61,13 +61,15 @@ def test_truncated_adapter_safetensors(tmp_path, tiny_base, tiny_adapter):
     assert f"{weights}: truncated safetensors file" in out
 
 
-@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3"])
-def test_adapter_that_cannot_be_merged_linearly(tmp_path, tiny_base, tiny_adapter, peft_type):
+def test_adapter_that_cannot_be_merged(tmp_path, tiny_base, tiny_adapter):
+    """Prefix tuning adds to the input, not to a weight: refused at start-up with the reason."""
+    from cpuforge.merge.tuners import REFUSED
+
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     cfg = adapter / "adapter_config.json"
-    cfg.write_text(cfg.read_text().replace('"LORA"', f'"{peft_type}"'))
+    cfg.write_text(cfg.read_text().replace('"LORA"', '"PREFIX_TUNING"'))
     out = start(tmp_path, model(tiny_base, adapter))
-    assert f"{cfg}: peft_type '{peft_type}' cannot be merged linearly; only LORA can." in out
+    assert f"{cfg}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED['PREFIX_TUNING']}." in out
 
 
 def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):

@@ -259,3 +259,78 @@ def test_qlora_adapter_merges_into_the_16_bit_base(tmp_path, tiny_base):
     edit_config(adapter, base_model_name_or_path="unsloth/llama-3-8b-bnb-4bit")
     merge(tiny_base, [adapter], tmp_path / "merged", "f32")
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+
+
+def tuner_config(peft_type: str):
+    """A config of each tuner other than LoRA, on attention and MLP layers (IA3's feedforward on the MLP's down_proj)."""
+    import peft
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    configs = {
+        "IA3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"]),
+        "LOHA": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=targets, rank_pattern={"up_proj": 2}),
+        "LOKR": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_both=True),
+        "ADALORA": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=targets, total_step=10),
+        "VERA": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    }
+    assert peft_type in configs, f"{peft_type}: the merge implements it, but this test has no config to try it on"
+    return configs[peft_type]()
+
+
+def trained_tuner_adapter(base, out, peft_type, seed=11):
+    """As trained_adapter, for a tuner other than LoRA."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), tuner_config(peft_type))
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(out)
+    with torch.no_grad():
+        return out, {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def implemented_tuners():
+    from cpuforge.merge.tuners import TUNERS
+
+    return sorted(TUNERS)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("peft_type", implemented_tuners())
+def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
+    """Through the plan and the streamed merge, on a base without biases and on one with them."""
+    for base in (tiny_base, bias_base):
+        adapter, reference = trained_tuner_adapter(base, tmp_path / base.parent.name / "adapter", peft_type)
+        merge(base, [adapter], tmp_path / base.parent.name / "merged", "f32")
+        assert max_difference(tmp_path / base.parent.name / "merged", reference) < TOLERANCE
+        assert max_difference(base, reference) > 1e-3
+
+
+@pytest.mark.unit
+def test_lora_then_a_tuner_on_top(tmp_path, tiny_base):
+    first, merged_first = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.load_state_dict(merged_first)
+    model.save_pretrained(tmp_path / "step1")
+    second, reference = trained_tuner_adapter(tmp_path / "step1", tmp_path / "second", implemented_tuners()[0])
+    merge(tiny_base, [first, second], tmp_path / "merged", "f32")
+    assert max_difference(tmp_path / "merged", reference) < TOLERANCE
+
+
+@pytest.mark.unit
+def test_prompt_tuning_is_refused_with_its_reason(tmp_path, tiny_base, tiny_adapter):
+    import shutil
+
+    from cpuforge.merge.tuners import REFUSED as REFUSED_TUNERS
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    path = edit_config(adapter, peft_type="PREFIX_TUNING")
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == f"{path}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED_TUNERS['PREFIX_TUNING']}."

@@ -27,8 +27,10 @@ from cpuforge.merge.plan import (
     EMBED,
     LM_HEAD,
     TOKENIZER_FILES,
+    Adapter,
     Lora,
     Plan,
+    Tuned,
     adapter_embedding_rows,
     check_inputs,
     lora_delta,
@@ -111,6 +113,9 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
         for rows in adapter.rows:
             if rows.target == name:  # peft's TrainableTokens merge: the trained rows copied over the base's
                 weight = weight.float().index_copy(0, torch.tensor(rows.indices), reader[rows.tensor].float())
+        for tuned in adapter.tuned:
+            if tuned.target == name:
+                weight = tuned_weight(weight, tuned, adapter, reader)
         for lora in adapter.loras:
             if lora.target == name:
                 weight = lora_weight(weight, lora, reader)
@@ -120,6 +125,17 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     if weight is not base_tensor and not all_finite(weight):
         raise InputError(f"{plan.adapters[-1].weights}: merging into {name} gives non-finite values.")
     return weight
+
+
+def tuned_weight(weight, tuned: Tuned, adapter: Adapter, reader):
+    """`weight` (or the bias) with one module of a tuner other than LoRA merged, by that tuner's own formula."""
+    from cpuforge.merge.tuners import TUNERS
+
+    tuner = TUNERS[adapter.tuner]
+    merge = tuner.merged_bias if tuned.bias else tuner.merged_weight
+    tensors = {suffix: reader[name] for suffix, name in tuned.tensors.items()}
+    shared = {key: reader[name] for key, name in adapter.shared.items()}
+    return merge(weight.float(), tensors, adapter.config, tuned.module, shared)
 
 
 def lora_weight(weight, lora: Lora, reader):

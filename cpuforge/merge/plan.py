@@ -69,6 +69,17 @@ class Rows:
 
 
 @dataclass
+class Tuned:
+    """One module's tensors of a tuner other than LoRA (cpuforge.merge.tuners), merged into `target`, its weight
+    or (where the tuner changes biases, as IA3 does) its bias."""
+
+    target: str
+    module: str
+    tensors: dict[str, str]  # suffix -> adapter tensor
+    bias: bool = False
+
+
+@dataclass
 class Adapter:
     """What one adapter does to the base: whole tensors it replaces, then the deltas it adds."""
 
@@ -79,10 +90,13 @@ class Adapter:
     biases: list[Bias] = field(default_factory=list)
     rows: list[Rows] = field(default_factory=list)
     tuner: str = "LORA"  # adapter_config.json's peft_type
+    config: dict = field(default_factory=dict)
+    tuned: list[Tuned] = field(default_factory=list)
+    shared: dict[str, str] = field(default_factory=dict)  # a tuner's tensors shared by all modules (VeRA's)
 
     def targets(self) -> set[str]:
         """Every base tensor this adapter changes."""
-        return {*self.replace, *(x.target for x in [*self.loras, *self.biases, *self.rows])}
+        return {*self.replace, *(x.target for x in [*self.loras, *self.biases, *self.rows, *self.tuned])}
 
 
 @dataclass
@@ -292,7 +306,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     config_path = folder / "adapter_config.json"
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
-        raise InputError(f"{config_path}: peft_type {config.get('peft_type')!r} cannot be merged linearly; only LORA can.")
+        return plan_tuned(folder, config, shapes, files)
     check_lora_config(config_path, config)
     base = next(iter(files.values())).parent
     modules = {n.removesuffix(".weight") for n in shapes if n.endswith(".weight")}
@@ -301,7 +315,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     check_config_fields(config_path, config, base, modules, linear)
     weights = adapter_weights_file(folder)
     tensors = adapter_shapes(weights)
-    adapter = Adapter(folder, weights)
+    adapter = Adapter(folder, weights, config=config)
     for name, shape in sorted(tensors.items()):
         if ".lora_B." in name or name.endswith(".lora_embedding_B") or ".original_module." in name:
             continue  # B is read with its A; original_module is the base's own copy
@@ -310,13 +324,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
         if name.endswith(TOKENS):
             adapter.rows.append(plan_rows(config_path, config, weights, name, shape, shapes))
             continue
-        target = whole_tensor_target(name)
-        if target not in shapes:
-            raise InputError(f"{weights}: tensor {name} replaces {target}, which the base model does not have.")
-        if shape != shapes[target] and not (target in (EMBED, LM_HEAD) and shape[1:] == shapes[target][1:]):
-            check_shape(weights, name, target, shape, shapes, files)
-        adapter.replace[target] = name
-        shapes[target] = shape
+        plan_whole_tensor(adapter, name, shape, shapes, files)
     for name, a_shape in sorted(tensors.items()):
         embedding = name.endswith(".lora_embedding_A")
         if ".lora_A." not in name and not embedding:
@@ -353,6 +361,86 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
         raise InputError(f"{weights}: holds no LoRA or whole tensors.")
     check_patterns(config_path, config, [lora.target.removesuffix(".weight") for lora in adapter.loras])
     return adapter
+
+
+def plan_whole_tensor(adapter: Adapter, name: str, shape: list[int], shapes: dict, files: dict) -> None:
+    """A tensor the adapter holds whole (modules_to_save, resized embeddings): it replaces the base's."""
+    target = whole_tensor_target(name)
+    if target not in shapes:
+        raise InputError(f"{adapter.weights}: tensor {name} replaces {target}, which the base model does not have.")
+    if shape != shapes[target] and not (target in (EMBED, LM_HEAD) and shape[1:] == shapes[target][1:]):
+        check_shape(adapter.weights, name, target, shape, shapes, files)
+    adapter.replace[target] = name
+    shapes[target] = shape
+
+
+def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
+    """An adapter of a tuner other than LoRA: its config checked field by field by the tuner, its tensors grouped
+    by module, and each module's merge tried on shapes alone (torch's meta tensors), so that an adapter made for
+    another base fails here, from the headers."""
+    from cpuforge.merge.tuners import REFUSED as REFUSED_TUNERS, TUNERS
+
+    config_path, peft_type = folder / "adapter_config.json", config.get("peft_type")
+    if peft_type in REFUSED_TUNERS:
+        raise InputError(f"{config_path}: peft_type {peft_type!r} cannot be merged: {REFUSED_TUNERS[peft_type]}.")
+    if peft_type not in TUNERS:
+        raise InputError(f"{config_path}: peft_type {peft_type!r} is not a tuner peft 0.21.2 has.")
+    tuner = TUNERS[peft_type]
+    tuner.check_config(config_path, config)
+    weights = adapter_weights_file(folder)
+    tensors = adapter_shapes(weights)
+    adapter = Adapter(folder, weights, tuner=peft_type, config=config)
+    modules: dict[str, dict[str, str]] = {}
+    for name, shape in sorted(tensors.items()):
+        suffix = next((s for s in tuner.suffixes if name.endswith("." + s)), None)
+        shared = next((s for s in tuner.shared if name == f"base_model.{s}"), None)
+        if shared:
+            adapter.shared[shared] = name
+        elif suffix:
+            modules.setdefault(name.removeprefix(PREFIX).removesuffix("." + suffix), {})[suffix] = name
+        elif ".original_module." not in name:
+            plan_whole_tensor(adapter, name, shape, shapes, files)
+    for module, parts in sorted(modules.items()):
+        missing = [s for s in tuner.suffixes if s not in parts and s not in tuner.optional]
+        if missing:
+            raise InputError(f"{weights}: module {module} has no {', '.join(missing)} tensor(s).")
+        target = f"{module}.weight"
+        if target not in shapes:
+            raise InputError(f"{weights}: tensor {next(iter(parts.values()))} adapts {target}, which the base model does not have.")
+        try_on_shapes(adapter, tuner, module, parts, tensors, shapes, files)
+        adapter.tuned.append(Tuned(target, module, parts))
+        if tuner.merged_bias is not None and f"{module}.bias" in shapes:
+            adapter.tuned.append(Tuned(f"{module}.bias", module, parts, bias=True))
+    missing = [s for s in tuner.shared if s not in adapter.shared]
+    if modules and missing:
+        raise InputError(f"{weights}: has no shared tensor(s) {', '.join(f'base_model.{s}' for s in missing)}.")
+    if not adapter.tuned and not adapter.replace:
+        raise InputError(f"{weights}: holds no {peft_type} or whole tensors.")
+    return adapter
+
+
+def try_on_shapes(adapter: Adapter, tuner, module: str, parts: dict, tensors: dict, shapes: dict, files: dict) -> None:
+    """The tuner's merge run on meta tensors (shapes, no data): the merged weight must keep the base's shape."""
+    import torch
+
+    def meta(shape):
+        return torch.empty(shape, device="meta")
+
+    target = f"{module}.weight"
+    try:
+        merged = tuner.merged_weight(
+            meta(shapes[target]), {s: meta(tensors[n]) for s, n in parts.items()}, adapter.config, module,
+            {s: meta(tensors[n]) for s, n in adapter.shared.items()},
+        )  # fmt: skip
+    except NotImplementedError:
+        return  # an operation meta tensors lack: the merge itself checks the shapes
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise InputError(
+            f"{adapter.weights}: the {adapter.tuner} tensors of {module} do not fit {target} of shape {shapes[target]} "
+            f"({e}); this adapter was made for another base model."
+        ) from None
+    if list(merged.shape) != shapes[target]:
+        check_shape(adapter.weights, next(iter(parts.values())), target, list(merged.shape), shapes, files)
 
 
 MAGNITUDE, TOKENS = ".lora_magnitude_vector", ".token_adapter.trainable_tokens_delta"
