@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import check_threads, run
+from cpuforge.io.files import read_json
+from cpuforge.merge.lora import describe
 from cpuforge.merge.plan import DTYPES
 from cpuforge.merge.merge import VERIFY_PROMPTS, merge
 from cpuforge.io.provenance import provenance, write_provenance
@@ -43,7 +45,8 @@ def main() -> None:
 
     torch.set_num_threads(check_threads(args.threads))
     worst = merge(args.base, args.adapter, args.out, args.dtype, VERIFY_PROMPTS if args.verify else ())
-    facts = {"step": "merge", "dtype": args.dtype, "verify_max_abs_logit_diff": worst}
+    tuners = [describe(read_json(a / "adapter_config.json")) for a in args.adapter]  # in the order merged
+    facts = {"step": "merge", "dtype": args.dtype, "tuners": tuners, "verify_max_abs_logit_diff": worst}
     inputs = {"base": args.base, **{f"adapter{i}": a for i, a in enumerate(args.adapter, 1)}}
     write_provenance(args.out, provenance(args.out, inputs, **facts))
     log.info("merged model written to %s", args.out)

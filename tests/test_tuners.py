@@ -334,3 +334,25 @@ def test_prompt_tuning_is_refused_with_its_reason(tmp_path, tiny_base, tiny_adap
     with pytest.raises(InputError) as e:
         merge(tiny_base, [adapter], tmp_path / "merged", "f32")
     assert str(e.value) == f"{path}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED_TUNERS['PREFIX_TUNING']}."
+
+
+@pytest.mark.unit
+def test_provenance_and_report_name_the_tuners(tmp_path, tiny_base):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from cpuforge.evaluate.report import provenance_html, read_provenance
+
+    first, _ = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True, use_rslora=True)
+    second, _ = trained_tuner_adapter(tiny_base, tmp_path / "second", implemented_tuners()[0])
+    out = tmp_path / "merged"
+    subprocess.run(
+        [sys.executable, "-m", "scripts.merge", "--base", str(tiny_base), "--adapter", str(first), "--adapter",
+         str(second), "--out", str(out), "--dtype", "f32"], cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    tuners = ["LORA (DoRA, rsLoRA)", implemented_tuners()[0]]
+    assert read_provenance(out)["tuners"] == tuners
+    page = provenance_html([{"label": "merged (HF)", "path": str(out), "provenance": read_provenance(out)}])
+    assert f"<code>{out}</code> (adapters: {', '.join(tuners)})</summary>" in page

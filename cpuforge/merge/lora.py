@@ -164,3 +164,21 @@ def dora_weight(weight, delta, magnitude):
     merged = weight.float() + delta
     norm = torch.linalg.norm(merged, dim=1)
     return (magnitude.float() / norm).view(-1, 1) * merged
+
+
+def describe(config: dict) -> str:
+    """The tuner of an adapter_config.json as the provenance and the report name it: the peft_type, and for LoRA
+    the variants that change its formula (e.g. "LORA (DoRA, rsLoRA)")."""
+    peft_type = str(config.get("peft_type"))
+    if peft_type != "LORA":
+        return peft_type
+    init = config.get("init_lora_weights", True)
+    options = {
+        "DoRA": config.get("use_dora"),
+        "rsLoRA": config.get("use_rslora"),
+        "lora_bias": config.get("lora_bias"),
+        "trainable tokens": config.get("trainable_token_indices"),
+        f"{init} residual": init in INIT_RESIDUAL,
+    }
+    named = [name for name, on in options.items() if on]
+    return f"LORA ({', '.join(named)})" if named else "LORA"
