@@ -356,3 +356,35 @@ def test_provenance_and_report_name_the_tuners(tmp_path, tiny_base):
     assert read_provenance(out)["tuners"] == tuners
     page = provenance_html([{"label": "merged (HF)", "path": str(out), "provenance": read_provenance(out)}])
     assert f"<code>{out}</code> (adapters: {', '.join(tuners)})</summary>" in page
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("lora", "reason"),
+    [
+        ({"use_dora": True}, "needs DoRA's magnitude vector, which a GGUF LoRA (low-rank pairs added to the base) "
+         "cannot carry"),
+        ({"init_lora_weights": "olora"}, "needs the olora residual base it was trained on, which a GGUF LoRA "
+         "(low-rank pairs added to the base) cannot carry"),
+        ({"trainable_token_indices": [3]}, "changes biases (lora_bias) or token rows (trainable_token_indices), "
+         "which a GGUF LoRA cannot carry"),
+    ],
+)  # fmt: skip
+def test_runtime_gguf_adapters_stay_lora_only(tmp_path, tiny_base, lora, reason):
+    """Merged exactly, but not run as GGUF LoRAs: said once, with the reason, by the runtime check."""
+    from cpuforge.merge.runtime_lora import check_runtime
+
+    adapter, _ = trained_adapter(tiny_base, tmp_path / "adapter", **lora)
+    with pytest.raises(InputError) as e:
+        check_runtime(tiny_base, [adapter])
+    assert str(e.value) == f"{adapter}: cannot run as a GGUF LoRA (lora_adapters): it {reason}; merging it still works."
+
+
+@pytest.mark.unit
+def test_runtime_gguf_adapters_refuse_other_tuners(tmp_path, tiny_base):
+    from cpuforge.merge.runtime_lora import check_runtime
+
+    peft_type = implemented_tuners()[0]
+    adapter, _ = trained_tuner_adapter(tiny_base, tmp_path / "adapter", peft_type)
+    with pytest.raises(InputError, match=f"it is a {peft_type} adapter, and a GGUF LoRA holds only LoRA's low-rank"):
+        check_runtime(tiny_base, [adapter])
