@@ -60,8 +60,20 @@ CASES = {
         dict(init_r=6, lora_alpha=-1, total_step=10, r=3, use_rslora=True),
     ],
     "VERA": [dict(r=16), dict(r=8, save_projection=False, projection_prng_key=7)],
+    "FOURIERFT": [dict(n_frequency=200, scaling=30.0, random_loc_seed=5, n_frequency_pattern={"down_proj": 300})],
+    "HIRA": [dict(r=4, rank_pattern={"q_proj": 2})],
+    "SHIRA": [dict(r=2, random_seed=3)],
 }
-BIAS = {"IA3", "LOHA", "LOKR", "ADALORA", "VERA"}  # tuners also tried on a base with biases
+BIAS = {
+    "IA3",
+    "LOHA",
+    "LOKR",
+    "ADALORA",
+    "VERA",
+    "FOURIERFT",
+    "HIRA",
+    "SHIRA",
+}  # tuners also tried on a base with biases
 
 
 def cases():

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from . import adalora, ia3, loha, lokr, vera
+from . import adalora, fourierft, hira, ia3, loha, lokr, shira, vera
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
-TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (ia3.TUNER, loha.TUNER, lokr.TUNER, adalora.TUNER, vera.TUNER)}
+TUNERS: dict[str, Tuner] = {
+    t.peft_type: t
+    for t in (
+        ia3.TUNER,
+        loha.TUNER,
+        lokr.TUNER,
+        adalora.TUNER,
+        vera.TUNER,
+        fourierft.TUNER,
+        hira.TUNER,
+        shira.TUNER,
+    )
+}
 
 # peft_type → why cpuforge refuses to merge it (the tail of one sentence)
 PROMPT = "it adds learned virtual tokens or prefixes to the input, which no weight of the model can hold"
@@ -24,8 +36,8 @@ REFUSED: dict[str, str] = {
     **{
         t: NOT_YET
         for t in (
-            "OFT BOFT HRA FOURIERFT C3A RANDLORA SHIRA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
-            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS HIRA OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
+            "OFT BOFT HRA C3A RANDLORA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
+            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
             "SUPERTUNING DEFT"
         ).split()
     },
