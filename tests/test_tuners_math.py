@@ -44,11 +44,36 @@ def tiny_llama(bias: bool):
 
 # peft_type → configs to try (each a case), on every linear layer of the tiny Llama
 CASES = {
-    "IA3": [
-        dict(feedforward_modules=["down_proj", "up_proj"]),
+    "IA3": [dict(feedforward_modules=["down_proj", "up_proj"])],
+    "LOHA": [
+        dict(r=4, alpha=6),
+        dict(r=4, alpha=6, rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 3}, alpha_pattern={"v_proj": 11}),
     ],
+    "LOKR": [
+        dict(r=4, alpha=6),  # r small: w2 as a low-rank product
+        dict(r=16, alpha=3, decompose_both=True, decompose_factor=8),  # w1 whole, w2 whole
+        dict(r=2, alpha=3, decompose_both=True, rank_pattern={"o_proj": 1}, alpha_pattern={"k_proj": 5}),
+    ],
+    "ADALORA": [
+        dict(init_r=6, lora_alpha=12, total_step=10),
+        # r and use_rslora are not read by AdaLoRA: the case shows the merge may ignore them
+        dict(init_r=6, lora_alpha=-1, total_step=10, r=3, use_rslora=True),
+    ],
+    "VERA": [dict(r=16), dict(r=8, save_projection=False, projection_prng_key=7)],
+    "FOURIERFT": [dict(n_frequency=200, scaling=30.0, random_loc_seed=5, n_frequency_pattern={"down_proj": 300})],
+    "HIRA": [dict(r=4, rank_pattern={"q_proj": 2})],
+    "SHIRA": [dict(r=2, random_seed=3)],
 }
-BIAS = {"IA3"}  # tuners also tried on a base with biases
+BIAS = {
+    "IA3",
+    "LOHA",
+    "LOKR",
+    "ADALORA",
+    "VERA",
+    "FOURIERFT",
+    "HIRA",
+    "SHIRA",
+}  # tuners also tried on a base with biases
 
 
 def cases():
@@ -60,7 +85,8 @@ def cases():
 
 
 def saved_adapter(peft_type: str, kwargs: dict, bias: bool, folder: Path):
-    """peft's merge_and_unload of a randomised adapter (the reference), the base's state and the saved adapter."""
+    """The base's state, peft's merge_and_unload of a randomised adapter saved and loaded again as a user would
+    (the reference), the adapter's config and its tensors."""
     config_class = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     kwargs = {"target_modules": LINEARS, **kwargs}
     model = tiny_llama(bias)
@@ -71,8 +97,16 @@ def saved_adapter(peft_type: str, kwargs: dict, bias: bool, folder: Path):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if peft_type == "IA3" else 0.0))
+    if peft_type == "ADALORA":  # as AdaLoRA's budget would leave it: some ranks pruned, one module to rank 0
+        model.peft_config["default"].rank_pattern = {
+            f"model.layers.{i}.{m}.lora_E.default": [j % (2 + i) != 1 or m == "self_attn.q_proj" for j in range(6)]
+            for i in range(2)
+            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")
+        }
+        model.peft_config["default"].rank_pattern["model.layers.1.mlp.down_proj.lora_E.default"] = [False] * 6
     model.save_pretrained(folder)
-    reference = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(bias), folder)
+    reference = {k: v.clone() for k, v in loaded.merge_and_unload().state_dict().items()}
     config = json.loads((folder / "adapter_config.json").read_text())
     tensors = load_file(folder / "adapter_model.safetensors")
     return base, reference, config, tensors
@@ -81,13 +115,15 @@ def saved_adapter(peft_type: str, kwargs: dict, bias: bool, folder: Path):
 def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> dict:
     """The merged state as cpuforge computes it from the saved files, module by module."""
     tuner = TUNERS[peft_type]
-    shared = {n: tensors[PREFIX.split(".")[0] + "." + n] for n in tuner.shared}
     by_module: dict[str, dict] = {}
     for name, value in tensors.items():
         for suffix in tuner.suffixes:
             if name.endswith("." + suffix) and name.startswith(PREFIX):
                 by_module.setdefault(name[len(PREFIX) : -len(suffix) - 1], {})[suffix] = value
     assert by_module, f"no {peft_type} tensors in the adapter file: {sorted(tensors)[:5]}"
+    shared = {n: tensors["base_model." + n] for n in tuner.shared if "base_model." + n in tensors}
+    if tuner.shared and not shared:
+        shared = tuner.make_shared(config, [tuple(base[m + ".weight"].shape) for m in by_module])
     merged = dict(base)
     for module, own in by_module.items():
         merged[module + ".weight"] = tuner.merged_weight(base[module + ".weight"].float(), own, config, module, shared)
@@ -107,7 +143,8 @@ def test_merge_is_peft_merge(peft_type, kwargs, bias, tmp_path):
     print(f"{peft_type} {kwargs} bias={bias}: max |ours - peft| = {worst:.3g}")
     assert worst <= ATOL
     changed = [k for k in reference if not torch.equal(reference[k], base[k])]  # the positive control
-    assert len(changed) >= 2 * len(LINEARS), changed
+    # every linear of both layers, but the AdaLoRA case's rank_pattern prunes one module to rank 0
+    assert len(changed) >= 2 * len(LINEARS) - (peft_type == "ADALORA"), changed
 
 
 @pytest.mark.unit
@@ -123,7 +160,7 @@ def test_every_config_field_is_classified(peft_type):
         if kind == REFUSE:
             f = next(f for f in dataclasses.fields(config_class) if f.name == name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            assert tuner.defaults[name] == default, name
+            assert tuner.accepted[name][0] == default, name
 
 
 @pytest.mark.unit

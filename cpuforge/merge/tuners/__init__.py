@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from . import ia3
+from . import adalora, fourierft, hira, ia3, loha, lokr, shira, vera
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
-TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (ia3.TUNER,)}
+TUNERS: dict[str, Tuner] = {
+    t.peft_type: t
+    for t in (
+        ia3.TUNER,
+        loha.TUNER,
+        lokr.TUNER,
+        adalora.TUNER,
+        vera.TUNER,
+        fourierft.TUNER,
+        hira.TUNER,
+        shira.TUNER,
+    )
+}
 
 # peft_type → why cpuforge refuses to merge it (the tail of one sentence)
 PROMPT = "it adds learned virtual tokens or prefixes to the input, which no weight of the model can hold"
@@ -19,13 +31,13 @@ REFUSED: dict[str, str] = {
     "CPT": PROMPT,
     "CARTRIDGE": PROMPT,
     "ADAPTION_PROMPT": "it adds gated attention over learned prompts to the attention layers; peft cannot merge it",
-    "XLORA": "its mix of LoRA experts depends on each input, so no single merged weight equals it; peft cannot merge it",
+    "XLORA": "its mix of LoRA experts depends on each input, so no one merged weight equals it; peft cannot merge it",
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     **{
         t: NOT_YET
         for t in (
-            "LOHA LOKR ADALORA VERA OFT BOFT HRA FOURIERFT C3A RANDLORA SHIRA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
-            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS HIRA OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
+            "OFT BOFT HRA C3A RANDLORA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
+            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
             "SUPERTUNING DEFT"
         ).split()
     },

@@ -43,9 +43,10 @@ class Tuner:
     """One peft tuner, as the merge sees it.
 
     `fields` classifies every field of the peft config dataclass (inherited ones too): "exact", "ignored: <why>",
-    or "refused" (then `defaults` holds the only value accepted). `suffixes` are the tensor-name suffixes of one
-    adapted module; `shared` the names of tensors saved once for all modules (VeRA's projections), found in the
-    adapter file as `base_model.<shared name>`. `merged_weight(weight, tensors, config, module, shared)` gives the
+    or "refused" (then `accepted` holds the values accepted, peft's default first). `suffixes` are the tensor-name
+    suffixes of one adapted module (`optional` those a module may lack). `shared` names the tensors saved once for
+    all modules (VeRA's projections), found in the adapter file as `base_model.<shared name>`, or drawn again by
+    `make_shared` where the file lacks them. `merged_weight(weight, tensors, config, module, shared)` gives the
     merged f32 weight; `merged_bias(bias, tensors, config, module, shared)` the merged bias, or is None where the
     tuner leaves the bias alone."""
 
@@ -53,9 +54,11 @@ class Tuner:
     fields: dict[str, str]
     suffixes: tuple[str, ...]
     merged_weight: Merge
-    defaults: dict[str, object] = field(default_factory=dict)
+    accepted: dict[str, tuple] = field(default_factory=dict)
     shared: tuple[str, ...] = ()
     merged_bias: Merge | None = None
+    # (config, [(out, in) of every adapted module]) → the shared tensors, where the file does not hold them
+    make_shared: Callable[[dict, list], dict] | None = None
     # suffixes that may be absent for a module (e.g. LoHa's CP tensors exist only on convolutions)
     optional: tuple[str, ...] = ()
 
@@ -67,10 +70,10 @@ class Tuner:
                 raise InputError(
                     f"{config_path}: field {key} = {value!r} is not a field of peft's {self.peft_type} config."
                 )
-            if kind == REFUSE and not same(value, self.defaults[key]):
+            if kind == REFUSE and not any(same(value, ok) for ok in self.accepted[key]):
                 raise InputError(
                     f"{config_path}: {key} = {value!r} changes the merge in a way cpuforge does not implement "
-                    f"for {self.peft_type}; only {self.defaults[key]!r} is accepted."
+                    f"for {self.peft_type}, which merges only {key} = {self.accepted[key][0]!r}."
                 )
 
 
