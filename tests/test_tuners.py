@@ -261,29 +261,34 @@ def test_qlora_adapter_merges_into_the_16_bit_base(tmp_path, tiny_base):
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
 
 
-def tuner_config(peft_type: str):
-    """A config of each tuner other than LoRA, on attention and MLP layers (IA3's feedforward on the MLP's down_proj)."""
+def tuner_configs(peft_type: str) -> list:
+    """Configs of each tuner other than LoRA to merge through the plan and the streamed merge (the tuners' math
+    over every option is tests/test_tuners_math.py's), on attention and MLP layers."""
     import peft
 
     targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
     configs = {
-        "IA3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"]),
-        "LOHA": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=targets, rank_pattern={"up_proj": 2}),
-        "LOKR": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_both=True),
-        "ADALORA": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=targets, total_step=10),
-        "VERA": lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
-    }
+        "IA3": lambda: [peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"])],
+        "LOHA": lambda: [peft.LoHaConfig(r=4, alpha=8, target_modules=targets, rank_pattern={"up_proj": 2})],
+        "LOKR": lambda: [peft.LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_both=True)],
+        "ADALORA": lambda: [peft.AdaLoraConfig(init_r=6, lora_alpha=8, target_modules=targets, total_step=10)],
+        "VERA": lambda: [peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+                         peft.VeraConfig(r=8, target_modules=targets, save_projection=False, projection_prng_key=7)],
+        "FOURIERFT": lambda: [peft.FourierFTConfig(n_frequency=200, scaling=30.0, target_modules=targets)],
+        "HIRA": lambda: [peft.HiraConfig(r=4, target_modules=targets)],
+        "SHIRA": lambda: [peft.ShiraConfig(r=2, random_seed=3, target_modules=targets)],
+    }  # fmt: skip
     assert peft_type in configs, f"{peft_type}: the merge implements it, but this test has no config to try it on"
     return configs[peft_type]()
 
 
-def trained_tuner_adapter(base, out, peft_type, seed=11):
+def trained_tuner_adapter(base, out, peft_type, seed=11, case=0):
     """As trained_adapter, for a tuner other than LoRA."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), tuner_config(peft_type))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), tuner_configs(peft_type)[case])
     with torch.no_grad():
         for _, param in model.named_parameters():
             if param.requires_grad:
@@ -303,10 +308,12 @@ def implemented_tuners():
 @pytest.mark.parametrize("peft_type", implemented_tuners())
 def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
     """Through the plan and the streamed merge, on a base without biases and on one with them."""
-    for base in (tiny_base, bias_base):
-        adapter, reference = trained_tuner_adapter(base, tmp_path / base.parent.name / "adapter", peft_type)
-        merge(base, [adapter], tmp_path / base.parent.name / "merged", "f32")
-        assert max_difference(tmp_path / base.parent.name / "merged", reference) < TOLERANCE
+    cases = [(base, case) for case in range(len(tuner_configs(peft_type))) for base in (tiny_base, bias_base)]
+    for base, case in cases:
+        folder = tmp_path / f"{base.parent.name}-{case}"
+        adapter, reference = trained_tuner_adapter(base, folder / "adapter", peft_type, case=case)
+        merge(base, [adapter], folder / "merged", "f32")
+        assert max_difference(folder / "merged", reference) < TOLERANCE, (base, case)
         assert max_difference(base, reference) > 1e-3
 
 
@@ -388,3 +395,16 @@ def test_runtime_gguf_adapters_refuse_other_tuners(tmp_path, tiny_base):
     adapter, _ = trained_tuner_adapter(tiny_base, tmp_path / "adapter", peft_type)
     with pytest.raises(InputError, match=f"it is a {peft_type} adapter, and a GGUF LoRA holds only LoRA's low-rank"):
         check_runtime(tiny_base, [adapter])
+
+
+@pytest.mark.unit
+def test_tuner_adapter_for_another_base_is_named_from_headers(tmp_path, tiny_base):
+    """The tuner's merge tried on shapes alone (meta tensors): no weight is read, no merged folder begun."""
+    other = make_tiny_llama(tmp_path / "other", hidden_size=96, num_attention_heads=3)
+    adapter, _ = trained_tuner_adapter(other, tmp_path / "adapter", "LOHA")
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    message = str(e.value)
+    assert message.startswith(f"{adapter / 'adapter_model.safetensors'}: ") and "model.layers.0.mlp.down_proj" in message
+    assert message.endswith("this adapter was made for another base model.")
+    assert not (tmp_path / "merged.partial").exists()

@@ -135,7 +135,16 @@ def tuned_weight(weight, tuned: Tuned, adapter: Adapter, reader):
     merge = tuner.merged_bias if tuned.bias else tuner.merged_weight
     tensors = {suffix: reader[name] for suffix, name in tuned.tensors.items()}
     shared = {key: reader[name] for key, name in adapter.shared.items()}
-    return merge(weight.float(), tensors, adapter.config, tuned.module, shared)
+    if len(shared) < len(tuner.shared):  # not saved (VeRA's save_projection false): drawn again from the seed, once
+        adapter.drawn = adapter.drawn or tuner.make_shared(adapter.config, adapter.module_shapes)
+        shared = adapter.drawn
+    try:
+        return merge(weight.float(), tensors, adapter.config, tuned.module, shared)
+    except (RuntimeError, ValueError, IndexError) as e:  # what the plan's dry run on shapes could not try
+        raise InputError(
+            f"{adapter.weights}: the {adapter.tuner} tensors of {tuned.module} do not fit {tuned.target} ({e}); "
+            "this adapter was made for another base model."
+        ) from None
 
 
 def lora_weight(weight, lora: Lora, reader):

@@ -93,6 +93,8 @@ class Adapter:
     config: dict = field(default_factory=dict)
     tuned: list[Tuned] = field(default_factory=list)
     shared: dict[str, str] = field(default_factory=dict)  # a tuner's tensors shared by all modules (VeRA's)
+    module_shapes: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each module a tuner adapts
+    drawn: dict = field(default_factory=dict)  # shared tensors the file lacks, drawn again by the tuner once
 
     def targets(self) -> set[str]:
         """Every base tensor this adapter changes."""
@@ -400,6 +402,10 @@ def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: 
             modules.setdefault(name.removeprefix(PREFIX).removesuffix("." + suffix), {})[suffix] = name
         elif ".original_module." not in name:
             plan_whole_tensor(adapter, name, shape, shapes, files)
+    adapter.module_shapes = [tuple(shapes[f"{m}.weight"]) for m in modules if f"{m}.weight" in shapes]
+    missing = [s for s in tuner.shared if s not in adapter.shared]
+    if modules and missing and tuner.make_shared is None:
+        raise InputError(f"{weights}: has no shared tensor(s) {', '.join(f'base_model.{s}' for s in missing)}.")
     for module, parts in sorted(modules.items()):
         missing = [s for s in tuner.suffixes if s not in parts and s not in tuner.optional]
         if missing:
@@ -411,9 +417,6 @@ def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: 
         adapter.tuned.append(Tuned(target, module, parts))
         if tuner.merged_bias is not None and f"{module}.bias" in shapes:
             adapter.tuned.append(Tuned(f"{module}.bias", module, parts, bias=True))
-    missing = [s for s in tuner.shared if s not in adapter.shared]
-    if modules and missing:
-        raise InputError(f"{weights}: has no shared tensor(s) {', '.join(f'base_model.{s}' for s in missing)}.")
     if not adapter.tuned and not adapter.replace:
         raise InputError(f"{weights}: holds no {peft_type} or whole tensors.")
     return adapter
@@ -427,14 +430,23 @@ def try_on_shapes(adapter: Adapter, tuner, module: str, parts: dict, tensors: di
         return torch.empty(shape, device="meta")
 
     target = f"{module}.weight"
+    shared = {s: meta(tensors[n]) for s, n in adapter.shared.items()}
+    if len(shared) < len(tuner.shared):
+        shared = {s: meta(t.shape) for s, t in tuner.make_shared(adapter.config, adapter.module_shapes).items()}
     try:
         merged = tuner.merged_weight(
-            meta(shapes[target]), {s: meta(tensors[n]) for s, n in parts.items()}, adapter.config, module,
-            {s: meta(tensors[n]) for s, n in adapter.shared.items()},
-        )  # fmt: skip
+            meta(shapes[target]), {s: meta(tensors[n]) for s, n in parts.items()}, adapter.config, module, shared
+        )
     except NotImplementedError:
         return  # an operation meta tensors lack: the merge itself checks the shapes
-    except (RuntimeError, ValueError, IndexError) as e:
+    except RuntimeError as e:
+        if "meta" in str(e):
+            return  # the tuner makes real tensors of its own (FourierFT's seeded positions): checked at the merge
+        raise InputError(
+            f"{adapter.weights}: the {adapter.tuner} tensors of {module} do not fit {target} of shape {shapes[target]} "
+            f"({e}); this adapter was made for another base model."
+        ) from None
+    except (ValueError, IndexError) as e:
         raise InputError(
             f"{adapter.weights}: the {adapter.tuner} tensors of {module} do not fit {target} of shape {shapes[target]} "
             f"({e}); this adapter was made for another base model."
