@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, required=True, help="HF model folder")
-    parser.add_argument("--adapter", type=Path, action="append", required=True, help="PEFT LoRA folder; repeat, in order")
+    parser.add_argument("--adapter", type=Path, action="append", required=True,
+                        help="PEFT adapter folder (LoRA, DoRA, IA3, LoHa, …); repeat, in order")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f16",
                         help="dtype of the merged matrices; vectors (norms, biases) are always f32")

@@ -183,7 +183,8 @@ def test_broken_line_in_the_training_task_file_fails_at_start(tmp_path, tiny_bas
     """Read at start-up, not by check_tokenizer after the merge and the conversion."""
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
-    models = [{"name": "m", "base": str(tiny_base), "adapters": [str(tiny_adapter)], "task_data": {"train": str(train)}}]
+    models = model(tiny_base, tiny_adapter)
+    models[0]["task_data"] = {"train": str(train)}
     out = start(tmp_path, models)
     assert f"{train}: line 2 is not valid JSON (Expecting ',' delimiter at column 15)." in out
 
@@ -193,7 +194,8 @@ def test_broken_line_in_the_training_task_file_fails_at_start(tmp_path, tiny_bas
     ("name", "content", "sentence"),
     [
         ("train.jsonl", b'{"text": "a"}\n\n["a list"]\n', "line 3 is not a JSON object."),
-        ("train.jsonl", b'{"messages": [{"role": "user"}]}\n', "line 1 has a message 0 without a string `role` and `content`."),
+        ("train.jsonl", b'{"messages": [{"role": "user"}]}\n',
+         "line 1 has a message 0 without a string `role` and `content`."),
         ("train.jsonl", b'{"system": "s"}\n', "line 1 lacks the text field(s) news (or a `text`, or `messages`)."),
         ("train.txt", b"fine\nnot \xff utf-8\n", "line 2 is not UTF-8 (byte 5 of the line)."),
         ("train.txt", b"\n \n", "holds no rows."),

@@ -21,7 +21,7 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def bias_base(tmp_path_factory):
-    """A tiny Llama whose attention projections and MLP have biases (attention_bias, mlp_bias), for lora_bias and bias."""
+    """A tiny Llama whose attention and MLP layers have biases (attention_bias, mlp_bias): for lora_bias and bias."""
     return make_tiny_llama(tmp_path_factory.mktemp("bias") / "base", seed=1, attention_bias=True, mlp_bias=True)
 
 
@@ -206,7 +206,8 @@ def test_lora_bias_on_a_base_without_biases_is_refused_as_peft_refuses(tmp_path,
     assert str(e.value) == (
         f"{adapter / 'adapter_config.json'}: lora_bias is true, but the base {tiny_base} has no bias "
         "model.layers.0.mlp.up_proj.bias for adapter_model.safetensors tensor "
-        "base_model.model.model.layers.0.mlp.up_proj.lora_B.bias; peft refuses this merge too (the base layer has no bias)."
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.bias; peft refuses this merge too (the base layer has "
+        "no bias)."
     )
 
 
@@ -405,6 +406,7 @@ def test_tuner_adapter_for_another_base_is_named_from_headers(tmp_path, tiny_bas
     with pytest.raises(InputError) as e:
         merge(tiny_base, [adapter], tmp_path / "merged", "f32")
     message = str(e.value)
-    assert message.startswith(f"{adapter / 'adapter_model.safetensors'}: ") and "model.layers.0.mlp.down_proj" in message
+    assert message.startswith(f"{adapter / 'adapter_model.safetensors'}: ")
+    assert "model.layers.0.mlp.down_proj" in message
     assert message.endswith("this adapter was made for another base model.")
     assert not (tmp_path / "merged.partial").exists()

@@ -36,7 +36,7 @@ LORA_FIELDS = PEFT_CONFIG_FIELDS | {
     "lora_alpha": EXACT,
     "lora_dropout": "ignored: dropout acts in training only; merge_and_unload has none",
     "fan_in_fan_out": "ignored: it describes GPT-2's Conv1D; peft turns it off on nn.Linear, LLaMA's layers",
-    "bias": EXACT,  # "all" / "lora_only" save the trained biases whole; the merge writes them as it does modules_to_save
+    "bias": EXACT,  # "all" / "lora_only" save the trained biases whole; written as modules_to_save are
     "use_rslora": EXACT,
     "modules_to_save": EXACT,
     "init_lora_weights": EXACT,  # see INIT below: some values are refused
@@ -85,10 +85,12 @@ DEFAULTS = {
 
 # why each refused field cannot be merged: the tail of its sentence
 WHY = {
-    "megatron_config": "Megatron's parallel layers are not LLaMA's nn.Linear, and cpuforge has no Megatron to compare with",
+    "megatron_config": "Megatron's parallel layers are not LLaMA's nn.Linear, and cpuforge has no Megatron to "
+    "compare with",
     "velora_config": "VeLoRA keeps compressed activation buffers beside the adapter, which cpuforge has not checked "
     "against peft",
-    "alora_invocation_tokens": "an activated LoRA acts only after its invocation tokens, so peft cannot merge it either",
+    "alora_invocation_tokens": "an activated LoRA acts only after its invocation tokens, so peft cannot merge it "
+    "either",
     "use_qalora": "QALoRA pools the input for GPTQ layers, and peft cannot merge it either",
     "monteclora_config": "MonteCLoRA samples its update, so it has no one merged weight",
     "layer_replication": "the adapted model has more layers than the base, which a merge into the base cannot hold",

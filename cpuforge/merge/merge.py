@@ -30,13 +30,13 @@ from cpuforge.merge.plan import (
     Adapter,
     Lora,
     Plan,
-    Tuned,
     adapter_embedding_rows,
     check_inputs,
     lora_delta,
     merged_shard_name,
 )
 from cpuforge.merge.lora import dora_weight, residual_base
+from cpuforge.merge.tuned import Tuned
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)

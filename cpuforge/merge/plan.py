@@ -69,17 +69,6 @@ class Rows:
 
 
 @dataclass
-class Tuned:
-    """One module's tensors of a tuner other than LoRA (cpuforge.merge.tuners), merged into `target`, its weight
-    or (where the tuner changes biases, as IA3 does) its bias."""
-
-    target: str
-    module: str
-    tensors: dict[str, str]  # suffix -> adapter tensor
-    bias: bool = False
-
-
-@dataclass
 class Adapter:
     """What one adapter does to the base: whole tensors it replaces, then the deltas it adds."""
 
@@ -91,7 +80,7 @@ class Adapter:
     rows: list[Rows] = field(default_factory=list)
     tuner: str = "LORA"  # adapter_config.json's peft_type
     config: dict = field(default_factory=dict)
-    tuned: list[Tuned] = field(default_factory=list)
+    tuned: list[Tuned] = field(default_factory=list)  # cpuforge.merge.tuned
     shared: dict[str, str] = field(default_factory=dict)  # a tuner's tensors shared by all modules (VeRA's)
     module_shapes: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each module a tuner adapts
     drawn: dict = field(default_factory=dict)  # shared tensors the file lacks, drawn again by the tuner once
@@ -147,7 +136,7 @@ def base_shards(base: Path) -> dict[str, Path]:
 
 
 def quantization_name(quantization: dict) -> str:
-    """How a quantization_config names itself: its method, and the bits where it says (bitsandbytes 4-bit, gptq 4-bit)."""
+    """How a quantization_config names itself: its method, and its bits where it says (bitsandbytes 4-bit)."""
     method = quantization.get("quant_method", "unknown method")
     if quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
         return f"{method} {4 if quantization.get('load_in_4bit') else 8}-bit"
@@ -308,6 +297,8 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     config_path = folder / "adapter_config.json"
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
+        from cpuforge.merge.tuned import plan_tuned  # the tuners import torch: only for adapters that need them
+
         return plan_tuned(folder, config, shapes, files)
     check_lora_config(config_path, config)
     base = next(iter(files.values())).parent
@@ -376,85 +367,6 @@ def plan_whole_tensor(adapter: Adapter, name: str, shape: list[int], shapes: dic
     shapes[target] = shape
 
 
-def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
-    """An adapter of a tuner other than LoRA: its config checked field by field by the tuner, its tensors grouped
-    by module, and each module's merge tried on shapes alone (torch's meta tensors), so that an adapter made for
-    another base fails here, from the headers."""
-    from cpuforge.merge.tuners import REFUSED as REFUSED_TUNERS, TUNERS
-
-    config_path, peft_type = folder / "adapter_config.json", config.get("peft_type")
-    if peft_type in REFUSED_TUNERS:
-        raise InputError(f"{config_path}: peft_type {peft_type!r} cannot be merged: {REFUSED_TUNERS[peft_type]}.")
-    if peft_type not in TUNERS:
-        raise InputError(f"{config_path}: peft_type {peft_type!r} is not a tuner peft 0.21.2 has.")
-    tuner = TUNERS[peft_type]
-    tuner.check_config(config_path, config)
-    weights = adapter_weights_file(folder)
-    tensors = adapter_shapes(weights)
-    adapter = Adapter(folder, weights, tuner=peft_type, config=config)
-    modules: dict[str, dict[str, str]] = {}
-    for name, shape in sorted(tensors.items()):
-        suffix = next((s for s in tuner.suffixes if name.endswith("." + s)), None)
-        shared = next((s for s in tuner.shared if name == f"base_model.{s}"), None)
-        if shared:
-            adapter.shared[shared] = name
-        elif suffix:
-            modules.setdefault(name.removeprefix(PREFIX).removesuffix("." + suffix), {})[suffix] = name
-        elif ".original_module." not in name:
-            plan_whole_tensor(adapter, name, shape, shapes, files)
-    adapter.module_shapes = [tuple(shapes[f"{m}.weight"]) for m in modules if f"{m}.weight" in shapes]
-    missing = [s for s in tuner.shared if s not in adapter.shared]
-    if modules and missing and tuner.make_shared is None:
-        raise InputError(f"{weights}: has no shared tensor(s) {', '.join(f'base_model.{s}' for s in missing)}.")
-    for module, parts in sorted(modules.items()):
-        missing = [s for s in tuner.suffixes if s not in parts and s not in tuner.optional]
-        if missing:
-            raise InputError(f"{weights}: module {module} has no {', '.join(missing)} tensor(s).")
-        target = f"{module}.weight"
-        if target not in shapes:
-            raise InputError(f"{weights}: tensor {next(iter(parts.values()))} adapts {target}, which the base model does not have.")
-        try_on_shapes(adapter, tuner, module, parts, tensors, shapes, files)
-        adapter.tuned.append(Tuned(target, module, parts))
-        if tuner.merged_bias is not None and f"{module}.bias" in shapes:
-            adapter.tuned.append(Tuned(f"{module}.bias", module, parts, bias=True))
-    if not adapter.tuned and not adapter.replace:
-        raise InputError(f"{weights}: holds no {peft_type} or whole tensors.")
-    return adapter
-
-
-def try_on_shapes(adapter: Adapter, tuner, module: str, parts: dict, tensors: dict, shapes: dict, files: dict) -> None:
-    """The tuner's merge run on meta tensors (shapes, no data): the merged weight must keep the base's shape."""
-    import torch
-
-    def meta(shape):
-        return torch.empty(shape, device="meta")
-
-    target = f"{module}.weight"
-    shared = {s: meta(tensors[n]) for s, n in adapter.shared.items()}
-    if len(shared) < len(tuner.shared):
-        shared = {s: meta(t.shape) for s, t in tuner.make_shared(adapter.config, adapter.module_shapes).items()}
-    try:
-        merged = tuner.merged_weight(
-            meta(shapes[target]), {s: meta(tensors[n]) for s, n in parts.items()}, adapter.config, module, shared
-        )
-    except NotImplementedError:
-        return  # an operation meta tensors lack: the merge itself checks the shapes
-    except RuntimeError as e:
-        if "meta" in str(e):
-            return  # the tuner makes real tensors of its own (FourierFT's seeded positions): checked at the merge
-        raise InputError(
-            f"{adapter.weights}: the {adapter.tuner} tensors of {module} do not fit {target} of shape {shapes[target]} "
-            f"({e}); this adapter was made for another base model."
-        ) from None
-    except (ValueError, IndexError) as e:
-        raise InputError(
-            f"{adapter.weights}: the {adapter.tuner} tensors of {module} do not fit {target} of shape {shapes[target]} "
-            f"({e}); this adapter was made for another base model."
-        ) from None
-    if list(merged.shape) != shapes[target]:
-        check_shape(adapter.weights, next(iter(parts.values())), target, list(merged.shape), shapes, files)
-
-
 MAGNITUDE, TOKENS = ".lora_magnitude_vector", ".token_adapter.trainable_tokens_delta"
 
 
@@ -467,7 +379,9 @@ def plan_magnitude(config_path: Path, config: dict, weights: Path, tensors: dict
     if config.get("use_dora") and name not in tensors:
         raise InputError(f"{config_path}: use_dora is true, but {weights.name} has no magnitude vector {name}.")
     if name in tensors and not config.get("use_dora"):
-        raise InputError(f"{config_path}: use_dora is false, but {weights.name} holds DoRA's {name}; peft would drop it.")
+        raise InputError(
+            f"{config_path}: use_dora is false, but {weights.name} holds DoRA's {name}; peft would drop it."
+        )
     if name in tensors and tensors[name] != [out_features]:
         raise InputError(f"{weights}: tensor {name} has shape {tensors[name]}, not [{out_features}].")
     return name if name in tensors else None
@@ -497,7 +411,9 @@ def plan_rows(config_path: Path, config: dict, weights: Path, name: str, shape: 
     else:
         indices = said if target == EMBED else None  # a list means the input embeddings
     if indices is None:
-        raise InputError(f"{config_path}: trainable_token_indices {said!r} names no indices for {weights.name} tensor {name}.")
+        raise InputError(
+            f"{config_path}: trainable_token_indices {said!r} names no indices for {weights.name} tensor {name}."
+        )
     if target not in shapes:
         raise InputError(f"{weights}: tensor {name} replaces rows of {target}, which the base model does not have.")
     if shape != [len(indices), shapes[target][1]] or max(indices) >= shapes[target][0] or min(indices) < 0:

@@ -96,7 +96,7 @@ def sample_problem(row: dict) -> str | None:
         if not isinstance(turns, list) or not turns:
             return "has `messages` that are not a list of messages"
         for i, turn in enumerate(turns):
-            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("role", "content"))):
                 return f"has a message {i} without a string `role` and `content`"
         return None
     if "text" in row:
