@@ -68,6 +68,9 @@ CASES = {
         dict(r=4, oft_block_size=0, block_share=True, use_cayley_neumann=False),
         dict(oft_block_size=8, coft=True, eps=1e-3, num_cayley_neumann_terms=7),
     ],
+    "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
+    "C3A": [dict(block_size=16, block_size_pattern={"down_proj": 32})],
+    "DELORA": [dict(r=4, delora_lambda=3, rank_pattern={"q_proj": 2})],
 }
 BIAS = set(
     CASES
