@@ -63,17 +63,18 @@ CASES = {
     "FOURIERFT": [dict(n_frequency=200, scaling=30.0, random_loc_seed=5, n_frequency_pattern={"down_proj": 300})],
     "HIRA": [dict(r=4, rank_pattern={"q_proj": 2})],
     "SHIRA": [dict(r=2, random_seed=3)],
+    "OFT": [
+        dict(oft_block_size=16),
+        dict(r=4, oft_block_size=0, block_share=True, use_cayley_neumann=False),
+        dict(oft_block_size=8, coft=True, eps=1e-3, num_cayley_neumann_terms=7),
+    ],
+    "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
+    "C3A": [dict(block_size=16, block_size_pattern={"down_proj": 32})],
+    "DELORA": [dict(r=4, delora_lambda=3, rank_pattern={"q_proj": 2})],
 }
-BIAS = {
-    "IA3",
-    "LOHA",
-    "LOKR",
-    "ADALORA",
-    "VERA",
-    "FOURIERFT",
-    "HIRA",
-    "SHIRA",
-}  # tuners also tried on a base with biases
+BIAS = set(
+    CASES
+)  # every tuner is also tried on a base with biases: a merge must keep them, or change them as peft does
 
 
 def cases():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import adalora, fourierft, hira, ia3, loha, lokr, shira, vera
+from . import adalora, c3a, delora, fourierft, hira, hra, ia3, loha, lokr, oft, shira, vera
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
@@ -17,6 +17,10 @@ TUNERS: dict[str, Tuner] = {
         fourierft.TUNER,
         hira.TUNER,
         shira.TUNER,
+        oft.TUNER,
+        hra.TUNER,
+        c3a.TUNER,
+        delora.TUNER,
     )
 }
 
@@ -36,7 +40,7 @@ REFUSED: dict[str, str] = {
     **{
         t: NOT_YET
         for t in (
-            "OFT BOFT HRA C3A RANDLORA MISS ROAD WAVEFT DELORA ADAMSS BEFT LILY "
+            "BOFT RANDLORA MISS ROAD WAVEFT ADAMSS BEFT LILY "
             "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
             "SUPERTUNING DEFT"
         ).split()
