@@ -278,6 +278,11 @@ def tuner_configs(peft_type: str) -> list:
         "FOURIERFT": lambda: [peft.FourierFTConfig(n_frequency=200, scaling=30.0, target_modules=targets)],
         "HIRA": lambda: [peft.HiraConfig(r=4, target_modules=targets)],
         "SHIRA": lambda: [peft.ShiraConfig(r=2, random_seed=3, target_modules=targets)],
+        "OFT": lambda: [peft.OFTConfig(oft_block_size=16, target_modules=targets)],
+        "HRA": lambda: [peft.HRAConfig(r=4, target_modules=targets), peft.HRAConfig(r=6, apply_GS=True,
+                                                                                   target_modules=targets)],
+        "C3A": lambda: [peft.C3AConfig(block_size=16, target_modules=targets)],
+        "DELORA": lambda: [peft.DeloraConfig(r=4, delora_lambda=3, target_modules=targets)],
     }  # fmt: skip
     assert peft_type in configs, f"{peft_type}: the merge implements it, but this test has no config to try it on"
     return configs[peft_type]()
