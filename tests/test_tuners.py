@@ -415,3 +415,16 @@ def test_tuner_adapter_for_another_base_is_named_from_headers(tmp_path, tiny_bas
     assert "model.layers.0.mlp.down_proj" in message
     assert message.endswith("this adapter was made for another base model.")
     assert not (tmp_path / "merged.partial").exists()
+
+
+@pytest.mark.unit
+def test_trainable_tokens_on_a_tied_base_stay_tied(tmp_path):
+    """peft's TrainableTokens changes the tied lm_head with the embeddings: the merged folder stays tied."""
+    base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    adapter, reference = trained_adapter(base, tmp_path / "adapter", trainable_token_indices=[3, 7, 9])
+    merge(base, [adapter], tmp_path / "merged", "f32")
+    got = merged_state(tmp_path / "merged")
+    assert "lm_head.weight" not in got
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
+    assert max((got[k] - reference[k]).abs().max().item() for k in got) < TOLERANCE
