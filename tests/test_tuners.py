@@ -428,3 +428,23 @@ def test_trainable_tokens_on_a_tied_base_stay_tied(tmp_path):
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
     assert torch.equal(reference["lm_head.weight"], reference["model.embed_tokens.weight"])
     assert max((got[k] - reference[k]).abs().max().item() for k in got) < TOLERANCE
+
+
+GGUF_CASES = ["dora", "pissa", "trainable_tokens", *implemented_tuners()]
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_of_the_merged_folder_loads_and_answers(tmp_path, tiny_base, llama_bin, case):
+    """The pinned converter takes the merged folder of each tuner and variant, and llama.cpp runs the GGUF."""
+    from conftest import convert, ids_answers
+    from gguf import GGUFReader
+
+    if case in VARIANTS:
+        adapter, _ = trained_adapter(tiny_base, tmp_path / "adapter", **VARIANTS[case])
+    else:
+        adapter, _ = trained_tuner_adapter(tiny_base, tmp_path / "adapter", case)
+    merge(tiny_base, [adapter], tmp_path / "merged", "f16")
+    gguf = convert(tmp_path / "merged", tmp_path / "merged.gguf")
+    assert len(GGUFReader(gguf).tensors) == 21
+    assert len(ids_answers(gguf, [[1, 5, 77, 300, 12]], max_tokens=4, errors="replace")) == 1
