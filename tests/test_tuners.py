@@ -71,6 +71,7 @@ VARIANTS = {
     "gaussian": {"init_lora_weights": "gaussian"},
     "orthogonal": {"init_lora_weights": "orthogonal"},
     "mica": {"init_lora_weights": "mica"},
+    "velora": {"velora_config": {"num_groups": 16}},
 }
 
 

@@ -53,7 +53,8 @@ LORA_FIELDS = PEFT_CONFIG_FIELDS | {
     "corda_config": "ignored: read only by init_lora_weights='corda', which is refused",
     "lora_ga_config": "ignored: read only by init_lora_weights='lora_ga', which is refused",
     "use_dora": EXACT,
-    "velora_config": REFUSED,
+    "velora_config": "ignored: VeLoRA changes only what training keeps for the backward pass (its "
+    "lora_velora_embed buffers, skipped); peft merges it as plain LoRA (VeloraLinearVariant.merge_safe)",
     "alora_invocation_tokens": REFUSED,
     "use_qalora": REFUSED,
     "qalora_group_size": "ignored: read only with use_qalora, which is refused",
@@ -71,7 +72,6 @@ LORA_FIELDS = PEFT_CONFIG_FIELDS | {
 # peft's defaults of the refused fields: any other value is refused
 DEFAULTS = {
     "megatron_config": None,
-    "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
@@ -87,8 +87,6 @@ DEFAULTS = {
 WHY = {
     "megatron_config": "Megatron's parallel layers are not LLaMA's nn.Linear, and cpuforge has no Megatron to "
     "compare with",
-    "velora_config": "VeLoRA keeps compressed activation buffers beside the adapter, which cpuforge has not checked "
-    "against peft",
     "alora_invocation_tokens": "an activated LoRA acts only after its invocation tokens, so peft cannot merge it "
     "either",
     "use_qalora": "QALoRA pools the input for GPTQ layers, and peft cannot merge it either",

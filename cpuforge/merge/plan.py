@@ -314,6 +314,8 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             continue  # B is read with its A; original_module is the base's own copy
         if ".lora_A." in name or name.endswith((".lora_embedding_A", MAGNITUDE)):
             continue  # read with their A
+        if name.endswith(".lora_velora_embed") and config.get("velora_config"):
+            continue  # VeLoRA's training-time projection of activations: no part of the weights
         if name.endswith(TOKENS):
             adapter.rows.append(plan_rows(config_path, config, weights, name, shape, shapes))
             continue
