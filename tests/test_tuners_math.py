@@ -71,6 +71,10 @@ CASES = {
     "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
     "C3A": [dict(block_size=16, block_size_pattern={"down_proj": 32})],
     "DELORA": [dict(r=4, delora_lambda=3, rank_pattern={"q_proj": 2})],
+    "VBLORA": [
+        dict(r=4, num_vectors=40, vector_length=32, topk=3),
+        dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True),
+    ],
 }
 BIAS = set(
     CASES
