@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import adalora, c3a, delora, fourierft, hira, hra, ia3, loha, lokr, oft, shira, vblora, vera
+from . import adalora, c3a, delora, fourierft, hira, hra, ia3, loha, lokr, oft, randlora, shira, vblora, vera
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
@@ -22,6 +22,7 @@ TUNERS: dict[str, Tuner] = {
         c3a.TUNER,
         delora.TUNER,
         vblora.TUNER,
+        randlora.TUNER,
     )
 }
 
@@ -41,7 +42,7 @@ REFUSED: dict[str, str] = {
     **{
         t: NOT_YET
         for t in (
-            "BOFT RANDLORA MISS ROAD WAVEFT ADAMSS BEFT LILY "
+            "BOFT MISS ROAD WAVEFT ADAMSS BEFT LILY "
             "LN_TUNING FROD PVERA GLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
             "SUPERTUNING DEFT"
         ).split()
