@@ -75,6 +75,7 @@ CASES = {
         dict(r=4, num_vectors=40, vector_length=32, topk=3),
         dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True),
     ],
+    "PVERA": [dict(r=8, sample_at_inference=True)],
     "RANDLORA": [dict(r=8, randlora_alpha=20), dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
 }
 BIAS = set(
