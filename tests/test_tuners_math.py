@@ -76,6 +76,7 @@ CASES = {
         dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True),
     ],
     "PVERA": [dict(r=8, sample_at_inference=True)],
+    "ROAD": [dict(group_size=16), dict(variant="road_2", group_size=32), dict(variant="road_4", group_size=8)],
     "RANDLORA": [dict(r=8, randlora_alpha=20), dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
 }
 BIAS = set(

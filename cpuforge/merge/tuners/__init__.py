@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-from . import adalora, c3a, delora, fourierft, hira, hra, ia3, loha, lokr, oft, pvera, randlora, shira, vblora, vera
+from . import (
+    adalora,
+    c3a,
+    delora,
+    fourierft,
+    hira,
+    hra,
+    ia3,
+    loha,
+    lokr,
+    oft,
+    pvera,
+    randlora,
+    road,
+    shira,
+    vblora,
+    vera,
+)
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
@@ -24,6 +41,7 @@ TUNERS: dict[str, Tuner] = {
         vblora.TUNER,
         randlora.TUNER,
         pvera.TUNER,
+        road.TUNER,
     )
 }
 
@@ -43,7 +61,7 @@ REFUSED: dict[str, str] = {
     **{
         t: NOT_YET
         for t in (
-            "BOFT MISS ROAD WAVEFT ADAMSS BEFT LILY "
+            "BOFT MISS WAVEFT ADAMSS BEFT LILY "
             "LN_TUNING FROD GLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
             "SUPERTUNING DEFT"
         ).split()
