@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from . import (
     adalora,
+    beft,
     c3a,
     delora,
     fourierft,
     hira,
     hra,
     ia3,
+    ln_tuning,
     loha,
     lokr,
     oft,
@@ -17,6 +19,7 @@ from . import (
     randlora,
     road,
     shira,
+    trainable_tokens,
     vblora,
     vera,
 )
@@ -42,6 +45,9 @@ TUNERS: dict[str, Tuner] = {
         randlora.TUNER,
         pvera.TUNER,
         road.TUNER,
+        beft.TUNER,
+        ln_tuning.TUNER,
+        trainable_tokens.TUNER,
     )
 }
 
@@ -58,12 +64,12 @@ REFUSED: dict[str, str] = {
     "ADAPTION_PROMPT": "it adds gated attention over learned prompts to the attention layers; peft cannot merge it",
     "XLORA": "its mix of LoRA experts depends on each input, so no one merged weight equals it; peft cannot merge it",
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
+    "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
+    "SHADOW": "it runs a small shadow network beside each layer whose effect depends on the input; peft cannot merge it",
     **{
         t: NOT_YET
         for t in (
-            "BOFT MISS WAVEFT ADAMSS BEFT LILY "
-            "LN_TUNING FROD GLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
-            "SUPERTUNING DEFT"
+            "BOFT MISS WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT"
         ).split()
     },
 }

@@ -59,6 +59,8 @@ class Tuner:
     merged_bias: Merge | None = None
     # (config, [(out, in) of every adapted module]) → the shared tensors, where the file does not hold them
     make_shared: Callable[[dict, list], dict] | None = None
+    # peft refuses the merge where the base module has no bias (BEFT); the integrator must refuse it too
+    needs_bias: bool = False
     # suffixes that may be absent for a module (e.g. LoHa's CP tensors exist only on convolutions)
     optional: tuple[str, ...] = ()
 
