@@ -65,7 +65,7 @@ REFUSED: dict[str, str] = {
     "XLORA": "its mix of LoRA experts depends on each input, so no one merged weight equals it; peft cannot merge it",
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
-    "SHADOW": "it runs a small shadow network beside each layer whose effect depends on the input; peft cannot merge it",
+    "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
     **{
         t: NOT_YET
         for t in (
