@@ -77,6 +77,11 @@ CASES = {
     ],
     "PVERA": [dict(r=8, sample_at_inference=True)],
     "ROAD": [dict(group_size=16), dict(variant="road_2", group_size=32), dict(variant="road_4", group_size=8)],
+    "BOFT": [
+        dict(boft_block_size=8),
+        dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2),
+        dict(boft_block_size=4, boft_n_butterfly_factor=3),
+    ],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],
@@ -194,3 +199,11 @@ def test_every_peft_type_is_merged_or_refused():
 def test_unknown_field_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"adapter_config.json: field rank_spice = 3 is not a field of peft's IA3"):
         TUNERS["IA3"].check_config(tmp_path / "adapter_config.json", {"peft_type": "IA3", "rank_spice": 3})
+
+
+@pytest.mark.unit
+def test_refused_field_is_named(tmp_path):
+    config = {"peft_type": "VERA", "bias": "all", "r": 16}
+    sentence = r"adapter_config.json: bias = 'all' changes the merge .* VERA, which merges only bias = 'none'\.$"
+    with pytest.raises(InputError, match=sentence):
+        TUNERS["VERA"].check_config(tmp_path / "adapter_config.json", config)

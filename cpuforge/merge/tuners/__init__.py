@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import (
     adalora,
     beft,
+    boft,
     c3a,
     delora,
     fourierft,
@@ -48,6 +49,7 @@ TUNERS: dict[str, Tuner] = {
         beft.TUNER,
         ln_tuning.TUNER,
         trainable_tokens.TUNER,
+        boft.TUNER,
     )
 }
 
@@ -69,7 +71,7 @@ REFUSED: dict[str, str] = {
     **{
         t: NOT_YET
         for t in (
-            "BOFT MISS WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT"
+            "MISS WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT"
         ).split()
     },
 }
