@@ -82,6 +82,7 @@ CASES = {
         dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2),
         dict(boft_block_size=4, boft_n_butterfly_factor=3),
     ],
+    "MISS": [dict(r=16), dict(r=48), dict(r=8, init_weights="bat"), dict(r=16, mini_r=4, init_weights="mini")],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],

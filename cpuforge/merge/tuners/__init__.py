@@ -15,6 +15,7 @@ from . import (
     ln_tuning,
     loha,
     lokr,
+    miss,
     oft,
     pvera,
     randlora,
@@ -50,6 +51,7 @@ TUNERS: dict[str, Tuner] = {
         ln_tuning.TUNER,
         trainable_tokens.TUNER,
         boft.TUNER,
+        miss.TUNER,
     )
 }
 
@@ -70,8 +72,6 @@ REFUSED: dict[str, str] = {
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
     **{
         t: NOT_YET
-        for t in (
-            "MISS WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT"
-        ).split()
+        for t in ("WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT").split()
     },
 }
