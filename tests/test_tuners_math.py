@@ -83,6 +83,7 @@ CASES = {
         dict(boft_block_size=4, boft_n_butterfly_factor=3),
     ],
     "MISS": [dict(r=16), dict(r=48), dict(r=8, init_weights="bat"), dict(r=16, mini_r=4, init_weights="mini")],
+    "SUPERTUNING": [dict(sparsity=0.9), dict(sparsity=0.95, select_top=False, r=4, lora_alpha=8)],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],

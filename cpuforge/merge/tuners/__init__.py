@@ -21,6 +21,7 @@ from . import (
     randlora,
     road,
     shira,
+    supertuning,
     trainable_tokens,
     vblora,
     vera,
@@ -52,6 +53,7 @@ TUNERS: dict[str, Tuner] = {
         trainable_tokens.TUNER,
         boft.TUNER,
         miss.TUNER,
+        supertuning.TUNER,
     )
 }
 
@@ -70,8 +72,5 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{
-        t: NOT_YET
-        for t in ("WAVEFT ADAMSS " "FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT " "SUPERTUNING DEFT").split()
-    },
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
 }
