@@ -84,6 +84,11 @@ CASES = {
     ],
     "MISS": [dict(r=16), dict(r=48), dict(r=8, init_weights="bat"), dict(r=16, mini_r=4, init_weights="mini")],
     "SUPERTUNING": [dict(sparsity=0.9), dict(sparsity=0.95, select_top=False, r=4, lora_alpha=8)],
+    "GLORA": [
+        dict(r=4),
+        dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
+        dict(r=2, config_A_B="constant", config_C="none", config_D_E="none"),
+    ],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],
@@ -151,7 +156,9 @@ def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> tuple[
     for module, own in by_module.items():
         merged[module + ".weight"] = tuner.merged_weight(base[module + ".weight"].float(), own, config, module, shared)
         if tuner.merged_bias is not None and module + ".bias" in base:
-            merged[module + ".bias"] = tuner.merged_bias(base[module + ".bias"].float(), own, config, module, shared)
+            weight = base[module + ".weight"].float()
+            bias = base[module + ".bias"].float()
+            merged[module + ".bias"] = tuner.merged_bias(bias, own, config, module, shared, weight)
     return merged, by_module
 
 

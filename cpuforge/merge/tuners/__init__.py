@@ -9,6 +9,7 @@ from . import (
     c3a,
     delora,
     fourierft,
+    glora,
     hira,
     hra,
     ia3,
@@ -54,6 +55,7 @@ TUNERS: dict[str, Tuner] = {
         boft.TUNER,
         miss.TUNER,
         supertuning.TUNER,
+        glora.TUNER,
     )
 }
 
@@ -72,5 +74,5 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD GLORA UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
 }

@@ -20,7 +20,9 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight
 
 
-def merged_bias(bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict) -> torch.Tensor:
+def merged_bias(
+    bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict, weight: torch.Tensor
+) -> torch.Tensor:
     """peft's BEFT Linear.merge: bias + beft_bias (stored 1 × out)."""
     return bias + tensors["beft_bias"].float().squeeze()
 

@@ -21,7 +21,9 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return tensors["ln_tuning_layers.weight"].float().reshape(weight.shape)
 
 
-def merged_bias(bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict) -> torch.Tensor:
+def merged_bias(
+    bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict, weight: torch.Tensor
+) -> torch.Tensor:
     """A LayerNorm's trained copy brings its bias too (LLaMA's RMSNorm has none)."""
     return tensors["ln_tuning_layers.bias"].float() if "ln_tuning_layers.bias" in tensors else bias
 

@@ -53,7 +53,9 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return torch.matmul(rotation(config, tensors), weight)
 
 
-def merged_bias(bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict) -> torch.Tensor:
+def merged_bias(
+    bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict, weight: torch.Tensor
+) -> torch.Tensor:
     """peft rotates the bias with the output: R @ b."""
     return torch.matmul(rotation(config, tensors), bias)
 
