@@ -71,16 +71,43 @@ CASES = {
     "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
     "C3A": [dict(block_size=16, block_size_pattern={"down_proj": 32})],
     "DELORA": [dict(r=4, delora_lambda=3, rank_pattern={"q_proj": 2})],
+    "VBLORA": [
+        dict(r=4, num_vectors=40, vector_length=32, topk=3),
+        dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True),
+    ],
+    "PVERA": [dict(r=8, sample_at_inference=True)],
+    "ROAD": [dict(group_size=16), dict(variant="road_2", group_size=32), dict(variant="road_4", group_size=8)],
+    "BOFT": [
+        dict(boft_block_size=8),
+        dict(boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=2),
+        dict(boft_block_size=4, boft_n_butterfly_factor=3),
+    ],
+    "MISS": [dict(r=16), dict(r=48), dict(r=8, init_weights="bat"), dict(r=16, mini_r=4, init_weights="mini")],
+    "SUPERTUNING": [dict(sparsity=0.9), dict(sparsity=0.95, select_top=False, r=4, lora_alpha=8)],
+    "GLORA": [
+        dict(r=4),
+        dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
+        dict(r=2, config_A_B="constant", config_C="none", config_D_E="none"),
+    ],
+    "BEFT": [dict()],
+    "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
+    "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],
+    "RANDLORA": [dict(r=8, randlora_alpha=20), dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
 }
 BIAS = set(
     CASES
 )  # every tuner is also tried on a base with biases: a merge must keep them, or change them as peft does
 
 
+NEEDS_BIAS = {"BEFT"}  # peft refuses to merge it into a layer without a bias
+OWN_TARGETS = {"LN_TUNING", "TRAINABLE_TOKENS"}  # tuners of other layers than the linears
+
+
 def cases():
     for peft_type, configs in CASES.items():
         for i, kwargs in enumerate(configs):
-            yield pytest.param(peft_type, kwargs, False, id=f"{peft_type}-{i}")
+            if peft_type not in NEEDS_BIAS:
+                yield pytest.param(peft_type, kwargs, False, id=f"{peft_type}-{i}")
             if peft_type in BIAS and i == 0:
                 yield pytest.param(peft_type, kwargs, True, id=f"{peft_type}-{i}-bias")
 
@@ -89,7 +116,7 @@ def saved_adapter(peft_type: str, kwargs: dict, bias: bool, folder: Path):
     """The base's state, peft's merge_and_unload of a randomised adapter saved and loaded again as a user would
     (the reference), the adapter's config and its tensors."""
     config_class = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    kwargs = {"target_modules": LINEARS, **kwargs}
+    kwargs = {"target_modules": LINEARS, **kwargs} if peft_type not in OWN_TARGETS else kwargs
     model = tiny_llama(bias)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     model = peft.get_peft_model(model, config_class(**kwargs))
@@ -113,8 +140,8 @@ def saved_adapter(peft_type: str, kwargs: dict, bias: bool, folder: Path):
     return base, reference, config, tensors
 
 
-def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> dict:
-    """The merged state as cpuforge computes it from the saved files, module by module."""
+def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> tuple[dict, dict]:
+    """The merged state as cpuforge computes it from the saved files, module by module, and each module's tensors."""
     tuner = TUNERS[peft_type]
     by_module: dict[str, dict] = {}
     for name, value in tensors.items():
@@ -129,8 +156,10 @@ def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> dict:
     for module, own in by_module.items():
         merged[module + ".weight"] = tuner.merged_weight(base[module + ".weight"].float(), own, config, module, shared)
         if tuner.merged_bias is not None and module + ".bias" in base:
-            merged[module + ".bias"] = tuner.merged_bias(base[module + ".bias"].float(), own, config, module, shared)
-    return merged
+            weight = base[module + ".weight"].float()
+            bias = base[module + ".bias"].float()
+            merged[module + ".bias"] = tuner.merged_bias(bias, own, config, module, shared, weight)
+    return merged, by_module
 
 
 @pytest.mark.unit
@@ -138,14 +167,17 @@ def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> dict:
 def test_merge_is_peft_merge(peft_type, kwargs, bias, tmp_path):
     base, reference, config, tensors = saved_adapter(peft_type, kwargs, bias, tmp_path)
     TUNERS[peft_type].check_config(tmp_path / "adapter_config.json", config)
-    merged = our_merge(peft_type, base, config, tensors)
+    merged, by_module = our_merge(peft_type, base, config, tensors)
     assert set(merged) == set(reference)
     worst = max((merged[k].float() - reference[k].float()).abs().max().item() for k in reference)
     print(f"{peft_type} {kwargs} bias={bias}: max |ours - peft| = {worst:.3g}")
     assert worst <= ATOL
-    changed = [k for k in reference if not torch.equal(reference[k], base[k])]  # the positive control
-    # every linear of both layers, but the AdaLoRA case's rank_pattern prunes one module to rank 0
-    assert len(changed) >= 2 * len(LINEARS) - (peft_type == "ADALORA"), changed
+    # the positive control: every adapted module changes (its bias, for BEFT), but where AdaLoRA pruned it to rank 0
+    key = ".bias" if peft_type in NEEDS_BIAS else ".weight"
+    kept = [m for m, own in by_module.items() if all(t.numel() for t in own.values())]
+    assert len(kept) >= 2 * (peft_type not in OWN_TARGETS), kept
+    for module in kept:
+        assert not torch.equal(reference[module + key], base[module + key]), f"{module} is not changed by the merge"
 
 
 @pytest.mark.unit
@@ -176,3 +208,11 @@ def test_every_peft_type_is_merged_or_refused():
 def test_unknown_field_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"adapter_config.json: field rank_spice = 3 is not a field of peft's IA3"):
         TUNERS["IA3"].check_config(tmp_path / "adapter_config.json", {"peft_type": "IA3", "rank_spice": 3})
+
+
+@pytest.mark.unit
+def test_refused_field_is_named(tmp_path):
+    config = {"peft_type": "VERA", "bias": "all", "r": 16}
+    sentence = r"adapter_config.json: bias = 'all' changes the merge .* VERA, which merges only bias = 'none'\.$"
+    with pytest.raises(InputError, match=sentence):
+        TUNERS["VERA"].check_config(tmp_path / "adapter_config.json", config)

@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
-from . import adalora, c3a, delora, fourierft, hira, hra, ia3, loha, lokr, oft, shira, vera
+from . import (
+    adalora,
+    beft,
+    boft,
+    c3a,
+    delora,
+    fourierft,
+    glora,
+    hira,
+    hra,
+    ia3,
+    ln_tuning,
+    loha,
+    lokr,
+    miss,
+    oft,
+    pvera,
+    randlora,
+    road,
+    shira,
+    supertuning,
+    trainable_tokens,
+    vblora,
+    vera,
+)
 from .base import Tuner
 
 # peft_type (as adapter_config.json writes it) → the tuner the merge implements exactly
@@ -21,6 +45,17 @@ TUNERS: dict[str, Tuner] = {
         hra.TUNER,
         c3a.TUNER,
         delora.TUNER,
+        vblora.TUNER,
+        randlora.TUNER,
+        pvera.TUNER,
+        road.TUNER,
+        beft.TUNER,
+        ln_tuning.TUNER,
+        trainable_tokens.TUNER,
+        boft.TUNER,
+        miss.TUNER,
+        supertuning.TUNER,
+        glora.TUNER,
     )
 }
 
@@ -37,12 +72,7 @@ REFUSED: dict[str, str] = {
     "ADAPTION_PROMPT": "it adds gated attention over learned prompts to the attention layers; peft cannot merge it",
     "XLORA": "its mix of LoRA experts depends on each input, so no one merged weight equals it; peft cannot merge it",
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
-    **{
-        t: NOT_YET
-        for t in (
-            "BOFT RANDLORA MISS ROAD WAVEFT ADAMSS BEFT LILY "
-            "LN_TUNING FROD PVERA GLORA VBLORA UNILORA TRAINABLE_TOKENS OSF GRALORA TINYLORA PSOFT PEANUT SHADOW "
-            "SUPERTUNING DEFT"
-        ).split()
-    },
+    "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
+    "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
 }

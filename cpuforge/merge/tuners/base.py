@@ -47,8 +47,8 @@ class Tuner:
     suffixes of one adapted module (`optional` those a module may lack). `shared` names the tensors saved once for
     all modules (VeRA's projections), found in the adapter file as `base_model.<shared name>`, or drawn again by
     `make_shared` where the file lacks them. `merged_weight(weight, tensors, config, module, shared)` gives the
-    merged f32 weight; `merged_bias(bias, tensors, config, module, shared)` the merged bias, or is None where the
-    tuner leaves the bias alone."""
+    merged f32 weight; `merged_bias(bias, tensors, config, module, shared, weight)` the merged bias (`weight` is the
+    base weight before the merge, which GLoRA's bias update reads), or is None where the tuner leaves the bias alone."""
 
     peft_type: str
     fields: dict[str, str]
@@ -56,9 +56,11 @@ class Tuner:
     merged_weight: Merge
     accepted: dict[str, tuple] = field(default_factory=dict)
     shared: tuple[str, ...] = ()
-    merged_bias: Merge | None = None
+    merged_bias: Callable[[torch.Tensor, dict, dict, str, dict, torch.Tensor], torch.Tensor] | None = None
     # (config, [(out, in) of every adapted module]) → the shared tensors, where the file does not hold them
     make_shared: Callable[[dict, list], dict] | None = None
+    # peft refuses the merge where the base module has no bias (BEFT); the integrator must refuse it too
+    needs_bias: bool = False
     # suffixes that may be absent for a module (e.g. LoHa's CP tensors exist only on convolutions)
     optional: tuple[str, ...] = ()
 

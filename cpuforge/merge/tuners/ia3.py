@@ -23,7 +23,9 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight * tensors["ia3_l"].float()
 
 
-def merged_bias(bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict) -> torch.Tensor:
+def merged_bias(
+    bias: torch.Tensor, tensors: dict, config: dict, module: str, shared: dict, weight: torch.Tensor
+) -> torch.Tensor:
     """peft scales the bias with the output scaling; a feedforward module scales its input, so its bias stays."""
     ia3_l = tensors["ia3_l"].float()
     if ia3_l.shape[0] == 1 and ia3_l.shape[1] != 1:
