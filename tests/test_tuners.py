@@ -263,30 +263,43 @@ def test_qlora_adapter_merges_into_the_16_bit_base(tmp_path, tiny_base):
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
 
 
-def tuner_configs(peft_type: str) -> list:
-    """Configs of each tuner other than LoRA to merge through the plan and the streamed merge (the tuners' math
-    over every option is tests/test_tuners_math.py's), on attention and MLP layers."""
-    import peft
+# each tuner other than LoRA, as configured to go through the plan and the streamed merge (the tuners' math over
+# every option is tests/test_tuners_math.py's): on attention and MLP layers unless the tuner adapts others
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+TUNER_CASES = {
+    "IA3": [dict(feedforward_modules=["down_proj"])],
+    "LOHA": [dict(r=4, alpha=8, rank_pattern={"up_proj": 2})],
+    "LOKR": [dict(r=4, alpha=8, decompose_both=True)],
+    "ADALORA": [dict(init_r=6, lora_alpha=8, total_step=10)],
+    "VERA": [dict(r=8, target_modules=["q_proj", "v_proj"]), dict(r=8, save_projection=False, projection_prng_key=7)],
+    "FOURIERFT": [dict(n_frequency=200, scaling=30.0)],
+    "HIRA": [dict(r=4)],
+    "SHIRA": [dict(r=2, random_seed=3)],
+    "OFT": [dict(oft_block_size=16)],
+    "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
+    "C3A": [dict(block_size=16)],
+    "DELORA": [dict(r=4, delora_lambda=3)],
+    "VBLORA": [dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True)],
+    "PVERA": [dict(r=8)],
+    "ROAD": [dict(variant="road_2", group_size=32)],
+    "BOFT": [dict(boft_block_size=8)],
+    "MISS": [dict(r=16, init_weights="mini", mini_r=4)],
+    "SUPERTUNING": [dict(sparsity=0.95, select_top=False, r=4, lora_alpha=8)],
+    "GLORA": [dict(r=4)],
+    "BEFT": [dict()],
+    "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
+    "TRAINABLE_TOKENS": [dict(target_modules=["embed_tokens"], token_indices=[1, 5, 7, 90])],
+    "RANDLORA": [dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
+}
+NEEDS_BIAS = {"BEFT"}  # peft refuses to merge it into a layer without a bias
 
-    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
-    configs = {
-        "IA3": lambda: [peft.IA3Config(target_modules=targets, feedforward_modules=["down_proj"])],
-        "LOHA": lambda: [peft.LoHaConfig(r=4, alpha=8, target_modules=targets, rank_pattern={"up_proj": 2})],
-        "LOKR": lambda: [peft.LoKrConfig(r=4, alpha=8, target_modules=targets, decompose_both=True)],
-        "ADALORA": lambda: [peft.AdaLoraConfig(init_r=6, lora_alpha=8, target_modules=targets, total_step=10)],
-        "VERA": lambda: [peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]),
-                         peft.VeraConfig(r=8, target_modules=targets, save_projection=False, projection_prng_key=7)],
-        "FOURIERFT": lambda: [peft.FourierFTConfig(n_frequency=200, scaling=30.0, target_modules=targets)],
-        "HIRA": lambda: [peft.HiraConfig(r=4, target_modules=targets)],
-        "SHIRA": lambda: [peft.ShiraConfig(r=2, random_seed=3, target_modules=targets)],
-        "OFT": lambda: [peft.OFTConfig(oft_block_size=16, target_modules=targets)],
-        "HRA": lambda: [peft.HRAConfig(r=4, target_modules=targets), peft.HRAConfig(r=6, apply_GS=True,
-                                                                                   target_modules=targets)],
-        "C3A": lambda: [peft.C3AConfig(block_size=16, target_modules=targets)],
-        "DELORA": lambda: [peft.DeloraConfig(r=4, delora_lambda=3, target_modules=targets)],
-    }  # fmt: skip
-    assert peft_type in configs, f"{peft_type}: the merge implements it, but this test has no config to try it on"
-    return configs[peft_type]()
+
+def tuner_configs(peft_type: str) -> list:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    assert peft_type in TUNER_CASES, f"{peft_type}: the merge implements it, but this test has no config to try it on"
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    return [config_class(**{"target_modules": TARGETS, **kwargs}) for kwargs in TUNER_CASES[peft_type]]
 
 
 def trained_tuner_adapter(base, out, peft_type, seed=11, case=0):
@@ -315,7 +328,8 @@ def implemented_tuners():
 @pytest.mark.parametrize("peft_type", implemented_tuners())
 def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
     """Through the plan and the streamed merge, on a base without biases and on one with them."""
-    cases = [(base, case) for case in range(len(tuner_configs(peft_type))) for base in (tiny_base, bias_base)]
+    bases = (bias_base,) if peft_type in NEEDS_BIAS else (tiny_base, bias_base)
+    cases = [(base, case) for case in range(len(tuner_configs(peft_type))) for base in bases]
     for base, case in cases:
         folder = tmp_path / f"{base.parent.name}-{case}"
         adapter, reference = trained_tuner_adapter(base, folder / "adapter", peft_type, case=case)
@@ -449,3 +463,14 @@ def test_gguf_of_the_merged_folder_loads_and_answers(tmp_path, tiny_base, llama_
     gguf = convert(tmp_path / "merged", tmp_path / "merged.gguf")
     assert len(GGUFReader(gguf).tensors) == 21
     assert len(ids_answers(gguf, [[1, 5, 77, 300, 12]], max_tokens=4, errors="replace")) == 1
+
+
+@pytest.mark.unit
+def test_beft_into_a_base_without_biases_is_refused_as_peft_refuses(tmp_path, tiny_base, bias_base):
+    adapter, _ = trained_tuner_adapter(bias_base, tmp_path / "adapter", "BEFT")
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{adapter / 'adapter_model.safetensors'}: the BEFT tensors of model.layers.0.mlp.down_proj change its bias, "
+        "but the base has no model.layers.0.mlp.down_proj.bias; peft refuses this merge too."
+    )

@@ -102,12 +102,12 @@ def all_finite(tensor) -> bool:
     return all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22))
 
 
-def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
-    """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
+def merged_tensor(name: str, base_tensor, plan: Plan, readers: list, upto: int | None = None):
+    """The output tensor `name`: replaced and adapted by each adapter in order (the first `upto` of them), in f32."""
     import torch
 
     weight = base_tensor
-    for adapter, reader in zip(plan.adapters, readers, strict=True):
+    for i, (adapter, reader) in enumerate(zip(plan.adapters[:upto], readers[:upto], strict=True)):
         if name in adapter.replace:
             weight = reader[adapter.replace[name]]
         for rows in adapter.rows:
@@ -115,7 +115,8 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
                 weight = weight.float().index_copy(0, torch.tensor(rows.indices), reader[rows.tensor].float())
         for tuned in adapter.tuned:
             if tuned.target == name:
-                weight = tuned_weight(weight, tuned, adapter, reader)
+                module_weight = weight_before(plan, readers, i, f"{tuned.module}.weight") if tuned.bias else None
+                weight = tuned_weight(weight, tuned, adapter, reader, module_weight)
         for lora in adapter.loras:
             if lora.target == name:
                 weight = lora_weight(weight, lora, reader)
@@ -127,19 +128,30 @@ def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
     return weight
 
 
-def tuned_weight(weight, tuned: Tuned, adapter: Adapter, reader):
+def weight_before(plan: Plan, readers: list, upto: int, name: str):
+    """The weight `name` as the adapter `upto` found it (the base with the adapters before it merged), for a
+    tuner whose bias update reads it (GLoRA's W @ C, IA3's scaling): one more tensor in memory, recomputed."""
+    source = open_weights(plan.base_files[name])
+    try:
+        return merged_tensor(name, source[name], plan, readers, upto).float()
+    finally:
+        source.close()
+
+
+def tuned_weight(weight, tuned: Tuned, adapter: Adapter, reader, module_weight=None):
     """`weight` (or the bias) with one module of a tuner other than LoRA merged, by that tuner's own formula."""
     from cpuforge.merge.tuners import TUNERS
 
     tuner = TUNERS[adapter.tuner]
-    merge = tuner.merged_bias if tuned.bias else tuner.merged_weight
     tensors = {suffix: reader[name] for suffix, name in tuned.tensors.items()}
     shared = {key: reader[name] for key, name in adapter.shared.items()}
     if len(shared) < len(tuner.shared):  # not saved (VeRA's save_projection false): drawn again from the seed, once
         adapter.drawn = adapter.drawn or tuner.make_shared(adapter.config, adapter.module_shapes)
         shared = adapter.drawn
     try:
-        return merge(weight.float(), tensors, adapter.config, tuned.module, shared)
+        if tuned.bias:
+            return tuner.merged_bias(weight.float(), tensors, adapter.config, tuned.module, shared, module_weight)
+        return tuner.merged_weight(weight.float(), tensors, adapter.config, tuned.module, shared)
     except (RuntimeError, ValueError, IndexError) as e:  # what the plan's dry run on shapes could not try
         raise InputError(
             f"{adapter.weights}: the {adapter.tuner} tensors of {tuned.module} do not fit {tuned.target} ({e}); "

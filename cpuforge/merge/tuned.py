@@ -64,6 +64,11 @@ def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: 
             )
         try_on_shapes(adapter, tuner, module, parts, tensors, shapes, files)
         adapter.tuned.append(Tuned(target, module, parts))
+        if tuner.needs_bias and f"{module}.bias" not in shapes:
+            raise InputError(
+                f"{weights}: the {peft_type} tensors of {module} change its bias, but the base has no "
+                f"{module}.bias; peft refuses this merge too."
+            )
         if tuner.merged_bias is not None and f"{module}.bias" in shapes:
             adapter.tuned.append(Tuned(f"{module}.bias", module, parts, bias=True))
     if not adapter.tuned and not adapter.replace:
