@@ -89,6 +89,7 @@ CASES = {
         dict(config_A_B="vector", config_C="vector", config_D_E="vector"),
         dict(r=2, config_A_B="constant", config_C="none", config_D_E="none"),
     ],
+    "GRALORA": [dict(r=8, alpha=12), dict(r=8, gralora_k=4, hybrid_r=2, alpha=5)],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],

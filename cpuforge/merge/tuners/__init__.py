@@ -10,6 +10,7 @@ from . import (
     delora,
     fourierft,
     glora,
+    gralora,
     hira,
     hra,
     ia3,
@@ -56,6 +57,7 @@ TUNERS: dict[str, Tuner] = {
         miss.TUNER,
         supertuning.TUNER,
         glora.TUNER,
+        gralora.TUNER,
     )
 }
 
@@ -74,5 +76,5 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF TINYLORA PSOFT PEANUT DEFT".split()},
 }
