@@ -90,6 +90,7 @@ CASES = {
         dict(r=2, config_A_B="constant", config_C="none", config_D_E="none"),
     ],
     "GRALORA": [dict(r=8, alpha=12), dict(r=8, gralora_k=4, hybrid_r=2, alpha=5)],
+    "PEANUT": [dict(r=8), dict(r=4, depth=2, act_fn="gelu", scaling=0.3)],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],

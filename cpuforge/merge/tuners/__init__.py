@@ -19,6 +19,7 @@ from . import (
     lokr,
     miss,
     oft,
+    peanut,
     pvera,
     randlora,
     road,
@@ -58,6 +59,7 @@ TUNERS: dict[str, Tuner] = {
         supertuning.TUNER,
         glora.TUNER,
         gralora.TUNER,
+        peanut.TUNER,
     )
 }
 
@@ -76,5 +78,5 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF TINYLORA PSOFT PEANUT DEFT".split()},
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF TINYLORA PSOFT DEFT".split()},
 }
