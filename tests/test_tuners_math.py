@@ -91,6 +91,7 @@ CASES = {
     ],
     "GRALORA": [dict(r=8, alpha=12), dict(r=8, gralora_k=4, hybrid_r=2, alpha=5)],
     "PEANUT": [dict(r=8), dict(r=4, depth=2, act_fn="gelu", scaling=0.3)],
+    "DEFT": [dict(r=4), dict(r=4, decomposition_method="qr", alpha=8), dict(r=2, para=True)],
     "BEFT": [dict()],
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(token_indices=[1, 5, 7, 90])],

@@ -7,6 +7,7 @@ from . import (
     beft,
     boft,
     c3a,
+    deft,
     delora,
     fourierft,
     glora,
@@ -60,6 +61,7 @@ TUNERS: dict[str, Tuner] = {
         glora.TUNER,
         gralora.TUNER,
         peanut.TUNER,
+        deft.TUNER,
     )
 }
 
@@ -78,5 +80,5 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF TINYLORA PSOFT DEFT".split()},
+    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF TINYLORA PSOFT".split()},
 }
