@@ -7,9 +7,11 @@ from . import (
     beft,
     boft,
     c3a,
+    deft,
     delora,
     fourierft,
     glora,
+    gralora,
     hira,
     hra,
     ia3,
@@ -18,6 +20,7 @@ from . import (
     lokr,
     miss,
     oft,
+    peanut,
     pvera,
     randlora,
     road,
@@ -56,12 +59,14 @@ TUNERS: dict[str, Tuner] = {
         miss.TUNER,
         supertuning.TUNER,
         glora.TUNER,
+        gralora.TUNER,
+        peanut.TUNER,
+        deft.TUNER,
     )
 }
 
 # peft_type → why cpuforge refuses to merge it (the tail of one sentence)
 PROMPT = "it adds learned virtual tokens or prefixes to the input, which no weight of the model can hold"
-NOT_YET = "cpuforge does not implement its merge yet"
 REFUSED: dict[str, str] = {
     "PROMPT_TUNING": PROMPT,
     "MULTITASK_PROMPT_TUNING": PROMPT,
@@ -74,5 +79,12 @@ REFUSED: dict[str, str] = {
     "POLY": "its mix of LoRA skills depends on the task id of each input; peft cannot merge it",
     "LILY": "its router mixes shared experts differently for each input; peft cannot merge it",
     "SHADOW": "a small shadow network beside each layer acts on each input; peft cannot merge it",
-    **{t: NOT_YET for t in "WAVEFT ADAMSS FROD UNILORA OSF GRALORA TINYLORA PSOFT PEANUT DEFT".split()},
+    # peft merges these, but cpuforge does not implement their merge yet (each needs more than the saved tensors)
+    "WAVEFT": "its delta is an inverse wavelet transform (peft's own waverec2d), which cpuforge does not implement yet",
+    "ADAMSS": "its layers are set up from the base weights at load (randomized SVDs, a clustering), not redone yet",
+    "FROD": "its shared bases are a joint decomposition of the base's weights across layers, not implemented yet",
+    "UNILORA": "each module's parameters are drawn at load from one shared vector by seeded index maps, not redone yet",
+    "OSF": "its merge subtracts the low-rank part of an SVD of the base that peft recomputes at load, not redone yet",
+    "TINYLORA": "its modules share trained vectors by a grouping peft works out at load, not redone yet",
+    "PSOFT": "its merge uses factors of a low-rank SVD of the base that peft recomputes at load, not redone yet",
 }
