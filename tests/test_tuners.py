@@ -290,6 +290,9 @@ TUNER_CASES = {
     "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
     "TRAINABLE_TOKENS": [dict(target_modules=["embed_tokens"], token_indices=[1, 5, 7, 90])],
     "RANDLORA": [dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
+    "GRALORA": [dict(r=8, gralora_k=4, hybrid_r=2, alpha=5)],
+    "PEANUT": [dict(r=4, depth=2, act_fn="gelu", scaling=0.3)],
+    "DEFT": [dict(r=4, decomposition_method="qr", alpha=8)],
 }
 NEEDS_BIAS = {"BEFT"}  # peft refuses to merge it into a layer without a bias
 
