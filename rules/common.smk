@@ -22,7 +22,7 @@ from cpuforge.errors import InputError
 from cpuforge.merge.plan import TOKENIZER_FILES, check_inputs, tokenizer_source
 from cpuforge.llama.quant import NEEDS_IMATRIX, QUANT_TYPES as KNOWN_QUANT_TYPES, check_quant_type
 from cpuforge.merge.runtime_lora import check_runtime
-from cpuforge.text.task import prose, read_heldout, read_rows
+from cpuforge.text.task import check_task_data, prose, read_heldout, read_rows
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -67,8 +67,7 @@ def check_config():
                     fail(f"config models[{name}]: {path} is not a folder.")
             PLANS[name] = check_inputs(Path(model["base"]), [Path(a) for a in model["adapters"]])
         for name in MODELS:
-            if has_task(name):
-                read_heldout(get_task_data(name)["heldout"])
+            check_task_data(get_task_data(name))  # every line of every task file, now, not after the merge
             get_model_facts(name)  # what every job will need, from the headers
         if EVAL["text"] != "pydoc_topics" and not Path(EVAL["text"]).is_file():
             fail(f"config eval.text: {EVAL['text']} is neither `pydoc_topics` nor a file.")

@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import check_threads, run
+from cpuforge.io.files import read_json
+from cpuforge.merge.lora import describe
 from cpuforge.merge.plan import DTYPES
 from cpuforge.merge.merge import VERIFY_PROMPTS, merge
 from cpuforge.io.provenance import provenance, write_provenance
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, required=True, help="HF model folder")
-    parser.add_argument("--adapter", type=Path, action="append", required=True, help="PEFT LoRA folder; repeat, in order")
+    parser.add_argument("--adapter", type=Path, action="append", required=True,
+                        help="PEFT adapter folder (LoRA, DoRA, IA3, LoHa, …); repeat, in order")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f16",
                         help="dtype of the merged matrices; vectors (norms, biases) are always f32")
@@ -43,7 +46,8 @@ def main() -> None:
 
     torch.set_num_threads(check_threads(args.threads))
     worst = merge(args.base, args.adapter, args.out, args.dtype, VERIFY_PROMPTS if args.verify else ())
-    facts = {"step": "merge", "dtype": args.dtype, "verify_max_abs_logit_diff": worst}
+    tuners = [describe(read_json(a / "adapter_config.json")) for a in args.adapter]  # in the order merged
+    facts = {"step": "merge", "dtype": args.dtype, "tuners": tuners, "verify_max_abs_logit_diff": worst}
     inputs = {"base": args.base, **{f"adapter{i}": a for i, a in enumerate(args.adapter, 1)}}
     write_provenance(args.out, provenance(args.out, inputs, **facts))
     log.info("merged model written to %s", args.out)

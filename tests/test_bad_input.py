@@ -61,13 +61,15 @@ def test_truncated_adapter_safetensors(tmp_path, tiny_base, tiny_adapter):
     assert f"{weights}: truncated safetensors file" in out
 
 
-@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3"])
-def test_adapter_that_cannot_be_merged_linearly(tmp_path, tiny_base, tiny_adapter, peft_type):
+def test_adapter_that_cannot_be_merged(tmp_path, tiny_base, tiny_adapter):
+    """Prefix tuning adds to the input, not to a weight: refused at start-up with the reason."""
+    from cpuforge.merge.tuners import REFUSED
+
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     cfg = adapter / "adapter_config.json"
-    cfg.write_text(cfg.read_text().replace('"LORA"', f'"{peft_type}"'))
+    cfg.write_text(cfg.read_text().replace('"LORA"', '"PREFIX_TUNING"'))
     out = start(tmp_path, model(tiny_base, adapter))
-    assert f"{cfg}: peft_type '{peft_type}' cannot be merged linearly; only LORA can." in out
+    assert f"{cfg}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED['PREFIX_TUNING']}." in out
 
 
 def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
@@ -174,3 +176,50 @@ def test_tokenizer_the_converter_cannot_read(tmp_path, llama_bin):
     assert "Traceback" not in out and "rule merge:" not in out
     assert not (tmp_path / "results" / "m" / "merged").exists()
     assert not list((tmp_path / "results").rglob("*.json")) and not list((tmp_path / "results").rglob("*.partial*"))
+
+
+@pytest.mark.workflow
+def test_broken_line_in_the_training_task_file_fails_at_start(tmp_path, tiny_base, tiny_adapter):
+    """Read at start-up, not by check_tokenizer after the merge and the conversion."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+    models = model(tiny_base, tiny_adapter)
+    models[0]["task_data"] = {"train": str(train)}
+    out = start(tmp_path, models)
+    assert f"{train}: line 2 is not valid JSON (Expecting ',' delimiter at column 15)." in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("name", "content", "sentence"),
+    [
+        ("train.jsonl", b'{"text": "a"}\n\n["a list"]\n', "line 3 is not a JSON object."),
+        ("train.jsonl", b'{"messages": [{"role": "user"}]}\n',
+         "line 1 has a message 0 without a string `role` and `content`."),
+        ("train.jsonl", b'{"system": "s"}\n', "line 1 lacks the text field(s) news (or a `text`, or `messages`)."),
+        ("train.txt", b"fine\nnot \xff utf-8\n", "line 2 is not UTF-8 (byte 5 of the line)."),
+        ("train.txt", b"\n \n", "holds no rows."),
+    ],
+)  # fmt: skip
+def test_every_line_of_a_task_file_is_read(tmp_path, name, content, sentence):
+    from cpuforge.errors import InputError
+    from cpuforge.text.task import check_task_data
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as e:
+        check_task_data({"train": path})
+    assert str(e.value) == f"{path}: {sentence}"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_broken_tokenizer_file_is_named_at_start(tmp_path, tiny_base, tiny_adapter, name):
+    from cpuforge.errors import InputError
+    from cpuforge.merge.plan import check_inputs
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    shutil.copy(tiny_base / name, adapter / name)
+    (adapter / name).write_text((adapter / name).read_text()[:-40])
+    with pytest.raises(InputError, match=rf"^{adapter / name}: not valid JSON \(.* line \d+ column \d+ .*\)\.$"):
+        check_inputs(tiny_base, [adapter])

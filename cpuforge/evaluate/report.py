@@ -297,7 +297,8 @@ def provenance_html(records: list[dict]) -> str:
             )
             facts = {k: v for k, v in prov.items() if k not in ("inputs", "artifact")}
             body = f"<ul>{inputs}</ul><pre>{html.escape(json.dumps(facts, indent=1, sort_keys=True))}</pre>"
-        parts.append(f"<details><summary>{html.escape(r['label'])}: <code>{html.escape(r['path'])}</code>"
+        tuners = f" (adapters: {html.escape(', '.join(prov['tuners']))})" if prov and prov.get("tuners") else ""
+        parts.append(f"<details><summary>{html.escape(r['label'])}: <code>{html.escape(r['path'])}</code>{tuners}"
                      f"</summary>{body}</details>")  # fmt: skip
     return "".join(parts)
 

@@ -27,12 +27,16 @@ from cpuforge.merge.plan import (
     EMBED,
     LM_HEAD,
     TOKENIZER_FILES,
+    Adapter,
+    Lora,
     Plan,
     adapter_embedding_rows,
     check_inputs,
     lora_delta,
     merged_shard_name,
 )
+from cpuforge.merge.lora import dora_weight, residual_base
+from cpuforge.merge.tuned import Tuned
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)
@@ -98,19 +102,72 @@ def all_finite(tensor) -> bool:
     return all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22))
 
 
-def merged_tensor(name: str, base_tensor, plan: Plan, readers: list):
-    """The output tensor `name`: replaced and adapted by each adapter in order, in f32."""
+def merged_tensor(name: str, base_tensor, plan: Plan, readers: list, upto: int | None = None):
+    """The output tensor `name`: replaced and adapted by each adapter in order (the first `upto` of them), in f32."""
+    import torch
+
     weight = base_tensor
-    for adapter, reader in zip(plan.adapters, readers, strict=True):
+    for i, (adapter, reader) in enumerate(zip(plan.adapters[:upto], readers[:upto], strict=True)):
         if name in adapter.replace:
             weight = reader[adapter.replace[name]]
+        for rows in adapter.rows:
+            if rows.target == name:  # peft's TrainableTokens merge: the trained rows copied over the base's
+                weight = weight.float().index_copy(0, torch.tensor(rows.indices), reader[rows.tensor].float())
+        for tuned in adapter.tuned:
+            if tuned.target == name:
+                module_weight = weight_before(plan, readers, i, f"{tuned.module}.weight") if tuned.bias else None
+                weight = tuned_weight(weight, tuned, adapter, reader, module_weight)
         for lora in adapter.loras:
             if lora.target == name:
-                # merge in f32: half-precision matmuls are slow on many CPUs and lose bits
-                weight = weight.float() + lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+                weight = lora_weight(weight, lora, reader)
+        for bias in adapter.biases:
+            if bias.target == name:
+                weight = weight.float() + bias.scale * reader[bias.tensor].float()
     if weight is not base_tensor and not all_finite(weight):
         raise InputError(f"{plan.adapters[-1].weights}: merging into {name} gives non-finite values.")
     return weight
+
+
+def weight_before(plan: Plan, readers: list, upto: int, name: str):
+    """The weight `name` as the adapter `upto` found it (the base with the adapters before it merged), for a
+    tuner whose bias update reads it (GLoRA's W @ C, IA3's scaling): one more tensor in memory, recomputed."""
+    source = open_weights(plan.base_files[name])
+    try:
+        return merged_tensor(name, source[name], plan, readers, upto).float()
+    finally:
+        source.close()
+
+
+def tuned_weight(weight, tuned: Tuned, adapter: Adapter, reader, module_weight=None):
+    """`weight` (or the bias) with one module of a tuner other than LoRA merged, by that tuner's own formula."""
+    from cpuforge.merge.tuners import TUNERS
+
+    tuner = TUNERS[adapter.tuner]
+    tensors = {suffix: reader[name] for suffix, name in tuned.tensors.items()}
+    shared = {key: reader[name] for key, name in adapter.shared.items()}
+    if len(shared) < len(tuner.shared):  # not saved (VeRA's save_projection false): drawn again from the seed, once
+        adapter.drawn = adapter.drawn or tuner.make_shared(adapter.config, adapter.module_shapes)
+        shared = adapter.drawn
+    try:
+        if tuned.bias:
+            return tuner.merged_bias(weight.float(), tensors, adapter.config, tuned.module, shared, module_weight)
+        return tuner.merged_weight(weight.float(), tensors, adapter.config, tuned.module, shared)
+    except (RuntimeError, ValueError, IndexError) as e:  # what the plan's dry run on shapes could not try
+        raise InputError(
+            f"{adapter.weights}: the {adapter.tuner} tensors of {tuned.module} do not fit {tuned.target} ({e}); "
+            "this adapter was made for another base model."
+        ) from None
+
+
+def lora_weight(weight, lora: Lora, reader):
+    """`weight` with one LoRA merged as peft merges it, in f32 (half-precision matmuls are slow on many CPUs and
+    lose bits): onto the residual base of a PiSSA / OLoRA initialisation, rescaled row by row under DoRA."""
+    if lora.init:
+        weight = residual_base(weight, lora.init, lora.rank, lora.scale)
+    delta = lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+    if lora.magnitude:
+        return dora_weight(weight, delta, reader[lora.magnitude])
+    return weight.float() + delta
 
 
 def write_model_files(base: Path, plan: Plan, dtype: str, folder: Path) -> None:

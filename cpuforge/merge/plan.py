@@ -11,6 +11,7 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.io.safetensors import weights_header
+from cpuforge.merge.lora import INIT_RESIDUAL, check_lora_config
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,35 @@ EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 @dataclass
 class Lora:
-    """One LoRA delta: scale · B @ A added to `target`, transposed for embeddings."""
+    """One LoRA delta: scale · B @ A added to `target`, transposed for embeddings; under DoRA each row then
+    rescaled to `magnitude`; under PiSSA / OLoRA added to the residual base its initialisation left (`init`)."""
 
     target: str
     a: str
     b: str
     scale: float
     transpose: bool
+    magnitude: str | None = None  # DoRA's magnitude vector
+    init: str | None = None  # "pissa" or "olora": the base is first replaced by its residual
+    rank: int = 0
+
+
+@dataclass
+class Bias:
+    """lora_bias: scale · lora_B.bias added to the base's bias `target`."""
+
+    target: str
+    tensor: str
+    scale: float
+
+
+@dataclass
+class Rows:
+    """trainable_token_indices: the rows `indices` of `target` replaced by the tensor's rows."""
+
+    target: str
+    tensor: str
+    indices: list[int]
 
 
 @dataclass
@@ -53,6 +76,18 @@ class Adapter:
     weights: Path
     replace: dict[str, str] = field(default_factory=dict)  # target -> adapter tensor
     loras: list[Lora] = field(default_factory=list)
+    biases: list[Bias] = field(default_factory=list)
+    rows: list[Rows] = field(default_factory=list)
+    tuner: str = "LORA"  # adapter_config.json's peft_type
+    config: dict = field(default_factory=dict)
+    tuned: list[Tuned] = field(default_factory=list)  # cpuforge.merge.tuned
+    shared: dict[str, str] = field(default_factory=dict)  # a tuner's tensors shared by all modules (VeRA's)
+    module_shapes: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each module a tuner adapts
+    drawn: dict = field(default_factory=dict)  # shared tensors the file lacks, drawn again by the tuner once
+
+    def targets(self) -> set[str]:
+        """Every base tensor this adapter changes."""
+        return {*self.replace, *(x.target for x in [*self.loras, *self.biases, *self.rows, *self.tuned])}
 
 
 @dataclass
@@ -83,6 +118,7 @@ def base_shards(base: Path) -> dict[str, Path]:
         raise InputError(f"{base}: base model folder not found.")
     if not (base / "config.json").is_file():
         raise InputError(f"{base}: not a HF model folder (no config.json).")
+    check_not_quantized(base / "config.json")
     for index_name, single in WEIGHT_FILES:
         index = base / index_name
         if index.is_file():
@@ -97,6 +133,27 @@ def base_shards(base: Path) -> dict[str, Path]:
         if not f.is_file():
             raise InputError(f"{f}: shard named in {index.name} is missing.")
     return {name: f for name, f in files.items() if not name.endswith(SKIPPED)}
+
+
+def quantization_name(quantization: dict) -> str:
+    """How a quantization_config names itself: its method, and its bits where it says (bitsandbytes 4-bit)."""
+    method = quantization.get("quant_method", "unknown method")
+    if quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
+        return f"{method} {4 if quantization.get('load_in_4bit') else 8}-bit"
+    bits = quantization.get("bits") or quantization.get("w_bit")
+    return f"{method} {bits}-bit" if bits else str(method)
+
+
+def check_not_quantized(config_path: Path) -> None:
+    """A base saved quantized (QLoRA's bitsandbytes download, GPTQ, AWQ, …) stores packed integers, not the
+    weights a merge adds to: named here, before its shapes would blame the adapter."""
+    quantization = read_json(config_path).get("quantization_config")
+    if quantization:
+        name = quantization_name(quantization) if isinstance(quantization, dict) else repr(quantization)
+        raise InputError(
+            f"{config_path}: this base model is quantized (quantization_config: {name}), and cpuforge merges into "
+            "16- or 32-bit weights; give the 16-bit model it was quantized from."
+        )
 
 
 def merged_shard_name(shard: Path) -> str:
@@ -240,32 +297,29 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     config_path = folder / "adapter_config.json"
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
-        raise InputError(f"{config_path}: peft_type {config.get('peft_type')!r} cannot be merged linearly; only LORA can.")
-    if config.get("use_dora"):
-        raise InputError(f"{config_path}: DoRA adapters (use_dora) are not linear merges; cpuforge will not merge them.")
+        from cpuforge.merge.tuned import plan_tuned  # the tuners import torch: only for adapters that need them
+
+        return plan_tuned(folder, config, shapes, files)
+    check_lora_config(config_path, config)
     base = next(iter(files.values())).parent
     modules = {n.removesuffix(".weight") for n in shapes if n.endswith(".weight")}
     # the names of the layers' linear modules: what peft's "all-linear" means, and what a user may target
     linear = {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
     check_config_fields(config_path, config, base, modules, linear)
-    if config.get("fan_in_fan_out"):
-        # fan_in_fan_out describes GPT-2's Conv1D layers; peft turns it off on nn.Linear layers, and so does the merge
-        log.warning("%s: fan_in_fan_out is set, but LLaMA's layers are nn.Linear; ignored, as peft does", config_path)
     weights = adapter_weights_file(folder)
     tensors = adapter_shapes(weights)
-    adapter = Adapter(folder, weights)
+    adapter = Adapter(folder, weights, config=config)
     for name, shape in sorted(tensors.items()):
         if ".lora_B." in name or name.endswith(".lora_embedding_B") or ".original_module." in name:
             continue  # B is read with its A; original_module is the base's own copy
-        if ".lora_A." in name or name.endswith(".lora_embedding_A"):
+        if ".lora_A." in name or name.endswith((".lora_embedding_A", MAGNITUDE)):
+            continue  # read with their A
+        if name.endswith(".lora_velora_embed") and config.get("velora_config"):
+            continue  # VeLoRA's training-time projection of activations: no part of the weights
+        if name.endswith(TOKENS):
+            adapter.rows.append(plan_rows(config_path, config, weights, name, shape, shapes))
             continue
-        target = whole_tensor_target(name)
-        if target not in shapes:
-            raise InputError(f"{weights}: tensor {name} replaces {target}, which the base model does not have.")
-        if shape != shapes[target] and not (target in (EMBED, LM_HEAD) and shape[1:] == shapes[target][1:]):
-            check_shape(weights, name, target, shape, shapes, files)
-        adapter.replace[target] = name
-        shapes[target] = shape
+        plan_whole_tensor(adapter, name, shape, shapes, files)
     for name, a_shape in sorted(tensors.items()):
         embedding = name.endswith(".lora_embedding_A")
         if ".lora_A." not in name and not embedding:
@@ -289,11 +343,87 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             raise InputError(f"{weights}: tensor {name} has rank {a_shape[0]} but {b} has rank {rank}.")
         check_rank(config_path, config, module, weights, name, rank)
         check_shape(weights, name, target, want, shapes, files)
-        adapter.loras.append(Lora(target, name, b, lora_scale(config, module, rank), embedding))
-    if not adapter.loras and not adapter.replace:
+        scale = lora_scale(config, module, rank)
+        lora = Lora(target, name, b, scale, embedding, rank=rank)
+        lora.magnitude = plan_magnitude(config_path, config, weights, tensors, module, embedding, out_features)
+        init = config.get("init_lora_weights", True)
+        if init in INIT_RESIDUAL and not embedding:  # peft initialises embeddings plainly
+            lora.init = init
+        adapter.loras.append(lora)
+        if b.removesuffix(".weight") + ".bias" in tensors:
+            adapter.biases.append(plan_bias(config_path, weights, tensors, b, module, scale, shapes, base))
+    if not adapter.loras and not adapter.replace and not adapter.rows:
         raise InputError(f"{weights}: holds no LoRA or whole tensors.")
     check_patterns(config_path, config, [lora.target.removesuffix(".weight") for lora in adapter.loras])
     return adapter
+
+
+def plan_whole_tensor(adapter: Adapter, name: str, shape: list[int], shapes: dict, files: dict) -> None:
+    """A tensor the adapter holds whole (modules_to_save, resized embeddings): it replaces the base's."""
+    target = whole_tensor_target(name)
+    if target not in shapes:
+        raise InputError(f"{adapter.weights}: tensor {name} replaces {target}, which the base model does not have.")
+    if shape != shapes[target] and not (target in (EMBED, LM_HEAD) and shape[1:] == shapes[target][1:]):
+        check_shape(adapter.weights, name, target, shape, shapes, files)
+    adapter.replace[target] = name
+    shapes[target] = shape
+
+
+MAGNITUDE, TOKENS = ".lora_magnitude_vector", ".token_adapter.trainable_tokens_delta"
+
+
+def plan_magnitude(config_path: Path, config: dict, weights: Path, tensors: dict, module: str, embedding: bool,
+                   out_features: int) -> str | None:  # fmt: skip
+    """DoRA's magnitude vector of `module`, which use_dora promises and only use_dora allows."""
+    name = f"{PREFIX}{module}{MAGNITUDE}"
+    if config.get("use_dora") and embedding:
+        raise InputError(f"{config_path}: use_dora on the embedding {module} is not implemented in cpuforge's merge.")
+    if config.get("use_dora") and name not in tensors:
+        raise InputError(f"{config_path}: use_dora is true, but {weights.name} has no magnitude vector {name}.")
+    if name in tensors and not config.get("use_dora"):
+        raise InputError(
+            f"{config_path}: use_dora is false, but {weights.name} holds DoRA's {name}; peft would drop it."
+        )
+    if name in tensors and tensors[name] != [out_features]:
+        raise InputError(f"{weights}: tensor {name} has shape {tensors[name]}, not [{out_features}].")
+    return name if name in tensors else None
+
+
+def plan_bias(config_path: Path, weights: Path, tensors: dict, b: str, module: str, scale: float, shapes: dict,
+              base: Path) -> Bias:  # fmt: skip
+    """lora_bias's lora_B.bias, added to the base's bias, which peft refuses to do where the base has none."""
+    name, target = b.removesuffix(".weight") + ".bias", f"{module}.bias"
+    if target not in shapes:
+        raise InputError(
+            f"{config_path}: lora_bias is true, but the base {base} has no bias {target} for {weights.name} tensor "
+            f"{name}; peft refuses this merge too (the base layer has no bias)."
+        )
+    if tensors[name] != shapes[target]:
+        raise InputError(f"{weights}: tensor {name} has shape {tensors[name]}, but {target} has {shapes[target]}.")
+    return Bias(target, name, scale)
+
+
+def plan_rows(config_path: Path, config: dict, weights: Path, name: str, shape: list[int], shapes: dict) -> Rows:
+    """trainable_token_indices: the embedding rows a TrainableTokens tensor replaces (peft's index_copy on merge)."""
+    module = name.removeprefix(PREFIX).removesuffix(TOKENS)
+    target = f"{module}.weight"
+    said = config.get("trainable_token_indices")
+    if isinstance(said, dict):
+        indices = next((v for k, v in said.items() if listed([k], module)), None)
+    else:
+        indices = said if target == EMBED else None  # a list means the input embeddings
+    if indices is None:
+        raise InputError(
+            f"{config_path}: trainable_token_indices {said!r} names no indices for {weights.name} tensor {name}."
+        )
+    if target not in shapes:
+        raise InputError(f"{weights}: tensor {name} replaces rows of {target}, which the base model does not have.")
+    if shape != [len(indices), shapes[target][1]] or max(indices) >= shapes[target][0] or min(indices) < 0:
+        raise InputError(
+            f"{weights}: tensor {name} has shape {shape}, but trainable_token_indices gives {len(indices)} rows "
+            f"(up to {max(indices)}) of {target}, which has shape {shapes[target]}."
+        )
+    return Rows(target, name, list(indices))
 
 
 def tokenizer_source(base: Path, adapters: list[Path]) -> Path:
@@ -323,9 +453,28 @@ def tokenizer_size(folder: Path) -> tuple[int, Path]:
     return max([n - 1, *added.values()]) + 1, source
 
 
+# the JSON files of the base's and the adapters' folders that the merge, the checks and transformers read
+JSON_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def check_json_files(folders: list[Path]) -> None:
+    """Parse each of them in full now, so a broken one is named (file, line, column) before any rule runs."""
+    for folder in folders:
+        for name in JSON_FILES:
+            if (folder / name).is_file():
+                read_json(folder / name)
+
+
 def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     """Every check that needs only headers; raises InputError naming the file at the first problem."""
     files = base_shards(base)
+    check_json_files([base, *adapters])
     shapes, dtypes = {}, {}
     for f in sorted(set(files.values())):
         for name, info in weights_header(f).items():
@@ -338,7 +487,7 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
         shapes[LM_HEAD], dtypes[LM_HEAD] = shapes[EMBED], dtypes[EMBED]  # tied: lm_head reads the embeddings
     base_rows = shapes[EMBED][0]
     plans = [plan_adapter(a, shapes, files) for a in adapters]
-    if tied and any(LM_HEAD in p.replace or any(lo.target == LM_HEAD for lo in p.loras) for p in plans):
+    if tied and any(LM_HEAD in p.targets() for p in plans):
         tied = False  # an adapter changed lm_head alone: the output needs its own
     if tied:
         del shapes[LM_HEAD]

@@ -39,6 +39,14 @@ SHOWN = 10
 def refusal(adapter: Adapter, base_rows: int, tied: bool) -> str | None:
     """Why `adapter` cannot run as a GGUF LoRA on its base, or None when it can."""
     config = read_json(adapter.folder / "adapter_config.json")
+    if adapter.tuner != "LORA":
+        return f"is a {adapter.tuner} adapter, and a GGUF LoRA holds only LoRA's low-rank pairs"
+    variant = next((lo for lo in adapter.loras if lo.magnitude or lo.init), None)
+    if variant:
+        what = "DoRA's magnitude vector" if variant.magnitude else f"the {variant.init} residual base it was trained on"
+        return f"needs {what}, which a GGUF LoRA (low-rank pairs added to the base) cannot carry"
+    if adapter.biases or adapter.rows:
+        return "changes biases (lora_bias) or token rows (trainable_token_indices), which a GGUF LoRA cannot carry"
     shapes = adapter_shapes(adapter.weights)
     for target, name in sorted(adapter.replace.items()):
         if target in (EMBED, LM_HEAD) and shapes[name][0] != base_rows:

@@ -28,26 +28,31 @@ def read_heldout(path: str | Path) -> list[dict]:
     """The held-out rows the report scores: JSON objects, each a prompt with its answer (the demo's
     `system`, `news` and `answer`, or `messages` ending in the assistant's answer)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if not lines:
-        raise InputError(f"{path}: holds no rows.")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}: line {number} is not a JSON object.")
+    rows = read_rows(path)
+    for number, row in rows_with_lines(path, rows):
         if "messages" not in row:
             missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
             if missing:
                 raise InputError(f"{path}: line {number} lacks the text field(s) {', '.join(missing)}.")
         elif not isinstance(answer(row), str):
             raise InputError(f"{path}: line {number}: its `messages` do not end in the assistant's answer.")
-        rows.append(row)
     return rows
+
+
+def check_task_data(files: dict[str, str | Path]) -> None:
+    """Read every line of a model's task files at start-up, so a bad one stops the run before any rule, with
+    the file and the line named: the held-out JSONL as the report scores it, every other file as its samples."""
+    for split, path in files.items():
+        if split == "heldout" and str(path).endswith(".jsonl"):
+            read_heldout(path)
+        else:
+            read_rows(path)
+
+
+def rows_with_lines(path: Path, rows: list[dict]):
+    """Each row with its line number in `path` (blank lines are skipped in `rows`)."""
+    numbers = [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    return zip(numbers, rows, strict=True)
 
 
 def load_split(name: str, task_dir: Path = TASK_DIR) -> list[dict]:
@@ -55,12 +60,51 @@ def load_split(name: str, task_dir: Path = TASK_DIR) -> list[dict]:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The samples of a task data file: JSONL rows as they are, a text file's non-empty lines as {"text": …}."""
+    """The samples of a task data file: JSONL rows as they are, a text file's non-empty lines as {"text": …}.
+    Every line is checked: UTF-8, and in JSONL a JSON object with a sample in one of the formats the module
+    docstring names; a bad one is named by its file and line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in f if line.strip()]
-        return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+    rows = []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: line {number} is not UTF-8 (byte {e.start + 1} of the line).") from None
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            rows.append({"text": line.rstrip("\r")})
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: line {number} is not a JSON object.")
+        if problem := sample_problem(row):
+            raise InputError(f"{path}: line {number} {problem}.")
+        rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: holds no rows.")
+    return rows
+
+
+def sample_problem(row: dict) -> str | None:
+    """What keeps a JSONL row from being a sample: a `text`, a `messages` conversation, or `system` and `news`."""
+    if "messages" in row:
+        turns = row["messages"]
+        if not isinstance(turns, list) or not turns:
+            return "has `messages` that are not a list of messages"
+        for i, turn in enumerate(turns):
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(k), str) for k in ("role", "content"))):
+                return f"has a message {i} without a string `role` and `content`"
+        return None
+    if "text" in row:
+        return None if isinstance(row["text"], str) else "has a `text` that is not a string"
+    missing = [k for k in ("system", "news") if not isinstance(row.get(k), str)]
+    if missing:
+        return f"lacks the text field(s) {', '.join(missing)} (or a `text`, or `messages`)"
+    return None
 
 
 def as_text(rows: list[dict]) -> str:
