@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import NEEDS_IMATRIX, check_quant_type
 from cpuforge.merge.plan import Plan, check_inputs
+from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.text.task import read_heldout
 
 # where the run makes the demo's base and adapter (rules/demo.smk), relative to the working directory
@@ -23,7 +25,7 @@ HF_STAGES = ("base", "merged")
 PARITY = ("tokenizer", "chat-template")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelSpec:
     """One model of the config, resolved: its base and adapter folders (the demo's: those the run makes), the
     names of its adapters (`{n}-{name}`, n its place in the stack) and its task data files by split."""
@@ -115,6 +117,26 @@ class Spec:
             f"results/{m}/report/{f}" for m in self.models for f in ("report.html", "metrics.json", "quality_gate.txt")
         ]
 
+    def report_inputs(self, name: str, runtime_lora: bool) -> dict[str, list[str]]:
+        """What the report of a model reads, by kind; with `runtime_lora`, the figures of each quant type's
+        unmerged base with the adapters applied at run time."""
+        figures, has_task = f"results/{name}/report", self.models[name].has_task
+        inputs = {
+            "artifacts": [self.models[name].base, f"results/{name}/merged"]
+            + [f"results/{name}/ggml-model-{s}.gguf" for s in self.gguf_stages],
+            "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
+            "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in self.quant_types],
+            "bench": [f"{figures}/bench/{s}.json" for s in self.gguf_stages],
+            "checks": self.model_checks(name),
+            "task": [f"{figures}/task/{s}.json" for s in self.stages] if has_task else [],
+            "runtime_lora": [],
+        }
+        if runtime_lora:
+            kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")
+            inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in self.quant_types for k in kinds]
+            inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
+        return inputs
+
     def lora_adapters(self) -> list[str]:
         """What the target lora_adapters makes: every model's GGUF LoRAs, its unmerged base in each quant
         type, and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
@@ -124,6 +146,19 @@ class Spec:
             files += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
             files += [f"results/{name}/checks/runtime-lora-{s}.json" for s in self.gguf_stages if m.has_task]
         return files
+
+
+@cache
+def runtime_lora_refusal(model: ModelSpec) -> str | None:
+    """Why the model's adapters cannot run as GGUF LoRAs beside its unmerged base, or None when they can (the
+    demo's adapter is made by the run, and checked by its step)."""
+    if model.demo:
+        return None
+    try:
+        check_runtime(Path(model.base), [Path(a) for a in model.adapters])
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def adapter_name(folder: str) -> str:

@@ -16,10 +16,9 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedi
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import QUANT_TYPES as KNOWN_QUANT_TYPES
 from cpuforge.merge.plan import TOKENIZER_FILES, tokenizer_source
-from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.sizing import dag as sizing_dag
 from cpuforge.sizing.jobs import Sizing
-from cpuforge.spec import DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec
+from cpuforge.spec import DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec, runtime_lora_refusal
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -52,8 +51,6 @@ wildcard_constraints:
     adapter=r"\d+-[A-Za-z0-9._-]+",
 
 
-# Flags that carry paths are lists of words, each quoted by the rule's `:q`, so a path may hold
-# spaces, quotes or any letter.
 def get_base(wildcards):
     return MODELS[wildcards.model].base
 
@@ -82,6 +79,8 @@ def get_vocab_check_input(wildcards):
     return {"config": f"{m.base}/config.json", "tokenizer": files}
 
 
+# Flags that carry paths are lists of words, each quoted by the rule's `:q`, so a path may hold
+# spaces, quotes or any letter.
 def get_adapter_args(wildcards):
     return [word for a in MODELS[wildcards.model].adapters for word in ("--adapter", a)]
 
@@ -92,31 +91,20 @@ def get_adapter_ggufs(wildcards):
 
 def get_runtime_adapters(wildcards):
     """The model's adapters, once each has been checked to run as a GGUF LoRA; one that cannot stops the
-    run as the DAG is built, before any job, naming the adapter and why (merging it still works). The demo
-    adapter is made by the run itself, and checked by the step."""
-    m = MODELS[wildcards.model]
-    if not m.demo:
-        try:
-            check_runtime(Path(m.base), [Path(a) for a in m.adapters])
-        except InputError as e:
-            raise WorkflowError(str(e))
-    return list(m.adapters)
+    run as the DAG is built, before any job, naming the adapter and why (merging it still works)."""
+    if refusal := runtime_lora_refusal(MODELS[wildcards.model]):
+        raise WorkflowError(refusal)
+    return list(MODELS[wildcards.model].adapters)
 
 
 @functools.cache
 def has_runtime_lora(model):
     """Whether the report sets each quant merged beside its unmerged base + the adapters applied at run
-    time: when the adapters can run as GGUF LoRAs (the demo's is checked by its step). One that cannot is
-    left out of the report, said once, and is merged as ever."""
-    m = MODELS[model]
-    if m.demo:
-        return True
-    try:
-        check_runtime(Path(m.base), [Path(a) for a in m.adapters])
-    except InputError as e:
-        print(f"The report of {model} has no runtime-LoRA stages: {e}", file=sys.stderr)
-        return False
-    return True
+    time: when the adapters can run as GGUF LoRAs. One that cannot is left out of the report, said once,
+    and is merged as ever."""
+    if refusal := runtime_lora_refusal(MODELS[model]):
+        print(f"The report of {model} has no runtime-LoRA stages: {refusal}", file=sys.stderr)
+    return refusal is None
 
 
 def get_runtime_lora_args(wildcards):
@@ -233,22 +221,7 @@ def get_hf_stage_input(wildcards):
 
 
 def get_report_input(wildcards):
-    name, figures = wildcards.model, f"results/{wildcards.model}/report"
-    inputs = {
-        "artifacts": [get_base(wildcards), f"results/{name}/merged"]
-        + [f"results/{name}/ggml-model-{s}.gguf" for s in SPEC.gguf_stages],
-        "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
-        "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in QUANT_TYPES],
-        "bench": [f"{figures}/bench/{s}.json" for s in SPEC.gguf_stages],
-        "checks": SPEC.model_checks(name),
-        "task": [f"{figures}/task/{s}.json" for s in SPEC.stages] if MODELS[name].has_task else [],
-        "runtime_lora": [],
-    }
-    if has_runtime_lora(name):
-        kinds = ("kl", "speed", "task") if MODELS[name].has_task else ("kl", "speed")
-        inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in QUANT_TYPES for k in kinds]
-        inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in QUANT_TYPES]
-    return inputs
+    return SPEC.report_inputs(wildcards.model, has_runtime_lora(wildcards.model))
 
 
 def get_report_args(wildcards):

@@ -4,6 +4,7 @@ workflow for the plan, and the run's own for the preflight; each job's row from 
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from cpuforge.sizing.jobs import Sizing
@@ -32,7 +33,10 @@ def target_jobs(workflow, target: str) -> list:
     from snakemake.dag import DAG
 
     dag = DAG(workflow, workflow.rules, targetfiles=set(), targetrules={workflow.get_rule(target)})
-    # a job's `run:` code runs inside Snakemake's event loop, which cannot run another coroutine itself
+    # a job's `run:` code runs inside Snakemake's event loop, which cannot run another coroutine itself; the
+    # jobs' default resources that read input sizes stay unevaluated (Snakemake's own nested-loop case), and
+    # the coroutine that drops, whenever it is collected, is no news
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
     with ThreadPoolExecutor(1) as thread:
         thread.submit(workflow.async_run, dag.init()).result()
     return [j for j in dag.jobs if j.rule.name not in SHARED or to_make(dag, j)]
