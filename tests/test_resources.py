@@ -12,10 +12,12 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, TASK, convert, snakemake, write_config
 
+from cpuforge import paths
 from cpuforge.io.safetensors import ITEMSIZE, safetensors_header, safetensors_layout
 from cpuforge.merge.merge import merge
 from cpuforge.merge.plan import check_inputs
@@ -201,7 +203,8 @@ def dry_run_jobs(workdir, config, target="all", *args) -> list[dict]:
 
 
 def test_rules_ask_for_the_plans_figures(tmp_path, llama_7b):
-    """The plan lists every job `all` runs, and each job's resources under SLURM are the plan's figures."""
+    """The plan lists every job `all` runs (both come from Snakemake's DAG), and each job's resources under SLURM
+    are the plan's figures."""
     base, adapter = llama_7b
     models = [{"name": "big", "base": str(base), "adapters": [str(adapter)], "task_data": TASK}]
     config = write_config(tmp_path / "big.yaml", models, quant_types=["q4_0", "q4_k_m"], imatrix={"use_for": ["q4_k_m"]})
@@ -221,6 +224,33 @@ def test_rules_ask_for_the_plans_figures(tmp_path, llama_7b):
     assert figures[("eval_perplexity_hf", "hf_stage=merged")] not in (4000, 2000, 1000)
     assert max(figures.values()) < 4 * 6.7e9 / MIB  # LLaMA-7B in f32
     assert figures[("check_generation", "")] < 2 * figures[("eval_perplexity", "")]
+
+
+@pytest.mark.workflow
+def test_plan_counts_made_outputs_but_not_a_made_build(tmp_path, llama_7b):
+    """A plan is of a run from scratch: a job whose output exists keeps its row, with its figures; the shared
+    llama.cpp build gets rows only where its source or tools are missing."""
+    base, adapter = llama_7b
+    build = tmp_path / "build"
+    models = [{"name": "big", "base": str(base), "adapters": [str(adapter)]}]
+    config = write_config(tmp_path / "big.yaml", models, llama_cpp={"build_dir": str(build), "cpu": "native"})
+    planned = plan(tmp_path, config)
+    assert {"fetch_llama_cpp", "build_llama_cpp", "make_eval_text"} <= {rule for rule, _ in planned}
+    # the source fetched (build/<commit>/source): only the build is left
+    source = Path(planned[("fetch_llama_cpp", "")]["output"])
+    commit = source.parent.name
+    source.mkdir(parents=True)
+    rules = {rule for rule, _ in plan(tmp_path, config)}
+    assert "fetch_llama_cpp" not in rules and "build_llama_cpp" in rules
+    # the tools built and an output made: no build, the made output's job still planned
+    for tool in paths.llama_outputs(build, commit, "native"):
+        tool.parent.mkdir(parents=True, exist_ok=True)
+        tool.touch()
+    (tmp_path / "results" / "big" / "report").mkdir(parents=True)
+    (tmp_path / "results" / "big" / "report" / "eval_text.txt").write_text("made\n")
+    planned = plan(tmp_path, config)
+    assert not {"fetch_llama_cpp", "build_llama_cpp"} & {rule for rule, _ in planned}
+    assert planned[("make_eval_text", "")]["output"] == "results/big/report/eval_text.txt"
 
 
 def refused(result) -> str:

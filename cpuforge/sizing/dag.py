@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-
-from cpuforge.sizing.jobs import Sizing
 from pathlib import Path
 
+from cpuforge.sizing.jobs import Sizing
 from cpuforge.sizing.plan import Job, free_disk_mb, plan_table, preflight_refusal, refusal, write_plan
 
 # one llama.cpp build serves every run: the plan counts its jobs only where their outputs are missing
