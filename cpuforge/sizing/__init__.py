@@ -26,6 +26,6 @@ How each figure arises, so that the formulas can be checked against the code the
 Sizes are MiB (Snakemake's mem_mb and disk_mb, SLURM's --mem=…M), runtimes minutes. The modules, leaf first:
 costs (the measured constants, a step's Cost and Need), model (a model's tensors from its headers),
 gguf_size (a GGUF's tensors, predicted or read), parts (what a llama.cpp context, a streamed pass or a
-quantizer costs), needs (one formula per rule), jobs (a workflow job's figures from the model spec) and
-plan (the plan table and the local preflight).
+quantizer costs), needs (one formula per rule), jobs (a workflow job's figures from the model spec), plan
+(the plan table and the local preflight) and dag (their jobs, from Snakemake's own DAG).
 """
