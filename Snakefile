@@ -38,14 +38,14 @@ localrules:
 
 rule all:
     input:
-        get_quantized(),
-        get_eval_reports(),
-        get_checks(),
+        SPEC.quantized(),
+        SPEC.eval_reports(),
+        SPEC.check_files(),
 
 
 rule llama_cpp:
     input:
-        get_llama_tools(),
+        SPEC.llama_tools,
 
 
 rule merged_model:
@@ -62,29 +62,29 @@ rule f16_model:
 rule q4_model:
     input:
         expand("results/{model}/ggml-model-q4_0.gguf", model=MODELS),
-        get_parity_checks(["q4_0"]),
+        SPEC.parity_checks(["q4_0"]),
 
 
 rule quantized:
     input:
-        get_quantized(),
-        get_parity_checks(QUANT_TYPES),
+        SPEC.quantized(),
+        SPEC.parity_checks(QUANT_TYPES),
 
 
 rule checks:
     input:
-        get_checks(),
+        SPEC.check_files(),
 
 
 rule eval_report:
     input:
-        get_eval_reports(),
+        SPEC.eval_reports(),
 
 
 # the adapters as GGUF LoRA files beside the unmerged base in every quant type, to apply at run time
 rule lora_adapters:
     input:
-        get_lora_adapters(),
+        SPEC.lora_adapters(),
 
 
 # what every job of `all` needs (peak memory, disk written, runtime), predicted from the inputs' headers;
@@ -95,4 +95,4 @@ rule plan:
     params:
         tsv="results/plan.tsv",
     run:
-        show_plan(params.tsv, log[0])
+        sizing_dag.show_plan(workflow, SIZING, params.tsv, log[0])

@@ -15,9 +15,9 @@ rule make_unmerged_base:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,
@@ -29,7 +29,7 @@ rule convert_adapter:
     input:
         adapter=get_adapter_input,
         base="results/{model}/base",
-        source=get_llama_source(),
+        source=SPEC.llama_source,
     output:
         "results/{model}/adapters/{adapter}.gguf",
     log:
@@ -40,9 +40,9 @@ rule convert_adapter:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         adapter=get_adapter_folder,
     shell:
@@ -58,7 +58,7 @@ rule check_runtime_lora:
         tokenizer="results/{model}/merged",
         loras=get_adapter_ggufs,
         heldout=get_heldout,
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/checks/runtime-lora-{stage}.json",
     log:
@@ -69,9 +69,9 @@ rule check_runtime_lora:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         **config["checks"]["generation"],
         loras=get_lora_args,
@@ -91,7 +91,7 @@ rule eval_kl_divergence_lora:
         gguf="results/{model}/base-{qtype}.gguf",
         loras=get_adapter_ggufs,
         logits="results/{model}/report/f16-logits.kld",
-        perplexity=f"{get_llama_bin()}/llama-perplexity",
+        perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
         "results/{model}/report/runtime_lora/{qtype}-kl.json",
     log:
@@ -102,9 +102,9 @@ rule eval_kl_divergence_lora:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         ctx=EVAL["ctx"],
         loras=get_lora_args,
@@ -120,7 +120,7 @@ rule eval_task_lora:
         loras=get_adapter_ggufs,
         task=get_heldout,
         tokenizer="results/{model}/merged",
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/report/runtime_lora/{qtype}-task.json",
     log:
@@ -131,9 +131,9 @@ rule eval_task_lora:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         max_new_tokens=EVAL["max_new_tokens"],
         loras=get_lora_args,
@@ -148,7 +148,7 @@ rule bench_runtime_lora:
         gguf="results/{model}/ggml-model-{qtype}.gguf",
         base="results/{model}/base-{qtype}.gguf",
         loras=get_adapter_ggufs,
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/report/runtime_lora/{qtype}-speed.json",
     log:
@@ -160,11 +160,11 @@ rule bench_runtime_lora:
     # all cores, so no other job runs beside the measurement and skews it
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
-        threads=max(get_bench_threads()),
+        threads=max(SIZING.bench_threads()),
         prompt_tokens=EVAL["bench"]["prompt_tokens"],
         gen_tokens=EVAL["bench"]["gen_tokens"],
         rounds=EVAL["bench"]["repetitions"],

@@ -14,9 +14,9 @@ rule check_tokenizer:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         base=get_base,
         task=get_task_args,
@@ -30,7 +30,7 @@ rule check_chat_template:
         gguf="results/{model}/ggml-model-{stage}.gguf",
         merged="results/{model}/merged",
         heldout=get_heldout,
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/checks/chat-template-{stage}.json",
     log:
@@ -41,9 +41,9 @@ rule check_chat_template:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         heldout=get_heldout_arg,
     shell:
@@ -56,7 +56,7 @@ rule check_generation:
         gguf="results/{model}/ggml-model-f16.gguf",
         merged="results/{model}/merged",
         heldout=get_heldout,
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/checks/generation.json",
     log:
@@ -67,9 +67,9 @@ rule check_generation:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         **config["checks"]["generation"],
     shell:
@@ -85,9 +85,9 @@ rule compare_imatrix:
         quant="results/{model}/ggml-model-{qtype}.gguf",
         imatrix="results/{model}/imatrix.gguf",
         task=get_task_files,
-        quantize=f"{get_llama_bin()}/llama-quantize",
-        perplexity=f"{get_llama_bin()}/llama-perplexity",
-        lib=f"{get_llama_bin()}/libllama.so",
+        quantize=f"{SPEC.llama_bin}/llama-quantize",
+        perplexity=f"{SPEC.llama_bin}/llama-perplexity",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/checks/imatrix-{qtype}.json",
     log:
@@ -98,9 +98,9 @@ rule compare_imatrix:
         "../envs/torch.yaml"
     threads: 16
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         **config["checks"]["imatrix"],
         heldout=get_heldout_arg,

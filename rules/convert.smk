@@ -1,7 +1,7 @@
 rule convert:
     input:
         model="results/{model}/merged",
-        source=get_llama_source(),
+        source=SPEC.llama_source,
     output:
         "results/{model}/ggml-model-f16.gguf",
     log:
@@ -12,9 +12,9 @@ rule convert:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     shell:
         "python -m scripts.convert --source {input.source:q} --merged {input.model:q} --out {output:q}"
         " --outtype f16 --model-name {wildcards.model} --threads {threads} > {log:q} 2>&1"
@@ -24,7 +24,7 @@ rule convert:
 use rule convert as convert_base with:
     input:
         model="results/{model}/base",
-        source=get_llama_source(),
+        source=SPEC.llama_source,
     output:
         "results/{model}/base-f16.gguf",
     log:

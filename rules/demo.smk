@@ -9,9 +9,9 @@ rule make_demo_base:
         "../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     shell:
         "python -m scripts.make_demo_base --out {output:q} --threads {threads} > {log:q} 2>&1"
 
@@ -31,9 +31,9 @@ rule train_demo_adapter:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         **config["demo"],
     shell:

@@ -11,9 +11,9 @@ rule make_eval_text:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         text=EVAL["text"],
         task=get_task_arg,
@@ -26,7 +26,7 @@ rule eval_perplexity_hf:
         unpack(get_hf_stage_input),
         text="results/{model}/report/eval_text.txt",
         vocab="results/{model}/ggml-model-f16.gguf",
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/report/perplexity/{hf_stage}.json",
     log:
@@ -37,9 +37,9 @@ rule eval_perplexity_hf:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         model=get_hf_stage_model,
         ctx=EVAL["ctx"],
@@ -56,7 +56,7 @@ rule eval_perplexity:
     input:
         gguf="results/{model}/ggml-model-f16.gguf",
         text="results/{model}/report/eval_text.txt",
-        perplexity=f"{get_llama_bin()}/llama-perplexity",
+        perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
         json="results/{model}/report/perplexity/f16.json",
         # f16's log-probabilities, which every quant is compared with; large (windows x vocab)
@@ -69,9 +69,9 @@ rule eval_perplexity:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         ctx=EVAL["ctx"],
         chunks=EVAL["chunks"],
@@ -86,7 +86,7 @@ rule eval_kl_divergence:
     input:
         gguf="results/{model}/ggml-model-{qtype}.gguf",
         logits="results/{model}/report/f16-logits.kld",
-        perplexity=f"{get_llama_bin()}/llama-perplexity",
+        perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
         "results/{model}/report/kl_divergence/{qtype}.json",
     log:
@@ -97,9 +97,9 @@ rule eval_kl_divergence:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         ctx=EVAL["ctx"],
     shell:
@@ -123,9 +123,9 @@ rule eval_task_hf:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         model=get_hf_stage_model,
         max_new_tokens=EVAL["max_new_tokens"],
@@ -140,7 +140,7 @@ rule eval_task:
         gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
         task=get_heldout,
         tokenizer="results/{model}/merged",
-        lib=f"{get_llama_bin()}/libllama.so",
+        lib=f"{SPEC.llama_bin}/libllama.so",
     output:
         "results/{model}/report/task/{gguf_stage}.json",
     log:
@@ -151,9 +151,9 @@ rule eval_task:
         "../envs/torch.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         max_new_tokens=EVAL["max_new_tokens"],
     shell:
@@ -166,7 +166,7 @@ rule eval_task:
 rule bench_threads:
     input:
         gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
-        bench=f"{get_llama_bin()}/llama-bench",
+        bench=f"{SPEC.llama_bin}/llama-bench",
     output:
         "results/{model}/report/bench/{gguf_stage}.json",
     log:
@@ -178,11 +178,11 @@ rule bench_threads:
     # all cores, so no other job runs beside the sweep and skews it
     threads: workflow.cores
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
-        threads=",".join(map(str, get_bench_threads())),
+        threads=",".join(map(str, SIZING.bench_threads())),
         prompt_tokens=EVAL["bench"]["prompt_tokens"],
         gen_tokens=EVAL["bench"]["gen_tokens"],
         repetitions=EVAL["bench"]["repetitions"],
@@ -232,9 +232,9 @@ rule make_eval_report:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         stages=get_report_args,
         runtime_lora=get_runtime_lora_args,
@@ -267,9 +267,9 @@ rule check_quality_gate:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     # the verdict also goes to snakemake's own output, so a failing gate is read where it fails
     shell:
         "python -m scripts.check_quality_gate --metrics {input:q} --out {output:q} 2>&1 | tee {log:q}"

@@ -1,6 +1,6 @@
 rule fetch_llama_cpp:
     output:
-        directory(get_llama_source()),
+        directory(SPEC.llama_source),
     log:
         "logs/llama_cpp/fetch_llama_cpp.log",
     benchmark:
@@ -9,13 +9,13 @@ rule fetch_llama_cpp:
         "../envs/llama_cpp.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         kind=LLAMA["source"],
         commit=COMMIT,
-        args=get_fetch_args(),
+        args=SPEC.fetch_args,
     shell:
         "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args:q}"
         " --out {output:q} > {log:q} 2>&1"
@@ -23,9 +23,9 @@ rule fetch_llama_cpp:
 
 rule build_llama_cpp:
     input:
-        get_llama_source(),
+        SPEC.llama_source,
     output:
-        get_llama_tools(),
+        SPEC.llama_tools,
     log:
         "logs/llama_cpp/build_llama_cpp.log",
     benchmark:
@@ -34,9 +34,9 @@ rule build_llama_cpp:
         "../envs/llama_cpp.yaml"
     threads: 32
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         flavour=LLAMA["cpu"],
     shell:

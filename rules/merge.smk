@@ -2,7 +2,7 @@
 rule check_converter_vocab:
     input:
         unpack(get_vocab_check_input),
-        source=get_llama_source(),
+        source=SPEC.llama_source,
     output:
         "results/{model}/checks/converter-vocab.json",
     log:
@@ -13,9 +13,9 @@ rule check_converter_vocab:
         "../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,
@@ -38,9 +38,9 @@ rule merge:
         "../envs/torch.yaml"
     threads: 8
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         base=get_base,
         adapters=get_adapter_args,

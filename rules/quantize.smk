@@ -3,7 +3,7 @@ rule make_imatrix:
         gguf="results/{model}/ggml-model-f16.gguf",
         merged="results/{model}/merged",
         task=get_calibration_files,
-        tool=f"{get_llama_bin()}/llama-imatrix",
+        tool=f"{SPEC.llama_bin}/llama-imatrix",
     output:
         "results/{model}/imatrix.gguf",
     log:
@@ -14,9 +14,9 @@ rule make_imatrix:
         "../envs/torch.yaml"
     threads: 16
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         args=get_calibration_args,
         ctx_size=IMATRIX["ctx_size"],
@@ -41,9 +41,9 @@ rule quantize:
         "../envs/llama_cpp.yaml"
     threads: 16
     resources:
-        mem_mb=get_mem_mb,
-        disk_mb=get_disk_mb,
-        runtime=get_runtime,
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
     params:
         imatrix=get_imatrix_arg,
     shell:

