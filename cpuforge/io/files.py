@@ -114,16 +114,3 @@ def size_on_disk(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found.") from None
-    if magic != GGUF_MAGIC:
-        raise InputError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}).")

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output, check_gguf
+from cpuforge.io.files import atomic_output
+from cpuforge.io.gguf import check_gguf
 from cpuforge.io.provenance import copy_gguf_with_provenance
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,60 @@
+"""GGUF files read in one place, with one error policy: a file that is not a readable GGUF is an
+InputError whose sentence names the file and the problem, whichever step reads it.
+
+gguf-py's GGUFReader maps the file and decodes its header; it raises whatever numpy raises on a
+file cut short (IndexError, ValueError), which a user should never see as a traceback."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from cpuforge.errors import InputError
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """The first four bytes only: a cheap check before a llama.cpp tool is handed the file."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found.") from None
+    if magic != GGUF_MAGIC:
+        raise InputError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}).")
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
+    """gguf-py's reader of `path`: its header fields, and tensors as views of the mapped file."""
+    from gguf import GGUFReader
+
+    check_gguf(path)
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
+
+
+def field_values(reader: GGUFReader) -> dict[str, Any]:
+    """Every header field of an open GGUF, decoded (strings, numbers, lists)."""
+    return {f.name: f.contents() for f in reader.fields.values()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every header field of a GGUF file, decoded."""
+    return field_values(open_gguf(path))
+
+
+def gguf_context_length(path: str | os.PathLike) -> int:
+    """The context length a GGUF model was trained with (`<arch>.context_length`)."""
+    fields = read_metadata(path)
+    if "general.architecture" not in fields:
+        raise InputError(f"{path}: no general.architecture in the GGUF header.")
+    key = f"{fields['general.architecture']}.context_length"
+    if key not in fields:
+        raise InputError(f"{path}: no {key} in the GGUF header.")
+    return int(fields[key])
