@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from cpuforge.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 def _remove(path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 from importlib import metadata
@@ -11,8 +10,6 @@ from pathlib import Path
 
 from cpuforge.io.files import atomic_output, sha256_tree
 from cpuforge.io.gguf import field_values, open_gguf
-
-log = logging.getLogger(__name__)
 
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
