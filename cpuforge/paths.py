@@ -47,7 +47,8 @@ def source_record(bin_dir: str | os.PathLike) -> Path:
 
 def gguf_commit(model: str | os.PathLike) -> str | None:
     """The llama.cpp commit that converted a GGUF, from its cpuforge provenance; None for other GGUFs."""
-    record = read_metadata(model).get("cpuforge.llama.convert")
+    # the key copy_gguf_with_provenance writes for the convert step
+    record = read_metadata(model, ["cpuforge.convert"]).get("cpuforge.convert")
     return None if record is None else (json.loads(record).get("llama_cpp") or {}).get("commit")
 
 

@@ -3,27 +3,24 @@ readable GGUF, whichever way it is broken."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import check_gguf, gguf_context_length, open_gguf, read_metadata
+from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.paths import gguf_commit
 
 pytestmark = pytest.mark.unit
 
 
-def write_gguf(path, context_length: int | None = 256, **strings: str):
+def write_gguf(path, context_length: int | None = 256):
     """A small real GGUF, written by gguf-py: a llama header and one f32 tensor."""
     from gguf import GGUFWriter
 
     writer = GGUFWriter(path, arch="llama")
     if context_length is not None:
         writer.add_context_length(context_length)
-    for key, value in strings.items():
-        writer.add_string(key.replace("__", "."), value)
     writer.add_tensor("token_embd.weight", np.arange(4 * 32, dtype=np.float32).reshape(4, 32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -42,9 +39,11 @@ def test_the_header_is_read_back(tmp_path):
 
 
 def test_the_commit_comes_from_the_converters_provenance(tmp_path):
-    record = json.dumps({"llama_cpp": {"commit": "c" * 40}})
-    assert gguf_commit(write_gguf(tmp_path / "ours.gguf", cpuforge__llama__convert=record)) == "c" * 40
-    assert gguf_commit(write_gguf(tmp_path / "theirs.gguf")) is None
+    """Written as the convert step writes it, read back as chat and serve find their build."""
+    theirs = write_gguf(tmp_path / "theirs.gguf")
+    copy_gguf_with_provenance(theirs, tmp_path / "ours.gguf", "convert", {"llama_cpp": {"commit": "c" * 40}})
+    assert gguf_commit(tmp_path / "ours.gguf") == "c" * 40
+    assert gguf_commit(theirs) is None
 
 
 def test_no_context_length_is_said(tmp_path):

@@ -7,6 +7,7 @@ file cut short (IndexError, ValueError), which a user should never see as a trac
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from cpuforge.errors import InputError
@@ -39,22 +40,25 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
 
 
-def field_values(reader: GGUFReader) -> dict[str, Any]:
-    """Every header field of an open GGUF, decoded (strings, numbers, lists)."""
-    return {f.name: f.contents() for f in reader.fields.values()}
+def field_values(reader: GGUFReader, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The header fields of an open GGUF, decoded (strings, numbers, lists): all, or those of `keys` it has
+    (decoding a vocabulary's 100k token strings is the slow part of reading a header)."""
+    fields = reader.fields if keys is None else {k: reader.fields[k] for k in keys if k in reader.fields}
+    return {name: f.contents() for name, f in fields.items()}
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Every header field of a GGUF file, decoded."""
-    return field_values(open_gguf(path))
+def read_metadata(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """The header fields of a GGUF file, decoded: all, or those of `keys` it has."""
+    return field_values(open_gguf(path), keys)
 
 
 def gguf_context_length(path: str | os.PathLike) -> int:
     """The context length a GGUF model was trained with (`<arch>.context_length`)."""
-    fields = read_metadata(path)
-    if "general.architecture" not in fields:
+    reader = open_gguf(path)
+    arch = field_values(reader, ["general.architecture"]).get("general.architecture")
+    if arch is None:
         raise InputError(f"{path}: no general.architecture in the GGUF header.")
-    key = f"{fields['general.architecture']}.context_length"
-    if key not in fields:
+    key = f"{arch}.context_length"
+    if key not in reader.fields:
         raise InputError(f"{path}: no {key} in the GGUF header.")
-    return int(fields[key])
+    return int(reader.fields[key].contents())

@@ -173,7 +173,7 @@ def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: 
             f"{plan.tokenizer}: the pinned llama.cpp converter cannot read this tokenizer: "
             f"{last_error_line(result.stderr)}"
         )
-    fields = read_metadata(vocab)
+    fields = read_metadata(vocab, ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens"])
     return {
         "tokenizer": str(plan.tokenizer),
         "model": fields.get("tokenizer.ggml.model"),
