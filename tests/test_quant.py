@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
-from conftest import convert, make_tiny_llama
+from conftest import SOURCE, convert, make_tiny_llama
 
 from cpuforge.llama.quant import QUANTS
 
@@ -40,3 +41,20 @@ def test_llama_quantize_knows_every_type_and_which_need_an_importance_matrix(lla
         out = run.stdout + run.stderr
         assert run.returncode == 0, f"{q.name}:\n{out[-3000:]}"
         assert ("will require an imatrix" in out) == q.needs_imatrix, f"{q.name}:\n{out[-3000:]}"
+
+
+@pytest.mark.llama
+def test_each_main_type_is_llama_cpps_default_for_it(llama_bin):
+    """The table's ggml type of each quant type is the one the pinned llama.cpp gives its matrices unless a
+    mix rule says otherwise (src/llama-quant.cpp, llama_ftype_get_default_type; cases fall through)."""
+    code = (SOURCE / "src" / "llama-quant.cpp").read_text()
+    body = code[code.index("ggml_type llama_ftype_get_default_type(") :]
+    body = body[: body.index("default:")]
+    defaults, pending = {}, []
+    for ftype, ggml in re.findall(r"case LLAMA_FTYPE_(?:MOSTLY|ALL)_(\w+):\s*(?:return GGML_TYPE_(\w+);)?", body):
+        pending.append(ftype.lower())
+        if ggml:
+            defaults |= dict.fromkeys(pending, ggml.lower())
+            pending = []
+    assert defaults["q4_k_m"] == "q4_k" and defaults["iq2_s"] == "iq2_xs"  # the parse itself
+    assert {name: q.ggml_type for name, q in QUANTS.items()} == {name: defaults[name] for name in QUANTS}

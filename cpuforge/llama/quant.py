@@ -25,7 +25,7 @@ class QuantType:
     family: str  # legacy (one block format, quantized in one pass), k or i (searched mixes), float
     bits: float  # bits per weight of the matrices: for the K- and I-mixes their average over a LLaMA's
     # matrices, from the sizes llama-quantize states; vectors stay f32, `output.weight` gets at least q6_k
-    ggml_type: str  # the ggml type most of its matrices get
+    ggml_type: str  # the ggml type its matrices get unless a mix says otherwise (llama_ftype_get_default_type)
     # llama-quantize refuses to write it without an importance matrix: it holds IQ1_*, IQ2_* or IQ3_XXS
     # tensors, or Q2_K tensors inside a Q2_K_S file (src/llama-quant.cpp, tensor_requires_imatrix and
     # llama_tensor_get_type)
@@ -53,10 +53,10 @@ QUANTS = {q.name: q for q in (
     QuantType("iq1_m", "i", 1.8, "iq1_m", needs_imatrix=True),
     QuantType("iq2_xxs", "i", 2.1, "iq2_xxs", needs_imatrix=True),
     QuantType("iq2_xs", "i", 2.35, "iq2_xs", needs_imatrix=True),
-    QuantType("iq2_s", "i", 2.5, "iq2_s", needs_imatrix=True),
+    QuantType("iq2_s", "i", 2.5, "iq2_xs", needs_imatrix=True),
     QuantType("iq2_m", "i", 2.7, "iq2_s", needs_imatrix=True),
     QuantType("iq3_xxs", "i", 3.1, "iq3_xxs", needs_imatrix=True),
-    QuantType("iq3_xs", "i", 3.3, "iq3_xxs", needs_imatrix=True),
+    QuantType("iq3_xs", "i", 3.3, "iq3_s", needs_imatrix=True),
     QuantType("iq3_s", "i", 3.45, "iq3_s"),
     QuantType("iq3_m", "i", 3.7, "iq3_s"),
     QuantType("iq4_nl", "i", 4.5, "iq4_nl"),
