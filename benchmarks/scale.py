@@ -161,8 +161,10 @@ def llama_tokenizer(out: Path, extended: int | None = None) -> None:
     from transformers import AutoTokenizer
 
     from cpuforge import paths
+    from cpuforge.llama.build import pinned_sdist
 
-    source = paths.llama_source(Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")), COMMIT)
+    source = paths.llama_source(Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")),
+                               pinned_sdist()["commit"])
     tokenizer = AutoTokenizer.from_pretrained(source / "models", gguf_file=LLAMA_VOCAB)
     tokenizer.save_pretrained(out)
     if extended is None:
@@ -228,9 +230,6 @@ def make_inputs(shape: str, inputs: Path, sparse: bool) -> None:
     else:
         write_lora(scratch / "adapter1", s, 16, PROJECTIONS, 1)
     os.replace(scratch, inputs)
-
-
-COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 
 
 # ---- measuring ----

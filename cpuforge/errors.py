@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 
 class InputError(Exception):
     """Bad input. The message is one sentence naming the file or key and the problem."""

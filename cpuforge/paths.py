@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from cpuforge.io.gguf import read_metadata
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD_DIR = Path("build/llama.cpp")  # config llama_cpp.build_dir's default
 # what build_llama_cpp makes into bin/, beside the ggml libraries
@@ -45,15 +47,9 @@ def source_record(bin_dir: str | os.PathLike) -> Path:
 
 def gguf_commit(model: str | os.PathLike) -> str | None:
     """The llama.cpp commit that converted a GGUF, from its cpuforge provenance; None for other GGUFs."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(model).get_field("cpuforge.llama.convert")
-    except (OSError, ValueError):
-        return None
-    if field is None:
-        return None
-    return (json.loads(field.contents()).get("llama_cpp") or {}).get("commit")
+    # the key copy_gguf_with_provenance writes for the convert step
+    record = read_metadata(model, ["cpuforge.convert"]).get("cpuforge.convert")
+    return None if record is None else (json.loads(record).get("llama_cpp") or {}).get("commit")
 
 
 def default_llama_bin(model: str | os.PathLike | None = None) -> Path:

@@ -22,7 +22,7 @@ import logging
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
-from cpuforge.checks.template import check_chat_template
+from cpuforge.checks.chat_template import check_chat_template
 
 log = logging.getLogger(__name__)
 

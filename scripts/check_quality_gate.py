@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.cli import run
+from cpuforge.evaluate.gate import describe_thresholds
 from cpuforge.io.files import atomic_output, read_json
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,8 @@ def main() -> None:
             log.error("quality gate failed for %s: %s", metrics["model"], failure)
         log.error("the report is %s", args.metrics.with_name("report.html"))
         sys.exit(1)
-    thresholds = ", ".join(f"{k} = {v:g}" for k, v in gate["thresholds"].items())
     with atomic_output(args.out) as tmp:
-        tmp.write_text(f"quality gate passed for {metrics['model']}: {thresholds}\n")
+        tmp.write_text(f"quality gate passed for {metrics['model']}: {describe_thresholds(gate['thresholds'])}\n")
     log.info("quality gate passed for %s", metrics["model"])
 
 

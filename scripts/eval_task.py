@@ -9,7 +9,7 @@ Every stage reads the same prompt, as training saw it: the token ids of
 transformers' `apply_chat_template` on the merged model's tokenizer
 (cpuforge.text.prompt; plain completion for a model without a chat template). A HF
 folder is scored by teacher forcing, in one pass streamed a decoder layer at a
-time (cpuforge.evaluate.accuracy.answers_hf): a row is right when the model's greedy
+time (cpuforge.evaluate.task.answers_hf): a row is right when the model's greedy
 choice is the answer's token at every answer position and a stop token after
 it, which is greedy decoding's exact match (do_sample=False); its `answers` are
 the task's where right, else written up to the first token that differs. A GGUF
@@ -24,7 +24,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.evaluate.accuracy import answers_gguf, answers_hf
+from cpuforge.evaluate.task import answers_gguf, answers_hf
 from cpuforge.cli import add_flags, check_threads, run
 from cpuforge.io.files import write_json
 from cpuforge.text.task import answer, read_heldout

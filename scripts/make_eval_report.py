@@ -23,7 +23,8 @@ from pathlib import Path
 
 from cpuforge.cli import run
 from cpuforge.io.files import atomic_output, write_json
-from cpuforge.evaluate.report import make_report, parse_stages, read_checks, render_html
+from cpuforge.evaluate.report import make_report
+from cpuforge.evaluate.stages import parse_stages
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,16 @@ def main() -> None:
 
     matplotlib.use("Agg")
     runtime_lora = parse_stages(args.runtime_lora, "--runtime-lora", reference=False)
-    metrics, records, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
-                                          args.serve, args.llama_cpp_commit, thresholds, runtime_lora,
-                                          args.adapters)  # fmt: skip
+    metrics, page, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
+                                       args.serve, args.llama_cpp_commit, thresholds, runtime_lora, args.adapters,
+                                       args.checks)  # fmt: skip
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:
             tmp.write_bytes(data)
-    checks = read_checks(args.checks)
-    metrics["checks"] = checks
     with atomic_output(args.html) as tmp:
-        tmp.write_text(render_html(metrics, records, plots, checks), encoding="utf-8")
+        tmp.write_text(page, encoding="utf-8")
     write_json(args.metrics, metrics)
-    for r in records:
+    for r in metrics["stages"]:
         log.info("%-12s %8.1f MiB  ppl %.4f  %s", r["stage"], r["size_bytes"] / 2**20, r["perplexity"],
                  "" if "accuracy" not in r else f"accuracy {r['accuracy']:.3f}")  # fmt: skip
     for row in metrics["runtime_lora"]:

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.io.files import check_gguf, read_json
+from cpuforge.io.files import read_json
+from cpuforge.io.gguf import check_gguf
 from cpuforge.paths import source_record
 from cpuforge.io.provenance import provenance, write_provenance
 from cpuforge.llama.quant import check_imatrix, check_quant_type, quantize

@@ -137,7 +137,7 @@ def test_lora_adapters_makes_gguf_loras_and_the_unmerged_base(lora_run):
         "tokenizer.ggml.bos_token_id",
     ):
         assert base[key] == merged[key], key
-    assert "cpuforge.quantize" in base and "cpuforge.llama.convert" in base
+    assert "cpuforge.quantize" in base and "cpuforge.convert" in base
     assert (lora_run / "results" / "beta" / "adapters" / "1-b.gguf").is_file()
     assert not list((lora_run / "results").rglob("*.partial"))
 

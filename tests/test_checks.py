@@ -17,7 +17,7 @@ from cpuforge.llama.runtime import load_gguf_vocab
 from cpuforge.merge.merge import merge
 from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.text.task import task_texts
-from cpuforge.checks.template import CHECKED, check_chat_template
+from cpuforge.checks.chat_template import CHECKED, check_chat_template
 from cpuforge.checks.tokenizer import check_tokenizer
 
 TASK_FILES = [TASK["train"], TASK["heldout"]]

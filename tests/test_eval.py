@@ -17,7 +17,7 @@ from conftest import write_config
 from cpuforge.evaluate.bench import recommended_threads
 from cpuforge.llama.runtime import cpu_backend
 from cpuforge.evaluate.perplexity import parse_kl_output, perplexity_from_nll
-from cpuforge.evaluate.report import quality_gate
+from cpuforge.evaluate.gate import quality_gate
 from cpuforge.text.task import as_text, load_split
 
 # f16 GGUF (llama-perplexity) vs merged HF (torch f32) perplexity on the same tokens: measured 3e-5 to 6e-5
@@ -286,7 +286,7 @@ def test_kl_summary_is_read_from_llama_perplexity_output():
 
 
 def test_merged_or_runtime_lora_is_said_from_the_figures():
-    from cpuforge.evaluate.report import lora_verdict
+    from cpuforge.evaluate.records import lora_verdict
 
     merged = {"kl_divergence": 0.02, "kl_divergence_err": 0.001, "accuracy": 0.9, "tg_tps": 100.0, "size_bytes": 2**30}
 

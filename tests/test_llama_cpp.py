@@ -9,8 +9,10 @@ import sys
 import pytest
 from conftest import REPO, snakemake
 
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+from cpuforge.llama.build import pinned_sdist
+
+PIN = pinned_sdist()
+SDIST_SHA256, COMMIT, VERSION = PIN["sha256"], PIN["commit"], PIN["version"]
 
 
 def fetch(*args: str) -> subprocess.CompletedProcess:
@@ -33,9 +35,11 @@ def checkout(tmp_path):
 
 def test_tampered_sdist_is_refused(tmp_path):
     wrong = "0" * 64
-    result = fetch("--kind", "sdist", "--version", "0.3.36", "--sha256", wrong, "--commit", COMMIT, "--out", str(tmp_path / "src"))
+    result = fetch("--kind", "sdist", "--version", VERSION, "--sha256", wrong, "--commit", COMMIT,
+                   "--out", str(tmp_path / "src"))  # fmt: skip
     assert result.returncode == 2
-    assert f"llama_cpp_python-0.3.36.tar.gz: sha256 is {SDIST_SHA256}, config llama_cpp.sdist.sha256 expects {wrong}." in result.stderr
+    assert (f"llama_cpp_python-{VERSION}.tar.gz: sha256 is {SDIST_SHA256}, config llama_cpp.sdist.sha256 "
+            f"expects {wrong}.") in result.stderr  # fmt: skip
     assert not (tmp_path / "src").exists() and not (tmp_path / "src.partial").exists()
 
 

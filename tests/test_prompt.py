@@ -14,7 +14,7 @@ from cpuforge.errors import InputError
 from cpuforge.paths import merged_folder
 from cpuforge.text.prompt import ChatPrompt, GGUFPrompt, chat_prompt_for
 from cpuforge.text.task import load_split, messages
-from cpuforge.checks.template import CHECKED, check_chat_template
+from cpuforge.checks.chat_template import CHECKED, check_chat_template
 
 HELDOUT = [messages(r) for r in load_split("heldout")]
 SPM = [name for name, (vocab, _) in VOCAB_PAIRS.items() if vocab in ("llama-spm", "phi-3")]

@@ -12,7 +12,7 @@ import torch
 from conftest import CHAT_TEMPLATE, REPO, chat_lesson, make_lora, make_tiny_llama, prose
 
 from cpuforge.text import stream
-from cpuforge.evaluate.accuracy import answers_hf, hf_prompts
+from cpuforge.evaluate.task import answers_hf, hf_prompts
 from cpuforge.errors import InputError
 from cpuforge.text.generate import greedy_answers, greedy_choices, greedy_divergence, greedy_ids, stop_ids
 from cpuforge.merge.merge import merge

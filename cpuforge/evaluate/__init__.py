@@ -1,1 +1,1 @@
-"""What each stage cost: perplexity and KL, task accuracy, speed, and the report that gathers them with the quality gate."""
+"""What each stage cost and the report on it: perplexity and KL, task accuracy, speed; records, gate, plots, page."""

@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from cpuforge.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 def _remove(path: Path) -> None:
@@ -114,16 +111,3 @@ def size_on_disk(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found.") from None
-    if magic != GGUF_MAGIC:
-        raise InputError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r}).")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
-from cpuforge.io.files import atomic_output, check_gguf, sha256_tree
-
-log = logging.getLogger(__name__)
+from cpuforge.io.files import atomic_output, sha256_tree
+from cpuforge.io.gguf import field_values, open_gguf
 
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
@@ -50,13 +48,13 @@ def copy_gguf_with_provenance(
     """Copy a GGUF file, adding `record` as JSON under the key `cpuforge.<step>`, so the file alone
     tells its history; keys from earlier steps travel along (llama-quantize copies them too).
     `metadata` (key -> str, bool or int value) sets further keys, `remove` drops keys."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
     types = {bool: GGUFValueType.BOOL, str: GGUFValueType.STRING, int: GGUFValueType.UINT32}
     new = {key: MetadataDetails(types[type(value)], value) for key, value in (metadata or {}).items()}
     new[f"cpuforge.{step}"] = MetadataDetails(GGUFValueType.STRING, json.dumps(record, sort_keys=True))
-    reader = GGUFReader(src)
+    reader = open_gguf(src)
     writer = GGUFWriter(dst, arch=reader.get_field("general.architecture").contents(), endianess=reader.endianess)
     with open(src, "rb") as f:
         reader.tensors = [t._replace(data=StreamedTensor(f, t.data_offset, t.data)) for t in reader.tensors]
@@ -89,13 +87,11 @@ class StreamedTensor:
 
 def read_history(path: Path) -> dict:
     """general.* fields and the decoded cpuforge.* provenance records of a GGUF file."""
-    from gguf import GGUFReader
-
-    check_gguf(path)
-    reader = GGUFReader(path)
-    fields = {f.name: f.contents() for f in reader.fields.values()}
+    reader = open_gguf(path)
+    fields = field_values(reader)
     return {
         "general": {k: v for k, v in fields.items() if k.startswith("general.")},
-        "cpuforge": {k.removeprefix("cpuforge."): json.loads(v) for k, v in fields.items() if k.startswith("cpuforge.")},
+        "cpuforge": {k.removeprefix("cpuforge."): json.loads(v) for k, v in fields.items()
+                     if k.startswith("cpuforge.")},  # fmt: skip
         "tensors": len(reader.tensors),
     }

@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import struct
 from pathlib import Path
 
 from cpuforge.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 def safetensors_header(path: str | os.PathLike) -> dict:

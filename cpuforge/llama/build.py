@@ -24,9 +24,17 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, sha256_file
-from cpuforge.paths import LLAMA_TOOLS
+from cpuforge.paths import LLAMA_TOOLS, REPO
 
 log = logging.getLogger(__name__)
+
+
+def pinned_sdist(config: Path = REPO / "config.yaml") -> dict[str, str]:
+    """config.yaml's llama_cpp.sdist, the one place the pin is written: package, version, sha256 and the
+    llama.cpp commit of its vendor/llama.cpp."""
+    import yaml
+
+    return yaml.safe_load(config.read_text())["llama_cpp"]["sdist"]
 
 
 def fetch_sdist(package: str, version: str, sha256: str, commit: str, out: Path) -> dict:

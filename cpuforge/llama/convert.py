@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
+from cpuforge.io.gguf import read_metadata
 from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.io.safetensors import safetensors_header
 
@@ -155,8 +156,6 @@ def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: 
     A tokenizer the converter cannot read (a BPE pre-tokenizer it does not know, llama.cpp #8649)
     then fails here in seconds, in one sentence, not after the merge as a traceback. Returns what
     the converter made of it: tokenizer model, pre-tokenizer and number of tokens."""
-    from gguf import GGUFReader
-
     from cpuforge.merge.plan import check_inputs
     from cpuforge.merge.merge import write_model_files
 
@@ -174,7 +173,7 @@ def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: 
             f"{plan.tokenizer}: the pinned llama.cpp converter cannot read this tokenizer: "
             f"{last_error_line(result.stderr)}"
         )
-    fields = {f.name: f.contents() for f in GGUFReader(vocab).fields.values()}
+    fields = read_metadata(vocab, ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens"])
     return {
         "tokenizer": str(plan.tokenizer),
         "model": fields.get("tokenizer.ggml.model"),

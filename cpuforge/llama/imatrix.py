@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
+from cpuforge.io.gguf import open_gguf
 from cpuforge.text.generate import gguf_greedy_answers
 from cpuforge.llama.runtime import load_gguf_vocab, load_llama_cpp, run_llama_tool
 from cpuforge.evaluate.perplexity import parse_kl_output
@@ -64,7 +65,8 @@ def make_imatrix(bin_dir: Path, gguf: Path, text: str, out: Path, ctx_size: int,
         # llama-imatrix saves to its output name as it goes: give it a scratch name. Its perplexity is not
         # wanted, but only with it does it log each chunk as it ends ("[n]ppl" after "computing over N chunks")
         scratch = work / "imatrix.gguf"
-        cmd = [str((bin_dir / "llama-imatrix").resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION, "-o", str(scratch.resolve()),
+        cmd = [str((bin_dir / "llama-imatrix").resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION,
+               "-o", str(scratch.resolve()),
                "-c", str(ctx_size), "--chunks", str(used), "-t", str(threads), "-tb", str(threads),
                "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
         log.info("running %s", " ".join(cmd))
@@ -82,9 +84,9 @@ def sha256_text(text: str) -> str:
 def uniform_imatrix(real: Path, out: Path) -> None:
     """An importance matrix with the entries of `real` and every weight 1: each column equally important."""
     import numpy as np
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
 
-    reader = GGUFReader(real)
+    reader = open_gguf(real)
     writer = GGUFWriter(out, arch="imatrix")
     for field in reader.fields.values():
         if field.name.startswith("imatrix.") or field.name == "general.type":

@@ -6,29 +6,67 @@ import difflib
 import logging
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output, check_gguf
+from cpuforge.io.files import atomic_output
+from cpuforge.io.gguf import check_gguf
 from cpuforge.io.provenance import copy_gguf_with_provenance
 
 log = logging.getLogger(__name__)
 
 
-# llama-quantize's type names (tools/quantize/quantize.cpp, QUANT_OPTIONS) that cpuforge makes.
-QUANT_TYPES = (
-    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
-    "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-    "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
-    "iq4_nl", "iq4_xs",
-    "f16", "bf16",
-)  # fmt: skip
+@dataclass(frozen=True)
+class QuantType:
+    """One of llama-quantize's types (tools/quantize/quantize.cpp, QUANT_OPTIONS) and what it needs."""
+
+    name: str  # as config quant_types and the file names spell it; llama-quantize takes it upper-cased
+    family: str  # legacy (one block format, quantized in one pass), k or i (searched mixes), float
+    bits: float  # bits per weight of the matrices: for the K- and I-mixes their average over a LLaMA's
+    # matrices, from the sizes llama-quantize states; vectors stay f32, `output.weight` gets at least q6_k
+    ggml_type: str  # the ggml type its matrices get unless a mix says otherwise (llama_ftype_get_default_type)
+    # llama-quantize refuses to write it without an importance matrix: it holds IQ1_*, IQ2_* or IQ3_XXS
+    # tensors, or Q2_K tensors inside a Q2_K_S file (src/llama-quant.cpp, tensor_requires_imatrix and
+    # llama_tensor_get_type)
+    needs_imatrix: bool = False
 
 
-# Types whose files llama-quantize refuses to write without an importance matrix: they hold
-# IQ1_*, IQ2_* or IQ3_XXS tensors, or Q2_K tensors inside a Q2_K_S file (src/llama-quant.cpp,
-# tensor_requires_imatrix and llama_tensor_get_type).
-NEEDS_IMATRIX = ("q2_k_s", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs")
+# the types cpuforge makes, in the order their names are matched (rules/common.smk's wildcard constraints)
+QUANTS = {q.name: q for q in (
+    QuantType("q4_0", "legacy", 4.5, "q4_0"),
+    QuantType("q4_1", "legacy", 5.0, "q4_1"),
+    QuantType("q5_0", "legacy", 5.5, "q5_0"),
+    QuantType("q5_1", "legacy", 6.0, "q5_1"),
+    QuantType("q8_0", "legacy", 8.5, "q8_0"),
+    QuantType("q2_k", "k", 3.0, "q2_k"),
+    QuantType("q2_k_s", "k", 2.9, "q2_k", needs_imatrix=True),
+    QuantType("q3_k_s", "k", 3.5, "q3_k"),
+    QuantType("q3_k_m", "k", 3.9, "q3_k"),
+    QuantType("q3_k_l", "k", 4.3, "q3_k"),
+    QuantType("q4_k_s", "k", 4.6, "q4_k"),
+    QuantType("q4_k_m", "k", 4.9, "q4_k"),
+    QuantType("q5_k_s", "k", 5.5, "q5_k"),
+    QuantType("q5_k_m", "k", 5.7, "q5_k"),
+    QuantType("q6_k", "k", 6.5625, "q6_k"),
+    QuantType("iq1_s", "i", 1.6, "iq1_s", needs_imatrix=True),
+    QuantType("iq1_m", "i", 1.8, "iq1_m", needs_imatrix=True),
+    QuantType("iq2_xxs", "i", 2.1, "iq2_xxs", needs_imatrix=True),
+    QuantType("iq2_xs", "i", 2.35, "iq2_xs", needs_imatrix=True),
+    QuantType("iq2_s", "i", 2.5, "iq2_xs", needs_imatrix=True),
+    QuantType("iq2_m", "i", 2.7, "iq2_s", needs_imatrix=True),
+    QuantType("iq3_xxs", "i", 3.1, "iq3_xxs", needs_imatrix=True),
+    QuantType("iq3_xs", "i", 3.3, "iq3_s", needs_imatrix=True),
+    QuantType("iq3_s", "i", 3.45, "iq3_s"),
+    QuantType("iq3_m", "i", 3.7, "iq3_s"),
+    QuantType("iq4_nl", "i", 4.5, "iq4_nl"),
+    QuantType("iq4_xs", "i", 4.25, "iq4_xs"),
+    QuantType("f16", "float", 16, "f16"),
+    QuantType("bf16", "float", 16, "bf16"),
+)}  # fmt: skip
+# views of the table, for the checks and the rules
+QUANT_TYPES = tuple(QUANTS)
+NEEDS_IMATRIX = tuple(name for name, q in QUANTS.items() if q.needs_imatrix)
 
 
 def check_quant_type(qtype: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
+from cpuforge.io.gguf import gguf_context_length  # noqa: F401  (cpuforge/serve and benchmarks/soak.py import it here)
 from cpuforge.paths import report_metrics
 
 log = logging.getLogger(__name__)
@@ -156,21 +157,6 @@ def physical_cores() -> int:
 # the context a chat or a server request gets unless --ctx-size says otherwise: the model's own,
 # capped, because the KV cache for a 128k-token context is many GB that a chat rarely fills
 MAX_DEFAULT_CTX = 4096
-
-
-def gguf_context_length(path: str | os.PathLike) -> int:
-    """The context length a GGUF model was trained with (`<arch>.context_length`), read from its header."""
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(path).fields
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
-    arch = fields["general.architecture"].contents()
-    key = f"{arch}.context_length"
-    if key not in fields:
-        raise InputError(f"{path}: no {key} in the GGUF header.")
-    return int(fields[key].contents())
 
 
 def default_threads(model: str | os.PathLike, key: str = "recommended_threads") -> int:

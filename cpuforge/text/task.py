@@ -10,12 +10,9 @@ held-out file, when JSONL, is the task the report scores by exact match.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from cpuforge.errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "data" / "demo_task"

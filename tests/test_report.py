@@ -1,0 +1,123 @@
+"""The evaluation report from saved figures, without a model or a llama.cpp build: metrics.json, the quality gate
+and check_quality_gate, and the page filled from its template with every part escaped."""
+
+from __future__ import annotations
+
+import html
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLDS = {"max_ppl_increase_pct": 25.0, "max_kl_divergence": 0.4, "min_accuracy": 0.7}
+BACKEND = {"build": "native", "variant": "native", "features": {"AVX2": "1", "REPACK": "1"}, "amx": False}
+
+
+def write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def saved_figures(root: Path, q4_perplexity: float) -> dict[str, Path]:
+    """What the evaluation steps and checks write for base, merged, f16 and q4_0 (with a runtime LoRA beside
+    q4_0), as small files; returns the stages' paths."""
+    stages = {"base": root / "base", "merged": root / "merged"} | {q: root / f"{q}.gguf" for q in ("f16", "q4_0")}
+    for name, size in (("base", 4000), ("merged", 4000)):
+        stages[name].mkdir()
+        (stages[name] / "model.safetensors").write_bytes(bytes(size))
+    for name, size in (("f16", 2000), ("q4_0", 600), ("base-q4_0", 580), ("adapter", 40)):
+        (root / f"{name}.gguf").write_bytes(b"GGUF" + bytes(size))
+    write(root / "q4_0.gguf.provenance.json", {"artifact": "q4_0.gguf", "inputs": {"gguf": {"f16.gguf": "ab" * 32}}})
+    figures, text = root / "figures", {"text_sha256": "f" * 64, "ctx": 128, "windows": 4, "scored_tokens": 252}
+    for stage, ppl in (("base", 9.0), ("merged", 8.0), ("f16", 8.0001)):
+        record = {"perplexity": ppl, "perplexity_err": 0.1, "runtime": "torch", **text}
+        write(figures / "perplexity" / f"{stage}.json", record)
+    write(figures / "kl_divergence" / "q4_0.json", {
+        "perplexity": q4_perplexity, "perplexity_err": 0.1, "runtime": "llama-perplexity", "kl_divergence": 0.05,
+        "kl_divergence_err": 0.002, "kl_divergence_p99": 0.3, "kl_divergence_max": 0.9, "top1_agreement": 0.9,
+        "top1_agreement_err": 0.01, **text})  # fmt: skip
+    for stage in stages:
+        write(figures / "task" / f"{stage}.json", {"accuracy": 5 / 6, "correct": 5, "rows": 6})
+    for stage in ("f16", "q4_0"):
+        runs = [{"threads": t, "pp_tps": 50.0 * t, "pp_tps_std": 1.0, "tg_tps": 10.0 * t, "tg_tps_std": 0.5}
+                for t in (1, 2)]  # fmt: skip
+        write(figures / "bench" / f"{stage}.json", {
+            "runs": runs, "recommended_threads": 2, "recommended_threads_batch": 1, "prompt_tokens": 32,
+            "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5, "cpu_backend": BACKEND})  # fmt: skip
+    lora = {"perplexity": 8.6, "kl_divergence": 0.06, "kl_divergence_err": 0.003, "top1_agreement": 0.89}
+    write(figures / "runtime_lora" / "q4_0-kl.json", lora)
+    write(figures / "runtime_lora" / "q4_0-speed.json", {"merged": {"pp_tps": 100.0, "tg_tps": 20.0}, "threads": 2,
+                                                         "runtime_lora": {"pp_tps": 90.0, "tg_tps": 15.0},
+                                                         "runtime": "llama-cpp-python"})  # fmt: skip
+    write(figures / "runtime_lora" / "q4_0-task.json", {"accuracy": 4 / 6})
+    result = {"samples": 6, "agree": 6, "rate": 1.0, "mismatches": []}
+    write(root / "checks" / "tokenizer-q4_0.json", {"artifact": "q4_0.gguf", "corpora": {"task": result}})
+    write(root / "checks" / "chat-template-q4_0.json", {"template": False, "message": "no template <in> q4_0.gguf."})
+    return stages
+
+
+def make_eval_report(root: Path, stages: dict[str, Path]) -> subprocess.CompletedProcess:
+    out = root / "report"
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.make_eval_report", "--model-name", "m&m", "--task", "--serve", "q4_0",
+         *(f"--stage={name}={path}" for name, path in stages.items()), "--figures", str(root / "figures"),
+         "--checks", *map(str, sorted((root / "checks").glob("*.json"))), "--llama-cpp-commit", "c" * 40,
+         f"--runtime-lora=q4_0={root / 'base-q4_0.gguf'}", "--adapters", str(root / "adapter.gguf"),
+         "--html", str(out / "report.html"), "--metrics", str(out / "metrics.json"),
+         "--plots", str(out / "throughput.png"), str(out / "size.png"), str(out / "accuracy.png")],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+
+
+def check_quality_gate(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.check_quality_gate", "--metrics", str(root / "report" / "metrics.json"),
+         "--out", str(root / "report" / "quality_gate.txt")],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def test_a_passing_report(tmp_path):
+    make_eval_report(tmp_path, saved_figures(tmp_path, q4_perplexity=8.5))
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert [s["stage"] for s in metrics["stages"]] == ["base", "merged", "f16", "q4_0"]
+    q4 = metrics["stages"][3]
+    assert q4["size_vs_f16"] == 604 / 2004 and q4["ppl_increase_vs_f16_pct"] == pytest.approx((8.5 / 8.0001 - 1) * 100)
+    assert metrics["gate"] == {"thresholds": THRESHOLDS, "passed": True, "failures": []}
+    assert metrics["recommended_threads"] == 2 and metrics["recommended_threads_batch"] == 1
+    assert metrics["f16_vs_merged_perplexity_rel_diff"] == pytest.approx(1.25e-5)
+    assert metrics["provenance"]["q4_0"]["inputs"] and metrics["provenance"]["f16"] is None
+    (lora,) = metrics["runtime_lora"]
+    assert lora["runtime_lora"]["size_bytes"] == 584 + 44 and lora["verdict"].startswith("At q4_0, merging serves")
+    assert metrics["checks"]["chat_template"]["q4_0"]["template"] is False
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</body></html>\n")
+    assert "<title>cpuforge report: m&amp;m</title>" in page and "$" not in page
+    assert '<strong id="recommended-threads">2</strong>' in page and "within 5% of the fastest" in page
+    assert "Quality gate passed" in page and "Thresholds: max_ppl_increase_pct = 25, max_kl_divergence = 0.4" in page
+    assert "relative difference\n1.25e-05.</p>" in page and "6 held-out task rows" in page
+    assert page.count("<img class='plot'") == 3 and "no template &lt;in&gt; q4_0.gguf." in page
+    assert "base q4_0 + runtime LoRA" in page and "CPU variant <strong id='cpu-variant'>native</strong>" in page
+    gate = check_quality_gate(tmp_path)
+    assert gate.returncode == 0, gate.stderr
+    assert (tmp_path / "report" / "quality_gate.txt").read_text() == (
+        "quality gate passed for m&m: max_ppl_increase_pct = 25, max_kl_divergence = 0.4, min_accuracy = 0.7\n"
+    )
+
+
+def test_a_failing_report_is_written_and_fails_the_gate(tmp_path):
+    make_eval_report(tmp_path, saved_figures(tmp_path, q4_perplexity=12.0))
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    failure = ("q4_0: perplexity 12 is 50.0% above the f16 GGUF's, more than eval.gate.max_ppl_increase_pct allows "
+               "(25%).")  # fmt: skip
+    assert metrics["gate"] == {"thresholds": THRESHOLDS, "passed": False, "failures": [failure]}
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert f"<div class='fail'><p>Quality gate failed:</p><ul><li>{html.escape(failure)}</li></ul></div>" in page
+    gate = check_quality_gate(tmp_path)
+    assert gate.returncode == 1 and f"quality gate failed for m&m: {failure}" in gate.stderr
+    assert not (tmp_path / "report" / "quality_gate.txt").exists()
