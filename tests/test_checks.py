@@ -9,7 +9,9 @@ import re
 import shutil
 
 import pytest
-from conftest import TASK, convert, make_chat_llama, make_lora, make_tokenizer
+from helpers.llama import convert
+from helpers.models import make_chat_llama, make_lora, make_tokenizer
+from helpers.workflow import TASK
 
 from cpuforge.errors import InputError
 from cpuforge.checks.generation import check_generation

@@ -5,14 +5,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
-from conftest import BIN, PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama
-from conftest import write_config
+from helpers.llama import BIN
+from helpers.models import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, train_tiny_llama
+from helpers.workflow import snakemake, write_config
 
 from cpuforge.evaluate.bench import recommended_threads
 from cpuforge.llama.runtime import cpu_backend
@@ -193,20 +192,6 @@ def test_gguf_and_transformers_answer_the_same_prompts_alike(eval_run):
     assert "the GGUF answers the 6 prompts as transformers' token ids from " in (
         workdir / "logs" / "tiny" / "eval_task_q4_0.log"
     ).read_text()
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed here when missing (CI's machine is fresh and we are root there)."""
-    path = shutil.which("chromium")
-    if path is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.fail("the report test needs Debian's chromium: apt-get install -y chromium")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, env=env)
-        path = shutil.which("chromium")
-    return path
 
 
 def headless(chromium: str, profile, *args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TASK, make_lora, make_tiny_llama, snakemake, write_config
+from helpers import REPO
+from helpers.models import make_lora, make_tiny_llama
+from helpers.workflow import TASK, snakemake, write_config
 
 K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2)
 

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, convert, make_lora, save_seed_era_adapter, save_seed_era_base
+from helpers import REPO
+from helpers.llama import convert
+from helpers.models import make_lora, save_seed_era_adapter, save_seed_era_base
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -193,7 +195,7 @@ def test_extended_vocabulary_then_a_plain_lora_on_top(tmp_path, tiny_base):
 
 
 def test_tied_base_stays_tied(tmp_path):
-    from conftest import make_tiny_llama
+    from helpers.models import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     adapter = make_lora(base, tmp_path / "lora")
@@ -204,7 +206,7 @@ def test_tied_base_stays_tied(tmp_path):
 
 
 def test_tied_base_with_extended_vocabulary(tmp_path):
-    from conftest import make_tiny_llama
+    from helpers.models import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     adapter = make_extended_adapter(base, tmp_path / "ext", targets=("embed_tokens",))

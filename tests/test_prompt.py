@@ -7,7 +7,9 @@ import json
 import shutil
 
 import pytest
-from conftest import MODELS_DIR, TASK, VOCAB_PAIRS, chat_ids, reference_answers
+from helpers.llama import chat_ids, reference_answers
+from helpers.vocab import MODELS_DIR, VOCAB_PAIRS
+from helpers.workflow import TASK
 
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.errors import InputError
@@ -107,7 +109,7 @@ def test_chat_prompt_equals_transformers(vocab_models, pair):
 def test_chat_prompt_equals_transformers_on_the_workflows_tokenizers(smol_tokenizer, tiny_base, tmp_path):
     """The demo's byte-level BPE tokenizer (ChatML), and the tiny sentencepiece one the tests train, with
     Llama-2-chat's template."""
-    from conftest import LLAMA_2_CHAT_TEMPLATE
+    from helpers.vocab import LLAMA_2_CHAT_TEMPLATE
 
     tiny = shutil.copytree(tiny_base, tmp_path / "tiny")
     (tiny / "chat_template.jinja").write_text(LLAMA_2_CHAT_TEMPLATE)

@@ -9,7 +9,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SOURCE, make_lora, make_tiny_llama, snakemake, write_config
+from helpers import REPO
+from helpers.llama import SOURCE
+from helpers.models import make_lora, make_tiny_llama
+from helpers.workflow import snakemake, write_config
 
 from cpuforge.io.files import sha256_file
 

@@ -12,7 +12,9 @@ import math
 import re
 
 import pytest
-from conftest import REPO, TASK, convert, snakemake, write_config
+from helpers import REPO
+from helpers.llama import convert
+from helpers.workflow import TASK, snakemake, write_config
 
 from cpuforge.sizing import resources
 from cpuforge.merge.plan import check_inputs

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FLAVOUR, REPO, snakemake, write_config
+from helpers import REPO
+from helpers.llama import FLAVOUR
+from helpers.workflow import snakemake, write_config
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue")
 PRODUCTS = ("merged/model.safetensors", "ggml-model-f16.gguf", "ggml-model-q4_0.gguf")

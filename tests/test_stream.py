@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, REPO, chat_lesson, make_lora, make_tiny_llama, prose
+from helpers import REPO
+from helpers.models import CHAT_TEMPLATE, chat_lesson, make_lora, make_tiny_llama, prose
 
 from cpuforge.text import stream
 from cpuforge.evaluate.accuracy import answers_hf, hf_prompts

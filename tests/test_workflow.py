@@ -11,7 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import COMMIT, REPO, make_lora, snakemake, write_config
+from helpers import REPO
+from helpers.llama import COMMIT
+from helpers.models import make_lora
+from helpers.workflow import snakemake, write_config
 
 Q4_0 = 2  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_0
 F16 = 1  # llama_ftype LLAMA_FTYPE_MOSTLY_F16
@@ -185,7 +188,7 @@ def test_gguf_carries_its_provenance(tiny_run, llama_bin):
 def test_paths_with_a_space_a_quote_and_a_letter_beyond_ascii(llama_bin, tmp_path_factory):
     """Base, adapter, task data, configfile and --directory all under "my models/it's é", through the chain
     (q4_model with its parity checks), under umask 002: a group sharing the folder can read and write it all."""
-    from conftest import PLAIN_CHAT_TEMPLATE, make_tiny_llama
+    from helpers.models import PLAIN_CHAT_TEMPLATE, make_tiny_llama
 
     from cpuforge.text.task import load_split
 
