@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 from helpers.llama import convert
-from helpers.models import make_chat_llama, make_lora, make_tokenizer
+from helpers.models import make_chat_llama, make_extended_adapter, make_lora, make_tokenizer
 from helpers.workflow import TASK
 
 from cpuforge.errors import InputError
@@ -269,7 +269,6 @@ def test_transformers_alone_misses_the_added_pieces(tiny_base, tmp_path):
 def test_added_tokens_of_a_transformers_5_adapter_reach_the_gguf(tiny_base, llama_bin, tmp_path):
     """An adapter saved by transformers 5 brings tokenizer.json alone, its added words only there:
     the GGUF still gets the words (not unused [PAD] tokens) and the base's merge order."""
-    from test_merge import make_extended_adapter
 
     words = ["quantization", "perplexity", "calibration", "vocabulary"]
     adapter = make_extended_adapter(tiny_base, tmp_path / "ext", words=words)

@@ -32,6 +32,7 @@ def checkout(tmp_path):
     return repo, head
 
 
+@pytest.mark.slow  # downloads the sdist from the package index
 def test_tampered_sdist_is_refused(tmp_path):
     wrong = "0" * 64
     result = fetch("--kind", "sdist", "--version", "0.3.36", "--sha256", wrong, "--commit", COMMIT, "--out", str(tmp_path / "src"))

@@ -1,6 +1,6 @@
 """What a test needs, derived from its code so the markers cannot drift: `llama` where the test's fixture closure
 holds `llama_bin` (the pinned build), `workflow` where the test or a fixture it uses runs Snakemake, `unit` where
-neither holds. conftest.py marks every test so; a test that carries an explicit marker the derivation contradicts
+neither holds and the test is not marked `slow` (minutes of compute or a download: the fast loop leaves it out). conftest.py marks every test so; a test that carries an explicit marker the derivation contradicts
 fails with one sentence saying why."""
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ def _code_objects(code: types.CodeType):
             yield from _code_objects(const)
 
 
+def _constants(code: types.CodeType):
+    # a list of constants compiles to one tuple constant: ["python", "-m", "snakemake"]
+    stack = list(code.co_consts)
+    while stack:
+        const = stack.pop()
+        if isinstance(const, (tuple, frozenset)):
+            stack.extend(const)
+        else:
+            yield const
+
+
 def _ours(obj) -> bool:
     """A function of the test suite (a test module, conftest or helpers), whose body is followed in turn."""
     module = getattr(obj, "__module__", "") or ""
@@ -41,14 +52,14 @@ def reaches(func, found, seen: set | None = None) -> bool:
         return False
     seen.add(func)
     for code in _code_objects(func.__code__):
-        if any(isinstance(c, str) and found(c) for c in code.co_consts):
+        if any(isinstance(c, str) and found(c) for c in _constants(code)):
             return True
+        # a name may be a global, or an attribute of a module the code names (`llama.BIN`)
+        modules = [m for n in code.co_names if inspect.ismodule(m := func.__globals__.get(n))]
         for name in code.co_names:
-            obj = func.__globals__.get(name)
-            if obj is None:
-                continue
-            if found(obj) or (_ours(obj) and reaches(obj, found, seen)):
-                return True
+            for obj in (func.__globals__.get(name), *(getattr(m, name, None) for m in modules)):
+                if obj is not None and (found(obj) or (_ours(obj) and reaches(obj, found, seen))):
+                    return True
     return False
 
 
@@ -68,7 +79,8 @@ def _fixture_functions(item) -> dict[str, object]:
 
 
 def derived_marks(item) -> set[str]:
-    """The markers a test item needs, from its fixture closure and the code it and its fixtures run."""
+    """The markers a test item needs, from its fixture closure and the code it and its fixtures run; none for a
+    `slow` test that needs neither the build nor Snakemake (it is not for the fast loop)."""
     fixtures = _fixture_functions(item)
     functions = [item.function, *(f for name, f in fixtures.items() if name != BUILD_FIXTURE)]
     needs = set()
@@ -76,7 +88,9 @@ def derived_marks(item) -> set[str]:
         needs.add("llama")
     if any(reaches(f, _runs_snakemake) for f in functions):
         needs.add("workflow")
-    return needs or {"unit"}
+    if needs or item.get_closest_marker("slow"):
+        return needs
+    return {"unit"}
 
 
 def explicit_marks(item) -> set[str]:
@@ -97,10 +111,10 @@ def contradiction(item, explicit: set[str], derived: set[str]) -> str | None:
     if not explicit:
         return None
     if "unit" in explicit and derived != {"unit"}:
-        return f"{name} is marked unit but needs {' and '.join(sorted(derived))}."
+        return f"{name} is marked unit but needs {' and '.join(sorted(derived)) or 'minutes (it is marked slow)'}."
     if claimed := explicit - derived - {"unit"}:
         return (f"{name} is marked {' and '.join(sorted(claimed))} but its code and fixtures need "
-                f"{' and '.join(sorted(derived))}.")  # fmt: skip
+                f"{' and '.join(sorted(derived)) or 'neither'}.")  # fmt: skip
     return None
 
 

@@ -166,6 +166,35 @@ def make_chat_llama(out: Path, tokenizer: Path, seed: int = 0, **overrides) -> P
     return make_tiny_llama(out, seed, tokenizer=tokenizer, **settings)
 
 
+# words no tokenizer here has: an extended vocabulary's added tokens
+ADDED_WORDS = [f"cpuforgeword{i}" for i in range(32)]
+
+
+def make_extended_adapter(base, out, words=ADDED_WORDS, targets=("embed_tokens", "lm_head")):
+    """A Chinese-LLaMA-style adapter: tokenizer with added words, resized embeddings saved whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(5)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(words)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=list(targets),
+        init_lora_weights=False, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # as if trained: the saved embeddings differ from the base's
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def save_seed_era_base(model_dir: Path, out: Path, shards: int = 2) -> Path:
     """`model_dir` as the LLaMA bases of 2023 came: f16 `pytorch_model-0000N-of-0000M.bin` shards with
     `pytorch_model.bin.index.json` (one `pytorch_model.bin` for shards=1), the rotary `inv_freq`
