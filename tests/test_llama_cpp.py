@@ -8,10 +8,10 @@ import sys
 
 import pytest
 from helpers import REPO
+from helpers.llama import COMMIT, SDIST
 from helpers.workflow import snakemake
 
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SDIST_SHA256 = SDIST["sha256"]
 
 
 def fetch(*args: str) -> subprocess.CompletedProcess:

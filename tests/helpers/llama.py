@@ -14,8 +14,9 @@ from helpers import REPO
 
 from cpuforge import paths
 
-# the commit config.yaml pins, read from it: a second copy here could drift from the one the workflow builds
-COMMIT = yaml.safe_load((REPO / "config.yaml").read_text())["llama_cpp"]["sdist"]["commit"]
+# the sdist and commit config.yaml pins, read from it: a second copy here could drift from what the workflow builds
+SDIST = yaml.safe_load((REPO / "config.yaml").read_text())["llama_cpp"]["sdist"]
+COMMIT = SDIST["commit"]
 # shared with the repository's own runs, so a user's demo run and the tests build llama.cpp once
 BUILD_DIR = Path(os.environ.get("CPUFORGE_BUILD_DIR", REPO / "build" / "llama.cpp")).resolve()
 # the build flavour under test (config llama_cpp.cpu): the default one, which CI builds, unless
