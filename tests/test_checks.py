@@ -10,7 +10,14 @@ import shutil
 
 import pytest
 from helpers.llama import convert
-from helpers.models import make_chat_llama, make_extended_adapter, make_lora, make_tiny_llama, make_tokenizer
+from helpers.models import (
+    PLAIN_CHAT_TEMPLATE,
+    make_chat_llama,
+    make_extended_adapter,
+    make_lora,
+    make_tiny_llama,
+    make_tokenizer,
+)
 from helpers.workflow import TASK
 
 from cpuforge.errors import InputError
@@ -152,12 +159,6 @@ def test_convert_states_transformers_bos_behaviour(chat_chain, llama_bin):
     assert record["tokenizer"] == {"restated": [], "add_bos_token": False, "add_eos_token": False, "chat_template": True}
 
 
-def test_generation_parity_through_the_chat_template(chat_chain, llama_bin):
-    _, merged, gguf = chat_chain
-    record = check_generation(gguf, merged, TASK["heldout"], llama_bin, threads=2, max_new_tokens=16, limit=10)
-    assert record["passed"] and record["path"] == "chat template" and record["prompts"] == 10
-    assert len(record["first_difference"]) == 10 and record["first_difference"].count(None) == record["agree"]
-    assert record["rate"] >= 0.9 and 0 <= record["exact_match"]["gguf"] <= 1
 
 
 # a greedy step whose top two logits are this far apart (in f32) picks the same token through f16 weights and
@@ -191,12 +192,18 @@ def clear_rows(merged, rows, max_new_tokens) -> list[dict]:
     return clear
 
 
-def test_generation_parity_by_plain_completion(llama_bin, tmp_path):
-    """Weights large enough for clear favourites (initializer_range 0.2), and only the prompts whose answers have
-    one at every step: the GGUF must then answer every one of them as the merged model does."""
+@pytest.mark.parametrize(
+    ("template", "path"),
+    [(None, "plain completion (no chat template)"), (PLAIN_CHAT_TEMPLATE, "chat template")],
+    ids=["plain completion", "chat template"],
+)
+def test_generation_parity_on_clear_answers(llama_bin, tmp_path, template, path):
+    """Weights large enough for clear favourites (initializer_range 0.2; 512 pieces, where the demo's 49152 leave
+    near-ties at almost every step), and only the prompts whose answers have one at every step: the GGUF must then
+    answer every one of them as the merged model does, on any machine."""
     from cpuforge.text.task import read_rows
 
-    base = make_tiny_llama(tmp_path / "base", initializer_range=0.2)
+    base = make_tiny_llama(tmp_path / "base", chat_template=template, add_bos=template is None, initializer_range=0.2)
     merge(base, [make_lora(base, tmp_path / "adapter")], tmp_path / "merged", "f32")
     gguf = convert(tmp_path / "merged", tmp_path / "f16.gguf")
     rows = clear_rows(tmp_path / "merged", read_rows(TASK["heldout"]), 16)[:10]
@@ -204,8 +211,9 @@ def test_generation_parity_by_plain_completion(llama_bin, tmp_path):
     heldout = tmp_path / "clear.jsonl"
     heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
     record = check_generation(gguf, tmp_path / "merged", heldout, llama_bin, threads=2, max_new_tokens=16)
-    assert record["path"] == "plain completion (no chat template)"
+    assert record["path"] == path and record["passed"]
     assert record["agree"] == record["prompts"] == len(rows), record["mismatches"]
+    assert record["first_difference"] == [None] * len(rows) and 0 <= record["exact_match"]["gguf"] <= 1
 
 
 def test_gguf_without_the_adapter_fails_generation_parity(chat_chain, llama_bin, tmp_path):
