@@ -115,7 +115,8 @@ def test_chat_prompt_equals_transformers_on_the_workflows_tokenizers(smol_tokeni
     (tiny / "chat_template.jinja").write_text(LLAMA_2_CHAT_TEMPLATE)
     for folder in (smol_tokenizer, tiny):
         conversations = [*CHECKED.values(), *HELDOUT]
-        assert [ChatPrompt(folder).ids(c) for c in conversations] == chat_ids(folder, conversations), folder
+        prompt = ChatPrompt(folder)  # once: loading the demo's 49152-piece tokenizer takes a while
+        assert [prompt.ids(c) for c in conversations] == chat_ids(folder, conversations), folder
 
 
 def test_a_gguf_finds_the_merged_folder_beside_it(vocab_models, llama_bin, tmp_path, caplog):
