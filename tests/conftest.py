@@ -81,7 +81,6 @@ def vocab_models(llama_bin, tmp_path_factory) -> dict[str, Path]:
     return models
 
 
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium; installed here when missing (CI's machine is fresh and we are root there)."""

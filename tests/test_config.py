@@ -50,14 +50,16 @@ def test_defaults_fill_a_config_that_names_only_its_models():
     ],
 )
 def test_a_malformed_model_names_the_key(model, sentence):
-    with pytest.raises(WorkflowError, match=None) as error:
+    with pytest.raises(WorkflowError) as error:
         validate({"models": [model]}, str(SCHEMA))
     assert sentence in str(error.value)
 
 
 def test_an_unknown_quant_type_suggests_the_closest():
     assert check_quant_type("Q4_0") == "q4_0"
-    with pytest.raises(InputError, match=r"^quant_types: unknown llama.cpp quantization type 'q4_O'; did you mean q4_0\?$"):
+    with pytest.raises(
+        InputError, match=r"^quant_types: unknown llama.cpp quantization type 'q4_O'; did you mean q4_0\?$"
+    ):
         check_quant_type("q4_O")
     with pytest.raises(InputError, match=r"'q4_k_mm'; did you mean q4_k_m\?"):
         check_quant_type("q4_k_mm")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+
 def prose(n_chars: int = 12000) -> str:
     """Real prose nobody in this project wrote: Python's own documentation topics."""
     from pydoc_data.topics import topics

@@ -75,5 +75,3 @@ def write_vocab_gguf(vocab: Path, template: str, out: Path, seed: int = 0, hidde
     writer.write_tensors_to_file()
     writer.close()
     return out
-
-
