@@ -18,15 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from conftest import (
-    REPO,
-    chat_lesson,
-    make_lora,
-    runtime_env,
-    snakemake,
-    write_config,
-)
-from test_serve import client, start_server, wait_for_url
+from helpers import REPO
+from helpers.llama import runtime_env
+from helpers.models import chat_lesson, make_lora
+from helpers.serve import client, start_server, wait_for_url
+from helpers.workflow import snakemake, write_config
 
 from cpuforge.errors import InputError
 from cpuforge.merge.runtime_lora import check_runtime_lora
@@ -154,7 +150,7 @@ def test_runtime_lora_answers_as_the_merged_model(lora_run):
 def test_llama_perplexity_applies_the_lora_for_the_report(lora_run, llama_bin, tmp_path):
     """The report's runtime-LoRA KL divergence (eval_kl_divergence --lora): the f16 base with adapter a applied
     is the merged f16 up to rounding, far closer than the base alone or with the other adapter."""
-    from conftest import prose
+    from helpers.models import prose
 
     from cpuforge.evaluate.perplexity import kl_divergence, perplexity_gguf
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import make_lora, make_tiny_llama, snakemake, write_config
+from helpers.models import make_lora, make_tiny_llama
+from helpers.workflow import snakemake, write_config
 
 
 def start(tmp_path, models, **extra):
@@ -76,7 +77,7 @@ def test_quantize_input_that_is_not_a_gguf(tmp_path, llama_bin):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
@@ -160,7 +161,7 @@ def test_two_models_with_one_name(tmp_path, tiny_base, tiny_adapter):
 def test_tokenizer_the_converter_cannot_read(tmp_path, llama_bin):
     """A BPE tokenizer whose pre-tokenizer the pinned converter does not know stops the run before the merge,
     with the converter's own words in one sentence, not a traceback after it."""
-    from conftest import unknown_bpe_tokenizer
+    from helpers.models import unknown_bpe_tokenizer
 
     tokenizer = unknown_bpe_tokenizer(tmp_path / "tokenizer")
     base = make_tiny_llama(tmp_path / "base", tokenizer=tokenizer, bos_token_id=0, eos_token_id=0)

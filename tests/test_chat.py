@@ -9,7 +9,9 @@ import sys
 
 import pexpect
 import pytest
-from conftest import REPO, chat_lesson, reference_answers, runtime_env
+from helpers import REPO
+from helpers.llama import reference_answers, runtime_env
+from helpers.models import chat_lesson
 
 from cpuforge.serve.chat import Generation, load_generation
 from cpuforge.errors import InputError

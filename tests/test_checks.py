@@ -9,7 +9,16 @@ import re
 import shutil
 
 import pytest
-from conftest import TASK, convert, make_chat_llama, make_lora, make_tokenizer
+from helpers.llama import convert
+from helpers.models import (
+    PLAIN_CHAT_TEMPLATE,
+    make_chat_llama,
+    make_extended_adapter,
+    make_lora,
+    make_tiny_llama,
+    make_tokenizer,
+)
+from helpers.workflow import TASK
 
 from cpuforge.errors import InputError
 from cpuforge.checks.generation import check_generation
@@ -150,18 +159,61 @@ def test_convert_states_transformers_bos_behaviour(chat_chain, llama_bin):
     assert record["tokenizer"] == {"restated": [], "add_bos_token": False, "add_eos_token": False, "chat_template": True}
 
 
-def test_generation_parity_through_the_chat_template(chat_chain, llama_bin):
-    _, merged, gguf = chat_chain
-    record = check_generation(gguf, merged, TASK["heldout"], llama_bin, threads=2, max_new_tokens=16, limit=10)
-    assert record["passed"] and record["path"] == "chat template" and record["prompts"] == 10
-    assert len(record["first_difference"]) == 10 and record["first_difference"].count(None) == record["agree"]
-    assert record["rate"] >= 0.9 and 0 <= record["exact_match"]["gguf"] <= 1
 
 
-def test_generation_parity_by_plain_completion(sp_chain, llama_bin):
-    merged, gguf = sp_chain
-    record = check_generation(gguf, merged, TASK["heldout"], llama_bin, threads=2, max_new_tokens=16, limit=10)
-    assert record["passed"] and record["path"] == "plain completion (no chat template)" and record["rate"] >= 0.9
+# a greedy step whose top two logits are this far apart (in f32) picks the same token through f16 weights and
+# llama.cpp's kernels on any machine: their rounding moves these logits by about 1e-3 here
+CLEAR_MARGIN = 0.05
+
+
+def clear_rows(merged, rows, max_new_tokens) -> list[dict]:
+    """The rows whose every greedy step, in transformers f32 on `merged`, has a top-1 margin of CLEAR_MARGIN or more:
+    the prompts whose answers do not hinge on near-ties."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpuforge.text.generate import stop_ids
+    from cpuforge.text.prompt import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    stop, clear = stop_ids(tokenizer), []
+    for row in rows:
+        ids, margins = list(prompt_ids(tokenizer, row)), []
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                top = torch.topk(model(input_ids=torch.tensor([ids])).logits[0, -1], 2)
+                margins.append(float(top.values[0] - top.values[1]))
+                ids.append(int(top.indices[0]))
+                if ids[-1] in stop:
+                    break
+        if min(margins) >= CLEAR_MARGIN:
+            clear.append(row)
+    return clear
+
+
+@pytest.mark.parametrize(
+    ("template", "path"),
+    [(None, "plain completion (no chat template)"), (PLAIN_CHAT_TEMPLATE, "chat template")],
+    ids=["plain completion", "chat template"],
+)
+def test_generation_parity_on_clear_answers(llama_bin, tmp_path, template, path):
+    """Weights large enough for clear favourites (initializer_range 0.2; 512 pieces, where the demo's 49152 leave
+    near-ties at almost every step), and only the prompts whose answers have one at every step: the GGUF must then
+    answer every one of them as the merged model does, on any machine."""
+    from cpuforge.text.task import read_rows
+
+    base = make_tiny_llama(tmp_path / "base", chat_template=template, add_bos=template is None, initializer_range=0.2)
+    merge(base, [make_lora(base, tmp_path / "adapter")], tmp_path / "merged", "f32")
+    gguf = convert(tmp_path / "merged", tmp_path / "f16.gguf")
+    rows = clear_rows(tmp_path / "merged", read_rows(TASK["heldout"]), 16)[:10]
+    assert len(rows) >= 5, f"only {len(rows)} held-out prompts have clear greedy answers"
+    heldout = tmp_path / "clear.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = check_generation(gguf, tmp_path / "merged", heldout, llama_bin, threads=2, max_new_tokens=16)
+    assert record["path"] == path and record["passed"]
+    assert record["agree"] == record["prompts"] == len(rows), record["mismatches"]
+    assert record["first_difference"] == [None] * len(rows) and 0 <= record["exact_match"]["gguf"] <= 1
 
 
 def test_gguf_without_the_adapter_fails_generation_parity(chat_chain, llama_bin, tmp_path):
@@ -267,7 +319,6 @@ def test_transformers_alone_misses_the_added_pieces(tiny_base, tmp_path):
 def test_added_tokens_of_a_transformers_5_adapter_reach_the_gguf(tiny_base, llama_bin, tmp_path):
     """An adapter saved by transformers 5 brings tokenizer.json alone, its added words only there:
     the GGUF still gets the words (not unused [PAD] tokens) and the base's merge order."""
-    from test_merge import make_extended_adapter
 
     words = ["quantization", "perplexity", "calibration", "vocabulary"]
     adapter = make_extended_adapter(tiny_base, tmp_path / "ext", words=words)

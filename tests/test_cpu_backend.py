@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FLAVOUR, REPO, SOURCE, convert, snakemake
+from helpers import REPO
+from helpers.llama import FLAVOUR, SOURCE, convert
+from helpers.workflow import snakemake
 
 from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend, kernel_grants_amx
 from cpuforge.llama.build import cmake_options

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BUILD_DIR, FLAVOUR, snakemake
+from helpers.llama import BUILD_DIR, FLAVOUR
+from helpers.workflow import snakemake
 
 from cpuforge.text.task import TASK_DIR, load_split
 

@@ -1,7 +1,7 @@
 """The conda environments pin the same versions as requirements.txt, so `--sdm conda` runs match."""
 
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 # these run in the Snakemake process itself (and in its copy inside each SLURM job), never in a rule's env
 SNAKEMAKE_SIDE = {

@@ -5,14 +5,14 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
-from conftest import BIN, PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, snakemake, train_tiny_llama
-from conftest import write_config
+from helpers.llama import BIN
+from helpers.models import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, train_tiny_llama
+from helpers.workflow import planned_jobs, snakemake, write_config
 
 from cpuforge.evaluate.bench import recommended_threads
 from cpuforge.llama.runtime import cpu_backend
@@ -29,16 +29,10 @@ EVAL = {
     "ctx": 128,
     "chunks": 4,
     "max_new_tokens": 24,
-    "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1},
+    "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5},
     "gate": PASSING_GATE,
 }
 STAGES = ["base", "merged", "f16", "q4_0"]
-
-
-def planned_jobs(workdir, *args) -> dict[str, int]:
-    """Jobs a dry run would execute, by rule, read from Snakemake's job stats table."""
-    out = snakemake(workdir, "-n", *args).stdout
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.M) if m[1] != "total"}
 
 
 def small_task(folder, heldout: int = 6):
@@ -50,8 +44,9 @@ def small_task(folder, heldout: int = 6):
     return folder
 
 
-def tiny_config(workdir, name: str, task=True, **gate):
-    inputs = workdir / "inputs"
+def tiny_config(workdir, name: str, task=True, inputs=None, **gate):
+    """A config in `workdir` for the tiny model in `inputs` (default: workdir/inputs)."""
+    inputs = inputs or workdir / "inputs"
     model = {"name": "tiny", "base": str(inputs / "base"), "adapters": [str(inputs / "adapter")]}
     if task:
         model["task_data"] = {split: str(inputs / "task" / f"{split}.jsonl") for split in ("train", "heldout")}
@@ -70,6 +65,17 @@ def eval_run(llama_bin, tmp_path_factory):
     config = tiny_config(workdir, "eval.yaml")
     snakemake(workdir, "eval_report", "--configfile", str(config))
     return workdir, config
+
+
+@pytest.fixture
+def own_eval_run(eval_run, tmp_path):
+    """A copy of eval_run's working directory (mtimes and Snakemake's records kept) on the same inputs, for a test
+    that reruns steps with another config: the shared run stays as every other test expects it."""
+    workdir, config = eval_run
+    copy = shutil.copytree(workdir, tmp_path / "eval_run", symlinks=True, ignore=shutil.ignore_patterns("inputs"))
+    # the inputs where the shared run has them: the same paths, so Snakemake sees the same inputs
+    assert planned_jobs(copy, "eval_report", "--configfile", str(config)) == {}
+    return copy, config
 
 
 def report_dir(workdir):
@@ -102,9 +108,15 @@ def test_every_metric_is_present_and_sane(eval_run):
         runs = stages[name]["bench"]
         assert [r["threads"] for r in runs] == [1, 2]
         assert all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in runs)
-    assert metrics["recommended_threads"] in (1, 2) and metrics["recommended_for"] == "q4_0"
-    assert metrics["recommended_threads"] == q4["recommended_threads"]
-    assert metrics["recommended_threads_batch"] == q4["recommended_threads_batch"] in (1, 2)
+    # the recommendation, recomputed here from the measured figures: the fewest threads within the tolerance of
+    # the fastest, tg for generation and pp for prompt processing
+    def fewest(key):
+        fastest = max(r[key] for r in q4["bench"])
+        return min(r["threads"] for r in q4["bench"] if r[key] >= fastest * (1 - EVAL["bench"]["tolerance_pct"] / 100))
+
+    assert metrics["recommended_for"] == "q4_0"
+    assert metrics["recommended_threads"] == q4["recommended_threads"] == fewest("tg_tps")
+    assert metrics["recommended_threads_batch"] == q4["recommended_threads_batch"] == fewest("pp_tps")
     # the CPU code that ran the benchmark, as this process's own load of the same build reports it
     assert metrics["cpu_backend"] == cpu_backend(BIN)
     assert metrics["gate"]["passed"] and (report_dir(workdir) / "quality_gate.txt").is_file()
@@ -172,9 +184,10 @@ def test_f16_gguf_perplexity_equals_the_merged_hf_model(eval_run):
     assert metrics_of(workdir)["f16_vs_merged_perplexity_rel_diff"] == pytest.approx(diff)
     # the measure sees the adapter: the base model scores differently (by 3% here)
     assert abs(stages["base"]["perplexity"] / stages["merged"]["perplexity"] - 1) > 10 * F16_VS_HF_TOLERANCE
-    # and the quant's own figure agrees with llama-perplexity's f16 run
+    # and the quant's own figure agrees with llama-perplexity's f16 run, at the precision each is printed with:
+    # "Final estimate: PPL = 3.9200" (4 decimals) and the KL run's "Mean PPL(base) : 3.920043" (6 decimals)
     kl = json.loads((report_dir(workdir) / "kl_divergence" / "q4_0.json").read_text())
-    assert kl["f16_perplexity"] == pytest.approx(stages["f16"]["perplexity"], rel=1e-5)
+    assert kl["f16_perplexity"] == pytest.approx(stages["f16"]["perplexity"], rel=0, abs=0.5e-4 + 0.5e-6)
 
 
 def test_gguf_and_transformers_answer_the_same_prompts_alike(eval_run):
@@ -193,20 +206,6 @@ def test_gguf_and_transformers_answer_the_same_prompts_alike(eval_run):
     assert "the GGUF answers the 6 prompts as transformers' token ids from " in (
         workdir / "logs" / "tiny" / "eval_task_q4_0.log"
     ).read_text()
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed here when missing (CI's machine is fresh and we are root there)."""
-    path = shutil.which("chromium")
-    if path is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.fail("the report test needs Debian's chromium: apt-get install -y chromium")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "chromium"], check=True, capture_output=True, env=env)
-        path = shutil.which("chromium")
-    return path
 
 
 def headless(chromium: str, profile, *args: str) -> subprocess.CompletedProcess:
@@ -330,9 +329,9 @@ def test_bad_heldout_rows_fail_at_start(tmp_path, tiny_base, tiny_adapter):
     assert f"{heldout}: line 1 lacks the text field(s) answer." in result.stdout + result.stderr
 
 
-def test_quality_gate_fails_eval_report_and_keeps_the_report(eval_run):
-    workdir, config = eval_run
-    strict = tiny_config(workdir, "strict.yaml", max_kl_divergence=1e-6)
+def test_quality_gate_fails_eval_report_and_keeps_the_report(own_eval_run, eval_run):
+    workdir, config = own_eval_run
+    strict = tiny_config(workdir, "strict.yaml", inputs=eval_run[0] / "inputs", max_kl_divergence=1e-6)
     result = snakemake(workdir, "eval_report", "--configfile", str(strict), check=False)
     out = result.stdout + result.stderr
     assert result.returncode != 0
@@ -354,10 +353,10 @@ def test_quality_gate_fails_eval_report_and_keeps_the_report(eval_run):
     assert metrics_of(workdir)["gate"]["passed"]
 
 
-def test_model_without_task_has_no_accuracy(eval_run):
+def test_model_without_task_has_no_accuracy(own_eval_run, eval_run):
     """A user's model has no demo task: the report drops the task part and the gate its accuracy check."""
-    workdir, _ = eval_run
-    config = tiny_config(workdir, "no-task.yaml", task=False, min_accuracy=1.0)
+    workdir, _ = own_eval_run
+    config = tiny_config(workdir, "no-task.yaml", task=False, inputs=eval_run[0] / "inputs", min_accuracy=1.0)
     result = snakemake(workdir, "eval_report", "--configfile", str(config))
     assert "eval_task" not in result.stdout + result.stderr
     metrics = metrics_of(workdir)

@@ -9,7 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TASK, make_lora, make_tiny_llama, snakemake, write_config
+from helpers import REPO
+from helpers.models import make_lora, make_tiny_llama
+from helpers.workflow import TASK, snakemake, write_config
+
+from cpuforge.checks.template import CHECKED
 
 K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2)
 
@@ -83,12 +87,25 @@ def test_each_quant_is_compared_with_the_same_type_made_without_it(k_run):
 
 
 def test_checks_of_every_artifact(k_run):
+    """Each check's figures, against counts made here from the task files: a record is written only when its
+    check passes, so "passed" alone would prove only that the file exists."""
     checks = k_run / "results" / "k" / "checks"
+    rows = {split: [json.loads(line) for line in open(path)] for split, path in TASK.items()}
+    # the demo's rows: a system prompt, a piece of news and an answer, each a sample of the tokenizer check
+    task_samples = sum(len(split) for split in rows.values()) * 3
     for stage in ("f16", "q4_k_m", "iq2_xxs"):
-        assert json.loads((checks / f"tokenizer-{stage}.json").read_text())["passed"]
-        assert json.loads((checks / f"chat-template-{stage}.json").read_text())["passed"]
+        tokenizer = json.loads((checks / f"tokenizer-{stage}.json").read_text())
+        task = tokenizer["corpora"]["task"]
+        assert task["samples"] == task_samples == tokenizer["gate"]["samples"] and task["agree"] == task_samples
+        assert not task["mismatches"] and tokenizer["corpora"]["chat_prompts"]["samples"] > 0
+        template = json.loads((checks / f"chat-template-{stage}.json").read_text())
+        # the chat and the server, gated, fed transformers' ids on every prompt: the fixed ones and each held-out row
+        gated = {name: r for name, r in template["runtimes"].items() if r["gated"]}
+        assert sorted(gated) == ["chat", "server"]
+        assert {(r["same_ids"], r["prompts"]) for r in gated.values()} == {(len(CHECKED) + len(rows["heldout"]),) * 2}
     generation = json.loads((checks / "generation.json").read_text())
-    assert generation["passed"] and generation["prompts"] == 8
+    assert generation["prompts"] == 8 and generation["agree"] == generation["first_difference"].count(None)
+    assert generation["rate"] == generation["agree"] / 8 >= generation["min_rate"] == 0.9  # config's default
 
 
 def test_report_shows_each_quant_with_and_without_the_matrix(k_run):

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, snakemake
+from helpers import REPO
+from helpers.workflow import snakemake
 
 from cpuforge.llama.build import pinned_sdist
 
@@ -33,6 +34,7 @@ def checkout(tmp_path):
     return repo, head
 
 
+@pytest.mark.slow  # downloads the sdist from the package index
 def test_tampered_sdist_is_refused(tmp_path):
     wrong = "0" * 64
     result = fetch("--kind", "sdist", "--version", VERSION, "--sha256", wrong, "--commit", COMMIT,

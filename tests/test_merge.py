@@ -8,7 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, convert, make_lora, save_seed_era_adapter, save_seed_era_base
+from helpers import REPO
+from helpers.llama import convert
+from helpers.models import ADDED_WORDS, make_extended_adapter, make_lora, save_seed_era_adapter, save_seed_era_base
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -120,33 +122,6 @@ def test_cli_refuses_zero_threads(tmp_path, tiny_base, tiny_adapter):
     assert result.returncode == 2 and "threads must be at least 1, got 0." in result.stderr
 
 
-ADDED_WORDS = [f"cpuforgeword{i}" for i in range(32)]
-
-
-def make_extended_adapter(base, out, words=ADDED_WORDS, targets=("embed_tokens", "lm_head")):
-    """A Chinese-LLaMA-style adapter: tokenizer with added words, resized embeddings saved whole."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(5)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_tokens(words)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=list(targets),
-        init_lora_weights=False, task_type="CAUSAL_LM",
-    )  # fmt: skip
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # as if trained: the saved embeddings differ from the base's
-        for name, param in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * 0.02)
-    peft_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def reference_logits(base, adapters, ids=PROMPTS):
     from cpuforge.merge.merge import peft_reference
 
@@ -193,7 +168,7 @@ def test_extended_vocabulary_then_a_plain_lora_on_top(tmp_path, tiny_base):
 
 
 def test_tied_base_stays_tied(tmp_path):
-    from conftest import make_tiny_llama
+    from helpers.models import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     adapter = make_lora(base, tmp_path / "lora")
@@ -204,7 +179,7 @@ def test_tied_base_stays_tied(tmp_path):
 
 
 def test_tied_base_with_extended_vocabulary(tmp_path):
-    from conftest import make_tiny_llama
+    from helpers.models import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     adapter = make_extended_adapter(base, tmp_path / "ext", targets=("embed_tokens",))

@@ -7,7 +7,9 @@ import json
 import shutil
 
 import pytest
-from conftest import MODELS_DIR, TASK, VOCAB_PAIRS, chat_ids, reference_answers
+from helpers.llama import chat_ids, reference_answers
+from helpers.vocab import MODELS_DIR, VOCAB_PAIRS
+from helpers.workflow import TASK
 
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.errors import InputError
@@ -107,13 +109,14 @@ def test_chat_prompt_equals_transformers(vocab_models, pair):
 def test_chat_prompt_equals_transformers_on_the_workflows_tokenizers(smol_tokenizer, tiny_base, tmp_path):
     """The demo's byte-level BPE tokenizer (ChatML), and the tiny sentencepiece one the tests train, with
     Llama-2-chat's template."""
-    from conftest import LLAMA_2_CHAT_TEMPLATE
+    from helpers.vocab import LLAMA_2_CHAT_TEMPLATE
 
     tiny = shutil.copytree(tiny_base, tmp_path / "tiny")
     (tiny / "chat_template.jinja").write_text(LLAMA_2_CHAT_TEMPLATE)
     for folder in (smol_tokenizer, tiny):
         conversations = [*CHECKED.values(), *HELDOUT]
-        assert [ChatPrompt(folder).ids(c) for c in conversations] == chat_ids(folder, conversations), folder
+        prompt = ChatPrompt(folder)  # once: loading the demo's 49152-piece tokenizer takes a while
+        assert [prompt.ids(c) for c in conversations] == chat_ids(folder, conversations), folder
 
 
 def test_a_gguf_finds_the_merged_folder_beside_it(vocab_models, llama_bin, tmp_path, caplog):

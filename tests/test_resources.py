@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TASK, convert, snakemake, write_config
+from helpers import REPO
+from helpers.llama import convert
+from helpers.workflow import TASK, snakemake, write_config
 
 from cpuforge import paths
 from cpuforge.io.safetensors import ITEMSIZE, safetensors_header, safetensors_layout

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,29 +18,15 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import REPO, VOCAB_PAIRS, chat_ids, chat_lesson, ids_answers, reference_answers, runtime_env
+from helpers.llama import chat_ids, ids_answers, reference_answers
+from helpers.models import chat_lesson
+from helpers.serve import KEY, client, start_server, wait_for_url
+from helpers.vocab import VOCAB_PAIRS
 
 from cpuforge.paths import model_name
 
-KEY = "test-key-1234"
 NAME = "chat-q4_0"  # results/chat/ggml-model-q4_0.gguf
 QUESTIONS = [chat_lesson(start)[0] for start in (100, 300, 500, 700, 900, 1100, 1300, 1500)]
-
-
-def start_server(llama_bin, log: Path, *args, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "scripts.serve", *map(str, args)]
-    # stderr to a file, not a pipe: a pipe nobody reads would fill and stall the server
-    return subprocess.Popen(cmd, cwd=REPO, env={**runtime_env(llama_bin), **(env or {})}, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)  # fmt: skip
-
-
-def wait_for_url(process: subprocess.Popen, log: Path) -> str:
-    """The URL the server logs once it serves; fails if the server exits first."""
-    while process.poll() is None:
-        if match := re.search(r"serving \S+ at (http://\S+/v1)", log.read_text()):
-            return match[1]
-        time.sleep(0.1)
-    raise AssertionError(f"the server exited with code {process.returncode}:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +48,6 @@ def answers(server):
     _, gguf = server
     want = reference_answers(gguf, [[{"role": "user", "content": q}] for q in QUESTIONS])
     return dict(zip(QUESTIONS, want, strict=True))
-
-
-def client(url: str, key: str = KEY) -> openai.OpenAI:
-    # a deadlock guard far above any answer's time on a loaded machine, not a speed limit
-    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=900)
 
 
 def chat(c: openai.OpenAI, question: str, stream: bool = False, model: str = NAME) -> str:

@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SOURCE, chat_lesson, reference_answers
-from test_eval import chromium  # noqa: F401 (the fixture: Debian's chromium, installed when missing)
-from test_serve import KEY, start_server, wait_for_url
+from helpers.llama import SOURCE, reference_answers
+from helpers.models import chat_lesson
+from helpers.serve import KEY, start_server, wait_for_url
 
 QUESTION = chat_lesson(300)[0]
 GUARD = 300  # seconds: a hang guard, never a speed limit

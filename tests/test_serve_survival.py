@@ -19,8 +19,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import chat_lesson
-from test_serve import KEY, client, start_server, wait_for_url
+from helpers.models import chat_lesson
+from helpers.serve import KEY, client, start_server, wait_for_url
 
 QUESTION = chat_lesson(100)[0]
 GUARD = 300  # seconds: a hang guard, never a speed limit

@@ -21,15 +21,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FLAVOUR, REPO, snakemake, write_config
+from helpers import REPO
+from helpers.llama import FLAVOUR
+from helpers.workflow import snakemake, write_config
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue")
 PRODUCTS = ("merged/model.safetensors", "ggml-model-f16.gguf", "ggml-model-q4_0.gguf")
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 
+# Debian puts the daemons in /usr/sbin, which a user's PATH (and a CI runner's) may leave out
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def tool(name: str) -> str | None:
+    """The full path of a SLURM or munge command: on PATH, else in the sbin folders."""
+    return shutil.which(name, path=SEARCH_PATH)
+
+
 def install_slurm() -> None:
-    if all(shutil.which(tool) for tool in DAEMONS):
+    if all(tool(name) for name in DAEMONS):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -113,7 +124,7 @@ def slurm_cluster():
         key = folder / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
-        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        node = subprocess.run([tool("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         cpus = int(re.search(r"\bCPUs=(\d+)", node)[1])
         conf = folder / "slurm.conf"
         host = re.search(r"\bNodeName=(\S+)", node)[1]  # the name slurmd will know itself by
@@ -121,19 +132,19 @@ def slurm_cluster():
                                           dir=folder, node=node))  # fmt: skip
         shim = folder / "bin" / "srun"
         shim.parent.mkdir()
-        shim.write_text(SRUN.format(conf=conf, srun=shutil.which("srun")))
+        shim.write_text(SRUN.format(conf=conf, srun=tool("srun")))
         shim.chmod(0o755)
-        env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+        env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{shim.parent}{os.pathsep}{SEARCH_PATH}"}
 
         def start(name: str, *cmd: str) -> None:
             with open(folder / f"{name}.out", "w") as out:
                 daemons.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
 
-        start("munged", "munged", "--foreground", f"--socket={folder}/munge.socket", f"--key-file={key}",
+        start("munged", tool("munged"), "--foreground", f"--socket={folder}/munge.socket", f"--key-file={key}",
               f"--pid-file={folder}/munged.pid", f"--seed-file={folder}/munged.seed")  # fmt: skip
         wait_for("munged", (folder / "munge.socket").exists, [folder / "munged.out"])
-        start("slurmctld", "slurmctld", "-D", "-c", "-f", str(conf))
-        start("slurmd", "slurmd", "-D", "-f", str(conf))
+        start("slurmctld", tool("slurmctld"), "-D", "-c", "-f", str(conf))
+        start("slurmd", tool("slurmd"), "-D", "-f", str(conf))
 
         def node_idle() -> bool:
             sinfo = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, env=env)

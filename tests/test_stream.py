@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, REPO, chat_lesson, make_lora, make_tiny_llama, prose
+from helpers import REPO
+from helpers.models import CHAT_TEMPLATE, chat_lesson, make_lora, make_tiny_llama, prose
 
 from cpuforge.text import stream
 from cpuforge.evaluate.task import answers_hf, hf_prompts
@@ -125,6 +126,7 @@ def whole_model_greedy(folder, rows):
     return greedy_ids(model, tokenizer, rows, MAX_NEW_TOKENS, batch_size=1), tokenizer, model
 
 
+@pytest.mark.slow  # the taught model: minutes of training on a loaded 2-core machine
 def test_teacher_forced_agreement_equals_generates(taught, tmp_path):
     """Answers of one model tested against another's greedy choices: agreement and first difference as
     generate gives them."""
@@ -142,6 +144,7 @@ def test_teacher_forced_agreement_equals_generates(taught, tmp_path):
     assert [greedy_divergence(c, a, stop, MAX_NEW_TOKENS) for c, a in zip(choices, answers, strict=True)] == want
 
 
+@pytest.mark.slow
 def test_teacher_forced_exact_match_equals_greedy_exact_match(taught):
     folder, rows = taught
     _, tokenizer, model = whole_model_greedy(folder, rows)
@@ -185,6 +188,7 @@ def peak_growth(folder, how: str) -> int:
     return int(result.stdout)
 
 
+@pytest.mark.slow  # a 16-layer model's whole forward pass and a streamed one, each in a fresh process
 def test_streamed_pass_holds_one_layer_not_the_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
