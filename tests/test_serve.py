@@ -27,8 +27,8 @@ from conftest import REPO, VOCAB_PAIRS, chat_ids, chat_lesson, ids_answers, refe
 
 from cpuforge.errors import InputError
 from cpuforge.paths import model_name
-from cpuforge.serve.app import is_page
-from cpuforge.serve.engine import Engine
+from cpuforge.serve.app import is_page, make_app
+from cpuforge.serve.engine import Engine, upstream_session
 from cpuforge.serve.metrics import Metrics
 from cpuforge.serve.server import Server, Settings
 
@@ -267,6 +267,60 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path):
         Server(Settings(tmp_path / "model.gguf", threads=1, llama_bin=tmp_path, loras=["task"]))
     with pytest.raises(InputError, match=rf"^{re.escape(str(tmp_path / 'model.gguf'))}: file not found\.$"):
         Server(Settings(tmp_path / "model.gguf", threads=1, llama_bin=tmp_path))
+
+
+@pytest.mark.unit
+def test_the_proxys_own_answers_while_llama_server_is_down(tmp_path):
+    """The app in process before any llama-server runs: what it answers itself (key, JSON, model name, unknown
+    paths, /v1/models) it answers, what needs llama-server gets a 503 to retry, and /metrics counts each."""
+
+    async def scenario() -> dict[str, float]:
+        from aiohttp.test_utils import TestClient, TestServer
+
+        sock = tmp_path / "llama-server.sock"  # nothing listens on it
+        async with upstream_session(sock, "engine-key") as upstream:
+            engine = Engine(["llama-server"], sock, "engine-key", upstream)
+            async with TestClient(TestServer(make_app(upstream, NAME, KEY, engine, created=1))) as c:
+                key = {"Authorization": f"Bearer {KEY}"}
+                chat_body = {"messages": [{"role": "user", "content": "hi"}]}
+
+                async def answer(method: str, path: str, status: int, **kwargs) -> dict:
+                    async with c.request(method, path, **kwargs) as response:
+                        assert response.status == status, await response.text()
+                        if status == 503 and path != "/health":  # a request to retry, not a state
+                            assert response.headers["Retry-After"] == "2"
+                        return await response.json()
+
+                assert await answer("GET", "/health", 503) == {"status": "unavailable"}  # no key needed
+                assert await answer("GET", "/v1/models", 200, headers=key) == {"object": "list", "data": [
+                    {"id": NAME, "object": "model", "created": 1, "owned_by": "cpuforge"}]}  # fmt: skip
+                wrong = await answer("GET", "/v1/models", 401, headers={"Authorization": "Bearer wrong"})
+                assert wrong["error"]["code"] == "invalid_api_key"
+                bad = await answer("POST", "/v1/chat/completions", 400, data=b'{"messages": [', headers=key)
+                assert bad["error"]["message"].startswith("The request body is not valid JSON")
+                other = await answer("POST", "/v1/completions", 404, json={"model": "gpt-4", "prompt": "hi"},
+                                     headers=key)  # fmt: skip
+                assert other["error"] == {"message": f"The model `gpt-4` does not exist; this server serves `{NAME}`.",
+                                          "type": "invalid_request_error", "param": None, "code": "model_not_found"}
+                down = await answer("POST", "/v1/chat/completions", 503, json=chat_body, headers=key)
+                assert down["error"]["type"] == "unavailable_error" and down["error"]["code"] == "engine_unavailable"
+                await answer("GET", "/favicon.svg", 503)  # a page: no key needed, but llama-server serves it
+                await answer("GET", "/slots", 404, headers=key)
+                async with c.get("/metrics", headers=key) as response:
+                    text = await response.text()
+        return text
+
+    text = asyncio.run(scenario())
+    assert metric(text, "cpuforge_llama_server_ready") == 0
+    assert metric(text, "cpuforge_llama_server_restarts_total") == 0
+    assert "llamacpp:" not in text  # llama-server's own figures only when it is up
+    for reason, n in {"invalid_api_key": 1, "invalid_json": 1, "model_not_found": 1, "engine_unavailable": 2,
+                      "unknown_path": 1}.items():  # fmt: skip
+        assert metric(text, f'cpuforge_rejected_total{{reason="{reason}"}}') == n, reason
+    for endpoint, status, n in [("/health", 503, 1), ("/v1/models", 200, 1), ("/v1/models", 401, 1),
+                                ("/v1/chat/completions", 400, 1), ("/v1/chat/completions", 503, 1),
+                                ("/v1/completions", 404, 1), ("page", 503, 1), ("other", 404, 1)]:  # fmt: skip
+        assert metric(text, f'cpuforge_requests_total{{endpoint="{endpoint}",status="{status}"}}') == n
 
 
 @pytest.mark.unit
