@@ -38,9 +38,10 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.llama.runtime import MAX_DEFAULT_CTX, gguf_context_length, llama_cpp_env
+from cpuforge.io.gguf import gguf_context_length
+from cpuforge.llama.runtime import MAX_DEFAULT_CTX, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
-from scripts.serve import llama_server_command
+from cpuforge.serve.engine import llama_server_command
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ async def load(base: str, name: str, clients: int, seconds: float, seed: int, ta
         rng = random.Random(seed * 1000 + i)
         kinds, weights = zip(*MIX.items(), strict=True)
         # a connection per request, in both phases: llama-server closes kept-alive connections when its HTTP
-        # threads run short, and a request sent on one just then fails (see scripts/serve.py)
+        # threads run short, and a request sent on one just then fails (see cpuforge/serve/engine.py)
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
             while time.monotonic() < end:
@@ -263,7 +264,7 @@ def soak(model: Path, llama_bin: Path, clients: int, minutes: float, threads: in
             rss |= {"proxy_end_mb": rss_mb(proxy.pid), "llama_server_end_mb": rss_mb(engines[0] if engines else None)}
             figures["ours"] = tally.figures(seconds) | rss | {"restart_timeline": timeline}
             restarts = re.findall(r".*(?:died|restarting|started|ready).*", (Path(tmp) / "serve.log").read_text())
-            figures["ours"]["restart_log"] = [line for line in restarts if "__main__" in line]
+            figures["ours"]["restart_log"] = [line for line in restarts if "cpuforge.serve.engine" in line]
         finally:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait()

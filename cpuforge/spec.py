@@ -12,6 +12,7 @@ from pathlib import Path
 from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import NEEDS_IMATRIX, check_quant_type
+from cpuforge.evaluate.stages import HF_STAGES
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.text.task import check_task_data
@@ -19,8 +20,6 @@ from cpuforge.text.task import check_task_data
 # where the run makes the demo's base and adapter (rules/demo.smk), relative to the working directory
 DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
-# the stages of the report that are HF folders, read through torch; the others are GGUF files
-HF_STAGES = ("base", "merged")
 # the parity checks every artifact gets (rules/checks.smk), as their files are named
 PARITY = ("tokenizer", "chat-template")
 

@@ -6,7 +6,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import SOURCE, convert, make_tiny_llama
+from helpers.llama import SOURCE, convert
+from helpers.models import make_tiny_llama
 
 from cpuforge.llama.quant import QUANTS
 

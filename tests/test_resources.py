@@ -25,7 +25,7 @@ from cpuforge.merge.merge import merge
 from cpuforge.merge.plan import check_inputs
 from cpuforge.sizing.costs import MINUTES_MIN
 from cpuforge.sizing.gguf_size import predicted_gguf, read_gguf
-from cpuforge.sizing.model import Arch, Tensor, base_arch, llama_shapes, merged_model, plan_model
+from cpuforge.sizing.model import Arch, base_arch, llama_shapes, plan_model
 from cpuforge.sizing.needs import eval_perplexity_hf_need, merge_need
 
 MIB = 1 << 20

@@ -1,11 +1,14 @@
 """The server when its engine dies and when it is told to stop: the real llama-server, killed for real.
 
+The restart runs in this process, where the engine itself can be asked for its pids and restarts; what
+only the process shows (its exit code, its signals) is tested on scripts.serve started as a user does.
 Every wait is bounded only to turn a hang into a failure; no test asserts how long anything took.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +23,9 @@ from pathlib import Path
 import openai
 import pytest
 from helpers.models import chat_lesson
-from helpers.serve import KEY, client, start_server, wait_for_url
+from helpers.serve import KEY, InProcess, client, start_server, wait_for_url
+
+from cpuforge.serve.server import Settings
 
 QUESTION = chat_lesson(100)[0]
 GUARD = 300  # seconds: a hang guard, never a speed limit
@@ -87,60 +92,68 @@ def gguf(tiny_chat_model, tmp_path) -> Path:
     return Path(shutil.copy(tiny_chat_model / "ggml-model-q4_0.gguf", folder))
 
 
-def test_killed_llama_server_is_restarted_and_requests_in_flight_get_a_503(launch, gguf, capsys):
+@pytest.mark.llama
+def test_killed_llama_server_is_restarted_and_requests_in_flight_get_a_503(llama_bin, gguf, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="cpuforge.serve")
     # slots of 4096 tokens: an answer of thousands of tokens is still streaming when the engine is killed
-    process, log, url = launch(gguf, "--api-key", KEY, "--parallel", 2, "--ctx-size", 4096)
-    before = answer(url)
-    assert before.strip()
-    (first,) = engine_pids(log)
+    settings = Settings(gguf, llama_bin=llama_bin, port=0, api_key=KEY, threads=1, parallel=2, ctx_size=4096)
+    running = InProcess(settings).ready()
+    engine, url = running.server.engine, running.url
+    try:
+        before = answer(url)
+        assert before.strip()
+        first = engine.process.pid
 
-    stream = client(url).chat.completions.create(
-        model="chat-q4_0", messages=[{"role": "user", "content": QUESTION}], max_tokens=4000, stream=True,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    pieces = iter(stream)
-    next(pieces)
-    os.kill(first, signal.SIGSTOP)  # frozen mid-answer; a request sent now waits inside it
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(answer, url)
-        until(lambda: in_flight(url) == 3, "the proxy to take the request")  # it, the stream and this call
-        killed = time.monotonic()
-        os.kill(first, signal.SIGKILL)  # what the out-of-memory killer does
-        with pytest.raises(openai.APIError, match="llama-server stopped while answering this request"):
-            for _ in pieces:
-                pass
-        with pytest.raises(openai.InternalServerError) as failed:
-            waiting.result(timeout=GUARD)
-    assert failed.value.status_code == 503 and failed.value.body["code"] == "engine_unavailable"
+        stream = client(url).chat.completions.create(
+            model="chat-q4_0", messages=[{"role": "user", "content": QUESTION}], max_tokens=4000, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        pieces = iter(stream)
+        next(pieces)
+        os.kill(first, signal.SIGSTOP)  # frozen mid-answer; a request sent now waits inside it
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(answer, url)
+            until(lambda: in_flight(url) == 3, "the proxy to take the request")  # it, the stream and this call
+            killed = time.monotonic()
+            os.kill(first, signal.SIGKILL)  # what the out-of-memory killer does
+            with pytest.raises(openai.APIError, match="llama-server stopped while answering this request"):
+                for _ in pieces:
+                    pass
+            with pytest.raises(openai.InternalServerError) as failed:
+                waiting.result(timeout=GUARD)
+        assert failed.value.status_code == 503 and failed.value.body["code"] == "engine_unavailable"
 
-    states = [(0.0, "killed")]
+        states = [(0.0, "killed")]
 
-    def healthy():
-        status, body = get(url, "/health", key="")
-        state = json.loads(body)["status"]
-        assert (status == 200) == (state == "ok")
-        if state != states[-1][1]:
-            states.append((time.monotonic() - killed, state))
-        return state == "ok"
+        def healthy():
+            status, body = get(url, "/health", key="")
+            state = json.loads(body)["status"]
+            assert (status == 200) == (state == "ok")
+            if state != states[-1][1]:
+                states.append((time.monotonic() - killed, state))
+            return state == "ok"
 
-    until(healthy, "/health to say ok again")
-    assert states[1][1] == "unavailable"  # first seen as down, whatever came between
-    assert answer(url) == before  # the same greedy answer from the new llama-server
-    _, second = engine_pids(log)
-    assert second != first and alive(second) and not alive(first)
+        until(healthy, "/health to say ok again")
+        assert states[1][1] == "unavailable"  # first seen as down, whatever came between
+        assert answer(url) == before  # the same greedy answer from the new llama-server
+        second = engine.process.pid
+        assert second != first and alive(second) and not alive(first)
+        assert engine.restarts == 1
 
-    status, metrics = get(url, "/metrics")
-    assert status == 200 and "cpuforge_llama_server_restarts_total 1\n" in metrics.decode()
-    assert re.search(r'cpuforge_rejected_total\{reason="engine_unavailable"\} [1-9]', metrics.decode())
-    timeline = [line for line in log.read_text().splitlines() if re.search(r"__main__: .*(llama-server|serving)", line)]
+        status, metrics = get(url, "/metrics")
+        assert status == 200 and "cpuforge_llama_server_restarts_total 1\n" in metrics.decode()
+        assert re.search(r'cpuforge_rejected_total\{reason="engine_unavailable"\} [1-9]', metrics.decode())
+    finally:
+        running.close()
+    assert not alive(first) and not alive(engine.process.pid)
+    logged = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith("cpuforge.serve")]
+    timeline = [line for line in logged if re.search("llama-server|serving", line.partition(": ")[2])]
     with capsys.disabled():
         print("\nrestart timeline (log):", *timeline, sep="\n  ")
         print("states seen on /health, seconds after the kill:", ", ".join(f"{s} {t:.2f}" for t, s in states))
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=GUARD) == 0, log.read_text()
-    assert not any(alive(p) for p in engine_pids(log))
 
 
+@pytest.mark.llama
 def test_a_model_that_no_longer_loads_ends_the_server_with_one_sentence(launch, gguf):
     process, log, _ = launch(gguf, "--restarts", 2)
     (pid,) = engine_pids(log)
@@ -181,6 +194,7 @@ def refused(url: str) -> bool:
     return False
 
 
+@pytest.mark.llama
 def test_sigterm_lets_requests_in_flight_finish_then_stops_both(launch, gguf):
     process, log, url = launch(gguf, "--api-key", KEY, "--parallel", 1, "--ctx-size", 4096, "--drain-timeout", GUARD)
     (pid,) = engine_pids(log)
@@ -201,6 +215,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_stops_both(launch, gguf):
     assert not any(alive(p) for p in engine_pids(log))
 
 
+@pytest.mark.llama
 def test_a_request_that_never_finishes_is_cut_off_after_the_drain_timeout(launch, gguf):
     process, log, url = launch(gguf, "--api-key", KEY, "--drain-timeout", 1)
     sock = half_sent_request(url)  # and the rest never comes

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_lora, make_tiny_llama
+from helpers.models import make_lora, make_tiny_llama
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -372,7 +372,7 @@ def test_provenance_and_report_name_the_tuners(tmp_path, tiny_base):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     from cpuforge.evaluate.report import provenance_html, read_provenance
 
@@ -455,7 +455,7 @@ GGUF_CASES = ["dora", "pissa", "trainable_tokens", *implemented_tuners()]
 @pytest.mark.parametrize("case", GGUF_CASES)
 def test_gguf_of_the_merged_folder_loads_and_answers(tmp_path, tiny_base, llama_bin, case):
     """The pinned converter takes the merged folder of each tuner and variant, and llama.cpp runs the GGUF."""
-    from conftest import convert, ids_answers
+    from helpers.llama import convert, ids_answers
     from gguf import GGUFReader
 
     if case in VARIANTS:

@@ -14,7 +14,6 @@ from pathlib import Path
 from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
-from cpuforge.io.gguf import gguf_context_length  # noqa: F401  (cpuforge/serve and benchmarks/soak.py import it here)
 from cpuforge.paths import report_metrics
 
 log = logging.getLogger(__name__)

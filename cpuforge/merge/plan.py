@@ -7,11 +7,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.io.safetensors import weights_header
 from cpuforge.merge.lora import INIT_RESIDUAL, check_lora_config
+
+if TYPE_CHECKING:
+    from cpuforge.merge.tuned import Tuned
 
 log = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from cpuforge.errors import InputError
+from cpuforge.io.gguf import gguf_context_length
 from cpuforge.llama.runtime import (
     MAX_DEFAULT_CTX,
     apply_loras,
     cpu_backend,
     describe_cpu_backend,
-    gguf_context_length,
     load_llama_cpp,
 )
 from cpuforge.paths import default_llama_bin

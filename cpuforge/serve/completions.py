@@ -29,6 +29,7 @@ import time
 from jinja2 import TemplateError
 
 from cpuforge.errors import InputError
+from cpuforge.serve.errors import GONE_EVENT, error
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ async def respond(request, upstream, body: dict, prompt, name: str):
     try:
         completion = completion_request(body, prompt)
     except InputError as e:
-        body = {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}}
-        return web.json_response(body, status=400)
+        return error(400, str(e))
     translation = Translation(name, bool((body.get("stream_options") or {}).get("include_usage")))
     async with await post_completion(upstream, completion) as answer:
         if answer.status != 200 or answer.content_type != "text/event-stream":
@@ -221,8 +221,6 @@ async def respond(request, upstream, body: dict, prompt, name: str):
             log.info("/v1/chat/completions: client went away mid-answer")
         except aiohttp.ClientError as e:  # llama-server died mid-answer: the status is out, so an error event
             log.warning("/v1/chat/completions: llama-server went away mid-answer (%s)", e.__class__.__name__)
-            event = {"error": {"message": "llama-server stopped while answering this request.",
-                               "type": "unavailable_error", "code": "engine_unavailable"}}  # fmt: skip
             with contextlib.suppress(ConnectionResetError):
-                await response.write(sse(event))
+                await response.write(GONE_EVENT)
         return response

@@ -1,7 +1,7 @@
 """A GGUF file's figures: predicted from the merged model before it exists, or read from its header after.
 
-The ggml types' sizes and the converter's tensor names come from gguf-py; what gguf-py does not hold is
-the average size of llama-quantize's mixes (MIXES)."""
+The converter's tensor names come from gguf-py, each quant type's bits per weight from the quant table
+(cpuforge.llama.quant.QUANTS, held against gguf-py's block sizes by tests/test_quant.py)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,28 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from gguf import GGUFReader
-from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType
+from gguf.constants import MODEL_ARCH
 from gguf.tensor_mapping import get_tensor_name_map
 
+from cpuforge.io.gguf import open_gguf
+from cpuforge.llama.quant import QUANTS
 from cpuforge.sizing.model import Arch, Model
 
-# llama-quantize's mixes (and the types whose size it states apart from their blocks'): bits per weight of
-# their matrices on average over a LLaMA's matrices, from the sizes llama-quantize states, and the ggml type
-# most of them get. Every other type is one ggml type throughout, its size its blocks' (GGML_QUANT_SIZES).
-MIXES = {
-    "q2_k": (3.0, "q2_k"), "q2_k_s": (2.9, "q2_k"), "q3_k_s": (3.5, "q3_k"), "q3_k_m": (3.9, "q3_k"),
-    "q3_k_l": (4.3, "q3_k"), "q4_k_s": (4.6, "q4_k"), "q4_k_m": (4.9, "q4_k"), "q5_k_s": (5.5, "q5_k"),
-    "q5_k_m": (5.7, "q5_k"), "iq1_s": (1.6, "iq1_s"), "iq1_m": (1.8, "iq1_m"), "iq2_xxs": (2.1, "iq2_xxs"),
-    "iq2_xs": (2.35, "iq2_xs"), "iq2_s": (2.5, "iq2_s"), "iq2_m": (2.7, "iq2_s"), "iq3_xxs": (3.1, "iq3_xxs"),
-    "iq3_xs": (3.3, "iq3_xxs"), "iq3_s": (3.45, "iq3_s"), "iq3_m": (3.7, "iq3_s"),
-}  # fmt: skip
-LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16")
 # ggml types whose matrices the CPU backend repacks into an interleaved copy on x86 with AVX2 (q2_K with
 # AVX-512; ggml-cpu/repack.cpp): counted on every machine, which is right on most and too much on some
 REPACKED = ("q4_0", "q4_k", "iq4_nl", "q2_k")
 
 
 def matrix_type(qtype: str) -> tuple[float, str]:
-    """Bits per weight of a llama-quantize type's matrices and the ggml type most of them get; vectors stay
-    f32, `output.weight` is at least q6_K."""
-    if qtype in MIXES:
-        return MIXES[qtype]
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]]
-    return 8 * size / block, qtype
+    """Bits per weight of a llama-quantize type's matrices and the ggml type most of them get (the quant
+    table's); vectors stay f32, `output.weight` is at least q6_K."""
+    q = QUANTS[qtype]
+    return q.bits, q.ggml_type
+
+
+def is_legacy(qtype: str) -> bool:
+    """A type quantized in one pass, block by block (the float types copied), not a searched K- or I-mix."""
+    return QUANTS[qtype].family in ("legacy", "float")
 
 
 @dataclass(frozen=True)
@@ -88,7 +81,7 @@ def predicted_gguf(model: Model, qtype: str = "f16") -> Gguf:
 
 def read_gguf(path: str | Path) -> Gguf:
     """A GGUF file's figures from its header; no tensor data is read."""
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
     fields = reader.fields
     prefix = fields["general.architecture"].contents() + "."
 

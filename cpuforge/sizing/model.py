@@ -69,26 +69,6 @@ class Model:
 
 
 @dataclass(frozen=True)
-class Gguf:
-    """A GGUF file's figures: its size, its architecture, and its tensors: elements, bytes, row length
-    and ggml type of each."""
-
-    arch: Arch
-    nbytes: int
-    tensors: dict[str, tuple[int, int, int, str]]
-
-    @property
-    def params(self) -> int:
-        return sum(t[0] for t in self.tensors.values())
-
-    @property
-    def repacked(self) -> int:
-        """Bytes of the matrices the CPU backend keeps a repacked copy of (not the embeddings: they are
-        only looked up)."""
-        return sum(t[1] for n, t in self.tensors.items() if t[3] in REPACKED and n != "token_embd.weight")
-
-
-@dataclass(frozen=True)
 class Task:
     """The sequences of a task stage: rows, and the longest prompt and answer in (estimated) tokens."""
 

@@ -19,7 +19,7 @@ from cpuforge.sizing.costs import (
     Cost,
     cost,
 )
-from cpuforge.sizing.gguf_size import LEGACY, Gguf
+from cpuforge.sizing.gguf_size import Gguf, is_legacy
 from cpuforge.sizing.model import LAYER, Arch, Task, Tensor
 from cpuforge.text.stream import HEAD_ROWS, POSITIONS
 
@@ -83,7 +83,7 @@ def quantizer(rule: str, f16: Gguf, out: Gguf, qtype: str, threads: int) -> Cost
     """llama-quantize: a tensor mapped, its f32 copy and its quantized bytes (its buffers keep the largest)."""
     n, nbytes = max(t[:2] for t in f16.tensors.values())
     work = nbytes + 4 * n + max(t[1] for t in out.tensors.values())
-    rate = QUANTIZE_WEIGHTS_PER_SECOND * threads / (1 if qtype in LEGACY else SLOW_QUANTIZE)
+    rate = QUANTIZE_WEIGHTS_PER_SECOND * threads / (1 if is_legacy(qtype) else SLOW_QUANTIZE)
     seconds = f16.params / rate + 3 * out.nbytes / DISK_BYTES_PER_SECOND
     return cost(rule, work, 2 * out.nbytes, seconds, kept=out.nbytes)
 
