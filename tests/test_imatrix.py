@@ -13,7 +13,7 @@ from helpers import REPO
 from helpers.models import make_lora, make_tiny_llama
 from helpers.workflow import TASK, snakemake, write_config
 
-from cpuforge.checks.template import CHECKED
+from cpuforge.checks.chat_template import CHECKED
 
 K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2)
 

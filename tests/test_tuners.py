@@ -374,7 +374,8 @@ def test_provenance_and_report_name_the_tuners(tmp_path, tiny_base):
 
     from helpers import REPO
 
-    from cpuforge.evaluate.report import provenance_html, read_provenance
+    from cpuforge.evaluate.records import read_provenance
+    from cpuforge.evaluate.report import provenance_html
 
     first, _ = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True, use_rslora=True)
     second, _ = trained_tuner_adapter(tiny_base, tmp_path / "second", implemented_tuners()[0])
