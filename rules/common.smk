@@ -15,7 +15,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedi
 
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import QUANT_TYPES as KNOWN_QUANT_TYPES
-from cpuforge.merge.plan import TOKENIZER_FILES, tokenizer_source
+from cpuforge.merge.folders import TOKENIZER_FILES, tokenizer_source
 from cpuforge.sizing import dag as sizing_dag
 from cpuforge.sizing.jobs import Sizing
 from cpuforge.spec import DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec, runtime_lora_refusal

@@ -23,7 +23,8 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
 from cpuforge.text.generate import gguf_greedy_ids, stop_ids
 from cpuforge.llama.runtime import apply_loras, load_llama_cpp
-from cpuforge.merge.plan import EMBED, LM_HEAD, Adapter, Plan, adapter_shapes, check_inputs
+from cpuforge.merge.plan import EMBED, LM_HEAD, Adapter, Plan, check_inputs
+from cpuforge.merge.folders import adapter_shapes
 from cpuforge.merge.merge import copy_tokenizer
 from cpuforge.text.prompt import first_difference, prompt_ids, tokenizer_folder
 from cpuforge.io.provenance import copy_gguf_with_provenance

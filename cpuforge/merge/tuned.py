@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.merge.plan import PREFIX, Adapter, adapter_shapes, adapter_weights_file, check_shape, plan_whole_tensor
+from cpuforge.merge.plan import PREFIX, Adapter, check_shape, plan_whole_tensor
+from cpuforge.merge.folders import adapter_shapes, adapter_weights_file
 
 
 @dataclass

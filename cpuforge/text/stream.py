@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.merge.plan import EMBED, LM_HEAD, base_shards
+from cpuforge.merge.plan import EMBED, LM_HEAD
+from cpuforge.merge.folders import base_shards
 from cpuforge.io.safetensors import open_weights
 
 log = logging.getLogger(__name__)
