@@ -8,7 +8,7 @@ import pytest
 import yaml
 from helpers import REPO
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import check_quant_type
@@ -33,12 +33,23 @@ def test_the_shipped_config_is_valid_and_every_key_is_documented():
     assert undocumented(yaml.safe_load(SCHEMA.read_text())) == []
 
 
-def test_defaults_fill_a_config_that_names_only_its_models():
-    config = {"models": [{"name": "m", "base": "/models/base", "adapters": ["/models/lora"]}]}
+def test_a_config_that_names_only_its_models_runs_on_the_shipped_settings():
+    """A user's --configfile lands on config.yaml, which Snakemake loads first: its models replace the demo
+    entry, and everything it does not name (the llama.cpp pin among them, written only in config.yaml)
+    comes from there; the schema fills nothing config.yaml already holds."""
+    models = [{"name": "m", "base": "/models/base", "adapters": ["/models/lora"]}]
+    config = copy.deepcopy(CONFIG)
+    update_config(config, {"models": models})
     validate(config, str(SCHEMA))
-    # the pinned commit, in config.yaml and as the schema's default: one figure
-    assert config["llama_cpp"]["sdist"]["commit"] == CONFIG["llama_cpp"]["sdist"]["commit"]
+    assert config["models"] == models
+    assert config["llama_cpp"]["sdist"] == CONFIG["llama_cpp"]["sdist"]
     assert config["quant_types"] == CONFIG["quant_types"]
+
+
+def test_the_pin_is_not_defaulted_by_the_schema():
+    """The pin is written once, in config.yaml: a config without it is refused, not filled from a copy."""
+    with pytest.raises(WorkflowError, match="'package' is a required property"):
+        validate({"models": CONFIG["models"], "llama_cpp": {"sdist": {}}}, str(SCHEMA))
 
 
 @pytest.mark.parametrize(
