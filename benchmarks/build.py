@@ -11,7 +11,7 @@ folder to time it again. Then, for every model, both builds run llama-bench (pp 
 tg --gen-tokens, every thread count) in turns, --rounds times, native first in odd rounds and
 portable first in even ones; each figure is the best round, as other work on a shared machine
 only ever slows a run down. The ratio portable ÷ native decides the default flavour: portable
-when it is at least 0.97 everywhere (README, "One build for every CPU"). The table is logged, the
+when it is at least 0.97 everywhere (docs/builds.md, "One build for every CPU"). The table is logged, the
 figures go to --out (default benchmarks/llama_cpp/build.json).
 """
 

@@ -16,7 +16,7 @@ machine other work only ever slows a run down.
 
 --compare-llama-cpp-python also times llama-cpp-python's own server (needs its `server`
 extra) for one client and for --concurrency clients at once, against ours: the figures
-behind the README's choice. Figures go to --out (default benchmarks/{model}/serve_{qtype}.json).
+behind docs/serve.md's choice. Figures go to --out (default benchmarks/{model}/serve_{qtype}.json).
 """
 
 from __future__ import annotations
