@@ -75,7 +75,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # every variant made and merged by peft, then by us: minutes in all, so not in the fast loop
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lora_variant_merges_as_peft_does(tmp_path, tiny_base, variant):
     adapter, reference = trained_adapter(tiny_base, tmp_path / "adapter", **VARIANTS[variant])
@@ -327,7 +327,7 @@ def implemented_tuners():
     return sorted(TUNERS)
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # every variant made and merged by peft, then by us: minutes in all, so not in the fast loop
 @pytest.mark.parametrize("peft_type", implemented_tuners())
 def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
     """Through the plan and the streamed merge, on a base without biases and on one with them."""

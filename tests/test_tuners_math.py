@@ -165,7 +165,7 @@ def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> tuple[
     return merged, by_module
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # every variant made and merged by peft, then by us: minutes in all, so not in the fast loop
 @pytest.mark.parametrize("peft_type,kwargs,bias", cases())
 def test_merge_is_peft_merge(peft_type, kwargs, bias, tmp_path):
     base, reference, config, tensors = saved_adapter(peft_type, kwargs, bias, tmp_path)
