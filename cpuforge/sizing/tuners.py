@@ -97,9 +97,9 @@ def vera(m: Module) -> int:
 
 
 def oft(m: Module) -> int:
-    """The block-diagonal rotation, in × in, and R @ Wᵀ; then, the rotation gone, the transposed result and the
-    contiguous copy the finiteness check reads."""
-    return m.copy + max(f32(m.inp * m.inp) + f32(m.n), 2 * f32(m.n))
+    """The block-diagonal rotation, in × in, and R @ Wᵀ beside the copy; then, those gone, the transposed result
+    and the contiguous copy the finiteness check reads (merge.all_finite)."""
+    return max(m.copy + f32(m.inp * m.inp) + f32(m.n), 2 * f32(m.n))
 
 
 def boft(m: Module) -> int:
@@ -117,11 +117,11 @@ def hra(m: Module) -> int:
 
 
 def c3a(m: Module) -> int:
-    """peft's get_circulant_fast over in × in: the identity (f32), its inverse FFT (complex64, 8 bytes an
-    element), the copy einsum makes of it for its batched product, and that product (in × out complex); then the
-    forward FFT (in × out complex), its real part flattened and divided, and the sum."""
-    circulant = f32(m.inp * m.inp) + 2 * 8 * m.inp * m.inp + 8 * m.n
-    return m.copy + max(circulant, 2 * 8 * m.n + 2 * f32(m.n))
+    """peft's get_circulant_fast over in × in: the identity (f32) and its inverse FFT (complex64, 8 bytes an
+    element) beside einsum's product with the kernels' FFT (in × out complex); then that product and its forward
+    FFT (in × out complex), whose real part, divided, and the sum follow when the product is gone."""
+    circulant = f32(m.inp * m.inp) + 8 * m.inp * m.inp + 8 * m.n
+    return m.copy + max(circulant, 2 * 8 * m.n)
 
 
 def road(m: Module) -> int:
