@@ -6,7 +6,8 @@ Writes a LLaMA base of LLaMA-7B's widths (hidden 4096, intermediate 11008, 32 he
 `--layers` layers, in f32 with random weights, then for each tuner an adapter made by peft's get_peft_model on
 q_proj, v_proj, up_proj and down_proj with its trainable tensors randomised (so the merge is a real one), each in a
 process of its own. Then it merges each adapter with scripts.merge in a process of its own, reads that process's
-peak RSS from the kernel, and prints it beside the plan's figure for the merge (the sizing's Need, mem_mb).
+peak RSS from the kernel, and prints it beside the plan's figure for the merge (the sizing's Need, mem_mb)
+and their ratio, measured / plan.
 The merge streams one tensor at a time, so its peak is set by the costliest tensor (the plan names it), not by
 the number of layers: one layer measures what 32 would. Run by hand; a tuner takes a minute or two
 (PiSSA's SVDs longer) and the work folder ~4 GB.
@@ -114,7 +115,7 @@ def main() -> None:
         run(MAKE_BASE, str(base), str(args.layers))
     print(f"7B widths (hidden 4096, intermediate 11008, 32 heads, vocab 32000), {args.layers} layer(s), f32 base, "
           f"merged to {args.dtype}; targets {', '.join(TARGETS)}")  # fmt: skip
-    print(f"{'tuner':<10}{'plan MiB':>10}{'measured MiB':>14}{'ratio':>7}  plan's costliest tensor")
+    print(f"{'tuner':<10}{'plan MiB':>10}{'measured MiB':>14}{'ratio':>7}  the plan's costliest tensor")
     for name in args.tuner or TUNERS:
         cls, settings = TUNERS[name]
         adapter = args.workdir / f"adapter-{name.lower()}-{args.layers}"
@@ -130,7 +131,7 @@ def main() -> None:
             record.write_text(json.dumps({"peak_rss_mib": peak_rss_mib(cmd)}))
             subprocess.run(["rm", "-rf", str(out)], check=True)
         measured = json.loads(record.read_text())["peak_rss_mib"]
-        print(f"{name:<10}{plan:>10}{measured:>14.0f}{plan / measured:>7.2f}  {tensor}", flush=True)
+        print(f"{name:<10}{plan:>10}{measured:>14.0f}{measured / plan:>7.2f}  {tensor}", flush=True)
 
 
 if __name__ == "__main__":
