@@ -228,9 +228,12 @@ def test_rotation_working_sets_are_torchs(kind, out, inp, dtype):
 @pytest.mark.parametrize("kind", ["C3A", "FOURIERFT"])
 def test_fft_working_sets_are_torchs(kind, out, inp):
     """C3A's circulant from an in × in identity and FourierFT's permutation of every position, both through
-    complex FFTs (8 bytes an element)."""
+    complex FFTs (8 bytes an element). C3A's einsum runs a batched matmul over the in × in complex FFT, which
+    the matmul copies to contiguous matrices inside its kernel, where the count does not see it: one in × in
+    complex64 more (measured at the 7B widths: C3A's merge peaked 1 GB, that copy, above what torch shows here)."""
     traced, module = traced_tuner(kind, base_weight(out, inp, "float32"))
-    assert working_set(kind, module) == pytest.approx(traced, rel=0.1)
+    unseen = 8 * inp * inp if kind == "C3A" and inp * inp > out * inp else 0  # the circulant phase only
+    assert working_set(kind, module) == pytest.approx(traced + unseen, rel=0.1)
 
 
 @pytest.mark.unit
