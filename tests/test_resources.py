@@ -220,14 +220,10 @@ def test_rotation_working_sets_are_torchs(kind, out, inp, dtype):
     """Tuners that build a rotation, in × in (OFT, BOFT, HRA) or out × out (RoAd): the figure follows the
     side that grows, on a wide weight and a tall one."""
     traced, module = traced_tuner(kind, base_weight(out, inp, dtype))
-    # making the block-diagonal rotation peaks at three times its size, inside torch.block_diag where the count does
-    # not see it (measured at the 7B widths: OFT's and BOFT's merges both peaked 1311 MiB beside down_proj); torch
-    # shows one in × in for OFT, two for BOFT (its rows and columns permuted)
-    if kind in ("OFT", "BOFT") and inp > out:
-        blocks = 3 if kind == "OFT" else 4  # BOFT here chains two factors: the product so far beside them
-        assert traced < working_set(kind, module) == pytest.approx(blocks * 4 * inp * inp + module.copy, rel=0.1)
-    else:
-        assert working_set(kind, module) == pytest.approx(traced, rel=0.1)
+    # BOFT's column permutation ([:, perm]) copies in × in once more inside the index kernel, unseen by the count
+    # (measured at the 7B widths: BOFT's merge peaked 390 MiB, that copy, above what torch shows here)
+    unseen = 4 * inp * inp if kind == "BOFT" and inp > out else 0  # where the rotation, not the product, is largest
+    assert working_set(kind, module) == pytest.approx(traced + unseen, rel=0.1)
 
 
 @pytest.mark.unit

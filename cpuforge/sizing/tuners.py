@@ -97,17 +97,16 @@ def vera(m: Module) -> int:
 
 
 def oft(m: Module) -> int:
-    """The block-diagonal rotation, in × in, whose making peaks at three times its size (measured at the 7B widths:
-    1311 MiB beside down_proj, for OFT and BOFT alike; torch.block_diag's own buffers, unseen by torch's count),
-    then the rotation and R @ Wᵀ beside the copy; then, those gone, the transposed result and the contiguous copy
-    the finiteness check reads (merge.all_finite)."""
-    return max(m.copy + 3 * f32(m.inp * m.inp), m.copy + f32(m.inp * m.inp) + f32(m.n), 2 * f32(m.n))
+    """The block-diagonal rotation, in × in, and R @ Wᵀ beside the copy; then, those gone, the transposed result
+    and the contiguous copy the finiteness check reads (merge.all_finite)."""
+    return max(m.copy + f32(m.inp * m.inp) + f32(m.n), 2 * f32(m.n))
 
 
 def boft(m: Module) -> int:
-    """Per butterfly factor the block-diagonal rotation (in × in), whose making peaks at three times its size as
-    OFT's does (measured at the 7B widths), then its rows and columns permuted, the product of the factors chained
-    beside them; then the rotation, R @ Wᵀ and its rows scaled by boft_s."""
+    """Per butterfly factor the block-diagonal rotation (in × in), its rows permuted, and its columns permuted,
+    which the index kernel does through one more in × in copy of its own (measured at the 7B widths: 3 × in × in
+    on down_proj), the product of the factors chained beside them; then the rotation, R @ Wᵀ and its rows scaled
+    by boft_s."""
     factors = m.tensors.get("boft_R", (1,))[0]
     rotations = f32(m.inp * m.inp) * (3 if factors == 1 else 4)
     return m.copy + max(rotations, f32(m.inp * m.inp) + 2 * f32(m.n))
