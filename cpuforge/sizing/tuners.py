@@ -103,12 +103,10 @@ def oft(m: Module) -> int:
 
 
 def boft(m: Module) -> int:
-    """Per butterfly factor the block-diagonal rotation (in × in), its rows permuted, and its columns permuted,
-    which the index kernel does through one more in × in copy of its own (measured at the 7B widths: 3 × in × in
-    on down_proj), the product of the factors chained beside them; then the rotation, R @ Wᵀ and its rows scaled
-    by boft_s."""
+    """Per butterfly factor the block-diagonal rotation (in × in) and its rows then columns permuted, the
+    product of the factors chained beside them; then the rotation, R @ Wᵀ and its rows scaled by boft_s."""
     factors = m.tensors.get("boft_R", (1,))[0]
-    rotations = f32(m.inp * m.inp) * (3 if factors == 1 else 4)
+    rotations = f32(m.inp * m.inp) * (2 if factors == 1 else 3)
     return m.copy + max(rotations, f32(m.inp * m.inp) + 2 * f32(m.n))
 
 
