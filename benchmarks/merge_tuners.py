@@ -97,7 +97,7 @@ def planned(base: Path, adapter: Path, dtype: str, threads: int) -> tuple[int, s
     from cpuforge.sizing.model import plan_model
     from cpuforge.sizing.needs import merge_need
 
-    m = plan_model(check_inputs(base, [adapter]), dtype)
+    m = plan_model(check_inputs(Path(base), [Path(adapter)]), dtype)
     return merge_need(m, threads).mem_mb, m.merge_peak_tensor
 
 
@@ -121,7 +121,12 @@ def main() -> None:
         adapter = args.workdir / f"adapter-{name.lower()}-{args.layers}"
         if not adapter.is_dir():
             run(MAKE_ADAPTER, str(base), str(adapter), cls, json.dumps({"target_modules": TARGETS, **settings}))
-        plan, tensor = planned(base, adapter, args.dtype, args.threads)
+        # in a child too: a merge forked from a parent that has grown (torch, the plans) starts its ru_maxrss at
+        # the parent's RSS, which hid OFT's, BOFT's and VeRA's peaks under 1706 MiB in a first run
+        code = "import sys; from benchmarks.merge_tuners import planned; print(*planned(*sys.argv[1:3], sys.argv[3], int(sys.argv[4])))"
+        answer = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), args.dtype, str(args.threads)],
+                                cwd=REPO, check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+        plan, tensor = int(answer[0]), answer[1]
         record = args.workdir / f"measured-{name.lower()}-{args.layers}-{args.dtype}.json"
         if args.again or not record.is_file():  # measured once; the plan's side is recomputed every run
             out = args.workdir / f"merged-{name.lower()}"
