@@ -123,7 +123,7 @@ def main() -> None:
             run(MAKE_ADAPTER, str(base), str(adapter), cls, json.dumps({"target_modules": TARGETS, **settings}))
         # in a child too: a merge forked from a parent that has grown (torch, the plans) starts its ru_maxrss at
         # the parent's RSS, which hid OFT's, BOFT's and VeRA's peaks under 1706 MiB in a first run
-        code = "import sys; from benchmarks.merge_tuners import planned; print(*planned(*sys.argv[1:3], sys.argv[3], int(sys.argv[4])))"
+        code = "import sys; from benchmarks.merge_tuners import planned; a = sys.argv; print(*planned(*a[1:4], int(a[4])))"
         answer = subprocess.run([sys.executable, "-c", code, str(base), str(adapter), args.dtype, str(args.threads)],
                                 cwd=REPO, check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
         plan, tensor = int(answer[0]), answer[1]
