@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO
 from helpers.llama import convert
+from helpers.memory import peak_bytes
 from helpers.workflow import TASK, snakemake, write_config
 
 from cpuforge import paths
@@ -27,6 +29,7 @@ from cpuforge.sizing.costs import MINUTES_MIN
 from cpuforge.sizing.gguf_size import predicted_gguf, read_gguf
 from cpuforge.sizing.model import Arch, base_arch, llama_shapes, plan_model
 from cpuforge.sizing.needs import eval_perplexity_hf_need, merge_need
+from cpuforge.sizing.tuners import Module, working_set
 
 MIB = 1 << 20
 LLAMA_7B = Arch(layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000)
@@ -108,6 +111,158 @@ def test_7b_figures_follow_the_headers(llama_7b):
     whole_f32 = 4 * sum(t.numel for t in m.merged.values()) / MIB
     streamed = eval_perplexity_hf_need(m.merged, m.arch, 512, 16, 2).mem_mb
     assert layer_f32 < streamed < whole_f32 / 5
+
+
+# One adapted weight merged as cpuforge.merge merges it (merge.lora_weight / merge.tuned_weight, then the
+# finiteness check's flat view of it, a copy where the result is transposed; its isfinite runs 4M elements at a
+# time, nothing beside a 7B tensor but all of these small ones, so it is left out), with torch's own allocations
+# counted (helpers.memory): a wide weight and a tall one, since some working sets grow with in × in and others
+# with out × out.
+SHAPES = [(64, 192), (192, 64)]
+RANK = 4
+
+
+class Reads(dict):
+    """An adapter file's reader: each read makes a new tensor, as SafetensorsReader's do."""
+
+    def __getitem__(self, name):
+        return super().__getitem__(name).clone()
+
+
+def tuner_tensors(kind: str, out: int, inp: int) -> tuple[dict, dict]:
+    """A module's trained tensors for `kind` (suffix -> tensor) and its config, at small values so the
+    rotations stay invertible."""
+    r = RANK
+    small = lambda *shape: torch.randn(*shape) * 0.01  # noqa: E731
+    return {
+        "IA3": ({"ia3_l": torch.rand(out, 1)}, {}),
+        "LOHA": ({"hada_w1_a": small(out, r), "hada_w1_b": small(r, inp), "hada_w2_a": small(out, r),
+                  "hada_w2_b": small(r, inp)}, {"r": r, "alpha": 8}),  # fmt: skip
+        "LOKR": ({"lokr_w1": small(4, 4), "lokr_w2_a": small(out // 4, r), "lokr_w2_b": small(r, inp // 4)},
+                 {"r": r, "alpha": 8}),  # fmt: skip
+        "ADALORA": ({"lora_A": small(r, inp), "lora_B": small(out, r), "lora_E": small(r, 1)}, {}),
+        "VERA": ({"vera_lambda_b": torch.rand(out), "vera_lambda_d": torch.rand(r)}, {"r": r}),
+        "GLORA": ({"glora_A.Xd": small(out, r), "glora_A.Xu": small(r, inp), "glora_B.Xd": small(out, r),
+                   "glora_B.Xu": small(r, inp)}, {}),  # fmt: skip
+        "OFT": ({"oft_R.weight": small(inp // 16, 16 * 15 // 2)}, {}),
+        "BOFT": ({"boft_R": small(2, inp // 8, 8, 8), "boft_s": torch.rand(out, 1)}, {}),
+        "HRA": ({"hra_u": torch.randn(inp, r)}, {"apply_GS": True}),
+        "C3A": ({"c3a_kernel": small(out // 32, inp // 32, 32)}, {}),
+        "ROAD": ({"road_theta": small(out // 2), "road_alpha": torch.rand(out // 2)}, {"group_size": 32}),
+        "FOURIERFT": ({"fourierft_spectrum": torch.randn(50)}, {}),
+    }[kind]
+
+
+def traced_tuner(kind: str, weight) -> tuple[int, Module]:
+    """Torch's peak bytes beside `weight` while a tuner merges one module into it, and the sizing's Module of it."""
+    from cpuforge.merge.merge import tuned_weight
+    from cpuforge.merge.plan import Adapter
+    from cpuforge.merge.tuned import Tuned
+
+    out, inp = weight.shape
+    tensors, config = tuner_tensors(kind, out, inp)
+    reader = Reads({f"m.{s}": t for s, t in tensors.items()})
+    adapter = Adapter(Path("a"), Path("a/adapter_model.safetensors"), tuner=kind, config=config)
+    if kind == "VERA":  # the shared projections, read for every module
+        reader |= {"vera_A": torch.randn(RANK, inp), "vera_B": torch.randn(out, RANK)}
+        adapter.shared = {"vera_A": "vera_A", "vera_B": "vera_B"}
+    tuned = Tuned("m.weight", "m", {s: f"m.{s}" for s in tensors})
+
+    def merge_one():
+        merged = tuned_weight(weight, tuned, adapter, reader)
+        merged.reshape(-1)  # merge.all_finite's flat view
+        return merged
+
+    shapes = {s: tuple(t.shape) for s, t in {**tensors, **{k: reader[k] for k in adapter.shared}}.items()}
+    copy = 0 if weight.dtype == torch.float32 else 4 * weight.numel()
+    return peak_bytes(merge_one), Module(out, inp, copy, config, shapes)
+
+
+def traced_lora(kind: str, weight) -> int:
+    """Torch's peak bytes beside `weight` while a LoRA of `kind` (LORA, LORA+dora, +pissa, +olora) merges into it."""
+    from cpuforge.merge.merge import lora_weight
+    from cpuforge.merge.plan import Lora
+
+    out, inp = weight.shape
+    init = kind.partition("+")[2]
+    reader = Reads({"a": torch.randn(RANK, inp), "b": torch.randn(out, RANK), "m": torch.rand(out)})
+    lora = Lora("m.weight", "a", "b", 2.0, False, "m" if init == "dora" else None,
+                init if init in ("pissa", "olora") else None, RANK)  # fmt: skip
+
+    def merge_one():
+        merged = lora_weight(weight, lora, reader)
+        merged.reshape(-1)  # merge.all_finite's flat view
+        return merged
+
+    return peak_bytes(merge_one)
+
+
+def base_weight(out: int, inp: int, dtype: str):
+    return torch.randn(out, inp).to(getattr(torch, dtype))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("out, inp", SHAPES)
+@pytest.mark.parametrize("kind", ["IA3", "LOHA", "LOKR", "ADALORA", "VERA", "GLORA"])
+def test_dense_delta_working_sets_are_torchs(kind, out, inp, dtype):
+    """Tuners that build a dense delta (or scaling) and add it: the sizing's figure is what torch allocates,
+    the f32 copy of a half-precision weight included (the module's own small tensors aside)."""
+    traced, module = traced_tuner(kind, base_weight(out, inp, dtype))
+    assert working_set(kind, module) == pytest.approx(traced, rel=0.1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("out, inp", SHAPES)
+@pytest.mark.parametrize("kind", ["OFT", "BOFT", "HRA", "ROAD"])
+def test_rotation_working_sets_are_torchs(kind, out, inp, dtype):
+    """Tuners that build a rotation, in × in (OFT, BOFT, HRA) or out × out (RoAd): the figure follows the
+    side that grows, on a wide weight and a tall one."""
+    traced, module = traced_tuner(kind, base_weight(out, inp, dtype))
+    assert working_set(kind, module) == pytest.approx(traced, rel=0.1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("out, inp", SHAPES)
+@pytest.mark.parametrize("kind", ["C3A", "FOURIERFT"])
+def test_fft_working_sets_are_torchs(kind, out, inp):
+    """C3A's circulant from an in × in identity and FourierFT's permutation of every position, both through
+    complex FFTs (8 bytes an element). C3A's einsum runs a batched matmul over the in × in complex FFT, which
+    the matmul copies to contiguous matrices inside its kernel, where the count does not see it: one in × in
+    complex64 more (measured at the 7B widths: C3A's merge peaked 1 GB, that copy, above what torch shows here)."""
+    traced, module = traced_tuner(kind, base_weight(out, inp, "float32"))
+    unseen = 8 * inp * inp if kind == "C3A" and inp * inp > out * inp else 0  # the circulant phase only
+    assert working_set(kind, module) == pytest.approx(traced + unseen, rel=0.1)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("out, inp", SHAPES)
+def test_lora_and_dora_working_sets(out, inp):
+    """LoRA on an f32 weight: torch holds B @ A and the scaled delta, then the delta and the sum, two f32 tensors;
+    the sizing counts an f32 copy besides, which only a half-precision weight needs (kept: the demo's plan stands
+    on it). DoRA holds one tensor more than torch's LoRA (the delta, W + ΔW, the rescaled rows): LoRA's figure."""
+    n4 = 4 * out * inp
+    for dtype, copy in (("float32", 0), ("float16", n4)):
+        weight = base_weight(out, inp, dtype)
+        assert traced_lora("LORA", weight) == pytest.approx(2 * n4 + copy, rel=0.05)
+        assert working_set("LORA", Module(out, inp, copy)) == 3 * n4
+        assert working_set("LORA+dora", Module(out, inp, copy)) == pytest.approx(traced_lora("LORA+dora", weight),
+                                                                                rel=0.1)  # fmt: skip
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("out, inp", [*SHAPES, (128, 128)])
+@pytest.mark.parametrize("kind", ["LORA+pissa", "LORA+olora"])
+def test_pissa_and_olora_working_sets(kind, out, inp):
+    """The residual base's SVD / QR: torch sees the factors and the products; LAPACK beneath it holds its own
+    copy of the matrix and, for the SVD, ?gesdd's workspace (LWORK 4k² + 7k for JOBZ='S', k the smaller side, as
+    LAPACK's documentation gives it), which the figure must add and no more."""
+    weight = base_weight(out, inp, "float32")
+    traced, k = traced_lora(kind, weight), min(out, inp)
+    lapack = 4 * out * inp + (4 * (4 * k * k + 7 * k) if kind == "LORA+pissa" else 0)
+    # (the figure leaves out the few vectors of the size of one side: the SVD's S, QR's tau)
+    assert 0.95 * traced <= working_set(kind, Module(out, inp, 0)) <= traced + lapack
 
 
 PEAK_RSS = """import resource, runpy, sys

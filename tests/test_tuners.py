@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from cpuforge.errors import InputError
 from cpuforge.merge.lora import DEFAULTS, LEGACY_FIELDS, LORA_FIELDS, REFUSED
 from cpuforge.merge.merge import merge
+from cpuforge.merge.plan import check_inputs
+from cpuforge.sizing.model import plan_model
 
 # f32 merges: ours and peft's do the same f32 operations, in an order that may differ by a rounding
 TOLERANCE = 1e-5
@@ -339,6 +341,9 @@ def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
         merge(base, [adapter], folder / "merged", "f32")
         assert max_difference(folder / "merged", reference) < TOLERANCE, (base, case)
         assert max_difference(base, reference) > 1e-3
+        # the sizing reads the same plan: every tuner's working set has a figure (biases, norms, shared tensors)
+        m = plan_model(check_inputs(base, [adapter]), "f32")
+        assert m.merge_peak >= max(t.nbytes for t in m.base.values()), (base, case)
 
 
 @pytest.mark.unit

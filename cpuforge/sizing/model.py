@@ -66,6 +66,7 @@ class Model:
     merge_macs: int  # multiply-accumulates of every LoRA delta
     adapter_bytes: int  # adapter files read whole (.bin)
     lora_params: tuple[int, ...] = ()  # elements of each adapter's low-rank pairs (its GGUF LoRA's tensors)
+    merge_peak_tensor: str = ""  # the tensor that sets merge_peak
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class AdapterSpec:
     replace: dict[str, Tensor] = field(default_factory=dict)
     loras: dict[str, list[int]] = field(default_factory=dict)
     whole_file_bytes: int = 0
+    # target -> how it is merged where that is not plain LoRA: a cpuforge.sizing.tuners.WORKING_SET key (or
+    # another peft_type) and the module's adapter tensors' shapes; a bias target's key ends in ".bias"
+    tuned: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
 
 
 def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec],
@@ -130,23 +135,51 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
     their sum at once; any other tensor not in the output dtype yet, one copy in it."""
     from cpuforge.merge.merge import output_dtype
 
-    merged, peak, macs = {}, 0, 0
+    from cpuforge.sizing.tuners import Module, f32, working_set
+
+    def stored(name: str) -> tuple[Tensor, list[Tensor]]:
+        source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
+        return source, [a.replace[name] for a in adapters if name in a.replace]
+
+    def tuned_held(name: str, shape) -> int:
+        """A tensor a tuner other than plain LoRA merges into: as read, and the costliest adapter's working set
+        (tuners.WORKING_SET) beside it, and the f32 result of the adapters before it where there are some."""
+        source, replacements = stored(name)
+        n, work = math.prod(shape), 0
+        copy = 0 if (replacements or [source])[-1].dtype == "F32" else f32(n)
+        for i, a in enumerate(adapters):
+            if name in a.tuned:
+                kind, tensors = a.tuned[name]
+                before = f32(n) if any(name in b.tuned or name in b.loras for b in adapters[:i]) else 0
+                out, inp = (*shape, 1)[:2]  # a vector (a norm's weight) as one column
+                module = Module(out, inp, 0 if before else copy, a.config, tensors)
+                work = max(work, before + working_set(kind, module))
+        return source.nbytes + sum(t.nbytes for t in replacements) + work
+
+    merged, peak, macs, costliest = {}, 0, 0, ""
     lora_params = tuple(sum(r * sum(shapes[t]) for t, ranks in a.loras.items() for r in ranks) for a in adapters)
     for name, shape in shapes.items():
-        source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
-        replacements = [a.replace[name] for a in adapters if name in a.replace]
+        source, replacements = stored(name)
         merged[name] = out = Tensor(tuple(shape), output_dtype(dtype, source.dtype, list(shape)))
         n = math.prod(shape)
         ranks = [r for a in adapters for r in a.loras.get(name, [])]
         macs += n * sum(ranks)
         held = source.nbytes + sum(t.nbytes for t in replacements)
-        if ranks:  # its cast to the output dtype comes after the copy and the delta are gone
+        if any(a.tuned[name][0].endswith(".bias") for a in adapters if name in a.tuned):
+            # a bias a tuner changes: its module's weight is merged again beside it (merge.weight_before), then
+            # the tuner's bias update runs beside that f32 weight, with no more than its working set for the weight
+            weight = name.removesuffix(".bias") + ".weight"
+            held += tuned_held(weight, shapes[weight]) + f32(math.prod(shapes[weight]))
+        elif any(name in a.tuned for a in adapters):  # its cast comes after the working set is gone
+            held = tuned_held(name, shape)
+        elif ranks:  # its cast to the output dtype comes after the copy and the delta are gone
             held += 3 * 4 * n
         elif out.dtype != (replacements or [source])[-1].dtype:
             held += out.nbytes
-        peak = max(peak, held)
+        if held > peak:
+            peak, costliest = held, name
     arch = replace(arch, vocab=shapes[EMBED][0])
-    return Model(arch, base, merged, peak, macs, sum(a.whole_file_bytes for a in adapters), lora_params)
+    return Model(arch, base, merged, peak, macs, sum(a.whole_file_bytes for a in adapters), lora_params, costliest)
 
 
 def adapter_spec(adapter) -> AdapterSpec:
@@ -157,9 +190,16 @@ def adapter_spec(adapter) -> AdapterSpec:
     tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
     whole = 0 if adapter.weights.suffix == ".safetensors" else adapter.weights.stat().st_size
     loras: dict[str, list[int]] = {}
+    tuned: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
     for lora in adapter.loras:
         loras.setdefault(lora.target, []).append(tensors[lora.a].shape[0])
-    return AdapterSpec({t: tensors[n] for t, n in adapter.replace.items()}, loras, whole)
+        if lora.magnitude or lora.init:  # DoRA's rescaling, PiSSA's SVD, OLoRA's QR: more than LoRA's working set
+            tuned[lora.target] = (f"LORA+{lora.init or 'dora'}", {})
+    shared = {key: tensors[name].shape for key, name in adapter.shared.items()}
+    for t in adapter.tuned:
+        kind = f"{adapter.tuner}.bias" if t.bias else adapter.tuner
+        tuned[t.target] = (kind, {s: tensors[n].shape for s, n in t.tensors.items()} | shared)
+    return AdapterSpec({t: tensors[n] for t, n in adapter.replace.items()}, loras, whole, tuned, adapter.config)
 
 
 def plan_model(plan, dtype: str) -> Model:
