@@ -96,15 +96,20 @@ def test_biases_merge_as_peft_does(tmp_path, bias_base, lora):
     assert not torch.equal(reference[bias], load_file(bias_base / "model.safetensors")[bias])
 
 
+def save_model(base, state: dict, out):
+    """`state` (a merge_and_unload state dict of `base`) saved as a HF folder, for an adapter stacked on it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+
+
 @pytest.mark.unit
 def test_stacked_pissa_on_dora(tmp_path, tiny_base):
     """A PiSSA adapter trained on the model a DoRA adapter made: its residual is that merged model's."""
     first, merged_first = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    model.load_state_dict(merged_first)
-    model.save_pretrained(tmp_path / "step1")
+    save_model(tiny_base, merged_first, tmp_path / "step1")
     second, reference = trained_adapter(tmp_path / "step1", tmp_path / "pissa", seed=8, init_lora_weights="pissa")
     merge(tiny_base, [first, second], tmp_path / "merged", "f32")
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
@@ -349,11 +354,7 @@ def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
 @pytest.mark.unit
 def test_lora_then_a_tuner_on_top(tmp_path, tiny_base):
     first, merged_first = trained_adapter(tiny_base, tmp_path / "dora", use_dora=True)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    model.load_state_dict(merged_first)
-    model.save_pretrained(tmp_path / "step1")
+    save_model(tiny_base, merged_first, tmp_path / "step1")
     second, reference = trained_tuner_adapter(tmp_path / "step1", tmp_path / "second", implemented_tuners()[0])
     merge(tiny_base, [first, second], tmp_path / "merged", "f32")
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
