@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import REPO
-from helpers.models import make_lora, make_tiny_llama
+from helpers.models import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama
 from helpers.workflow import TASK, snakemake, write_config
 
 from cpuforge.checks.chat_template import CHECKED
@@ -26,7 +26,8 @@ def k_run(llama_bin, tmp_path_factory):
     tests are in test_eval.py) and the report is made all the same.
     """
     workdir = tmp_path_factory.mktemp("k_run")
-    base = make_tiny_llama(workdir / "inputs" / "base", **K_QUANT_SIZES)
+    # with a chat template, so that the tokenizer check also compares its rendered prompts
+    base = make_tiny_llama(workdir / "inputs" / "base", chat_template=PLAIN_CHAT_TEMPLATE, **K_QUANT_SIZES)
     adapter = make_lora(base, workdir / "inputs" / "adapter")
     models = [{"name": "k", "base": str(base), "adapters": [str(adapter)], "task_data": TASK}]
     config = write_config(
@@ -97,7 +98,8 @@ def test_checks_of_every_artifact(k_run):
         tokenizer = json.loads((checks / f"tokenizer-{stage}.json").read_text())
         task = tokenizer["corpora"]["task"]
         assert task["samples"] == task_samples == tokenizer["gate"]["samples"] and task["agree"] == task_samples
-        assert not task["mismatches"] and tokenizer["corpora"]["chat_prompts"]["samples"] > 0
+        prompts = tokenizer["corpora"]["chat_prompts"]
+        assert not task["mismatches"] and prompts["samples"] > 0 and prompts["agree"] == prompts["samples"]
         template = json.loads((checks / f"chat-template-{stage}.json").read_text())
         # the chat and the server, gated, fed transformers' ids on every prompt: the fixed ones and each held-out row
         gated = {name: r for name, r in template["runtimes"].items() if r["gated"]}
