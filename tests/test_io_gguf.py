@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpuforge.errors import InputError
-from cpuforge.io.gguf import check_gguf, gguf_context_length, open_gguf, read_metadata
+from cpuforge.io.gguf import check_gguf, gguf_context_length, open_gguf, read_header, read_metadata
 from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.paths import gguf_commit
 
@@ -36,6 +36,36 @@ def test_the_header_is_read_back(tmp_path):
     assert gguf_context_length(path) == 256
     (tensor,) = open_gguf(path).tensors
     assert tensor.name == "token_embd.weight" and float(tensor.data[-1][-1]) == 4 * 32 - 1
+
+
+def test_the_header_reader_reads_what_gguf_py_reads(tmp_path):
+    """read_header against gguf-py's GGUFReader: every field (arrays of strings, numbers and booleans among
+    them) and every tensor's shape, type and size; arrays not asked for are skipped, their lengths kept."""
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(path, arch="llama")
+    writer.add_context_length(256)
+    writer.add_token_list(["<s>", "</s>", "▁hello", "日本"])
+    writer.add_token_scores([0.0, -1.5, 2.25, 3.0])
+    writer.add_add_bos_token(True)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = GGUFReader(path)
+    header = read_header(path, None)
+    assert header.fields == {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    assert {t.name: (t.shape, t.type, t.n_elements, t.n_bytes) for t in header.tensors.values()} == {
+        t.name: (tuple(int(d) for d in t.shape), t.tensor_type.name.lower(), int(t.n_elements), int(t.n_bytes))
+        for t in reader.tensors
+    }
+    skipped = read_header(path)
+    assert "tokenizer.ggml.tokens" not in skipped.fields and skipped.lengths["tokenizer.ggml.tokens"] == 4
+    assert skipped.fields["llama.context_length"] == 256
 
 
 def test_the_commit_comes_from_the_converters_provenance(tmp_path):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from helpers import REPO
 from helpers.llama import SOURCE
 from helpers.models import make_lora, make_tiny_llama
@@ -36,27 +35,11 @@ def test_two_clean_runs_are_byte_identical(llama_bin, tiny_base, tiny_adapter, t
     assert first == second
 
 
-@pytest.fixture(scope="module")
-def bigger(llama_bin, tmp_path_factory):
-    """A model big enough that each step writes for a while (~80 MB in f32), so it can be killed
-    mid-write, and the artifacts of its uninterrupted run."""
-    root = tmp_path_factory.mktemp("bigger")
-    base = make_tiny_llama(root / "base", hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
-                           num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
-    adapter = make_lora(base, root / "adapter")
-    return base, adapter, run_chain(root / "reference", base, adapter)
+PARTIALS = ["results/m/merged.partial", "results/m/ggml-model-f16.gguf.partial", "results/m/ggml-model-q4_0.gguf.partial"]
 
 
-@pytest.mark.parametrize(
-    "partial",
-    ["results/m/merged.partial", "results/m/ggml-model-f16.gguf.partial", "results/m/ggml-model-q4_0.gguf.partial"],
-)
-def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
-    """SIGKILL the whole workflow while a step writes its output; the rerun gives the uninterrupted bytes."""
-    base, adapter, reference = bigger
-    workdir = tmp_path / "killed"
-    workdir.mkdir()
-    config = write_config(workdir / "c.yaml", [{"name": "m", "base": str(base), "adapters": [str(adapter)]}])
+def run_until(workdir, config, partial):
+    """Start the chain and SIGKILL the whole workflow the moment `partial` appears."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "q4_model", "--configfile", str(config)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -65,10 +48,24 @@ def test_sigkill_mid_write_then_rerun(llama_bin, bigger, tmp_path, partial):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (workdir / partial).exists(), f"the run ended before {partial} was seen"
-    final = workdir / partial.removesuffix(".partial")
-    assert not final.exists()
-    assert not (workdir / "results" / "m" / "ggml-model-q4_0.gguf").exists()
-    snakemake(workdir, "--unlock", "--configfile", str(config))  # a SIGKILLed Snakemake leaves its lock, as always
+
+
+def test_sigkill_mid_write_then_rerun(llama_bin, tmp_path):
+    """SIGKILL the whole workflow while each step writes its output, one step further each run; nothing looks
+    finished after a kill, and the last rerun gives the bytes of an uninterrupted run. The model is big enough
+    (~80 MB in f32) that each step writes for a while."""
+    base = make_tiny_llama(tmp_path / "base", hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    adapter = make_lora(base, tmp_path / "adapter")
+    reference = run_chain(tmp_path / "reference", base, adapter)
+    workdir = tmp_path / "killed"
+    workdir.mkdir()
+    config = write_config(workdir / "c.yaml", [{"name": "m", "base": str(base), "adapters": [str(adapter)]}])
+    for partial in PARTIALS:
+        run_until(workdir, config, partial)
+        assert not (workdir / partial.removesuffix(".partial")).exists(), partial
+        assert not (workdir / "results" / "m" / "ggml-model-q4_0.gguf").exists(), partial
+        snakemake(workdir, "--unlock", "--configfile", str(config))  # a SIGKILLed Snakemake leaves its lock, as always
     assert run_chain(workdir, base, adapter) == reference
     assert not list((workdir / "results").rglob("*.partial"))
 

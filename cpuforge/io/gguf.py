@@ -1,13 +1,19 @@
 """GGUF files read in one place, with one error policy: a file that is not a readable GGUF is an
 InputError whose sentence names the file and the problem, whichever step reads it.
 
-gguf-py's GGUFReader maps the file and decodes its header; it raises whatever numpy raises on a
-file cut short (IndexError, ValueError), which a user should never see as a traceback."""
+Headers (metadata and tensor infos) are read by `read_header`, which decodes a vocabulary's strings only
+when asked: gguf-py's GGUFReader makes a numpy view of every part of every field, which takes seconds
+for a 50k-token vocabulary, and every Snakemake start-up and every chat reads a header. Tensor data is
+read through GGUFReader (`open_gguf`), which maps the file; it raises whatever numpy raises on a file
+cut short (IndexError, ValueError), which a user should never see as a traceback."""
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cpuforge.errors import InputError
@@ -16,6 +22,9 @@ if TYPE_CHECKING:
     from gguf import GGUFReader
 
 GGUF_MAGIC = b"GGUF"
+# the GGUF value types (gguf-py's GGUFValueType) that are one fixed-size number
+NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
 
 
 def check_gguf(path: str | os.PathLike) -> None:
@@ -40,6 +49,104 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml's order: shape[0] is the length of a row
+    type: str  # the ggml type, lower case (q4_0, f16, ...)
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    fields: dict[str, Any]  # numbers, strings, and the arrays asked for
+    lengths: dict[str, int]  # the length of every array field, asked for or not
+    tensors: dict[str, TensorInfo]
+
+
+class _Cursor:
+    """Reads a GGUF header from a memory map, front to back."""
+
+    def __init__(self, data: mmap.mmap):
+        self.data, self.at = data, 0
+
+    def unpack(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        self.at += n
+        if self.at > len(self.data):
+            raise ValueError("a string runs past the end of the file")
+        return self.data[self.at - n : self.at].decode("utf-8", errors="replace")
+
+    def value(self, kind: int, decode: bool = True):
+        if kind in NUMBERS:
+            return self.unpack(NUMBERS[kind])
+        if kind == STRING:
+            return self.string()
+        if kind != ARRAY:
+            raise ValueError(f"unknown value type {kind}")
+        item, count = self.unpack("<I"), self.unpack("<Q")
+        if decode:
+            return [self.value(item) for _ in range(count)]
+        if item in NUMBERS:
+            self.at += count * struct.calcsize(NUMBERS[item])
+        else:
+            for _ in range(count):
+                self.value(item, decode=False)
+        return count
+
+
+def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> Header:
+    """The metadata and tensor infos of a GGUF file, without its tensor data; the array fields named in
+    `arrays` decoded (all of them when None), the others skipped. A file whose tensor data is cut short
+    is refused here too, as a loader would refuse it."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    check_gguf(path)
+    wanted = None if arrays is None else set(arrays)
+    fields, lengths, tensors = {}, {}, {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            cursor = _Cursor(data)
+            cursor.at = 4
+            version, n_tensors, n_fields = cursor.unpack("<I"), cursor.unpack("<Q"), cursor.unpack("<Q")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
+            for _ in range(n_fields):
+                key, kind = cursor.string(), cursor.unpack("<I")
+                if kind == ARRAY:
+                    lengths[key] = struct.unpack_from("<Q", data, cursor.at + 4)[0]  # after the item type
+                    if wanted is None or key in wanted:
+                        fields[key] = cursor.value(kind)
+                    else:
+                        cursor.value(kind, decode=False)
+                else:
+                    fields[key] = cursor.value(kind)
+            ends = []
+            for _ in range(n_tensors):
+                name, dims = cursor.string(), cursor.unpack("<I")
+                shape = tuple(cursor.unpack("<Q") for _ in range(dims))
+                kind, offset = GGMLQuantizationType(cursor.unpack("<I")), cursor.unpack("<Q")
+                block, size = GGML_QUANT_SIZES[kind]
+                n = 1
+                for d in shape:
+                    n *= d
+                tensors[name] = TensorInfo(name, shape, kind.name.lower(), n, n // block * size)
+                ends.append(offset + n // block * size)
+            alignment = fields.get("general.alignment", 32)
+            end = -(-cursor.at // alignment) * alignment + max(ends) if ends else cursor.at
+            if end > len(data):
+                raise ValueError(f"its tensor data ends at byte {end}, but the file has {len(data)} bytes")
+    except (OSError, ValueError, struct.error) as e:
+        raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
+    return Header(fields, lengths, tensors)
+
+
 def field_values(reader: GGUFReader, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """The header fields of an open GGUF, decoded (strings, numbers, lists): all, or those of `keys` it has
     (decoding a vocabulary's 100k token strings is the slow part of reading a header)."""
@@ -49,16 +156,17 @@ def field_values(reader: GGUFReader, keys: Iterable[str] | None = None) -> dict[
 
 def read_metadata(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """The header fields of a GGUF file, decoded: all, or those of `keys` it has."""
-    return field_values(open_gguf(path), keys)
+    fields = read_header(path, None if keys is None else (keys := list(keys))).fields
+    return fields if keys is None else {k: fields[k] for k in keys if k in fields}
 
 
 def gguf_context_length(path: str | os.PathLike) -> int:
     """The context length a GGUF model was trained with (`<arch>.context_length`)."""
-    reader = open_gguf(path)
-    arch = field_values(reader, ["general.architecture"]).get("general.architecture")
+    fields = read_header(path).fields
+    arch = fields.get("general.architecture")
     if arch is None:
         raise InputError(f"{path}: no general.architecture in the GGUF header.")
     key = f"{arch}.context_length"
-    if key not in reader.fields:
+    if key not in fields:
         raise InputError(f"{path}: no {key} in the GGUF header.")
-    return int(reader.fields[key].contents())
+    return int(fields[key])

@@ -13,7 +13,7 @@ from pathlib import Path
 from gguf.constants import MODEL_ARCH
 from gguf.tensor_mapping import get_tensor_name_map
 
-from cpuforge.io.gguf import open_gguf
+from cpuforge.io.gguf import read_header
 from cpuforge.llama.quant import QUANTS
 from cpuforge.sizing.model import Arch, Model
 
@@ -81,17 +81,16 @@ def predicted_gguf(model: Model, qtype: str = "f16") -> Gguf:
 
 def read_gguf(path: str | Path) -> Gguf:
     """A GGUF file's figures from its header; no tensor data is read."""
-    reader = open_gguf(path)
-    fields = reader.fields
-    prefix = fields["general.architecture"].contents() + "."
+    header = read_header(path)
+    fields = header.fields
+    prefix = fields["general.architecture"] + "."
 
     def value(key):
-        return fields[prefix + key].contents() if prefix + key in fields else None
+        return fields.get(prefix + key)
 
     heads = value("attention.head_count")
-    vocab = len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else 0
+    vocab = header.lengths.get("tokenizer.ggml.tokens", 0)
     arch = Arch(value("block_count"), value("embedding_length"), heads, value("attention.head_count_kv") or heads,
                 value("feed_forward_length"), vocab)  # fmt: skip
-    tensors = {t.name: (int(t.n_elements), int(t.n_bytes), int(t.shape[0]), t.tensor_type.name.lower())
-               for t in reader.tensors}  # fmt: skip
+    tensors = {t.name: (t.n_elements, t.n_bytes, t.shape[0], t.type) for t in header.tensors.values()}
     return Gguf(arch, Path(path).stat().st_size, tensors)
