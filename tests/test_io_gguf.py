@@ -58,7 +58,9 @@ def test_the_header_reader_reads_what_gguf_py_reads(tmp_path):
     writer.close()
     reader = GGUFReader(path)
     header = read_header(path, None)
-    assert header.fields == {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+    fields = [f for f in reader.fields.values() if not f.name.startswith("GGUF.")]
+    assert header.fields == {f.name: f.contents() for f in fields}
+    assert header.types == {f.name: tuple(int(t) for t in f.types) for f in fields}
     assert {t.name: (t.shape, t.type, t.n_elements, t.n_bytes) for t in header.tensors.values()} == {
         t.name: (tuple(int(d) for d in t.shape), t.tensor_type.name.lower(), int(t.n_elements), int(t.n_bytes))
         for t in reader.tensors

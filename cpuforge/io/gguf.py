@@ -62,6 +62,7 @@ class TensorInfo:
 class Header:
     fields: dict[str, Any]  # numbers, strings, and the arrays asked for
     lengths: dict[str, int]  # the length of every array field, asked for or not
+    types: dict[str, tuple[int, ...]]  # every field's GGUF value type; an array's, then its items'
     tensors: dict[str, TensorInfo]
 
 
@@ -109,7 +110,7 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
 
     check_gguf(path)
     wanted = None if arrays is None else set(arrays)
-    fields, lengths, tensors = {}, {}, {}
+    fields, lengths, types, tensors = {}, {}, {}, {}
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             cursor = _Cursor(data)
@@ -119,8 +120,10 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
             for _ in range(n_fields):
                 key, kind = cursor.string(), cursor.unpack("<I")
+                types[key] = (kind,)
                 if kind == ARRAY:
-                    lengths[key] = struct.unpack_from("<Q", data, cursor.at + 4)[0]  # after the item type
+                    item, lengths[key] = struct.unpack_from("<IQ", data, cursor.at)
+                    types[key] = (kind, item)
                     if wanted is None or key in wanted:
                         fields[key] = cursor.value(kind)
                     else:
@@ -144,7 +147,7 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 raise ValueError(f"its tensor data ends at byte {end}, but the file has {len(data)} bytes")
     except (OSError, ValueError, struct.error) as e:
         raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
-    return Header(fields, lengths, tensors)
+    return Header(fields, lengths, types, tensors)
 
 
 def field_values(reader: GGUFReader, keys: Iterable[str] | None = None) -> dict[str, Any]:

@@ -42,10 +42,12 @@ def write_vocab_gguf(vocab: Path, template: str, out: Path, seed: int = 0, hidde
     """A tiny random Llama GGUF (2 layers, f32) that reads with `vocab`'s tokenizer, written with gguf-py:
     every `tokenizer.*` key of the vocabulary file as llama.cpp's converter made it, and `template`."""
     import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
 
-    reader = GGUFReader(vocab)
-    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    from cpuforge.io.gguf import read_header
+
+    header = read_header(vocab, None)
+    n_vocab = header.lengths["tokenizer.ggml.tokens"]
     writer = GGUFWriter(out, arch="llama")
     writer.add_name(out.parent.name)
     hparams = {writer.add_context_length: 256, writer.add_embedding_length: hidden, writer.add_block_count: 2,
@@ -54,11 +56,10 @@ def write_vocab_gguf(vocab: Path, template: str, out: Path, seed: int = 0, hidde
                writer.add_vocab_size: n_vocab, writer.add_file_type: 0}  # fmt: skip
     for add, value in hparams.items():
         add(value)
-    for field in reader.fields.values():
-        if field.name.startswith("tokenizer.") and field.name != "tokenizer.chat_template":
-            array = field.types[0] == GGUFValueType.ARRAY
-            sub_type = field.types[-1] if array else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for name, value in header.fields.items():
+        if name.startswith("tokenizer.") and name != "tokenizer.chat_template":
+            kind, *item = (GGUFValueType(t) for t in header.types[name])
+            writer.add_key_value(name, value, kind, sub_type=item[0] if item else None)
     writer.add_chat_template(template)
     # weights large enough that each step has a clear favourite: greedy answers then agree across runtimes
     rng = np.random.default_rng(seed)
