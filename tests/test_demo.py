@@ -1,4 +1,6 @@
-"""The README's main job: `snakemake -c2 q4_model` on the embedded demo, end to end (minutes)."""
+"""The README's main job: `snakemake -c2 q4_model` on the embedded demo, end to end (ten minutes on 2 cores,
+most of it training the demo's adapter on SmolLM2-135M). Left out of the default run, which keeps to tiny
+models (pyproject.toml's addopts): `pytest -m demo` runs it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from cpuforge.text.task import TASK_DIR, load_split
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_q4_model(llama_bin, tmp_path):
     config = tmp_path / "build.yaml"
     # only the shared build; models stay the demo

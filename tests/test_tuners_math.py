@@ -166,7 +166,7 @@ def our_merge(peft_type: str, base: dict, config: dict, tensors: dict) -> tuple[
 
 
 @pytest.mark.slow  # every variant made and merged by peft, then by us: minutes in all, so not in the fast loop
-@pytest.mark.parametrize("peft_type,kwargs,bias", cases())
+@pytest.mark.parametrize("peft_type,kwargs,bias", list(cases()))
 def test_merge_is_peft_merge(peft_type, kwargs, bias, tmp_path):
     base, reference, config, tensors = saved_adapter(peft_type, kwargs, bias, tmp_path)
     TUNERS[peft_type].check_config(tmp_path / "adapter_config.json", config)
