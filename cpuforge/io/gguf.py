@@ -9,6 +9,7 @@ cut short (IndexError, ValueError), which a user should never see as a traceback
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -136,16 +137,14 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 shape = tuple(cursor.unpack("<Q") for _ in range(dims))
                 kind, offset = GGMLQuantizationType(cursor.unpack("<I")), cursor.unpack("<Q")
                 block, size = GGML_QUANT_SIZES[kind]
-                n = 1
-                for d in shape:
-                    n *= d
+                n = math.prod(shape)
                 tensors[name] = TensorInfo(name, shape, kind.name.lower(), n, n // block * size)
                 ends.append(offset + n // block * size)
             alignment = fields.get("general.alignment", 32)
             end = -(-cursor.at // alignment) * alignment + max(ends) if ends else cursor.at
             if end > len(data):
                 raise ValueError(f"its tensor data ends at byte {end}, but the file has {len(data)} bytes")
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, KeyError, struct.error) as e:
         raise InputError(f"{path}: not a readable GGUF file ({e}).") from None
     return Header(fields, lengths, types, tensors)
 
