@@ -85,22 +85,32 @@ class _Cursor:
             raise ValueError("a string runs past the end of the file")
         return self.data[self.at - n : self.at].decode("utf-8", errors="replace")
 
-    def value(self, kind: int, decode: bool = True):
+    def value(self, kind: int):
         if kind in NUMBERS:
             return self.unpack(NUMBERS[kind])
         if kind == STRING:
             return self.string()
         if kind != ARRAY:
             raise ValueError(f"unknown value type {kind}")
-        item, count = self.unpack("<I"), self.unpack("<Q")
-        if decode:
-            return [self.value(item) for _ in range(count)]
+        item, count = self.array()
+        return self.items(item, count)
+
+    def array(self) -> tuple[int, int]:
+        """An array's item type and length."""
+        return self.unpack("<I"), self.unpack("<Q")
+
+    def items(self, item: int, count: int) -> list:
+        return [self.value(item) for _ in range(count)]
+
+    def skip(self, item: int, count: int) -> None:
         if item in NUMBERS:
             self.at += count * struct.calcsize(NUMBERS[item])
+        elif item == ARRAY:
+            for _ in range(count):
+                self.skip(*self.array())
         else:
             for _ in range(count):
-                self.value(item, decode=False)
-        return count
+                self.string()
 
 
 def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> Header:
@@ -121,16 +131,15 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
             for _ in range(n_fields):
                 key, kind = cursor.string(), cursor.unpack("<I")
-                types[key] = (kind,)
-                if kind == ARRAY:
-                    item, lengths[key] = struct.unpack_from("<IQ", data, cursor.at)
-                    types[key] = (kind, item)
-                    if wanted is None or key in wanted:
-                        fields[key] = cursor.value(kind)
-                    else:
-                        cursor.value(kind, decode=False)
+                if kind != ARRAY:
+                    types[key], fields[key] = (kind,), cursor.value(kind)
+                    continue
+                item, lengths[key] = cursor.array()
+                types[key] = (kind, item)
+                if wanted is None or key in wanted:
+                    fields[key] = cursor.items(item, lengths[key])
                 else:
-                    fields[key] = cursor.value(kind)
+                    cursor.skip(item, lengths[key])
             ends = []
             for _ in range(n_tensors):
                 name, dims = cursor.string(), cursor.unpack("<I")
@@ -139,7 +148,7 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 block, size = GGML_QUANT_SIZES[kind]
                 n = math.prod(shape)
                 tensors[name] = TensorInfo(name, shape, kind.name.lower(), n, n // block * size)
-                ends.append(offset + n // block * size)
+                ends.append(offset + tensors[name].n_bytes)
             alignment = fields.get("general.alignment", 32)
             end = -(-cursor.at // alignment) * alignment + max(ends) if ends else cursor.at
             if end > len(data):
@@ -158,8 +167,11 @@ def field_values(reader: GGUFReader, keys: Iterable[str] | None = None) -> dict[
 
 def read_metadata(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """The header fields of a GGUF file, decoded: all, or those of `keys` it has."""
-    fields = read_header(path, None if keys is None else (keys := list(keys))).fields
-    return fields if keys is None else {k: fields[k] for k in keys if k in fields}
+    if keys is None:
+        return read_header(path, None).fields
+    keys = list(keys)
+    fields = read_header(path, keys).fields
+    return {k: fields[k] for k in keys if k in fields}
 
 
 def gguf_context_length(path: str | os.PathLike) -> int:
