@@ -14,6 +14,7 @@ include: "rules/quantize.smk"
 include: "rules/eval.smk"
 include: "rules/checks.smk"
 include: "rules/adapters.smk"
+include: "rules/auto_quant.smk"
 
 
 # Run by Snakemake itself, never submitted to a cluster: the targets only name
@@ -30,6 +31,7 @@ localrules:
     checks,
     eval_report,
     lora_adapters,
+    auto_quant,
     fetch_llama_cpp,
     check_tokenizer,
     check_chat_template,
@@ -79,6 +81,13 @@ rule checks:
 rule eval_report:
     input:
         SPEC.eval_reports(),
+
+
+# the quant search's choice for every model: the GGUF, its recipe and the search record, with the parity
+# checks; and the report, where `auto` is one of quant_types (its row and the size/quality frontier)
+rule auto_quant:
+    input:
+        SPEC.auto_quant_files(),
 
 
 # the adapters as GGUF LoRA files beside the unmerged base in every quant type, to apply at run time

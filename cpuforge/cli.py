@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from cpuforge.errors import InputError
+from cpuforge.errors import GateError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def give_back_freed_memory() -> None:
 
 
 def run(main) -> None:
-    """Run a step's main(): bad input ends it with its one sentence and exit code 2."""
+    """Run a step's main(): bad input ends it with its one sentence and exit code 2, a missed quality gate
+    with its sentence and exit code 1."""
     give_back_freed_memory()
     setup_logging()
     try:
@@ -45,6 +46,9 @@ def run(main) -> None:
     except InputError as e:
         log.error("%s", e)
         sys.exit(2)
+    except GateError as e:
+        log.error("%s", e)
+        sys.exit(1)
 
 
 def check_threads(threads: int) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cpuforge import paths
 from cpuforge.errors import InputError
-from cpuforge.llama.quant import NEEDS_IMATRIX, check_quant_type
+from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type
 from cpuforge.evaluate.stages import HF_STAGES
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
@@ -22,6 +22,8 @@ DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
 # the parity checks every artifact gets (rules/checks.smk), as their files are named
 PARITY = ("tokenizer", "chat-template")
+# the quant type whose file the quant search chooses (rules/auto_quant.smk): results/{model}/ggml-model-auto.gguf
+AUTO = "auto"
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +59,12 @@ class Spec:
     merge: dict
     demo: dict
     preflight: dict
+    auto_quant: dict
+
+    @property
+    def fixed_types(self) -> tuple[str, ...]:
+        """The quant types llama-quantize makes as they are named (all but `auto`, which the search chooses)."""
+        return tuple(q for q in self.quant_types if q != AUTO)
 
     @property
     def gguf_stages(self) -> tuple[str, ...]:
@@ -70,6 +78,14 @@ class Spec:
     def uses_imatrix(self, qtype: str) -> bool:
         use_for = [q.lower() for q in self.imatrix["use_for"]]
         return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or qtype in use_for)
+
+    @property
+    def auto_types(self) -> list[str]:
+        """The ggml types the quant search offers: those needing an importance matrix only while it is on."""
+        from cpuforge.llama.ggml import ggml_type, type_name
+
+        types = [type_name(ggml_type(t)) for t in self.auto_quant["types"]]
+        return types if self.imatrix["enabled"] else [t for t in types if t.lower() not in IMATRIX_TENSOR_TYPES]
 
     @property
     def fetch_args(self) -> list[str]:
@@ -108,6 +124,15 @@ class Spec:
         checks += [f"results/{name}/checks/generation.json"] if self.models[name].has_task else []
         return checks + [f"results/{name}/checks/imatrix-{q}.json" for q in self.quant_types if self.uses_imatrix(q)]
 
+    def auto_quant_files(self) -> list[str]:
+        """What the target auto_quant makes: every model's chosen GGUF with its recipe, search record and
+        parity checks; and its report, where `auto` is one of quant_types."""
+        files = []
+        for m in self.models:
+            files += [f"results/{m}/ggml-model-{AUTO}.gguf", f"results/{m}/auto/recipe.txt", f"results/{m}/auto/search.json"]
+            files += [f"results/{m}/checks/{c}-{AUTO}.json" for c in PARITY]
+        return files + (self.eval_reports() if AUTO in self.quant_types else [])
+
     def check_files(self) -> list[str]:
         return [check for name in self.models for check in self.model_checks(name)]
 
@@ -132,8 +157,8 @@ class Spec:
         }
         if runtime_lora:
             kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")
-            inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in self.quant_types for k in kinds]
-            inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
+            inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in self.fixed_types for k in kinds]
+            inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in self.fixed_types]
         return inputs
 
     def lora_adapters(self) -> list[str]:
@@ -142,7 +167,7 @@ class Spec:
         files = []
         for name, m in self.models.items():
             files += [f"results/{name}/adapters/{a}.gguf" for a in m.adapter_names]
-            files += [f"results/{name}/base-{q}.gguf" for q in self.quant_types]
+            files += [f"results/{name}/base-{q}.gguf" for q in self.fixed_types]
             files += [f"results/{name}/checks/runtime-lora-{s}.json" for s in self.gguf_stages if m.has_task]
         return files
 
@@ -190,7 +215,8 @@ def load_spec(config: dict, basedir: str | Path) -> Spec:
         raise InputError(
             f"config models: {names.count(name)} entries share the name {name!r}; each model needs its own."
         )
-    quant_types = tuple(check_quant_type(q) for q in config["quant_types"])
+    quant_types = tuple(AUTO if q.lower() == AUTO else check_quant_type(q) for q in config["quant_types"])
+    check_auto_quant(config["auto_quant"])
     check_imatrix_config(config)
     demo_task = {split: f"{basedir}/data/demo_task/{split}.jsonl" for split in ("train", "heldout")}
     return Spec(
@@ -204,7 +230,26 @@ def load_spec(config: dict, basedir: str | Path) -> Spec:
         merge=config["merge"],
         demo=config["demo"],
         preflight=config["preflight"],
+        auto_quant=config["auto_quant"],
     )
+
+
+def check_auto_quant(auto: dict) -> None:
+    """Every type of auto_quant.types a ggml tensor type llama-quantize can write, once each."""
+    from cpuforge.llama.ggml import ggml_type, type_name
+
+    seen = set()
+    for name in auto["types"]:
+        try:
+            kind = type_name(ggml_type(name))
+        except InputError:
+            kind = None
+        if kind is None or kind.lower() not in TENSOR_TYPES:
+            raise InputError(f"config auto_quant.types: {name!r} is not a ggml tensor type the search can offer "
+                             f"({', '.join(TENSOR_TYPES)}).")  # fmt: skip
+        if kind in seen:
+            raise InputError(f"config auto_quant.types: {name!r} is listed twice.")
+        seen.add(kind)
 
 
 def check_imatrix_config(config: dict) -> None:

@@ -18,7 +18,7 @@ from cpuforge.llama.quant import QUANT_TYPES as KNOWN_QUANT_TYPES
 from cpuforge.merge.folders import TOKENIZER_FILES, tokenizer_source
 from cpuforge.sizing import dag as sizing_dag
 from cpuforge.sizing.jobs import Sizing
-from cpuforge.spec import DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec, runtime_lora_refusal
+from cpuforge.spec import AUTO, DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec, runtime_lora_refusal
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -35,18 +35,19 @@ except InputError as e:
     raise WorkflowError(str(e))
 
 MODELS, QUANT_TYPES, COMMIT = SPEC.models, list(SPEC.quant_types), SPEC.commit
-LLAMA, IMATRIX, EVAL = config["llama_cpp"], config["imatrix"], config["eval"]
+LLAMA, IMATRIX, EVAL, AUTO_QUANT = config["llama_cpp"], config["imatrix"], config["eval"], config["auto_quant"]
 
 
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     # every type llama-quantize can make here, so q4_model works whatever quant_types holds
     qtype="|".join(q for q in KNOWN_QUANT_TYPES if q != "f16"),
-    # the stages of the report: HF folders through torch, GGUF files through llama.cpp
+    # the stages of the report: HF folders through torch, GGUF files through llama.cpp (`auto`: the quant
+    # search's choice)
     hf_stage="|".join(HF_STAGES),
-    gguf_stage="|".join(KNOWN_QUANT_TYPES),
+    gguf_stage="|".join([*KNOWN_QUANT_TYPES, AUTO]),
     # an artifact a check reads: the f16 GGUF or a quantized one
-    stage="|".join(KNOWN_QUANT_TYPES),
+    stage="|".join([*KNOWN_QUANT_TYPES, AUTO]),
     # a GGUF LoRA of results/{model}/adapters/: `{n}-{name}`, n its place in the model's stack
     adapter=r"\d+-[A-Za-z0-9._-]+",
 
@@ -111,7 +112,7 @@ def get_runtime_lora_args(wildcards):
     """scripts.make_eval_report's --runtime-lora QTYPE=BASE for each quant type, and the adapters' files."""
     if not has_runtime_lora(wildcards.model):
         return []
-    bases = [f"--runtime-lora={q}=results/{wildcards.model}/base-{q}.gguf" for q in QUANT_TYPES]
+    bases = [f"--runtime-lora={q}=results/{wildcards.model}/base-{q}.gguf" for q in SPEC.fixed_types]
     return [*bases, "--adapters", *get_adapter_ggufs(wildcards)]
 
 
@@ -190,6 +191,25 @@ def get_base_quantize_input(wildcards):
 
 def get_imatrix_arg(wildcards):
     return ["--imatrix", f"results/{wildcards.model}/imatrix.gguf"] if SPEC.uses_imatrix(wildcards.qtype) else []
+
+
+def get_sensitivity_input(wildcards):
+    """The f16 GGUF, the importance matrix (while it is on), and the build whose ggml rounds the weights."""
+    files = {"gguf": f"results/{wildcards.model}/ggml-model-f16.gguf", "lib": f"{SPEC.llama_bin}/libllama.so"}
+    return files | ({"imatrix": f"results/{wildcards.model}/imatrix.gguf"} if IMATRIX["enabled"] else {})
+
+
+def get_auto_imatrix_arg(wildcards):
+    return ["--imatrix", f"results/{wildcards.model}/imatrix.gguf"] if IMATRIX["enabled"] else []
+
+
+def get_auto_objective_args(wildcards):
+    """The search's objective: the least lossy mix within a size when one is set, else the smallest that passes."""
+    if AUTO_QUANT["max_size_mib"] is not None:
+        return ["--max-size-mib", str(AUTO_QUANT["max_size_mib"])]
+    if AUTO_QUANT["max_bpw"] is not None:
+        return ["--max-bpw", str(AUTO_QUANT["max_bpw"])]
+    return []
 
 
 def get_check_input(wildcards):

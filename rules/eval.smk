@@ -84,15 +84,15 @@ rule eval_perplexity:
 
 rule eval_kl_divergence:
     input:
-        gguf="results/{model}/ggml-model-{qtype}.gguf",
+        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
         logits="results/{model}/report/f16-logits.kld",
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
-        "results/{model}/report/kl_divergence/{qtype}.json",
+        "results/{model}/report/kl_divergence/{gguf_stage}.json",
     log:
-        "logs/{model}/eval_kl_divergence_{qtype}.log",
+        "logs/{model}/eval_kl_divergence_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_kl_divergence_{qtype}.tsv"
+        "benchmarks/{model}/eval_kl_divergence_{gguf_stage}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -104,7 +104,7 @@ rule eval_kl_divergence:
         ctx=EVAL["ctx"],
     shell:
         'python -m scripts.eval_kl_divergence --gguf {input.gguf:q} --llama-bin "$(dirname {input.perplexity:q})"'
-        " --logits {input.logits:q} --ctx-size {params.ctx} --stage {wildcards.qtype} --out {output:q}"
+        " --logits {input.logits:q} --ctx-size {params.ctx} --stage {wildcards.gguf_stage} --out {output:q}"
         " --threads {threads} > {log:q} 2>&1"
 
 

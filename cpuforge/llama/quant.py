@@ -67,6 +67,11 @@ QUANTS = {q.name: q for q in (
 # views of the table, for the checks and the rules
 QUANT_TYPES = tuple(QUANTS)
 NEEDS_IMATRIX = tuple(name for name, q in QUANTS.items() if q.needs_imatrix)
+# ggml tensor types a mix may give a matrix (cpuforge.autoquant), and those llama-quantize writes into a
+# matrix other than the embeddings and the output only with an importance matrix (tensor_requires_imatrix)
+TENSOR_TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_nl", "iq4_xs", "q3_k", "iq3_s",
+                "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")  # fmt: skip
+IMATRIX_TENSOR_TYPES = ("iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
 
 def check_quant_type(qtype: str) -> str:
@@ -86,6 +91,17 @@ def check_imatrix(qtype: str, imatrix: Path | None) -> None:
         check_gguf(imatrix)
 
 
+def run_quantize(llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None,
+                 recipe: Path | None = None) -> None:  # fmt: skip
+    """The pinned llama-quantize, as it is: `src` to `out` in `qtype`, the types of `recipe`'s tensors (a
+    --tensor-type-file, cpuforge.autoquant.recipe) overriding it."""
+    weights = ["--imatrix", str(imatrix)] if imatrix else []
+    types = ["--tensor-type-file", str(recipe)] if recipe else []
+    cmd = [str(llama_bin / "llama-quantize"), *weights, *types, str(src), str(out), qtype.upper(), str(threads)]
+    log.info("running %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+
+
 def quantize(
     llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, record: dict, imatrix: Path | None = None
 ) -> None:
@@ -94,8 +110,5 @@ def quantize(
     check_imatrix(qtype, imatrix)
     with atomic_output(out) as tmp:
         scratch = tmp.with_name(tmp.name + ".quantizer")
-        weights = ["--imatrix", str(imatrix)] if imatrix else []
-        cmd = [str(llama_bin / "llama-quantize"), *weights, str(src), str(scratch), qtype.upper(), str(threads)]
-        log.info("running %s", " ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        run_quantize(llama_bin, src, scratch, qtype, threads, imatrix)
         copy_gguf_with_provenance(scratch, tmp, "quantize", record)

@@ -20,6 +20,8 @@ BASE_MB = {
     # to 0.86 of the plan); check_runtime_lora guessed as eval_task's llama-cpp-python
     "check_converter_vocab": 290, "make_unmerged_base": 55, "convert_adapter": 310, "check_runtime_lora": 250,
     "bench_runtime_lora": 170,
+    # the quant search (rules/auto_quant.smk): gguf-py and numpy beside ggml; the search as eval_task
+    "measure_sensitivity": 100, "auto_quant_search": 170,
 }  # fmt: skip
 # a transformers tokenizer and a GGUF vocabulary held by a step, per token of the vocabulary
 TOKENIZER_BYTES = 3 << 10
@@ -33,6 +35,9 @@ BYTES_PER_SECOND = 4e9  # memory bandwidth: a generated token reads every weight
 DISK_BYTES_PER_SECOND = 100e6
 QUANTIZE_WEIGHTS_PER_SECOND = 20e6  # per thread, for the legacy types; the others search scales longer
 SLOW_QUANTIZE = 4
+# weights of the sampled rows ggml rounds (and reads back) per second, per type, in the quant search's
+# sensitivity step
+SENSITIVITY_WEIGHTS_PER_SECOND = 2e6
 MINUTES_MIN = 5
 # llama.cpp's default micro-batch, which llama-cpp-python also keeps a score array of
 UBATCH = 512

@@ -21,7 +21,7 @@ from cpuforge.sizing.gguf_size import Gguf, predicted_gguf, read_gguf
 from cpuforge.sizing.model import Arch, Model, Task, Tensor, base_arch, demo_model, lora_gguf_bytes, plan_model
 from cpuforge.sizing.model import task_figures, unmerged_base
 from cpuforge.sizing.plan import Job, machine_memory_mb
-from cpuforge.spec import DEMO_ADAPTER, DEMO_BASE, HF_STAGES, Spec
+from cpuforge.spec import AUTO, DEMO_ADAPTER, DEMO_BASE, HF_STAGES, Spec
 from cpuforge.text.task import prose, read_heldout, read_rows
 
 
@@ -65,6 +65,8 @@ class Sizing:
                 self._headers[key] = read_gguf(path)
             return self._headers[key]
         facts = self.model(name)
+        # the quant search's file is at most every matrix in q8_0 (the largest type it offers by default)
+        stage = "q8_0" if stage == AUTO else stage
         return predicted_gguf(facts if weights == "ggml-model" else unmerged_base(facts), stage)
 
     def lora_bytes(self, name: str) -> list[int]:
@@ -164,13 +166,14 @@ def text_bytes(files) -> int:
     return sum(Path(f).stat().st_size for f in files)
 
 
-# The plan's rows in reading order: the chain from the inputs to the quants, the report's figures, the checks,
+# The plan's rows in reading order: the chain from the inputs to the quants (the quant search's after the f16's
+# log-probabilities it needs), the report's figures, the checks,
 # runtime LoRA; the rules of a group take turns over their wildcard (each stage's tokenizer check, then its
 # chat-template check). A rule missing here goes last, sorted by name.
 PLAN_ORDER = (
     ("fetch_llama_cpp",), ("build_llama_cpp",), ("make_demo_base",), ("train_demo_adapter",),
     ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
-    ("eval_perplexity",), ("eval_perplexity_hf",), ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
+    ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",), ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
     ("check_generation",), ("bench_threads",), ("make_eval_report",), ("check_quality_gate",),
     ("check_tokenizer", "check_chat_template"), ("compare_imatrix",), ("make_unmerged_base",), ("convert_base",),
     ("quantize_base",), ("convert_adapter",), ("eval_kl_divergence_lora", "bench_runtime_lora", "eval_task_lora"),
@@ -218,7 +221,7 @@ def eval_perplexity_job(s: Sizing, w, t):
 
 @needs_of("eval_kl_divergence")
 def eval_kl_divergence_job(s: Sizing, w, t):
-    quant = s.gguf(w["model"], w["qtype"])
+    quant = s.gguf(w["model"], w["gguf_stage"])
     return needs.eval_kl_divergence_need(quant, s.spec.eval["ctx"], s.spec.eval["chunks"], t)
 
 
@@ -250,6 +253,20 @@ def bench_threads_job(s: Sizing, w, t):
         bench["repetitions"],
         s.bench_threads(),
     )
+
+
+@needs_of("measure_sensitivity")
+def measure_sensitivity_job(s: Sizing, w, t):
+    auto = s.spec.auto_quant
+    return needs.measure_sensitivity_need(s.gguf(w["model"], "f16"), auto["sample_rows"], len(s.spec.auto_types))
+
+
+@needs_of("auto_quant_search")
+def auto_quant_search_job(s: Sizing, w, t):
+    model, ev = w["model"], s.spec.eval
+    largest, typical = s.gguf(model, "q8_0"), s.gguf(model, "q4_0")
+    return needs.auto_quant_search_need(s.gguf(model, "f16"), largest, typical, ev["ctx"], ev["chunks"], s.task(model),
+                                        ev["max_new_tokens"], s.spec.auto_quant["budget"], t)  # fmt: skip
 
 
 @needs_of("check_generation")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cpuforge.sizing.costs import (
     DISK_BYTES_PER_SECOND,
+    SENSITIVITY_WEIGHTS_PER_SECOND,
     FLOPS_PER_THREAD,
     MIB,
     TRANSFORMERS_MB,
@@ -109,6 +110,31 @@ def compare_imatrix_need(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: i
         *[answers(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.llama.imatrix.task_accuracy; counts it
         kept=0,  # its quant, logits and text are scratch
     ).need()
+
+
+def measure_sensitivity_need(f16: Gguf, rows: int, types: int) -> Need:
+    """ggml rounds each tensor's sampled rows (f32) in every type, one tensor at a time, weighted by the
+    importance matrix (two floats per column of every matrix, held whole)."""
+    largest = max(t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values())
+    imatrix = sum(8 * t[2] for t in f16.tensors.values())
+    sampled = sum(t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values())
+    seconds = types * sampled / SENSITIVITY_WEIGHTS_PER_SECOND
+    return cost("measure_sensitivity", 4 * 4 * largest + imatrix, 1 << 20, seconds).need()
+
+
+def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, chunks: int, task: Task,
+                           max_new_tokens: int, budget: int, threads: int) -> Need:  # fmt: skip
+    """`budget` candidates in turn, each quantized by llama-quantize, then measured by llama-perplexity and
+    by llama-cpp-python on the task beside the merged model's tokenizer: memory as for the `largest` a
+    candidate can be (every matrix in the search's largest type), time and disk as for `typical` ones
+    (the best one kept while the next is made)."""
+    rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
+    peak = [quantizer(rule, f16, largest, "q8_0", threads), perplexity(rule, largest, ctx, chunks, threads, False),
+            answers(rule, largest, task, max_new_tokens, threads)]  # fmt: skip
+    steps = [quantizer(rule, f16, typical, "q4_k_m", threads), perplexity(rule, typical, ctx, chunks, threads, False),
+             answers(rule, typical, task, max_new_tokens, threads)]  # fmt: skip
+    mem = max(c.mem for c in peak) + tokenizer
+    return Cost(mem, 2 * typical.nbytes, budget * sum(c.seconds for c in steps), typical.nbytes).need()
 
 
 def check_tokenizer_need(arch: Arch, text_bytes: int) -> Need:

@@ -1,0 +1,108 @@
+"""Which point of the frontier to ship: candidates verified end to end until the gate decides.
+
+A candidate is one point of the frontier (frontier.py) quantized by llama-quantize from its recipe, then
+measured as the report measures a quant: KL divergence from the f16 GGUF on the held-out text, and task
+accuracy on the held-out rows (skipped once the KL divergence has missed the gate). Mixes down the
+frontier lose more and more, so whether a point passes the gate is taken as monotone in it: the search
+keeps the smallest point known to pass and the largest known to fail, and probes between them.
+
+The first probe is the point of q4_0's bits per weight (4.5), the file most people would ship. After
+it, the KL divergence of a point is predicted as proportional to its loss, the factor fitted on every
+point measured so far (median), and the next probe is the smallest point predicted to stay within 85 %
+of the gate's KL divergence; where that guess lands on the bracket's edge, or the last miss was accuracy or
+perplexity (which the loss does not predict), the probe halves the bracket's bytes instead. It stops when
+the bracket is within 1 % of the file's bytes or the budget of candidates is spent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cpuforge.autoquant.frontier import Frontier
+
+FIRST_BPW = 4.5  # q4_0's
+KL_MARGIN = 0.85
+RESOLUTION = 0.01
+
+
+@dataclass(frozen=True)
+class Gate:
+    """eval.gate's thresholds; min_accuracy None when the model has no task."""
+
+    max_kl_divergence: float
+    max_ppl_increase_pct: float
+    min_accuracy: float | None
+
+    def misses(self, figures: dict) -> list[str]:
+        """The gate's figures that `figures` (kl_divergence, ppl_increase_pct, accuracy) miss, as
+        `name value > limit` phrases; empty when it passes."""
+        out = []
+        if figures["kl_divergence"] > self.max_kl_divergence:
+            out.append(f"KL divergence {figures['kl_divergence']:.4g} > max_kl_divergence {self.max_kl_divergence:g}")
+        if figures["ppl_increase_pct"] > self.max_ppl_increase_pct:
+            out.append(f"perplexity +{figures['ppl_increase_pct']:.1f}% > max_ppl_increase_pct "
+                       f"{self.max_ppl_increase_pct:g}%")  # fmt: skip
+        if self.min_accuracy is not None and "accuracy" in figures and figures["accuracy"] < self.min_accuracy:
+            out.append(f"task accuracy {figures['accuracy']:.3f} < min_accuracy {self.min_accuracy:g}")
+        return out
+
+
+def point_of_bpw(frontier: Frontier, elements: int, bpw: float) -> int:
+    """The least lossy point of at most `bpw` bits per weight of the quantized tensors (else the smallest)."""
+    k = frontier.largest_within(int(bpw * elements / 8))
+    return len(frontier) - 1 if k is None else k
+
+
+def point_of_bytes(frontier: Frontier, target: float, lo: int, hi: int) -> int:
+    """The point strictly between `lo` and `hi` whose bytes are nearest `target`."""
+    points = range(lo + 1, hi)
+    return min(points, key=lambda k: (abs(frontier.bytes(k) - target), k))
+
+
+def kl_factor(frontier: Frontier, results: dict[int, dict]) -> float | None:
+    ratios = [r["kl_divergence"] / frontier.loss(k) for k, r in results.items() if frontier.loss(k) > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: int) -> int | None:
+    """The next point to measure, or None when the bracket is closed."""
+    if not results:
+        return first
+    lo = max((k for k, r in results.items() if r["passed"]), default=-1)
+    hi = min((k for k, r in results.items() if not r["passed"] and k > lo), default=len(frontier))
+    if hi - lo <= 1:
+        return None
+    top = frontier.bytes(max(lo, 0))
+    if lo >= 0 and hi < len(frontier) and top - frontier.bytes(hi) <= RESOLUTION * top:
+        return None
+    bottom = frontier.bytes(hi) if hi < len(frontier) else frontier.bytes(len(frontier) - 1)
+    halve = point_of_bytes(frontier, (top + bottom) / 2, lo, hi)
+    last = results[max(results, key=lambda k: results[k]["order"])]
+    factor = kl_factor(frontier, results)
+    if factor is None or (not last["passed"] and last["kl_divergence"] <= gate.max_kl_divergence):
+        return halve
+    # the smallest point predicted within the margin: losses rise along the frontier
+    losses = [frontier.loss(k) for k in range(len(frontier))]
+    guess = bisect.bisect_right(losses, KL_MARGIN * gate.max_kl_divergence / factor) - 1
+    if guess <= lo or guess >= hi or guess in (lo + 1, hi - 1):
+        return halve
+    return guess
+
+
+def search(frontier: Frontier, measure: Callable[[int], dict], gate: Gate, first: int, budget: int) -> dict[int, dict]:
+    """Measure points (`measure(k)` returns the gate's figures of point k) until the bracket closes or
+    `budget` candidates are spent; every result, by point, with `passed`, `misses` and `order`."""
+    results: dict[int, dict] = {}
+    while len(results) < budget and (k := next_probe(frontier, results, gate, first)) is not None:
+        figures = measure(k)
+        misses = gate.misses(figures)
+        results[k] = {**figures, "passed": not misses, "misses": misses, "order": len(results)}
+    return results
+
+
+def chosen(results: dict[int, dict]) -> int | None:
+    """The smallest point that passed."""
+    return max((k for k, r in results.items() if r["passed"]), default=None)

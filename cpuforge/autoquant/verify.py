@@ -1,0 +1,156 @@
+"""The search run for real: each candidate quantized by the pinned llama-quantize from its recipe, its
+types checked in the written header, measured as the report measures a quant, and the chosen one kept.
+
+Candidates are written beside the output under its partial name, and all but the best so far deleted as
+the search goes (at the 7B shape each is gigabytes)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cpuforge.autoquant import recipe
+from cpuforge.autoquant.frontier import Frontier
+from cpuforge.autoquant.search import FIRST_BPW, Gate, chosen, point_of_bpw, search
+from cpuforge.errors import GateError
+from cpuforge.evaluate.perplexity import kl_divergence
+from cpuforge.evaluate.task import answers_gguf
+from cpuforge.llama.quant import run_quantize
+from cpuforge.text.task import answer
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+@dataclass
+class Inputs:
+    """What a candidate is made and measured from."""
+
+    llama_bin: Path
+    f16: Path
+    imatrix: Path | None
+    logits: Path  # the f16 GGUF's log-probabilities on the held-out text (eval_perplexity --save-logits)
+    ctx: int
+    merged: Path  # the tokenizer the task's prompts are built with
+    rows: list[dict]  # the task's held-out rows; empty without a task
+    max_new_tokens: int
+    threads: int
+    scratch: Path  # the candidates' files are named after it
+    kept: dict[int, Path] = field(default_factory=dict)
+
+
+def elements(frontier: Frontier, shapes: dict[str, int]) -> int:
+    return sum(shapes[name] for name in frontier.start)
+
+
+def make_candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
+    types = {name: o.type for name, o in frontier.mix(k).items()}
+    rec = inp.scratch.with_name(f"{inp.scratch.name}.{k}.recipe.txt")
+    recipe.write(rec, types)
+    out = inp.scratch.with_name(f"{inp.scratch.name}.{k}.gguf")
+    base = recipe.base_type(types, {name: o.bytes for name, o in frontier.mix(k).items()})
+    run_quantize(inp.llama_bin, inp.f16, out, base, inp.threads, inp.imatrix, rec)
+    recipe.check_written(out, types)
+    return out
+
+
+def measure(inp: Inputs, frontier: Frontier, gate: Gate, k: int, n_elements: int) -> dict:
+    """Point k made and measured: its file's size and bits per weight, the KL-divergence figures, and where
+    the KL divergence is within the gate, the task's accuracy."""
+    started = time.monotonic()
+    gguf = make_candidate(inp, frontier, k)
+    inp.kept[k] = gguf
+    kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
+    figures = {"point": k, "size_bytes": gguf.stat().st_size, "tensor_bytes": frontier.bytes(k),
+               "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
+               "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
+               "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100}  # fmt: skip
+    if inp.rows and kl["kl_divergence"] <= gate.max_kl_divergence:
+        answers = answers_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+        right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
+        figures.update(accuracy=sum(right) / len(right), correct=sum(right), rows=len(right), answers=answers)
+    figures["seconds"] = round(time.monotonic() - started, 1)
+    log.info("candidate %d: %.1f MiB, %.2f bpw, KL %.4f%s, %.0f s", k, figures["size_bytes"] / MIB, figures["bpw"],
+             kl["kl_divergence"], f", accuracy {figures['correct']}/{figures['rows']}" if "correct" in figures else "",
+             figures["seconds"])  # fmt: skip
+    return figures
+
+
+def keep_best(inp: Inputs, k: int, passed: bool) -> None:
+    """Keep only the file of the smallest point that passed so far."""
+    best = max((j for j in inp.kept if j != k), default=None)
+    if not passed or (best is not None and best > k):
+        inp.kept.pop(k).unlink()
+    elif best is not None:
+        inp.kept.pop(best).unlink()
+
+
+def best_failure(results: dict[int, dict]) -> int:
+    """The candidate closest to passing: the fewest misses, then the lowest KL divergence."""
+    return min(results, key=lambda k: (len(results[k]["misses"]), results[k]["kl_divergence"]))
+
+
+def run_search(inp: Inputs, frontier: Frontier, gate: Gate, shapes: dict[str, int], budget: int,
+               max_bytes: int | None) -> tuple[int, dict[int, dict]]:  # fmt: skip
+    """The chosen point, whose file is `inp.kept[point]`, and every candidate's figures. With `max_bytes`,
+    the least lossy point within it (one candidate, kept whatever the gate says: the report judges it);
+    else the smallest point that passes the gate, GateError when none does."""
+    n_elements = elements(frontier, shapes)
+
+    def measured(k: int) -> dict:
+        figures = measure(inp, frontier, gate, k, n_elements)
+        if max_bytes is None:
+            keep_best(inp, k, not gate.misses(figures))
+        return figures
+
+    if max_bytes is not None:
+        k = frontier.largest_within(max_bytes)
+        if k is None:
+            raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
+                            f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
+        return k, search(frontier, measured, gate, k, 1)
+    results = search(frontier, measured, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget)
+    k = chosen(results)
+    if k is None:
+        r = results[best := best_failure(results)]
+        raise GateError(f"auto_quant: none of the {len(results)} candidates passes eval.gate; the best, point {best} "
+                        f"({r['size_bytes'] / MIB:.1f} MiB, {r['bpw']:.2f} bpw), misses {'; '.join(r['misses'])}.")  # fmt: skip
+    return k, results
+
+
+def kind_of(tensor: str) -> str:
+    """A tensor's kind, its layer left out: blk.3.ffn_down.weight -> ffn_down."""
+    return re.sub(r"^blk\.\d+\.", "", tensor).removesuffix(".weight")
+
+
+def summary(frontier: Frontier, results: dict[int, dict], k: int, gate: Gate, budget: int, max_bytes: int | None,
+            seconds: float) -> dict:  # fmt: skip
+    """The search record: what was asked, every candidate measured, the chosen mix by tensor kind and layer,
+    and the frontier (at most 200 of its points, for the report's plot)."""
+    mix = frontier.mix(k)
+    by_kind: dict[str, Counter] = {}
+    for name, option in mix.items():
+        by_kind.setdefault(kind_of(name), Counter())[option.type] += 1
+    every = max(1, len(frontier) // 200)
+    points = sorted({*range(0, len(frontier), every), len(frontier) - 1})
+    objective = ("smallest mix that passes eval.gate" if max_bytes is None
+                 else f"least lossy mix within {max_bytes / MIB:.1f} MiB of tensors")  # fmt: skip
+    candidates = [{key: v for key, v in r.items() if key != "answers"} for _, r in sorted(results.items(),
+                  key=lambda item: item[1]["order"])]  # fmt: skip
+    return {
+        "objective": objective,
+        "gate": {"max_kl_divergence": gate.max_kl_divergence, "max_ppl_increase_pct": gate.max_ppl_increase_pct,
+                 "min_accuracy": gate.min_accuracy},  # fmt: skip
+        "budget": budget,
+        "seconds": round(seconds, 1),
+        "chosen": k,
+        "candidates": candidates,
+        "types_by_kind": {kind: dict(sorted(c.items())) for kind, c in sorted(by_kind.items())},
+        "recipe": {name: o.type for name, o in mix.items()},
+        "frontier": [[p, frontier.bytes(p), frontier.loss(p)] for p in points],
+    }

@@ -1,0 +1,71 @@
+# The quant search (cpuforge.autoquant): how much each tensor loses in each type, measured on the model's
+# own data, then the smallest mix of types that passes the quality gate, verified end to end.
+
+
+rule measure_sensitivity:
+    input:
+        unpack(get_sensitivity_input),
+    output:
+        "results/{model}/auto/sensitivity.tsv",
+    log:
+        "logs/{model}/measure_sensitivity.log",
+    benchmark:
+        "benchmarks/{model}/measure_sensitivity.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: 1
+    resources:
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
+    params:
+        imatrix=get_auto_imatrix_arg,
+        types=SPEC.auto_types,
+        rows=AUTO_QUANT["sample_rows"],
+    shell:
+        'python -m scripts.measure_sensitivity --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
+        " {params.imatrix:q} --types {params.types:q} --rows {params.rows} --out {output:q} > {log:q} 2>&1"
+
+
+rule auto_quant_search:
+    input:
+        unpack(get_sensitivity_input),
+        sensitivity="results/{model}/auto/sensitivity.tsv",
+        logits="results/{model}/report/f16-logits.kld",
+        merged="results/{model}/merged",
+        task=get_heldout,
+        quantize=f"{SPEC.llama_bin}/llama-quantize",
+        perplexity=f"{SPEC.llama_bin}/llama-perplexity",
+    output:
+        gguf="results/{model}/ggml-model-auto.gguf",
+        recipe="results/{model}/auto/recipe.txt",
+        record="results/{model}/auto/search.json",
+    log:
+        "logs/{model}/auto_quant_search.log",
+    benchmark:
+        "benchmarks/{model}/auto_quant_search.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
+    params:
+        imatrix=get_auto_imatrix_arg,
+        heldout=get_heldout_arg,
+        objective=get_auto_objective_args,
+        budget=AUTO_QUANT["budget"],
+        ctx=EVAL["ctx"],
+        max_new_tokens=EVAL["max_new_tokens"],
+        max_ppl=EVAL["gate"]["max_ppl_increase_pct"],
+        max_kl=EVAL["gate"]["max_kl_divergence"],
+        min_accuracy=EVAL["gate"]["min_accuracy"],
+    shell:
+        'python -m scripts.auto_quant --llama-bin "$(dirname {input.quantize:q})" --gguf {input.gguf:q}'
+        " --sensitivity {input.sensitivity:q} {params.imatrix:q} --logits {input.logits:q} --ctx-size {params.ctx}"
+        " --merged {input.merged:q} {params.heldout:q} --max-new-tokens {params.max_new_tokens}"
+        " --max-kl-divergence {params.max_kl} --max-ppl-increase-pct {params.max_ppl}"
+        " --min-accuracy {params.min_accuracy} --budget {params.budget} {params.objective:q}"
+        " --out {output.gguf:q} --recipe {output.recipe:q} --record {output.record:q}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,191 @@
+"""The quant search (cpuforge.autoquant): its arithmetic, ggml's rounding as llama-quantize writes it, the
+recipe's round trip through llama-quantize, and the search through Snakemake on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+from helpers.llama import convert
+from helpers.models import make_tiny_llama
+
+from cpuforge.autoquant import recipe
+from cpuforge.autoquant.frontier import hull, sweep
+from cpuforge.autoquant.search import Gate, chosen, search
+from cpuforge.autoquant.sensitivity import Option, measure, relative_error, sample_rows
+from cpuforge.errors import InputError
+from cpuforge.io.gguf import open_gguf, read_header
+from cpuforge.llama.ggml import ggml_type, round_trip
+
+# rows of 256, so the K- and I-types fit every matrix as they are
+K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2)
+
+
+def random_table(seed: int, tensors: int = 4) -> dict[str, list[Option]]:
+    """Tensors with a few types each: errors that fall as bytes rise, with noise, so some types are dominated
+    and some lie off the convex hull."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    for t in range(tensors):
+        scale = rng.uniform(0.1, 10)
+        sizes = sorted(rng.choice(np.arange(10, 100), size=4, replace=False))
+        table[f"blk.{t}.w"] = [Option(f"t{s}", int(s) * 1000, float(scale * 2.0 ** (-s / 10) * rng.uniform(0.7, 1.3)))
+                               for s in sizes]  # fmt: skip
+    return table
+
+
+@pytest.mark.unit
+def test_hull_keeps_only_types_some_budget_prefers():
+    a, b, c, d = Option("a", 100, 0.0), Option("b", 80, 0.5), Option("c", 60, 0.6), Option("d", 90, 0.7)
+    # d is larger and lossier than b; b lies above the line from a to c (0.5 > 0.3), so a budget never stops there
+    assert hull([a, b, c, d]) == [a, c]
+    assert hull([a, Option("b", 80, 0.2), c]) == [a, Option("b", 80, 0.2), c]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed", range(5))
+def test_every_point_of_the_frontier_is_the_least_lossy_mix_of_its_size(seed):
+    """Brute force over every mix of a small table: no mix of at most a point's bytes loses less."""
+    table = random_table(seed)
+    frontier = sweep(table)
+    mixes = [dict(zip(table, combo)) for combo in itertools.product(*table.values())]
+    for k in range(len(frontier)):
+        mix = frontier.mix(k)
+        assert frontier.bytes(k) == sum(o.bytes for o in mix.values())
+        assert frontier.loss(k) == pytest.approx(sum(o.error for o in mix.values()))
+        best = min(sum(o.error for o in m.values()) for m in mixes if sum(o.bytes for o in m.values()) <= frontier.bytes(k))
+        assert frontier.loss(k) <= best + 1e-12
+    assert all(frontier.bytes(k) > frontier.bytes(k + 1) for k in range(len(frontier) - 1))
+    assert all(frontier.loss(k) <= frontier.loss(k + 1) for k in range(len(frontier) - 1))
+    assert sweep(table) == frontier  # the same table, the same frontier
+
+
+def synthetic(frontier, factor: float, accuracy_from: int | None = None):
+    """A measurement whose KL divergence is `factor` x the point's loss, and whose accuracy drops at
+    `accuracy_from` and beyond; it records which points were measured."""
+    seen = []
+
+    def measure(k):
+        seen.append(k)
+        figures = {"kl_divergence": factor * frontier.loss(k), "ppl_increase_pct": 0.0, "accuracy": 1.0}
+        if accuracy_from is not None and k >= accuracy_from:
+            figures["accuracy"] = 0.0
+        return figures
+
+    return measure, seen
+
+
+@pytest.mark.unit
+def test_the_search_finds_the_smallest_passing_point():
+    frontier = sweep(random_table(7, tensors=8))
+    gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=0.5)
+    measure, seen = synthetic(frontier, factor=0.3)
+    passing = [k for k in range(len(frontier)) if 0.3 * frontier.loss(k) <= 0.5]
+    results = search(frontier, measure, gate, first=len(frontier) // 2, budget=len(frontier))
+    assert chosen(results) == max(passing)
+    # the KL divergence is predicted from the first measurement on: far fewer probes than points
+    assert len(seen) <= 6 < len(frontier)
+    # accuracy, which the loss does not predict, bounds the choice where it drops first
+    measure, _ = synthetic(frontier, factor=0.3, accuracy_from=3)
+    assert chosen(search(frontier, measure, gate, first=len(frontier) // 2, budget=len(frontier))) == min(2, max(passing))
+
+
+@pytest.mark.unit
+def test_the_search_spends_no_more_than_its_budget_and_may_find_nothing():
+    frontier = sweep(random_table(3, tensors=8))
+    gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=None)
+    measure, seen = synthetic(frontier, factor=1e9)  # nothing passes
+    results = search(frontier, measure, gate, first=len(frontier) // 2, budget=3)
+    assert len(seen) == 3 and chosen(results) is None
+    assert all(r["misses"] and r["misses"][0].startswith("KL divergence") for r in results.values())
+    measure, seen = synthetic(frontier, factor=1e-9)  # everything passes: the smallest point, once the bracket closes
+    assert chosen(search(frontier, measure, gate, first=0, budget=20)) == len(frontier) - 1
+
+
+@pytest.mark.unit
+def test_gate_misses_name_the_figure_and_the_limit():
+    gate = Gate(0.4, 25, 0.7)
+    assert gate.misses({"kl_divergence": 0.3, "ppl_increase_pct": 3.0, "accuracy": 0.8}) == []
+    assert gate.misses({"kl_divergence": 0.5, "ppl_increase_pct": 30.0, "accuracy": 0.5}) == [
+        "KL divergence 0.5 > max_kl_divergence 0.4",
+        "perplexity +30.0% > max_ppl_increase_pct 25%",
+        "task accuracy 0.500 < min_accuracy 0.7",
+    ]
+
+
+@pytest.mark.unit
+def test_recipe_lines_name_exactly_one_tensor(tmp_path):
+    names = ["blk.1.attn_q.weight", "blk.11.attn_q.weight", "blk.1.ffn_down.weight", "token_embd.weight"]
+    types = dict(zip(names, ["q4_K", "q8_0", "iq2_xxs", "q6_K"]))
+    path = tmp_path / "recipe.txt"
+    recipe.write(path, types)
+    assert recipe.read(path) == types
+    for line in path.read_text().split():
+        pattern, _ = line.split("=")
+        assert sum(bool(re.search(pattern, n)) for n in names) == 1  # as llama-quantize matches it
+    path.write_text("blk.1.attn_q.weight=q4_K\n")
+    with pytest.raises(InputError, match=r"recipe.txt:1: not a recipe line"):
+        recipe.read(path)
+
+
+@pytest.mark.unit
+def test_sampled_rows_and_relative_error():
+    assert list(sample_rows(5, 0)) == list(sample_rows(5, 8)) == [0, 1, 2, 3, 4]
+    assert list(sample_rows(101, 3)) == [0, 50, 100]
+    w = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    q = w + np.array([[0.1, 0.0], [0.0, 0.2]], dtype=np.float32)
+    # column weights 2 and 1: noise 2 * 0.01 + 1 * 0.04, signal 2 * (1 + 9) + 1 * (4 + 16)
+    assert relative_error(w, q, np.array([2.0, 1.0])) == pytest.approx(0.06 / 40, rel=1e-5)  # q in float32
+
+
+@pytest.fixture(scope="module")
+def k_gguf(llama_bin, tmp_path_factory):
+    work = tmp_path_factory.mktemp("auto_quant")
+    return convert(make_tiny_llama(work / "base", **K_SIZES), work / "f16.gguf")
+
+
+@pytest.mark.llama
+def test_a_recipe_is_written_as_it_says_and_rounded_as_the_sensitivity_rounds_it(llama_bin, k_gguf, tmp_path):
+    """llama-quantize follows a recipe tensor by tensor (checked from the written header), and every tensor's
+    weights in the file are exactly ggml's round trip that the sensitivity measures (no importance matrix)."""
+    header = read_header(k_gguf)
+    matrices = [t for t in header.tensors.values() if len(t.shape) == 2]
+    ladder = ["q8_0", "q4_K", "q4_0", "iq4_nl", "q3_K", "q2_K", "q6_K"]
+    types = {t.name: kind for t, kind in zip(matrices, itertools.cycle(ladder))}
+    # an override equal to the positional type must hold too (llama.cpp #22544)
+    types[matrices[0].name] = "q4_K"
+    path = tmp_path / "recipe.txt"
+    recipe.write(path, types)
+    out = tmp_path / "auto.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), "--tensor-type-file", str(path), str(k_gguf), str(out), "Q4_K_S"],
+                   check=True, capture_output=True)  # fmt: skip
+    recipe.check_written(out, types)
+    f16, written = open_gguf(k_gguf), open_gguf(out)
+    source = {t.name: np.asarray(t.data, dtype=np.float32) for t in f16.tensors}
+    from gguf.quants import dequantize
+
+    for t in written.tensors:
+        if t.name in types:
+            ours = round_trip(llama_bin, ggml_type(types[t.name]), source[t.name], None)
+            assert np.array_equal(dequantize(t.data, t.tensor_type), ours), t.name
+    wrong = {**types, matrices[1].name: "q8_0" if types[matrices[1].name] != "q8_0" else "q4_0"}
+    with pytest.raises(RuntimeError, match=f"did not follow the recipe: {re.escape(matrices[1].name)} is"):
+        recipe.check_written(out, wrong)
+
+
+@pytest.mark.llama
+def test_sensitivity_offers_each_tensor_the_types_that_fit_it(llama_bin, tmp_path):
+    """Rows of 64 take only the 32-weight blocks; without an importance matrix no type that needs one."""
+    gguf = convert(make_tiny_llama(tmp_path / "base"), tmp_path / "f16.gguf")
+    table = measure(llama_bin, gguf, None, ["q8_0", "q4_K", "q4_0", "iq2_xxs", "iq4_nl"], 16)
+    widths = {t.name: t.shape[0] for t in read_header(gguf).tensors.values() if len(t.shape) == 2}
+    assert set(table) == set(widths)
+    for name, options in table.items():
+        kinds = [o.type for o in options]
+        assert kinds == (["q8_0", "q4_K", "q4_0", "iq4_nl"] if widths[name] % 256 == 0 else ["q8_0", "q4_0", "iq4_nl"])
+        by = {o.type: o for o in options}
+        assert 0 < by["q8_0"].error < by["q4_0"].error and by["q8_0"].bytes > by["q4_0"].bytes
