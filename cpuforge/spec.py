@@ -12,7 +12,7 @@ from pathlib import Path
 from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type
-from cpuforge.evaluate.stages import HF_STAGES
+from cpuforge.evaluate.stages import AUTO, HF_STAGES
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.text.task import check_task_data
@@ -22,8 +22,6 @@ DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
 # the parity checks every artifact gets (rules/checks.smk), as their files are named
 PARITY = ("tokenizer", "chat-template")
-# the quant type whose file the quant search chooses (rules/auto_quant.smk): results/{model}/ggml-model-auto.gguf
-AUTO = "auto"
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +152,7 @@ class Spec:
             "checks": self.model_checks(name),
             "task": [f"{figures}/task/{s}.json" for s in self.stages] if has_task else [],
             "runtime_lora": [],
+            "auto_search": [f"results/{name}/auto/search.json"] if AUTO in self.quant_types else [],
         }
         if runtime_lora:
             kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")

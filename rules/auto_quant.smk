@@ -69,3 +69,5 @@ rule auto_quant_search:
         " --min-accuracy {params.min_accuracy} --budget {params.budget} {params.objective:q}"
         " --out {output.gguf:q} --recipe {output.recipe:q} --record {output.record:q}"
         " --threads {threads} > {log:q} 2>&1"
+        # the sentence of a search that found nothing passing, where the run fails, not only in its log
+        " || {{ tail -n 1 {log:q} >&2; false; }}"

@@ -250,6 +250,10 @@ def get_report_args(wildcards):
     return [word for s, p in zip(SPEC.stages, artifacts) for word in ("--stage", f"{s}={p}")]
 
 
+def get_auto_search_arg(wildcards):
+    return [word for f in get_report_input(wildcards)["auto_search"] for word in ("--auto-search", f)]
+
+
 def get_report_task_flag(wildcards):
     return "--task" if MODELS[wildcards.model].has_task else ""
 

@@ -224,6 +224,12 @@ rule make_eval_report:
             category="Evaluation",
             labels={"model": "{model}", "figure": "task accuracy"},
         ),
+        frontier=report(
+            "results/{model}/report/plots/frontier.png",
+            caption="../report/frontier.rst",
+            category="Evaluation",
+            labels={"model": "{model}", "figure": "quant search frontier"},
+        ),
     log:
         "logs/{model}/make_eval_report.log",
     benchmark:
@@ -238,6 +244,7 @@ rule make_eval_report:
     params:
         stages=get_report_args,
         runtime_lora=get_runtime_lora_args,
+        auto_search=get_auto_search_arg,
         figures="results/{model}/report",
         task=get_report_task_flag,
         serve=QUANT_TYPES[0],
@@ -247,11 +254,12 @@ rule make_eval_report:
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
         "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} {params.runtime_lora:q}"
+        " {params.auto_search:q}"
         " --figures {params.figures:q}"
         " {params.task:q} --checks {input.checks:q} --serve {params.serve} --llama-cpp-commit {params.commit}"
         " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
         " --min-accuracy {params.min_accuracy} --html {output.html:q} --metrics {output.metrics:q}"
-        " --plots {output.throughput:q} {output.size:q} {output.accuracy:q} > {log:q} 2>&1"
+        " --plots {output.throughput:q} {output.size:q} {output.accuracy:q} {output.frontier:q} > {log:q} 2>&1"
 
 
 rule check_quality_gate:

@@ -46,8 +46,9 @@ def main() -> None:
     parser.add_argument("--min-accuracy", type=float, default=0.7)
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plots", type=Path, nargs=3, required=True,
-                        metavar=("THROUGHPUT", "SIZE_VS_PERPLEXITY", "ACCURACY"))  # fmt: skip
+    parser.add_argument("--auto-search", type=Path, help="the quant search's record, where `auto` is a stage")
+    parser.add_argument("--plots", type=Path, nargs=4, required=True,
+                        metavar=("THROUGHPUT", "SIZE_VS_PERPLEXITY", "ACCURACY", "FRONTIER"))  # fmt: skip
     args = parser.parse_args()
     thresholds = {"max_ppl_increase_pct": args.max_ppl_increase_pct, "max_kl_divergence": args.max_kl_divergence,
                   "min_accuracy": args.min_accuracy}  # fmt: skip
@@ -57,7 +58,7 @@ def main() -> None:
     runtime_lora = parse_stages(args.runtime_lora, "--runtime-lora", reference=False)
     metrics, page, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
                                        args.serve, args.llama_cpp_commit, thresholds, runtime_lora, args.adapters,
-                                       args.checks)  # fmt: skip
+                                       args.checks, args.auto_search)  # fmt: skip
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:
             tmp.write_bytes(data)
@@ -69,6 +70,8 @@ def main() -> None:
                  "" if "accuracy" not in r else f"accuracy {r['accuracy']:.3f}")  # fmt: skip
     for row in metrics["runtime_lora"]:
         log.info("%s", row["verdict"])
+    if metrics["auto_quant"]:
+        log.info("%s", metrics["auto_quant"]["sentence"])
     log.info("quality gate %s; report written to %s", "passed" if not metrics["gate"]["failures"] else "failed",
              args.html)  # fmt: skip
 

@@ -364,3 +364,54 @@ def test_model_without_task_has_no_accuracy(own_eval_run, eval_run):
     assert all("accuracy" not in s for s in metrics["stages"])
     text = (report_dir(workdir) / "eval_text.txt").read_text()
     assert load_split("heldout")[0]["news"] not in text and "Python" in text
+
+
+def auto_config(workdir, eval_run, name: str, **gate):
+    """The tiny model's config with the quant search as one of its quant types (a few candidates, few rows)."""
+    config = tiny_config(workdir, name, inputs=eval_run[0] / "inputs", **gate)
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    data |= {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3, "sample_rows": 16}}
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_the_quant_search_chooses_a_file_that_its_recipe_remakes(own_eval_run, eval_run, llama_bin):
+    """auto_quant: the chosen GGUF, its recipe (which llama-quantize takes by hand and which remakes the same
+    tensors), the search record; the file is a stage of the report like q4_0, with the frontier plot."""
+    workdir, _ = own_eval_run
+    config = auto_config(workdir, eval_run, "auto.yaml")
+    snakemake(workdir, "auto_quant", "--configfile", str(config))
+    results = workdir / "results" / "tiny"
+    chosen, record = results / "ggml-model-auto.gguf", json.loads((results / "auto" / "search.json").read_text())
+    assert 1 <= len(record["candidates"]) <= 3 and record["chosen"] in [c["point"] for c in record["candidates"]]
+    assert all(set(c) >= {"size_bytes", "bpw", "kl_divergence", "seconds", "passed"} for c in record["candidates"])
+    by_hand = workdir / "by-hand.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), "--imatrix", str(results / "imatrix.gguf"), "--tensor-type-file",
+                    str(results / "auto" / "recipe.txt"), str(results / "ggml-model-f16.gguf"), str(by_hand), "Q8_0"],
+                   check=True, capture_output=True)  # fmt: skip
+    from cpuforge.autoquant.recipe import check_written, read
+    from cpuforge.io.gguf import open_gguf, read_metadata
+
+    types = read(results / "auto" / "recipe.txt")
+    check_written(chosen, types)
+    ours, theirs = open_gguf(chosen), open_gguf(by_hand)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    assert all(bytes(a.data) == bytes(b.data) for a, b in zip(ours.tensors, theirs.tensors))
+    provenance = json.loads(read_metadata(chosen)["cpuforge.quantize"])
+    assert provenance["type"] == "auto" and provenance["recipe"] == types
+    assert metrics_of(workdir)["auto_quant"]["sentence"].startswith("auto: ")
+    assert "auto" in stages_of(workdir) and (report_dir(workdir) / "plots" / "frontier.png").stat().st_size > 0
+
+
+def test_the_quant_search_fails_naming_the_best_candidate(own_eval_run, eval_run):
+    workdir, _ = own_eval_run
+    config = auto_config(workdir, eval_run, "impossible.yaml", max_kl_divergence=1e-9)
+    result = snakemake(workdir, "auto_quant", "--configfile", str(config), check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"auto_quant: none of the 3 candidates passes eval\.gate; the best, point \d+ \([0-9.]+ MiB, "
+                     r"[0-9.]+ bpw\), misses KL divergence [0-9.e-]+ > max_kl_divergence 1e-09", out), out  # fmt: skip
+    results = workdir / "results" / "tiny"
+    assert not (results / "ggml-model-auto.gguf").exists() and not list(results.glob("ggml-model-auto.gguf*"))

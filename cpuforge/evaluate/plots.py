@@ -1,5 +1,6 @@
-"""The report's three plots, drawn with matplotlib and returned as PNG bytes: speed by thread count,
-size against perplexity, task accuracy."""
+"""The report's four plots, drawn with matplotlib and returned as PNG bytes: speed by thread count,
+size against perplexity, task accuracy, and the quant search's frontier (size against KL divergence and
+against task accuracy)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,47 @@ def plot_accuracy(records: list[dict]) -> bytes:
     return data
 
 
-def draw(records: list[dict], serve: str, recommended: int) -> dict[str, bytes]:
-    """The three plots by name, in the order the report and make_eval_report's --plots take them."""
+def plot_frontier(records: list[dict], auto: dict | None) -> bytes:
+    """Size against KL divergence and against task accuracy: each uniform quant a point, the search's
+    candidates a line, the chosen file a star."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    if auto is None:
+        for ax in axes:
+            ax.set_axis_off()
+        axes[0].text(0.5, 0.5, "no quant search: add auto to quant_types", ha="center", va="center")
+        data = png(fig)
+        plt.close(fig)
+        return data
+    quants = [r for r in records if r["kind"] == "gguf" and "kl_divergence" in r]
+    candidates = sorted(auto["candidates"], key=lambda c: c["size_bytes"])
+    chosen = next(r for r in quants if r["stage"] == "auto")
+    for ax, key, title in zip(axes, ("kl_divergence", "accuracy"), ("KL divergence from f16", "task accuracy"),
+                              strict=True):  # fmt: skip
+        uniform = [r for r in quants if r["stage"] != "auto" and key in r]
+        ax.scatter([r["size_bytes"] / 2**20 for r in uniform], [r[key] for r in uniform], s=60, label="uniform types")
+        for r in uniform:
+            ax.annotate(r["stage"], (r["size_bytes"] / 2**20, r[key]), textcoords="offset points", xytext=(6, 4))
+        measured = [c for c in candidates if key in c]
+        ax.plot([c["size_bytes"] / 2**20 for c in measured], [c[key] for c in measured], marker=".", linewidth=1.5,
+                color="C1", label="searched mixes")  # fmt: skip
+        if key in chosen:
+            ax.scatter([chosen["size_bytes"] / 2**20], [chosen[key]], marker="*", s=300, color="C3", zorder=3,
+                       label="chosen (auto)")  # fmt: skip
+        ax.set(title=title, xlabel="size on disk (MiB)", ylabel=key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    data = png(fig)
+    plt.close(fig)
+    return data
+
+
+def draw(records: list[dict], serve: str, recommended: int, auto: dict | None = None) -> dict[str, bytes]:
+    """The four plots by name, in the order the report and make_eval_report's --plots take them."""
     return {
         "throughput": plot_throughput(records, serve, recommended),
         "size_vs_perplexity": plot_size_vs_perplexity(records),
         "accuracy": plot_accuracy(records),
+        "frontier": plot_frontier(records, auto),
     }

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import judge
-from cpuforge.evaluate.stages import HF_STAGES, REFERENCE, label
+from cpuforge.evaluate.stages import AUTO, HF_STAGES, REFERENCE, label
 from cpuforge.io.files import read_json, size_on_disk
+
+MIB = 1 << 20
 
 
 def read_provenance(artifact: Path) -> dict | None:
@@ -112,9 +114,29 @@ def read_checks(paths: list[Path]) -> dict:
     return checks
 
 
+def auto_quant_summary(search: dict, records: list[dict], thresholds: dict[str, float]) -> dict:
+    """The quant search beside the report's own figures: its candidates, the chosen file's row, and one sentence
+    comparing it with the smallest uniform type of the report that passes the gate."""
+    auto = next(r for r in records if r["stage"] == AUTO)
+    passing = [r for r in records if r["kind"] == "gguf" and r["stage"] not in (REFERENCE, AUTO)
+               and not judge([r], thresholds)["failures"]]  # fmt: skip
+    chosen = next(c for c in search["candidates"] if c["point"] == search["chosen"])
+    figures = f"KL {auto['kl_divergence']:.3g}" + (f", accuracy {auto['correct']}/{auto['rows']}" if "correct" in auto else "")
+    sentence = f"auto: {auto['size_bytes'] / MIB:.1f} MiB ({chosen['bpw']:.2f} bpw), {figures}"
+    if passing:
+        smallest = min(passing, key=lambda r: r["size_bytes"])
+        change = 1 - auto["size_bytes"] / smallest["size_bytes"]
+        word = "smaller" if change >= 0 else "larger"
+        sentence += (f" — {abs(change) * 100:.0f} % {word} than {smallest['stage']}, the smallest uniform type here "
+                     "that passes the gate.")  # fmt: skip
+    else:
+        sentence += " — no uniform type here passes the gate."
+    return {**search, "sentence": sentence, "passes": judge([auto], thresholds)["passed"]}
+
+
 def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve: str, commit: str,
            thresholds: dict[str, float], runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
-           checks: list[Path] = ()) -> tuple[dict, list[dict]]:  # fmt: skip
+           checks: list[Path] = (), auto_search: Path | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
     """metrics.json's record, and the stages' records (with their provenance) that the report shows."""
     records = [stage_record(stage, path, figures, task) for stage, path in stages.items()]
     relative_figures(records)
@@ -148,5 +170,6 @@ def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve
         "runtime_lora": runtime_lora_rows(runtime_lora or {}, list(adapters), records, figures, task),
         "provenance": {r["stage"]: r["provenance"] for r in records},
         "checks": read_checks(list(checks)),
+        "auto_quant": auto_quant_summary(read_json(auto_search), records, thresholds) if auto_search else None,
     }
     return metrics, records

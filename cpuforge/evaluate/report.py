@@ -26,10 +26,11 @@ PAGE = Path(__file__).with_name("report.html")
 
 def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, serve: str, commit: str,
                 thresholds: dict[str, float], runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
-                checks: list[Path] = ()) -> tuple[dict, str, dict[str, bytes]]:  # fmt: skip
+                checks: list[Path] = (), auto_search: Path | None = None) -> tuple[dict, str, dict[str, bytes]]:  # fmt: skip
     """metrics.json's record, report.html's text and the plots (PNG bytes by name)."""
-    metrics, records = gather(model, stages, figures, task, serve, commit, thresholds, runtime_lora, adapters, checks)
-    plots = draw(records, serve, metrics["recommended_threads"])
+    metrics, records = gather(model, stages, figures, task, serve, commit, thresholds, runtime_lora, adapters, checks,
+                              auto_search)  # fmt: skip
+    plots = draw(records, serve, metrics["recommended_threads"], metrics["auto_quant"])
     return metrics, render_html(metrics, records, plots), plots
 
 
@@ -94,6 +95,23 @@ def runtime_lora_html(rows: list[dict]) -> str:
     return (f"<h2>Merged or runtime LoRA</h2><table class='runtime-lora'>{header}{''.join(body)}</table>{verdicts}"
             f"<p>Sizes count the base and every adapter file. Speed: {html.escape(rows[0]['speed_runtime'])}, "
             f"{rows[0]['speed_threads']} threads, both sides in turns in one run, each its best round.</p>")
+
+
+def auto_quant_html(auto: dict | None) -> str:
+    """The quant search's sentence and its candidates, in the order measured."""
+    if auto is None:
+        return "<p>No quant search (add <code>auto</code> to quant_types).</p>"
+    rows = "".join(
+        f"<tr><td>{c['point']}</td><td>{c['size_bytes'] / 2**20:.1f}</td><td>{c['bpw']:.2f}</td>"
+        f"<td>{c['kl_divergence']:.4g}</td><td>{c['correct'] if 'correct' in c else '–'}"
+        f"{'/' + str(c['rows']) if 'rows' in c else ''}</td><td>{'passes' if c['passed'] else html.escape('; '.join(c['misses']))}"
+        f"</td><td>{c['seconds']:.0f}</td></tr>"
+        for c in auto["candidates"]
+    )
+    return (f"<p id='auto-quant'>{html.escape(auto['sentence'])}</p><p>{html.escape(auto['objective'])}, "
+            f"{len(auto['candidates'])} of at most {auto['budget']} candidates, {auto['seconds']:.0f} s; the recipe is "
+            "<code>auto/recipe.txt</code>.</p><table><tr><th>point</th><th>MiB</th><th>bpw</th><th>KL</th>"
+            f"<th>task</th><th>gate</th><th>s</th></tr>{rows}</table>")  # fmt: skip
 
 
 def provenance_html(records: list[dict]) -> str:
@@ -221,6 +239,7 @@ def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> 
         f16_vs_merged=f"{metrics['f16_vs_merged_perplexity_rel_diff']:.2e}",
         images=images,
         runtime_lora=runtime_lora_html(metrics.get("runtime_lora", [])),
+        auto_quant=auto_quant_html(metrics["auto_quant"]),
         checks=checks_html(metrics["checks"]),
         bench_table=bench_table(records),
         provenance=provenance_html(records),

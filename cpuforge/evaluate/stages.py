@@ -11,7 +11,9 @@ from cpuforge.errors import InputError
 HF_STAGES = ("base", "merged")
 # the stage every other is compared with
 REFERENCE = "f16"
-LABELS = {"base": "base (HF)", "merged": "merged (HF)"}
+# the quant type whose file the quant search chooses (rules/auto_quant.smk): results/{model}/ggml-model-auto.gguf
+AUTO = "auto"
+LABELS = {"base": "base (HF)", "merged": "merged (HF)", AUTO: "auto GGUF (searched mix)"}
 
 
 def label(stage: str) -> str:
