@@ -3,6 +3,8 @@
     python -m benchmarks.scale --shape 1b [--target q4_model] [--workdir /tmp/cpuforge-scale] [--keep]
     python -m benchmarks.scale --shape llama-7b --target q4_model
     python -m benchmarks.scale --shape chinese-llama-plus-7b --target all
+    python -m benchmarks.scale --shape 1b --auto --keep --target results/scale/ggml-model-auto.gguf \
+        results/scale/report/kl_divergence/q4_0.json results/scale/report/task/q4_0.json   # the quant search
 
 Builds a synthetic model of real shape with random weights, saved as HF saves one (f16 safetensors
 shards of at most 10 GB, an index, config.json, the real LLaMA tokenizer from the pinned llama.cpp's
@@ -290,11 +292,11 @@ def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
     """Snakemake in `workdir`, its output to workdir/snakemake-<first argument>.log."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", *args, "--configfile", str(workdir / "config.yaml")]  # fmt: skip
-    with open(workdir / f"snakemake-{args[0]}.log", "w") as log:
+    with open(workdir / f"snakemake-{args[0].replace('/', '_')}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def write_config(workdir: Path, inputs: Path) -> None:
+def write_config(workdir: Path, inputs: Path, auto: bool = False) -> None:
     import yaml
 
     adapters = sorted(str(a) for a in inputs.glob("adapter*"))
@@ -305,6 +307,8 @@ def write_config(workdir: Path, inputs: Path) -> None:
     build = os.environ.get("CPUFORGE_BUILD_DIR", str(REPO / "build" / "llama.cpp"))
     config = {"models": [{"name": "scale", "base": str(inputs / "base"), "adapters": adapters, "task_data": task}],
               "llama_cpp": {"build_dir": build}, **EVAL}  # fmt: skip
+    if auto:  # the quant search beside q4_0, whose evaluation stages it is timed against
+        config |= {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3}}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -371,10 +375,11 @@ def report(workdir: Path, peaks: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--target", default="q4_model", help="what to make: q4_model, all, …")
+    parser.add_argument("--target", nargs="+", default=["q4_model"], help="what to make: q4_model, all, files, …")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpuforge-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the inputs and results")
     parser.add_argument("--no-peft", action="store_true", help="skip peft's merge")
+    parser.add_argument("--auto", action="store_true", help="quant_types q4_0 and auto (the quant search)")
     parser.add_argument("--sparse-base", action="store_true",
                         help="base weights all zero in sparse files (13.5 GB less disk at 7B); the LoRA deltas "
                              "still make every merged weight random")  # fmt: skip
@@ -390,13 +395,13 @@ def main() -> None:
         sparse = ["--sparse-base"] if args.sparse_base else []
         subprocess.run([sys.executable, "-m", "benchmarks.scale", "--shape", args.shape, *sparse, "--make-inputs",
                         str(inputs)], cwd=REPO, check=True)  # fmt: skip
-    write_config(workdir, inputs)
+    write_config(workdir, inputs, args.auto)
     snakemake(workdir, "plan").wait()
     print((workdir / "snakemake-plan.log").read_text())
-    run = snakemake(workdir, args.target)
+    run = snakemake(workdir, *args.target)
     peaks = sample_jobs(run)
     if run.wait() != 0:
-        print((workdir / f"snakemake-{args.target}.log").read_text()[-5000:])
+        print((workdir / f"snakemake-{args.target[0].replace('/', '_')}.log").read_text()[-5000:])
     report(workdir, peaks)
     if not args.keep:  # before peft's merge, which writes a merged model of its own
         for name in ("results", "resources"):

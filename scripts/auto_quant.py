@@ -3,7 +3,7 @@
     python -m scripts.auto_quant --llama-bin BIN --sensitivity results/m/auto/sensitivity.tsv \
         --gguf results/m/ggml-model-f16.gguf --imatrix results/m/imatrix.gguf \
         --logits results/m/report/f16-logits.kld --merged results/m/merged --heldout heldout.jsonl \
-        --budget 4 --out results/m/ggml-model-auto.gguf --recipe results/m/auto/recipe.txt \
+        --budget 3 --out results/m/ggml-model-auto.gguf --recipe results/m/auto/recipe.txt \
         --record results/m/auto/search.json --threads 8
 
 From the tensors' measured sensitivity (scripts.measure_sensitivity), the mixes that lose least for their
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--max-kl-divergence", type=float, required=True)
     parser.add_argument("--max-ppl-increase-pct", type=float, required=True)
     parser.add_argument("--min-accuracy", type=float, required=True)
-    parser.add_argument("--budget", type=int, default=4, help="candidates verified end to end, at most")
+    parser.add_argument("--budget", type=int, default=3, help="candidates verified end to end, at most")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--max-size-mib", type=float, help="the least lossy mix of at most this size instead")
     size.add_argument("--max-bpw", type=float, help="the least lossy mix of at most these bits per weight instead")
@@ -95,7 +95,8 @@ def main() -> None:
     with atomic_output(args.recipe) as tmp:
         recipe.write(tmp, types)
     r = results[k]
-    write_json(args.record, summary(frontier, results, k, gate, args.budget, max_bytes, time.monotonic() - started))
+    write_json(args.record, summary(frontier, table, results, k, gate, args.budget, max_bytes,
+                                        time.monotonic() - started))
     log.info("chosen: point %d, %.1f MiB (%.2f bpw), KL %.4f%s", k, r["size_bytes"] / MIB, r["bpw"], r["kl_divergence"],
              f", accuracy {r['correct']}/{r['rows']}" if "correct" in r else "")  # fmt: skip
 

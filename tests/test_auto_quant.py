@@ -4,7 +4,6 @@ recipe's round trip through llama-quantize, and the search through Snakemake on 
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import subprocess
 

@@ -74,3 +74,27 @@ def test_an_unknown_quant_type_suggests_the_closest():
         check_quant_type("q4_O")
     with pytest.raises(InputError, match=r"'q4_k_mm'; did you mean q4_k_m\?"):
         check_quant_type("q4_k_mm")
+
+
+def test_auto_is_a_quant_type_and_its_types_are_ggml_types(tmp_path):
+    """`auto` in quant_types is the quant search's file; auto_quant.types must each be a tensor type the search
+    can offer (a llama-quantize mix name like q4_k_m is not one), once."""
+    from cpuforge.spec import load_spec
+
+    config = copy.deepcopy(CONFIG)
+    update_config(config, {"quant_types": ["Q4_0", "Auto"]})
+    validate(config, str(SCHEMA))
+    spec = load_spec(config, REPO)
+    assert spec.quant_types == ("q4_0", "auto") and spec.fixed_types == ("q4_0",)
+    assert "iq2_xxs" in spec.auto_types and "q4_K" in spec.auto_types
+    for types, sentence in (
+        (["q8_0", "q4_k_m"], r"^config auto_quant\.types: 'q4_k_m' is not a ggml tensor type the search can offer"),
+        (["q8_0", "f16"], r"'f16' is not a ggml tensor type the search can offer"),
+        (["q8_0", "Q8_0"], r"^config auto_quant\.types: 'Q8_0' is listed twice\.$"),
+    ):
+        bad = copy.deepcopy(config)
+        bad["auto_quant"]["types"] = types
+        with pytest.raises(InputError, match=sentence):
+            load_spec(bad, REPO)
+    config["imatrix"]["enabled"] = False  # the types llama-quantize writes only with a matrix are left out
+    assert [t for t in load_spec(config, REPO).auto_types if t.startswith("iq2") or t == "iq3_xxs"] == []

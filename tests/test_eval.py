@@ -32,7 +32,9 @@ EVAL = {
     "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5},
     "gate": PASSING_GATE,
 }
-STAGES = ["base", "merged", "f16", "q4_0"]
+STAGES = ["base", "merged", "f16", "q4_0", "auto"]
+# the quant search as one of the quant types: few rows sampled, at most three candidates
+AUTO_QUANT = {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3, "sample_rows": 16}}
 
 
 def small_task(folder, heldout: int = 6):
@@ -44,18 +46,21 @@ def small_task(folder, heldout: int = 6):
     return folder
 
 
-def tiny_config(workdir, name: str, task=True, inputs=None, **gate):
-    """A config in `workdir` for the tiny model in `inputs` (default: workdir/inputs)."""
+def tiny_config(workdir, name: str, task=True, inputs=None, auto=True, **gate):
+    """A config in `workdir` for the tiny model in `inputs` (default: workdir/inputs); with `auto`, the quant
+    search is one of its quant types."""
     inputs = inputs or workdir / "inputs"
     model = {"name": "tiny", "base": str(inputs / "base"), "adapters": [str(inputs / "adapter")]}
     if task:
         model["task_data"] = {split: str(inputs / "task" / f"{split}.jsonl") for split in ("train", "heldout")}
-    return write_config(workdir / name, [model], eval={**EVAL, "gate": {**PASSING_GATE, **gate}})
+    extra = AUTO_QUANT if auto else {}
+    return write_config(workdir / name, [model], eval={**EVAL, "gate": {**PASSING_GATE, **gate}}, **extra)
 
 
 @pytest.fixture(scope="module")
 def eval_run(llama_bin, tmp_path_factory):
-    """eval_report on a tiny model with a chat template, trained a little so its figures mean something."""
+    """eval_report on a tiny model with a chat template, trained a little so its figures mean something; q4_0
+    and the quant search's choice."""
     workdir = tmp_path_factory.mktemp("eval_run")
     base = make_tiny_llama(workdir / "inputs" / "base", chat_template=PLAIN_CHAT_TEMPLATE, add_bos=False)
     train_tiny_llama(base, prose() + "\n" + as_text(load_split("train")))
@@ -158,7 +163,7 @@ def test_each_quant_merged_beside_its_base_with_the_runtime_lora(eval_run):
 def test_report_shows_the_fidelity_checks(eval_run):
     workdir, _ = eval_run
     checks = metrics_of(workdir)["checks"]
-    assert sorted(checks["tokenizer"]) == sorted(checks["chat_template"]) == ["f16", "q4_0"]
+    assert sorted(checks["tokenizer"]) == sorted(checks["chat_template"]) == ["auto", "f16", "q4_0"]
     assert all(record["corpora"]["task"]["rate"] == 1.0 for record in checks["tokenizer"].values())
     assert checks["generation"]["prompts"] == 6 and checks["imatrix"] == {}
     page = (report_dir(workdir) / "report.html").read_text()
@@ -230,7 +235,7 @@ def test_report_renders_its_plots_in_chromium(eval_run, chromium, tmp_path):
     workdir, _ = eval_run
     page = (report_dir(workdir) / "report.html").resolve().as_uri()
     dom = headless(chromium, tmp_path / "profile-dom", "--virtual-time-budget=5000", "--dump-dom", page).stdout
-    assert 'data-plots-decoded="3"' in dom  # the page's script counted three decoded plot images
+    assert 'data-plots-decoded="4"' in dom  # the page's script counted four decoded plot images (the frontier's)
     for plot in ("throughput", "size_vs_perplexity", "accuracy"):
         assert re.search(rf"<img class=\"plot\" id=\"plot-{plot}\"[^>]*src=\"data:image/png;base64,", dom), plot
     assert "Quality gate passed" in dom and 'id="recommended-threads"' in dom
@@ -331,7 +336,8 @@ def test_bad_heldout_rows_fail_at_start(tmp_path, tiny_base, tiny_adapter):
 
 def test_quality_gate_fails_eval_report_and_keeps_the_report(own_eval_run, eval_run):
     workdir, config = own_eval_run
-    strict = tiny_config(workdir, "strict.yaml", inputs=eval_run[0] / "inputs", max_kl_divergence=1e-6)
+    # without the quant search, which would find no file within this gate (test_the_quant_search_fails_...)
+    strict = tiny_config(workdir, "strict.yaml", inputs=eval_run[0] / "inputs", auto=False, max_kl_divergence=1e-6)
     result = snakemake(workdir, "eval_report", "--configfile", str(strict), check=False)
     out = result.stdout + result.stderr
     assert result.returncode != 0
@@ -356,7 +362,8 @@ def test_quality_gate_fails_eval_report_and_keeps_the_report(own_eval_run, eval_
 def test_model_without_task_has_no_accuracy(own_eval_run, eval_run):
     """A user's model has no demo task: the report drops the task part and the gate its accuracy check."""
     workdir, _ = own_eval_run
-    config = tiny_config(workdir, "no-task.yaml", task=False, inputs=eval_run[0] / "inputs", min_accuracy=1.0)
+    config = tiny_config(workdir, "no-task.yaml", task=False, inputs=eval_run[0] / "inputs", auto=False,
+                         min_accuracy=1.0)  # fmt: skip
     result = snakemake(workdir, "eval_report", "--configfile", str(config))
     assert "eval_task" not in result.stdout + result.stderr
     metrics = metrics_of(workdir)
@@ -366,28 +373,16 @@ def test_model_without_task_has_no_accuracy(own_eval_run, eval_run):
     assert load_split("heldout")[0]["news"] not in text and "Python" in text
 
 
-def auto_config(workdir, eval_run, name: str, **gate):
-    """The tiny model's config with the quant search as one of its quant types (a few candidates, few rows)."""
-    config = tiny_config(workdir, name, inputs=eval_run[0] / "inputs", **gate)
-    import yaml
-
-    data = yaml.safe_load(config.read_text())
-    data |= {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3, "sample_rows": 16}}
-    config.write_text(yaml.safe_dump(data))
-    return config
-
-
-def test_the_quant_search_chooses_a_file_that_its_recipe_remakes(own_eval_run, eval_run, llama_bin):
+def test_the_quant_search_chooses_a_file_that_its_recipe_remakes(eval_run, llama_bin, tmp_path):
     """auto_quant: the chosen GGUF, its recipe (which llama-quantize takes by hand and which remakes the same
     tensors), the search record; the file is a stage of the report like q4_0, with the frontier plot."""
-    workdir, _ = own_eval_run
-    config = auto_config(workdir, eval_run, "auto.yaml")
-    snakemake(workdir, "auto_quant", "--configfile", str(config))
+    workdir, config = eval_run
+    assert planned_jobs(workdir, "auto_quant", "--configfile", str(config)) == {}  # eval_report made it all
     results = workdir / "results" / "tiny"
     chosen, record = results / "ggml-model-auto.gguf", json.loads((results / "auto" / "search.json").read_text())
     assert 1 <= len(record["candidates"]) <= 3 and record["chosen"] in [c["point"] for c in record["candidates"]]
     assert all(set(c) >= {"size_bytes", "bpw", "kl_divergence", "seconds", "passed"} for c in record["candidates"])
-    by_hand = workdir / "by-hand.gguf"
+    by_hand = tmp_path / "by-hand.gguf"
     subprocess.run([str(llama_bin / "llama-quantize"), "--imatrix", str(results / "imatrix.gguf"), "--tensor-type-file",
                     str(results / "auto" / "recipe.txt"), str(results / "ggml-model-f16.gguf"), str(by_hand), "Q8_0"],
                    check=True, capture_output=True)  # fmt: skip
@@ -401,17 +396,25 @@ def test_the_quant_search_chooses_a_file_that_its_recipe_remakes(own_eval_run, e
     assert all(bytes(a.data) == bytes(b.data) for a, b in zip(ours.tensors, theirs.tensors))
     provenance = json.loads(read_metadata(chosen)["cpuforge.quantize"])
     assert provenance["type"] == "auto" and provenance["recipe"] == types
-    assert metrics_of(workdir)["auto_quant"]["sentence"].startswith("auto: ")
-    assert "auto" in stages_of(workdir) and (report_dir(workdir) / "plots" / "frontier.png").stat().st_size > 0
+    # the report measured the chosen file again, as every stage: the same KL divergence the search measured
+    auto = metrics_of(workdir)["auto_quant"]
+    chosen_record = next(c for c in record["candidates"] if c["point"] == record["chosen"])
+    assert stages_of(workdir)["auto"]["kl_divergence"] == pytest.approx(chosen_record["kl_divergence"], rel=1e-3)
+    assert re.fullmatch(r"auto: [0-9.]+ MiB \([0-9.]+ bpw\), KL [0-9.e-]+, accuracy \d/6 — \d+ % (smaller|larger) than "
+                        r"q4_0, the smallest uniform type here that passes the gate\.", auto["sentence"]), auto["sentence"]
+    page = (report_dir(workdir) / "report.html").read_text()
+    assert html.escape(auto["sentence"]) in page and (report_dir(workdir) / "plots" / "frontier.png").stat().st_size
 
 
 def test_the_quant_search_fails_naming_the_best_candidate(own_eval_run, eval_run):
+    """No candidate within the gate: the search fails with one sentence, on the terminal, naming the best
+    candidate and the figure it missed, and leaves nothing under the output's name."""
     workdir, _ = own_eval_run
-    config = auto_config(workdir, eval_run, "impossible.yaml", max_kl_divergence=1e-9)
-    result = snakemake(workdir, "auto_quant", "--configfile", str(config), check=False)
+    config = tiny_config(workdir, "impossible.yaml", inputs=eval_run[0] / "inputs", max_kl_divergence=1e-9)
+    result = snakemake(workdir, "results/tiny/ggml-model-auto.gguf", "--configfile", str(config), check=False)
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert re.search(r"auto_quant: none of the 3 candidates passes eval\.gate; the best, point \d+ \([0-9.]+ MiB, "
                      r"[0-9.]+ bpw\), misses KL divergence [0-9.e-]+ > max_kl_divergence 1e-09", out), out  # fmt: skip
     results = workdir / "results" / "tiny"
-    assert not (results / "ggml-model-auto.gguf").exists() and not list(results.glob("ggml-model-auto.gguf*"))
+    assert not list(results.glob("ggml-model-auto.gguf*"))

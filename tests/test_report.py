@@ -69,7 +69,8 @@ def make_eval_report(root: Path, stages: dict[str, Path]) -> subprocess.Complete
          "--checks", *map(str, sorted((root / "checks").glob("*.json"))), "--llama-cpp-commit", "c" * 40,
          f"--runtime-lora=q4_0={root / 'base-q4_0.gguf'}", "--adapters", str(root / "adapter.gguf"),
          "--html", str(out / "report.html"), "--metrics", str(out / "metrics.json"),
-         "--plots", str(out / "throughput.png"), str(out / "size.png"), str(out / "accuracy.png")],
+         "--plots", str(out / "throughput.png"), str(out / "size.png"), str(out / "accuracy.png"),
+         str(out / "frontier.png")],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,25 +96,41 @@ def measure(bin_dir: Path, gguf: Path, imatrix: Path | None, types: list[str], l
     reader = open_gguf(gguf)
     tensors = [t for t in reader.tensors if quantizable(t.name, tuple(int(n) for n in t.shape))]
     table, started = {}, time.monotonic()
-    for i, t in enumerate(tensors, 1):
-        n_per_row, rows = int(t.shape[0]), int(t.shape[1])
-        picked = sample_rows(rows, limit)
-        w = dequantize(np.asarray(t.data)[picked], t.tensor_type).reshape(len(picked), n_per_row)
-        imat = weights.get(t.name)
-        if imat is not None and imat.size != n_per_row:
-            raise InputError(f"{imatrix}: {t.name} has {imat.size} weights per row, the model {n_per_row}.")
-        options = []
-        for kind in kinds:
-            if not fits(kind, n_per_row) or (imat is None and needs_imatrix(bin_dir, kind, t.name)):
-                continue
-            q = round_trip(bin_dir, kind, w, imat)
-            options.append(Option(type_name(kind), rows * row_bytes(kind, n_per_row), relative_error(w, q, imat)))
-        if not options:
-            raise InputError(f"{gguf}: {t.name} (rows of {n_per_row}) fits none of auto_quant.types {types}.")
-        table[t.name] = options
-        if i % 16 == 0 or i == len(tensors):
-            log.info("sensitivity: %d/%d tensors, %.0f s", i, len(tensors), time.monotonic() - started)
+    with open(gguf, "rb") as f:
+        for i, t in enumerate(tensors, 1):
+            table[t.name] = tensor_options(bin_dir, f, t, weights.get(t.name), kinds, limit, imatrix)
+            if i % 16 == 0 or i == len(tensors):
+                log.info("sensitivity: %d/%d tensors, %.0f s", i, len(tensors), time.monotonic() - started)
     return table
+
+
+def read_rows(f, t, picked: np.ndarray) -> np.ndarray:
+    """Rows `picked` of tensor `t` (f16, bf16 or f32) as float32, read from the file rather than mapped, so
+    the process holds only them (a mapped row brings its neighbours into the resident set)."""
+    n_per_row = int(t.shape[0])
+    row = t.n_bytes // int(t.shape[1])
+    raw = b"".join(os.pread(f.fileno(), row, t.data_offset + int(r) * row) for r in picked)
+    data = np.frombuffer(raw, dtype=np.uint8).reshape(len(picked), row)
+    return dequantize(data, t.tensor_type).reshape(len(picked), n_per_row).astype(np.float32)
+
+
+def tensor_options(bin_dir: Path, f, t, imat: np.ndarray | None, kinds: list[GGMLQuantizationType], limit: int,
+                   imatrix: Path | None) -> list[Option]:  # fmt: skip
+    """One tensor's options: each type that fits it, with its bytes and its relative output noise."""
+    n_per_row, rows = int(t.shape[0]), int(t.shape[1])
+    w = read_rows(f, t, sample_rows(rows, limit))
+    if imat is not None and imat.size != n_per_row:
+        raise InputError(f"{imatrix}: {t.name} has {imat.size} weights per row, the model {n_per_row}.")
+    options = []
+    for kind in kinds:
+        if not fits(kind, n_per_row) or (imat is None and needs_imatrix(bin_dir, kind, t.name)):
+            continue
+        q = round_trip(bin_dir, kind, w, imat)
+        options.append(Option(type_name(kind), rows * row_bytes(kind, n_per_row), relative_error(w, q, imat)))
+    if not options:
+        raise InputError(f"{t.name} (rows of {n_per_row}) fits none of auto_quant.types "
+                         f"{[type_name(k) for k in kinds]}.")  # fmt: skip
+    return options
 
 
 def write_table(path: Path, table: dict[str, list[Option]]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import Frontier
 from cpuforge.autoquant.search import FIRST_BPW, Gate, chosen, point_of_bpw, search
+from cpuforge.autoquant.sensitivity import Option
 from cpuforge.errors import GateError
 from cpuforge.evaluate.perplexity import kl_divergence
 from cpuforge.evaluate.task import answers_gguf
@@ -63,6 +65,8 @@ def measure(inp: Inputs, frontier: Frontier, gate: Gate, k: int, n_elements: int
     """Point k made and measured: its file's size and bits per weight, the KL-divergence figures, and where
     the KL divergence is within the gate, the task's accuracy."""
     started = time.monotonic()
+    log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", len(inp.kept) + 1, k, len(frontier),
+             frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
     gguf = make_candidate(inp, frontier, k)
     inp.kept[k] = gguf
     kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
@@ -128,10 +132,21 @@ def kind_of(tensor: str) -> str:
     return re.sub(r"^blk\.\d+\.", "", tensor).removesuffix(".weight")
 
 
-def summary(frontier: Frontier, results: dict[int, dict], k: int, gate: Gate, budget: int, max_bytes: int | None,
-            seconds: float) -> dict:  # fmt: skip
-    """The search record: what was asked, every candidate measured, the chosen mix by tensor kind and layer,
-    and the frontier (at most 200 of its points, for the report's plot)."""
+def noise_by_kind(table: dict[str, list[Option]], kind: str = "q4_0") -> dict[str, float]:
+    """Each tensor kind's median relative output noise in one type (q4_0 fits every row length): which
+    kinds the sensitivity found fragile."""
+    by_kind: dict[str, list[float]] = {}
+    for name, options in table.items():
+        for o in options:
+            if o.type == kind:
+                by_kind.setdefault(kind_of(name), []).append(o.error)
+    return {k: float(statistics.median(v)) for k, v in sorted(by_kind.items())}
+
+
+def summary(frontier: Frontier, table: dict[str, list[Option]], results: dict[int, dict], k: int, gate: Gate,
+            budget: int, max_bytes: int | None, seconds: float) -> dict:  # fmt: skip
+    """The search record: what was asked, every candidate measured, the chosen mix by tensor kind and layer
+    (and each kind's noise in q4_0, which is why), and the frontier (at most 200 of its points, for plots)."""
     mix = frontier.mix(k)
     by_kind: dict[str, Counter] = {}
     for name, option in mix.items():
@@ -151,6 +166,7 @@ def summary(frontier: Frontier, results: dict[int, dict], k: int, gate: Gate, bu
         "chosen": k,
         "candidates": candidates,
         "types_by_kind": {kind: dict(sorted(c.items())) for kind, c in sorted(by_kind.items())},
+        "q4_0_noise_by_kind": noise_by_kind(table),
         "recipe": {name: o.type for name, o in mix.items()},
         "frontier": [[p, frontier.bytes(p), frontier.loss(p)] for p in points],
     }

@@ -218,6 +218,7 @@ def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> 
         f"<figure><img class='plot' id='plot-{name}' alt='{name.replace('_', ' ')}' "
         f"src='data:image/png;base64,{base64.b64encode(data).decode()}'></figure>"
         for name, data in plots.items()
+        if name != "frontier" or metrics["auto_quant"] is not None  # no search, no frontier on the page
     )
     ev = metrics["eval"]
     return Template(PAGE.read_text(encoding="utf-8")).substitute(
