@@ -96,7 +96,10 @@ def search(frontier: Frontier, measure: Callable[[int], dict], gate: Gate, first
     """Measure points (`measure(k)` returns the gate's figures of point k) until the bracket closes or
     `budget` candidates are spent; every result, by point, with `passed`, `misses` and `order`."""
     results: dict[int, dict] = {}
-    while len(results) < budget and (k := next_probe(frontier, results, gate, first)) is not None:
+    while len(results) < budget:
+        k = next_probe(frontier, results, gate, first)
+        if k is None:
+            break
         figures = measure(k)
         misses = gate.misses(figures)
         results[k] = {**figures, "passed": not misses, "misses": misses, "order": len(results)}

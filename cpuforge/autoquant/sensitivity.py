@@ -27,7 +27,7 @@ from gguf.quants import dequantize
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
-from cpuforge.io.gguf import open_gguf
+from cpuforge.io.gguf import TensorInfo, open_gguf, read_header
 from cpuforge.llama.ggml import fits, ggml_type, requires_imatrix, round_trip, row_bytes, type_name
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES
 
@@ -93,8 +93,7 @@ def measure(bin_dir: Path, gguf: Path, imatrix: Path | None, types: list[str], l
     """Every quantizable tensor of the f16 `gguf` with the options it has among `types` (ggml type names)."""
     kinds = [ggml_type(t) for t in types]
     weights = read_imatrix(imatrix) if imatrix else {}
-    reader = open_gguf(gguf)
-    tensors = [t for t in reader.tensors if quantizable(t.name, tuple(int(n) for n in t.shape))]
+    tensors = [t for t in read_header(gguf).tensors.values() if quantizable(t.name, t.shape)]
     table, started = {}, time.monotonic()
     with open(gguf, "rb") as f:
         for i, t in enumerate(tensors, 1):
@@ -104,20 +103,19 @@ def measure(bin_dir: Path, gguf: Path, imatrix: Path | None, types: list[str], l
     return table
 
 
-def read_rows(f, t, picked: np.ndarray) -> np.ndarray:
+def read_rows(f, t: TensorInfo, picked: np.ndarray) -> np.ndarray:
     """Rows `picked` of tensor `t` (f16, bf16 or f32) as float32, read from the file rather than mapped, so
     the process holds only them (a mapped row brings its neighbours into the resident set)."""
-    n_per_row = int(t.shape[0])
-    row = t.n_bytes // int(t.shape[1])
-    raw = b"".join(os.pread(f.fileno(), row, t.data_offset + int(r) * row) for r in picked)
+    n_per_row, row = t.shape[0], t.n_bytes // t.shape[1]
+    raw = b"".join(os.pread(f.fileno(), row, t.offset + int(r) * row) for r in picked)
     data = np.frombuffer(raw, dtype=np.uint8).reshape(len(picked), row)
-    return dequantize(data, t.tensor_type).reshape(len(picked), n_per_row).astype(np.float32)
+    return dequantize(data, ggml_type(t.type)).reshape(len(picked), n_per_row).astype(np.float32)
 
 
-def tensor_options(bin_dir: Path, f, t, imat: np.ndarray | None, kinds: list[GGMLQuantizationType], limit: int,
+def tensor_options(bin_dir: Path, f, t: TensorInfo, imat: np.ndarray | None, kinds: list[GGMLQuantizationType], limit: int,
                    imatrix: Path | None) -> list[Option]:  # fmt: skip
     """One tensor's options: each type that fits it, with its bytes and its relative output noise."""
-    n_per_row, rows = int(t.shape[0]), int(t.shape[1])
+    n_per_row, rows = t.shape
     w = read_rows(f, t, sample_rows(rows, limit))
     if imat is not None and imat.size != n_per_row:
         raise InputError(f"{imatrix}: {t.name} has {imat.size} weights per row, the model {n_per_row}.")

@@ -43,7 +43,8 @@ class Inputs:
     max_new_tokens: int
     threads: int
     scratch: Path  # the candidates' files are named after it
-    kept: dict[int, Path] = field(default_factory=dict)
+    kept: dict[int, Path] = field(default_factory=dict)  # the candidates' files still on disk, by point
+    measured: int = 0
 
 
 def elements(frontier: Frontier, shapes: dict[str, int]) -> int:
@@ -65,7 +66,8 @@ def measure(inp: Inputs, frontier: Frontier, gate: Gate, k: int, n_elements: int
     """Point k made and measured: its file's size and bits per weight, the KL-divergence figures, and where
     the KL divergence is within the gate, the task's accuracy."""
     started = time.monotonic()
-    log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", len(inp.kept) + 1, k, len(frontier),
+    inp.measured += 1
+    log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
              frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
     gguf = make_candidate(inp, frontier, k)
     inp.kept[k] = gguf
@@ -79,7 +81,7 @@ def measure(inp: Inputs, frontier: Frontier, gate: Gate, k: int, n_elements: int
         right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
         figures.update(accuracy=sum(right) / len(right), correct=sum(right), rows=len(right), answers=answers)
     figures["seconds"] = round(time.monotonic() - started, 1)
-    log.info("candidate %d: %.1f MiB, %.2f bpw, KL %.4f%s, %.0f s", k, figures["size_bytes"] / MIB, figures["bpw"],
+    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f%s, %.0f s", k, figures["size_bytes"] / MIB, figures["bpw"],
              kl["kl_divergence"], f", accuracy {figures['correct']}/{figures['rows']}" if "correct" in figures else "",
              figures["seconds"])  # fmt: skip
     return figures
@@ -121,7 +123,8 @@ def run_search(inp: Inputs, frontier: Frontier, gate: Gate, shapes: dict[str, in
     results = search(frontier, measured, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget)
     k = chosen(results)
     if k is None:
-        r = results[best := best_failure(results)]
+        best = best_failure(results)
+        r = results[best]
         raise GateError(f"auto_quant: none of the {len(results)} candidates passes eval.gate; the best, point {best} "
                         f"({r['size_bytes'] / MIB:.1f} MiB, {r['bpw']:.2f} bpw), misses {'; '.join(r['misses'])}.")  # fmt: skip
     return k, results

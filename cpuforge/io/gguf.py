@@ -57,6 +57,7 @@ class TensorInfo:
     type: str  # the ggml type, lower case (q4_0, f16, ...)
     n_elements: int
     n_bytes: int
+    offset: int  # of its data, from the file's start
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
 
     check_gguf(path)
     wanted = None if arrays is None else set(arrays)
-    fields, lengths, types, tensors = {}, {}, {}, {}
+    fields, lengths, types = {}, {}, {}
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             cursor = _Cursor(data)
@@ -140,17 +141,18 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                     fields[key] = cursor.items(item, lengths[key])
                 else:
                     cursor.skip(item, lengths[key])
-            ends = []
+            infos = []
             for _ in range(n_tensors):
                 name, dims = cursor.string(), cursor.unpack("<I")
                 shape = tuple(cursor.unpack("<Q") for _ in range(dims))
                 kind, offset = GGMLQuantizationType(cursor.unpack("<I")), cursor.unpack("<Q")
                 block, size = GGML_QUANT_SIZES[kind]
                 n = math.prod(shape)
-                tensors[name] = TensorInfo(name, shape, kind.name.lower(), n, n // block * size)
-                ends.append(offset + tensors[name].n_bytes)
+                infos.append((name, shape, kind.name.lower(), n, n // block * size, offset))
             alignment = fields.get("general.alignment", 32)
-            end = -(-cursor.at // alignment) * alignment + max(ends) if ends else cursor.at
+            start = -(-cursor.at // alignment) * alignment
+            tensors = {i[0]: TensorInfo(*i[:5], start + i[5]) for i in infos}
+            end = max((t.offset + t.n_bytes for t in tensors.values()), default=cursor.at)
             if end > len(data):
                 raise ValueError(f"its tensor data ends at byte {end}, but the file has {len(data)} bytes")
     except (OSError, ValueError, KeyError, struct.error) as e:
