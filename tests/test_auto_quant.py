@@ -79,6 +79,16 @@ def synthetic(frontier, factor: float, accuracy_from: int | None = None):
 
 
 @pytest.mark.unit
+def test_a_size_limit_takes_the_least_lossy_mix_within_it():
+    """auto_quant.max_size_mib / max_bpw: the first point (the least lossy) of at most the limit's bytes."""
+    frontier = sweep(random_table(5, tensors=6))
+    sizes = [frontier.bytes(k) for k in range(len(frontier))]
+    limit = (sizes[3] + sizes[4]) // 2
+    assert frontier.largest_within(limit) == 4 and frontier.largest_within(sizes[0]) == 0
+    assert frontier.largest_within(sizes[-1] - 1) is None
+
+
+@pytest.mark.unit
 def test_the_search_finds_the_smallest_passing_point():
     frontier = sweep(random_table(7, tensors=8))
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=0.5)
