@@ -83,7 +83,7 @@ def main() -> None:
     with atomic_output(args.out) as tmp:
         inp = Inputs(args.llama_bin, args.gguf, args.imatrix, args.logits, args.ctx_size, args.merged, rows,
                      args.max_new_tokens, threads, tmp)  # fmt: skip
-        k, results = run_search(inp, frontier, gate, shapes, args.budget, max_bytes)
+        k, results = run_search(inp, frontier, gate, n_elements, args.budget, max_bytes)
         types = {name: o.type for name, o in frontier.mix(k).items()}
         source = source_record(args.llama_bin)
         inputs = {"gguf": args.gguf, "sensitivity": args.sensitivity, "logits": args.logits,

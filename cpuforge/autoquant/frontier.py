@@ -61,10 +61,8 @@ def hull(options: list[Option]) -> list[Option]:
     for o in by_size:
         if kept and o.bytes == kept[-1].bytes:
             continue
-        if kept and o.error <= kept[-1].error:  # as good for fewer bytes: the larger one is never best
+        while kept and o.error <= kept[-1].error:  # as good for fewer bytes: the larger one is never best
             kept.pop()
-            while kept and o.error <= kept[-1].error:
-                kept.pop()
         while len(kept) >= 2 and _slope(kept[-2], kept[-1]) >= _slope(kept[-1], o):
             kept.pop()
         kept.append(o)

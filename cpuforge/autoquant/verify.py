@@ -22,11 +22,11 @@ from cpuforge.errors import GateError
 from cpuforge.evaluate.perplexity import kl_divergence
 from cpuforge.evaluate.task import answers_gguf
 from cpuforge.llama.quant import run_quantize
+from cpuforge.sizing.costs import MIB
 from cpuforge.text.task import answer
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
 
 
 @dataclass
@@ -47,16 +47,13 @@ class Inputs:
     measured: int = 0
 
 
-def elements(frontier: Frontier, shapes: dict[str, int]) -> int:
-    return sum(shapes[name] for name in frontier.start)
-
-
 def make_candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
-    types = {name: o.type for name, o in frontier.mix(k).items()}
+    mix = frontier.mix(k)
+    types = {name: o.type for name, o in mix.items()}
     rec = inp.scratch.with_name(f"{inp.scratch.name}.{k}.recipe.txt")
     recipe.write(rec, types)
     out = inp.scratch.with_name(f"{inp.scratch.name}.{k}.gguf")
-    base = recipe.base_type(types, {name: o.bytes for name, o in frontier.mix(k).items()})
+    base = recipe.base_type(types, {name: o.bytes for name, o in mix.items()})
     run_quantize(inp.llama_bin, inp.f16, out, base, inp.threads, inp.imatrix, rec)
     recipe.check_written(out, types)
     return out
@@ -101,12 +98,12 @@ def best_failure(results: dict[int, dict]) -> int:
     return min(results, key=lambda k: (len(results[k]["misses"]), results[k]["kl_divergence"]))
 
 
-def run_search(inp: Inputs, frontier: Frontier, gate: Gate, shapes: dict[str, int], budget: int,
+def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, budget: int,
                max_bytes: int | None) -> tuple[int, dict[int, dict]]:  # fmt: skip
-    """The chosen point, whose file is `inp.kept[point]`, and every candidate's figures. With `max_bytes`,
-    the least lossy point within it (one candidate, kept whatever the gate says: the report judges it);
-    else the smallest point that passes the gate, GateError when none does."""
-    n_elements = elements(frontier, shapes)
+    """The chosen point, whose file is `inp.kept[point]`, and every candidate's figures (`n_elements`: the
+    weights of the quantized matrices, for their bits per weight). With `max_bytes`, the least lossy point
+    within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
+    that passes the gate, GateError when none does."""
 
     def measured(k: int) -> dict:
         figures = measure(inp, frontier, gate, k, n_elements)

@@ -13,8 +13,7 @@ from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import judge
 from cpuforge.evaluate.stages import AUTO, HF_STAGES, REFERENCE, label
 from cpuforge.io.files import read_json, size_on_disk
-
-MIB = 1 << 20
+from cpuforge.sizing.costs import MIB
 
 
 def read_provenance(artifact: Path) -> dict | None:

@@ -167,13 +167,14 @@ def text_bytes(files) -> int:
 
 
 # The plan's rows in reading order: the chain from the inputs to the quants (the quant search's after the f16's
-# log-probabilities it needs), the report's figures, the checks,
-# runtime LoRA; the rules of a group take turns over their wildcard (each stage's tokenizer check, then its
-# chat-template check). A rule missing here goes last, sorted by name.
+# log-probabilities it needs), the report's figures, the checks, runtime LoRA; the rules of a group take turns
+# over their wildcard (each stage's tokenizer check, then its chat-template check). A rule missing here goes last,
+# sorted by name.
 PLAN_ORDER = (
     ("fetch_llama_cpp",), ("build_llama_cpp",), ("make_demo_base",), ("train_demo_adapter",),
     ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
-    ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",), ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
+    ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",),
+    ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
     ("check_generation",), ("bench_threads",), ("make_eval_report",), ("check_quality_gate",),
     ("check_tokenizer", "check_chat_template"), ("compare_imatrix",), ("make_unmerged_base",), ("convert_base",),
     ("quantize_base",), ("convert_adapter",), ("eval_kl_divergence_lora", "bench_runtime_lora", "eval_task_lora"),

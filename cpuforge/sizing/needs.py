@@ -115,11 +115,11 @@ def compare_imatrix_need(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: i
 def measure_sensitivity_need(f16: Gguf, rows: int, types: int) -> Need:
     """ggml rounds each tensor's sampled rows (f32) in every type, one tensor at a time, weighted by the
     importance matrix (two floats per column of every matrix, held whole)."""
-    largest = max(t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values())
+    # the weights sampled from each tensor: `rows` of its rows (every one when it has no more, or rows is 0)
+    sampled = [t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values()]
     imatrix = sum(8 * t[2] for t in f16.tensors.values())
-    sampled = sum(t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values())
-    seconds = types * sampled / SENSITIVITY_WEIGHTS_PER_SECOND
-    return cost("measure_sensitivity", 4 * 4 * largest + imatrix, 1 << 20, seconds).need()
+    seconds = types * sum(sampled) / SENSITIVITY_WEIGHTS_PER_SECOND
+    return cost("measure_sensitivity", 4 * 4 * max(sampled) + imatrix, 1 << 20, seconds).need()
 
 
 def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, chunks: int, task: Task,
