@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # How every llama.cpp runtime here loads a GGUF: read into memory, not mapped. The CPU backend repacks
 # q4_0, q4_K, iq4_nl (and q2_K) matrices into an interleaved copy as it loads them; with the file mapped
 # (llama.cpp's default), every page of it was read for that copy and stays resident beside it, so the
-# weights were held twice (llama.cpp #16761; the demo's q4_0 server 196 MB peak RSS mapped, 138 MB read).
+# weights were held twice (llama.cpp #16761; the demo's q4_0 llama-server: 191 MiB peak RSS mapped, 135 MiB read).
 # Read, each weight is in memory once, repacked or as stored; the repacking, and its speed, stay.
 LOAD_MODE = ["--load-mode", "none"]  # llama-server, llama-perplexity, llama-imatrix, llama-cli, llama-bench
 
