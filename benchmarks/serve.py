@@ -36,7 +36,7 @@ from pathlib import Path
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
-from cpuforge.llama.runtime import llama_cpp_env
+from cpuforge.llama.runtime import LOAD_MODE, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.text.task import load_split, messages
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def llama_bench_tg(llama_bin: Path, model: Path, threads: int, tokens: int, repetitions: int) -> float:
     cmd = [str(llama_bin / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(tokens), "-t", str(threads),
-           "-r", str(repetitions), "-o", "json"]  # fmt: skip
+           "-r", str(repetitions), "-o", "json", *LOAD_MODE]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     (row,) = json.loads(out)
     return max(row["samples_ts"])

@@ -23,7 +23,7 @@ import logging
 
 from cpuforge.errors import InputError
 from cpuforge.text.generate import decode, gguf_greedy_ids, greedy_choices, greedy_divergence, greedy_known, stop_ids
-from cpuforge.llama.runtime import load_llama_cpp
+from cpuforge.llama.runtime import load_llama_cpp, load_model
 from cpuforge.text.prompt import prompt_ids
 from cpuforge.text.task import answer, exact_match, has_prompts, messages, read_rows
 
@@ -37,7 +37,7 @@ def gguf_answers(gguf, bin_dir, prompts, stop, max_new_tokens, threads) -> list[
     """Greedy answer ids of the GGUF to prompts given as token ids."""
     llama_cpp = load_llama_cpp(bin_dir)
     n_ctx = max(map(len, prompts)) + max_new_tokens + 16
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     try:
         return gguf_greedy_ids(llm, prompts, stop, max_new_tokens)
     finally:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
+from cpuforge.llama.runtime import LOAD_MODE
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen
           repetitions: int) -> list[dict]:  # fmt: skip
     """One row per thread count: mean and standard deviation of tokens/s of both tests."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", ",".join(map(str, threads)), "-p", str(prompt_tokens),
-           "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", "--progress"]  # fmt: skip
+           "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", "--progress", *LOAD_MODE]  # fmt: skip
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True).stdout
     rows = {t: {"threads": t} for t in threads}

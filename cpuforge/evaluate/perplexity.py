@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
-from cpuforge.llama.runtime import load_llama_cpp, run_llama_tool
+from cpuforge.llama.runtime import LOAD_MODE, load_llama_cpp, run_llama_tool
 from cpuforge.text.stream import next_token_nll
 from cpuforge.text.task import as_text, read_heldout
 
@@ -84,7 +84,7 @@ def perplexity_hf(model_dir: Path, vocab: Path, bin_dir: Path, text: Path, ctx: 
 def perplexity_gguf(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int, threads: int,
                     save_logits: Path | None) -> dict:  # fmt: skip
     # -b ctx: one window per batch, so every stage sees the same batches
-    args = ["-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "--chunks", chunks, "-t", threads]
+    args = ["-m", gguf, "-f", text, "-c", ctx, "-b", ctx, "--chunks", chunks, "-t", threads, *LOAD_MODE]
     if save_logits is None:
         return check_perplexity_output(run_llama_tool(bin_dir / "llama-perplexity", args), text)
     # llama-perplexity writes its logits file under the name it is given: give it the partial name
@@ -139,7 +139,8 @@ def parse_kl_output(out: str) -> dict:
 def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = ()) -> dict:
     """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
     time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them."""
-    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads]
+    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads,
+            *LOAD_MODE]  # fmt: skip
     for lora in loras:
         args += ["--lora", lora]
     return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", args))

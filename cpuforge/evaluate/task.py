@@ -23,7 +23,7 @@ from cpuforge.text.generate import (
     greedy_known,
     stop_ids,
 )
-from cpuforge.llama.runtime import apply_loras, load_llama_cpp
+from cpuforge.llama.runtime import apply_loras, load_llama_cpp, load_model
 from cpuforge.text.prompt import prompt_ids, prompt_text
 from cpuforge.text.task import answer, messages
 
@@ -43,7 +43,7 @@ def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict
     llama_cpp = load_llama_cpp(bin_dir)
     _, hf_ids = hf_prompts(tokenizer_dir, rows)
     n_ctx = max(map(len, hf_ids)) + max_new_tokens
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     adapters = apply_loras(llama_cpp, llm, [(lora, 1.0) for lora in loras])  # noqa: F841 (they live with llm)
     log.info("the GGUF answers the %d prompts as transformers' token ids from %s", len(rows), tokenizer_dir)
     return gguf_greedy_answers(llm, hf_ids, max_new_tokens)

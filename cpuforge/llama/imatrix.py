@@ -22,7 +22,7 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
 from cpuforge.io.gguf import open_gguf
 from cpuforge.text.generate import gguf_greedy_answers
-from cpuforge.llama.runtime import load_gguf_vocab, load_llama_cpp, run_llama_tool
+from cpuforge.llama.runtime import LOAD_MODE, load_gguf_vocab, load_llama_cpp, load_model, run_llama_tool
 from cpuforge.evaluate.perplexity import parse_kl_output
 from cpuforge.text.prompt import prompt_ids
 from cpuforge.llama.quant import NEEDS_IMATRIX, quantize
@@ -68,7 +68,7 @@ def make_imatrix(bin_dir: Path, gguf: Path, text: str, out: Path, ctx_size: int,
         cmd = [str((bin_dir / "llama-imatrix").resolve()), "-m", str(gguf.resolve()), "-f", CALIBRATION,
                "-o", str(scratch.resolve()),
                "-c", str(ctx_size), "--chunks", str(used), "-t", str(threads), "-tb", str(threads),
-               "--parse-special", "--output-frequency", "1000000"]  # fmt: skip
+               "--parse-special", "--output-frequency", "1000000", *LOAD_MODE]  # fmt: skip
         log.info("running %s", " ".join(cmd))
         subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=work)
         shutil.move(scratch, tmp)
@@ -108,7 +108,7 @@ def uniform_imatrix(real: Path, out: Path) -> None:
 def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path | None = None, ctx: int = 512,
                chunks: int = 0) -> dict:  # fmt: skip
     """Run llama-perplexity: with `text`, on f16, saving its logits to `base`; else scoring `model` against them."""
-    args = ["-m", model, "-t", threads, "-tb", threads, "--kl-divergence-base", base]
+    args = ["-m", model, "-t", threads, "-tb", threads, "--kl-divergence-base", base, *LOAD_MODE]
     if text is not None:
         run_llama_tool(bin_dir / "llama-perplexity", [*args, "-f", text, "-c", ctx, "--chunks", chunks or -1])
         return {}
@@ -118,7 +118,7 @@ def perplexity(bin_dir: Path, model: Path, base: Path, threads: int, text: Path 
 def task_accuracy(bin_dir: Path, model: Path, prompts: list[list[int]], rows: list[dict], threads: int) -> float:
     """Exact match of the GGUF's greedy answers to the rows' prompts, given as transformers' token ids."""
     llama_cpp = load_llama_cpp(bin_dir)
-    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    llm = load_model(llama_cpp, model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     return exact_match(gguf_greedy_answers(llm, prompts), rows)
 
 

@@ -19,6 +19,19 @@ from cpuforge.paths import report_metrics
 log = logging.getLogger(__name__)
 
 
+# How every llama.cpp runtime here loads a GGUF: read into memory, not mapped. The CPU backend repacks
+# q4_0, q4_K, iq4_nl (and q2_K) matrices into an interleaved copy as it loads them; with the file mapped
+# (llama.cpp's default), every page of it was read for that copy and stays resident beside it, so the
+# weights were held twice (llama.cpp #16761; the demo's q4_0 llama-server: 191 MiB peak RSS mapped, 135 MiB read).
+# Read, each weight is in memory once, repacked or as stored; the repacking, and its speed, stay.
+LOAD_MODE = ["--load-mode", "none"]  # llama-server, llama-perplexity, llama-imatrix, llama-cli, llama-bench
+
+
+def load_model(llama_cpp, path: str | os.PathLike, **params):
+    """A llama-cpp-python Llama on the GGUF `path` holding its weights once (LOAD_MODE: read, not mapped)."""
+    return llama_cpp.Llama(str(path), use_mmap=False, **params)
+
+
 def llama_cpp_env(bin_dir: str | os.PathLike) -> dict[str, str]:
     """Environment under which llama-cpp-python loads the pinned build instead of its own."""
     return {**os.environ, "LLAMA_CPP_LIB_PATH": str(Path(bin_dir).resolve())}

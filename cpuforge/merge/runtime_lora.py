@@ -22,7 +22,7 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
 from cpuforge.text.generate import gguf_greedy_ids, stop_ids
-from cpuforge.llama.runtime import apply_loras, load_llama_cpp
+from cpuforge.llama.runtime import apply_loras, load_llama_cpp, load_model
 from cpuforge.merge.plan import EMBED, LM_HEAD, Adapter, Plan, check_inputs
 from cpuforge.merge.folders import adapter_shapes
 from cpuforge.merge.merge import copy_tokenizer
@@ -138,7 +138,8 @@ def check_runtime_lora(
     llama_cpp = load_llama_cpp(bin_dir)
     answers, texts = {}, {}
     for side, path, adapters in (("merged", merged, []), ("runtime", base, loras)):
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+        llm = load_model(llama_cpp, path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0,
+                         verbose=False)  # fmt: skip
         apply_loras(llama_cpp, llm, [(a, 1.0) for a in adapters])
         answers[side] = gguf_greedy_ids(llm, prompts, stop_ids(tokenizer), max_new_tokens)
         texts[side] = [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in answers[side]]
@@ -199,8 +200,8 @@ def speed_side_by_side(
     llama_cpp = load_llama_cpp(bin_dir)
     sides = {}
     for side, path, adapters in (("merged", merged, []), ("runtime_lora", base, loras)):
-        llm = llama_cpp.Llama(str(path), n_ctx=max(prompt_tokens, gen_tokens) + 16, n_batch=prompt_tokens,
-                              n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)  # fmt: skip
+        llm = load_model(llama_cpp, path, n_ctx=max(prompt_tokens, gen_tokens) + 16, n_batch=prompt_tokens,
+                         n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)  # fmt: skip
         sides[side] = (llm, apply_loras(llama_cpp, llm, [(a, 1.0) for a in adapters]))
         decode_speed(llm, prompt_tokens, gen_tokens)  # a warm-up, not counted: the first run allocates and pages in
     best = {side: {"pp_tps": 0.0, "tg_tps": 0.0} for side in sides}

@@ -36,6 +36,7 @@ from cpuforge.llama.runtime import (
     cpu_backend,
     describe_cpu_backend,
     load_llama_cpp,
+    load_model,
 )
 from cpuforge.paths import default_llama_bin
 from cpuforge.text.prompt import CHATML, gguf_runtime_prompt, hf_chat_ids
@@ -102,9 +103,8 @@ class GGUFChat:
         log.info("loading %s (%d threads, %d for prompts, context %d)", model, threads, threads_batch, ctx_size)
         # flash attention as llama-bench and llama-server run it on a CPU (their "auto" turns it on):
         # llama-cpp-python would leave it off, a few percent slower and a different rounding
-        self.llm = self.llama_cpp.Llama(
-            str(model), n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads_batch, flash_attn=True, verbose=False
-        )
+        self.llm = load_model(self.llama_cpp, model, n_ctx=ctx_size, n_threads=threads, n_threads_batch=threads_batch,
+                              flash_attn=True, verbose=False)  # fmt: skip
         self.adapters = apply_loras(self.llama_cpp, self.llm, list(loras))
         # the merged model's template and tokenizer, so the model reads the ids it was trained on
         self.prompt = gguf_runtime_prompt(model, self.llm, tokenizer)

@@ -15,6 +15,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from cpuforge.llama.runtime import LOAD_MODE
+
 log = logging.getLogger(__name__)
 
 RESTARTS = 3
@@ -32,7 +34,7 @@ def llama_server_command(
         # llama-server fails every request in flight with a 500; this way a request that does not
         # fit its slot gets a 400 before it starts, and the others are untouched
         "--ctx-size", str(ctx_size * parallel), "--parallel", str(parallel), "--no-kv-unified",
-        "--metrics", "--offline", "--log-verbosity", "2", *([] if webui else ["--no-webui"]),
+        *LOAD_MODE, "--metrics", "--offline", "--log-verbosity", "2", *([] if webui else ["--no-webui"]),
     ]  # fmt: skip
 
 

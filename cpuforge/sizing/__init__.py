@@ -12,8 +12,8 @@ How each figure arises, so that the formulas can be checked against the code the
   the larger of one layer's weights in f32 with the tensor being read as stored and one sequence's
   activations inside the layer, or the output head as stored with HEAD_ROWS of its rows in f32 and a
   few chunks of POSITIONS positions' logits.
-- A llama.cpp run maps the GGUF (and reads all of it: every page counts as resident), holds a second,
-  repacked copy of the matrices whose types this CPU's kernels interleave (REPACKED), and adds its KV
+- A llama.cpp run reads the GGUF into memory once (not mapped: cpuforge.llama.runtime.LOAD_MODE), the
+  matrices whose types this CPU's kernels interleave held repacked instead of as stored, and adds its KV
   cache (f16 K and V of every layer and position), its compute buffer (the graph of one micro-batch,
   chiefly that batch's logits) and its output buffer (the logits it keeps). llama-quantize holds one
   tensor mapped, its f32 copy and its quantized bytes.

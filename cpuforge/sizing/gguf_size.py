@@ -17,11 +17,6 @@ from cpuforge.io.gguf import read_header
 from cpuforge.llama.quant import QUANTS
 from cpuforge.sizing.model import Arch, Model
 
-# ggml types whose matrices the CPU backend repacks into an interleaved copy on x86 with AVX2 (q2_K with
-# AVX-512; ggml-cpu/repack.cpp): counted on every machine, which is right on most and too much on some
-REPACKED = ("q4_0", "q4_k", "iq4_nl", "q2_k")
-
-
 def matrix_type(qtype: str) -> tuple[float, str]:
     """Bits per weight of a llama-quantize type's matrices and the ggml type most of them get (the quant
     table's); vectors stay f32, `output.weight` is at least q6_K."""
@@ -46,12 +41,6 @@ class Gguf:
     @property
     def params(self) -> int:
         return sum(t[0] for t in self.tensors.values())
-
-    @property
-    def repacked(self) -> int:
-        """Bytes of the matrices the CPU backend keeps a repacked copy of (not the embeddings: they are
-        only looked up)."""
-        return sum(t[1] for n, t in self.tensors.items() if t[3] in REPACKED and n != "token_embd.weight")
 
 
 @cache

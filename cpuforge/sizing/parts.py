@@ -42,9 +42,10 @@ def compute_buffer_bytes(arch: Arch, n_ubatch: int) -> int:
 
 def llama_run(rule: str, g: Gguf, n_ctx: int, n_outputs: int, threads: int, tokens: int = 0,
               generated: int = 0) -> Cost:  # fmt: skip
-    """A llama.cpp context on the GGUF: the mapped file, the repacked matrices, the KV cache, the compute
-    and output buffers; `tokens` evaluated in batches and `generated` one at a time."""
-    work = (g.nbytes + g.repacked + kv_cache_bytes(g.arch, n_ctx) + compute_buffer_bytes(g.arch, min(UBATCH, n_ctx))
+    """A llama.cpp context on the GGUF: the file read once (cpuforge.llama.runtime.LOAD_MODE: the matrices the
+    CPU backend repacks are held repacked instead of as stored, not beside a mapped copy), the KV cache, the
+    compute and output buffers; `tokens` evaluated in batches and `generated` one at a time."""
+    work = (g.nbytes + kv_cache_bytes(g.arch, n_ctx) + compute_buffer_bytes(g.arch, min(UBATCH, n_ctx))
             + 4 * n_outputs * g.arch.vocab)  # fmt: skip
     seconds = 2 * g.params * tokens / (FLOPS_PER_THREAD * threads) + generated * g.nbytes / BYTES_PER_SECOND
     return cost(rule, work, seconds=seconds)
@@ -104,7 +105,7 @@ def answers(rule: str, g: Gguf, task: Task, max_new_tokens: int, threads: int, n
 
 
 def with_loras(c: Cost, loras: list[int], tokens: int = 0, threads: int = 1) -> Cost:
-    """A llama.cpp context with GGUF LoRAs applied: their tensors loaded beside the mapped base, and their
-    low-rank products on every token."""
+    """A llama.cpp context with GGUF LoRAs applied: their tensors loaded beside the base, and their low-rank
+    products on every token."""
     seconds = 2 * sum(loras) / 2 * tokens / (FLOPS_PER_THREAD * threads)
     return replace(c, mem=c.mem + sum(loras) / MIB, seconds=c.seconds + seconds)
