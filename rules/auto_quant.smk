@@ -13,7 +13,7 @@ rule measure_sensitivity:
         "benchmarks/{model}/measure_sensitivity.tsv"
     conda:
         "../envs/llama_cpp.yaml"
-    threads: 1
+    threads: workflow.cores
     resources:
         mem_mb=SIZING.mem_mb,
         disk_mb=SIZING.disk_mb,
@@ -21,10 +21,11 @@ rule measure_sensitivity:
     params:
         imatrix=get_auto_imatrix_arg,
         types=SPEC.auto_types,
-        rows=AUTO_QUANT["sample_rows"],
+        sample_weights=AUTO_QUANT["sample_weights"],
     shell:
         'python -m scripts.measure_sensitivity --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
-        " {params.imatrix:q} --types {params.types:q} --rows {params.rows} --out {output:q} > {log:q} 2>&1"
+        " {params.imatrix:q} --types {params.types:q} --sample-weights {params.sample_weights}"
+        " --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule auto_quant_search:

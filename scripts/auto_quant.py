@@ -8,9 +8,9 @@
 
 From the tensors' measured sensitivity (scripts.measure_sensitivity), the mixes that lose least for their
 size (cpuforge.autoquant.frontier); candidates among them quantized by the pinned llama-quantize from their
-recipe, their types checked in the written header, and measured end to end as the report measures a
-quant (KL divergence on the held-out text, task accuracy on the held-out rows) until the gate decides
-(cpuforge.autoquant.search). With --max-size-mib or --max-bpw, the least lossy mix within that size
+recipe, their types checked in the written header, and measured as the report measures a quant: KL
+divergence and perplexity on the held-out text for each, then task accuracy on the held-out rows for
+the smallest that passes them, going on above it while the accuracy misses (cpuforge.autoquant.search). With --max-size-mib or --max-bpw, the least lossy mix within that size
 instead. Writes the chosen GGUF (its recipe in its provenance), the recipe as llama-quantize's
 --tensor-type-file, and the search record (every candidate: size, bpw, KL, accuracy, seconds). When no
 candidate passes, it fails with one sentence naming the best candidate and the figures it missed. The
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--max-kl-divergence", type=float, required=True)
     parser.add_argument("--max-ppl-increase-pct", type=float, required=True)
     parser.add_argument("--min-accuracy", type=float, required=True)
-    parser.add_argument("--budget", type=int, default=3, help="candidates verified end to end, at most")
+    parser.add_argument("--budget", type=int, default=3, help="candidates made and measured, at most")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--max-size-mib", type=float, help="the least lossy mix of at most this size instead")
     size.add_argument("--max-bpw", type=float, help="the least lossy mix of at most these bits per weight instead")

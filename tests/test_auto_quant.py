@@ -15,7 +15,7 @@ from helpers.models import make_tiny_llama
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import Gate, chosen, search
-from cpuforge.autoquant.sensitivity import Option, measure, relative_error, sample_rows
+from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import open_gguf, read_header
 from cpuforge.llama.ggml import ggml_type, round_trip
@@ -64,18 +64,20 @@ def test_every_point_of_the_frontier_is_the_least_lossy_mix_of_its_size(seed):
 
 
 def synthetic(frontier, factor: float, accuracy_from: int | None = None):
-    """A measurement whose KL divergence is `factor` x the point's loss, and whose accuracy drops at
-    `accuracy_from` and beyond; it records which points were measured."""
-    seen = []
+    """Measurements whose KL divergence is `factor` x the point's loss, and whose task accuracy drops at
+    `accuracy_from` and beyond; they record which points were measured, and which had their task run."""
+    seen, tasks = [], []
 
     def measure(k):
         seen.append(k)
-        figures = {"kl_divergence": factor * frontier.loss(k), "ppl_increase_pct": 0.0, "accuracy": 1.0}
-        if accuracy_from is not None and k >= accuracy_from:
-            figures["accuracy"] = 0.0
-        return figures
+        return {"kl_divergence": factor * frontier.loss(k), "ppl_increase_pct": 0.0}
 
-    return measure, seen
+    def measure_task(k, figures):
+        assert figures["kl_divergence"] == factor * frontier.loss(k)  # the task follows the point's own figures
+        tasks.append(k)
+        return {"accuracy": 0.0 if accuracy_from is not None and k >= accuracy_from else 1.0}
+
+    return measure, measure_task, seen, tasks
 
 
 @pytest.mark.unit
@@ -92,27 +94,48 @@ def test_a_size_limit_takes_the_least_lossy_mix_within_it():
 def test_the_search_finds_the_smallest_passing_point():
     frontier = sweep(random_table(7, tensors=8))
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=0.5)
-    measure, seen = synthetic(frontier, factor=0.3)
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=0.3)
     passing = [k for k in range(len(frontier)) if 0.3 * frontier.loss(k) <= 0.5]
-    results = search(frontier, measure, gate, first=len(frontier) // 2, budget=len(frontier))
-    assert chosen(results) == max(passing)
-    # the KL divergence is predicted from the first measurement on: far fewer probes than points
-    assert len(seen) <= 6 < len(frontier)
-    # accuracy, which the loss does not predict, bounds the choice where it drops first
-    measure, _ = synthetic(frontier, factor=0.3, accuracy_from=3)
-    assert chosen(search(frontier, measure, gate, first=len(frontier) // 2, budget=len(frontier))) == min(2, max(passing))
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier))
+    assert chosen(results) == max(passing) and "accuracy" in results[max(passing)]
+    # the KL divergence is predicted from the first measurement on: far fewer probes than points; the task,
+    # the dearest measurement, runs once, on the point chosen
+    assert len(seen) <= 6 < len(frontier) and tasks == [max(passing)]
+    # accuracy, which the loss does not predict, bounds the choice where it drops first: the search goes on
+    # above the point whose task missed
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=0.3, accuracy_from=3)
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier))
+    assert chosen(results) == min(2, max(passing)) and results[chosen(results)]["accuracy"] == 1.0
+    assert all(not results[k]["passed"] and "task accuracy" in results[k]["misses"][0] for k in tasks[:-1])
+
+
+@pytest.mark.unit
+def test_a_spent_budget_sends_the_task_up_the_points_already_measured():
+    """With no probe left, a point whose accuracy misses hands the task to the next larger point that passed
+    the KL divergence; when none is left, nothing passes."""
+    frontier = sweep(random_table(7, tensors=8))
+    gate = Gate(max_kl_divergence=1e9, max_ppl_increase_pct=25, min_accuracy=0.5)
+    last = len(frontier) - 1
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1.0, accuracy_from=last // 2)
+    results = search(frontier, measure, measure_task, gate, first=0, budget=3)
+    assert len(seen) == 3 and tasks == sorted(seen, reverse=True)[: len(tasks)]
+    assert chosen(results) == max((k for k in seen if k < last // 2), default=None)
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1.0, accuracy_from=0)
+    results = search(frontier, measure, measure_task, gate, first=0, budget=3)
+    assert chosen(results) is None and sorted(tasks) == sorted(seen)
 
 
 @pytest.mark.unit
 def test_the_search_spends_no_more_than_its_budget_and_may_find_nothing():
     frontier = sweep(random_table(3, tensors=8))
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=None)
-    measure, seen = synthetic(frontier, factor=1e9)  # nothing passes
-    results = search(frontier, measure, gate, first=len(frontier) // 2, budget=3)
-    assert len(seen) == 3 and chosen(results) is None
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1e9)  # nothing passes
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=3)
+    assert len(seen) == 3 and chosen(results) is None and tasks == []
     assert all(r["misses"] and r["misses"][0].startswith("KL divergence") for r in results.values())
-    measure, seen = synthetic(frontier, factor=1e-9)  # everything passes: the smallest point, once the bracket closes
-    assert chosen(search(frontier, measure, gate, first=0, budget=20)) == len(frontier) - 1
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1e-9)  # everything passes: the smallest point
+    assert chosen(search(frontier, measure, measure_task, gate, first=0, budget=20)) == len(frontier) - 1
+    assert tasks == []  # no task: the KL divergence decides
 
 
 @pytest.mark.unit
@@ -145,6 +168,10 @@ def test_recipe_lines_name_exactly_one_tensor(tmp_path):
 def test_sampled_rows_and_relative_error():
     assert list(sample_rows(5, 0)) == list(sample_rows(5, 8)) == [0, 1, 2, 3, 4]
     assert list(sample_rows(101, 3)) == [0, 50, 100]
+    # the same weights sampled from a matrix of any width, never fewer than MIN_ROWS rows nor more than it has
+    assert rows_for(4096, 11008, 1 << 17) == 32 and rows_for(1024, 4096, 1 << 17) == 128
+    assert rows_for(11008, 4096, 1 << 17) == MIN_ROWS and rows_for(576, 49, 1 << 17) == 49
+    assert rows_for(576, 1000, 0) == 1000
     w = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
     q = w + np.array([[0.1, 0.0], [0.0, 0.2]], dtype=np.float32)
     # column weights 2 and 1: noise 2 * 0.01 + 1 * 0.04, signal 2 * (1 + 9) + 1 * (4 + 16)
@@ -191,6 +218,7 @@ def test_sensitivity_offers_each_tensor_the_types_that_fit_it(llama_bin, tmp_pat
     """Rows of 64 take only the 32-weight blocks; without an importance matrix no type that needs one."""
     gguf = convert(make_tiny_llama(tmp_path / "base"), tmp_path / "f16.gguf")
     table = measure(llama_bin, gguf, None, ["q8_0", "q4_K", "q4_0", "iq2_xxs", "iq4_nl"], 16)
+    assert measure(llama_bin, gguf, None, ["q8_0", "q4_K", "q4_0", "iq2_xxs", "iq4_nl"], 16, threads=2) == table
     widths = {t.name: t.shape[0] for t in read_header(gguf).tensors.values() if len(t.shape) == 2}
     assert set(table) == set(widths)
     for name, options in table.items():

@@ -34,7 +34,7 @@ EVAL = {
 }
 STAGES = ["base", "merged", "f16", "q4_0", "auto"]
 # the quant search as one of the quant types: few rows sampled, at most three candidates
-AUTO_QUANT = {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3, "sample_rows": 16}}
+AUTO_QUANT = {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3, "sample_weights": 1024}}
 
 
 def small_task(folder, heldout: int = 6):
@@ -400,6 +400,8 @@ def test_the_quant_search_chooses_a_file_that_its_recipe_remakes(eval_run, llama
     auto = metrics_of(workdir)["auto_quant"]
     chosen_record = next(c for c in record["candidates"] if c["point"] == record["chosen"])
     assert stages_of(workdir)["auto"]["kl_divergence"] == pytest.approx(chosen_record["kl_divergence"], rel=1e-3)
+    # the search ran the task on the file it chose, and got the report's answers
+    assert chosen_record["correct"] == stages_of(workdir)["auto"]["correct"]
     assert re.fullmatch(r"auto: [0-9.]+ MiB \([0-9.]+ bpw\), KL [0-9.e-]+, accuracy \d/6 — \d+ % (smaller|larger) than "
                         r"q4_0, the smallest uniform type here that passes the gate\.", auto["sentence"]), auto["sentence"]
     page = (report_dir(workdir) / "report.html").read_text()

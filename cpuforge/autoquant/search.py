@@ -1,10 +1,16 @@
 """Which point of the frontier to ship: candidates verified end to end until the gate decides.
 
 A candidate is one point of the frontier (frontier.py) quantized by llama-quantize from its recipe, then
-measured as the report measures a quant: KL divergence from the f16 GGUF on the held-out text, and task
-accuracy on the held-out rows (skipped once the KL divergence has missed the gate). Mixes down the
-frontier lose more and more, so whether a point passes the gate is taken as monotone in it: the search
-keeps the smallest point known to pass and the largest known to fail, and probes between them.
+measured as the report measures a quant: KL divergence and perplexity against the f16 GGUF on the held-out
+text, and task accuracy on the held-out rows. Mixes down the frontier lose more and more, so whether a
+point passes the gate is taken as monotone in it: the search keeps the smallest point known to pass and
+the largest known to fail, and probes between them.
+
+The probes are measured against the f16 logits only; the task, which costs most at every size (a model's
+whole answer, token by token, per row), runs once the bracket is closed, on the smallest point that
+passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
+point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
+the task's accuracy runs the task once.
 
 The first probe is the point of q4_0's bits per weight (4.5), the file most people would ship. After
 it, the KL divergence of a point is predicted as proportional to its loss, the factor fitted on every
@@ -92,20 +98,31 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
     return guess
 
 
-def search(frontier: Frontier, measure: Callable[[int], dict], gate: Gate, first: int, budget: int) -> dict[int, dict]:
-    """Measure points (`measure(k)` returns the gate's figures of point k) until the bracket closes or
-    `budget` candidates are spent; every result, by point, with `passed`, `misses` and `order`."""
+def search(frontier: Frontier, measure: Callable[[int], dict], measure_task: Callable[[int, dict], dict],
+           gate: Gate, first: int, budget: int,
+           after: Callable[[dict[int, dict]], None] = lambda results: None) -> dict[int, dict]:  # fmt: skip
+    """Measure points (`measure(k)`: the figures against the f16 logits of point k) until the bracket closes or
+    `budget` candidates are spent, then the task (`measure_task(k, figures so far)`: its accuracy) on the
+    smallest that passed, going on above it while the accuracy misses; every result, by point, with
+    `passed`, `misses` and `order` (its last measurement's place); `after(results)` follows each
+    measurement. Without a task (gate.min_accuracy None) the first part decides."""
     results: dict[int, dict] = {}
-    while len(results) < budget:
-        k = next_probe(frontier, results, gate, first)
+    steps = 0
+    while True:
+        k = next_probe(frontier, results, gate, first) if len(results) < budget else None
         if k is None:
-            break
-        figures = measure(k)
+            k = chosen(results)
+            if k is None or gate.min_accuracy is None or "accuracy" in results[k]:
+                return results
+            figures = {**results[k], **measure_task(k, results[k])}
+        else:
+            figures = measure(k)
         misses = gate.misses(figures)
-        results[k] = {**figures, "passed": not misses, "misses": misses, "order": len(results)}
-    return results
+        results[k] = {**figures, "passed": not misses, "misses": misses, "order": steps}
+        steps += 1
+        after(results)
 
 
 def chosen(results: dict[int, dict]) -> int | None:
-    """The smallest point that passed."""
+    """The smallest point that passed (the task's accuracy not yet measured, or within the gate)."""
     return max((k for k, r in results.items() if r["passed"]), default=None)

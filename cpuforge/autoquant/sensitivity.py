@@ -5,7 +5,9 @@ the importance matrix's mean squared input of each column (llama-imatrix on the 
 prose, never the held-out rows), that is sum_j imatrix_j * sum_i (Q(W) - W)_ij^2. Divided by the same sum
 for W itself it is the tensor's relative output noise, comparable between tensors of any scale: the
 figure llama.cpp PR #15550 allocates bits by. Q is ggml's own quantizer with the importance matrix, as
-llama-quantize runs it (cpuforge.llama.ggml), on an evenly spaced sample of each tensor's rows.
+llama-quantize runs it (cpuforge.llama.ggml), on an evenly spaced sample of each tensor's rows: as many
+rows as make `sample_weights` weights (at least MIN_ROWS), so the cost is the same per matrix at any width
+and the figure rests on as many blocks; the tensors are shared out among the threads.
 
 A tensor's row length decides which types fit it (whole blocks: 32 weights for the legacy types and
 iq4_nl, 256 for the K- and the other I-types); a type that needs an importance matrix is offered only to
@@ -18,6 +20,7 @@ import csv
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES
 log = logging.getLogger(__name__)
 
 COLUMNS = ("tensor", "type", "bytes", "error")
+MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ def needs_imatrix(bin_dir: Path, kind: GGMLQuantizationType, tensor: str) -> boo
     return type_name(kind).lower() in IMATRIX_TENSOR_TYPES and tensor not in ("token_embd.weight", "output.weight")
 
 
+def rows_for(n_per_row: int, rows: int, weights: int) -> int:
+    """How many of a tensor's rows make `weights` weights: at least MIN_ROWS, at most all (all when 0)."""
+    if weights <= 0:
+        return rows
+    return min(rows, max(MIN_ROWS, -(-weights // n_per_row)))
+
+
 def sample_rows(rows: int, limit: int) -> np.ndarray:
     """`limit` row indices spread evenly over the tensor (all of them when it has no more)."""
     if limit <= 0 or rows <= limit:
@@ -89,15 +100,21 @@ def relative_error(w: np.ndarray, q: np.ndarray, weights: np.ndarray | None) -> 
     return float(noise / signal) if signal > 0 else 0.0
 
 
-def measure(bin_dir: Path, gguf: Path, imatrix: Path | None, types: list[str], limit: int) -> dict[str, list[Option]]:
-    """Every quantizable tensor of the f16 `gguf` with the options it has among `types` (ggml type names)."""
+def measure(bin_dir: Path, gguf: Path, imatrix: Path | None, types: list[str], sample_weights: int,
+            threads: int = 1) -> dict[str, list[Option]]:  # fmt: skip
+    """Every quantizable tensor of the f16 `gguf` with the options it has among `types` (ggml type names),
+    `threads` tensors at a time (ggml rounds with the GIL released)."""
     kinds = [ggml_type(t) for t in types]
     weights = read_imatrix(imatrix) if imatrix else {}
     tensors = [t for t in read_header(gguf).tensors.values() if quantizable(t.name, t.shape)]
     table, started = {}, time.monotonic()
-    with open(gguf, "rb") as f:
-        for i, t in enumerate(tensors, 1):
-            table[t.name] = tensor_options(bin_dir, f, t, weights.get(t.name), kinds, limit, imatrix)
+    with open(gguf, "rb") as f, ThreadPoolExecutor(threads) as pool:
+        def options(t: TensorInfo) -> list[Option]:
+            limit = rows_for(t.shape[0], t.shape[1], sample_weights)
+            return tensor_options(bin_dir, f, t, weights.get(t.name), kinds, limit, imatrix)
+
+        for i, (t, found) in enumerate(zip(tensors, pool.map(options, tensors), strict=True), 1):
+            table[t.name] = found
             if i % 16 == 0 or i == len(tensors):
                 log.info("sensitivity: %d/%d tensors, %.0f s", i, len(tensors), time.monotonic() - started)
     return table

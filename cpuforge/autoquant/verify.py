@@ -59,38 +59,45 @@ def make_candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
     return out
 
 
-def measure(inp: Inputs, frontier: Frontier, gate: Gate, k: int, n_elements: int) -> dict:
-    """Point k made and measured: its file's size and bits per weight, the KL-divergence figures, and where
-    the KL divergence is within the gate, the task's accuracy."""
+def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
+    """Point k made and measured against the f16 logits: its file's size and bits per weight, and the KL
+    divergence's figures (the perplexity among them)."""
     started = time.monotonic()
     inp.measured += 1
     log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
              frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
-    gguf = make_candidate(inp, frontier, k)
-    inp.kept[k] = gguf
+    gguf = inp.kept[k] = make_candidate(inp, frontier, k)
     kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
     figures = {"point": k, "size_bytes": gguf.stat().st_size, "tensor_bytes": frontier.bytes(k),
                "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
                "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
-               "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100}  # fmt: skip
-    if inp.rows and kl["kl_divergence"] <= gate.max_kl_divergence:
-        answers = answers_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
-        right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
-        figures.update(accuracy=sum(right) / len(right), correct=sum(right), rows=len(right), answers=answers)
-    figures["seconds"] = round(time.monotonic() - started, 1)
-    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f%s, %.0f s", k, figures["size_bytes"] / MIB, figures["bpw"],
-             kl["kl_divergence"], f", accuracy {figures['correct']}/{figures['rows']}" if "correct" in figures else "",
-             figures["seconds"])  # fmt: skip
+               "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100,
+               "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
+    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f, perplexity %+.1f %%, %.0f s", k, figures["size_bytes"] / MIB,
+             figures["bpw"], kl["kl_divergence"], figures["ppl_increase_pct"], figures["seconds"])  # fmt: skip
     return figures
 
 
-def keep_best(inp: Inputs, k: int, passed: bool) -> None:
-    """Keep only the file of the smallest point that passed so far."""
-    best = max((j for j in inp.kept if j != k), default=None)
-    if not passed or (best is not None and best > k):
-        inp.kept.pop(k).unlink()
-    elif best is not None:
-        inp.kept.pop(best).unlink()
+def measure_task(inp: Inputs, frontier: Frontier, k: int, seconds: float) -> dict:
+    """Point k's task accuracy on the held-out rows, its file made again if a smaller point's replaced it;
+    `seconds` the point's time so far."""
+    started = time.monotonic()
+    if k not in inp.kept:
+        log.info("point %d: made again for its task (a smaller point's file replaced it)", k)
+        inp.kept[k] = make_candidate(inp, frontier, k)
+    log.info("point %d: the task on %d held-out rows", k, len(inp.rows))
+    answers = answers_gguf(inp.kept[k], inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+    right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
+    seconds += time.monotonic() - started
+    log.info("point %d: accuracy %d/%d, %.0f s in all", k, sum(right), len(right), seconds)
+    return {"accuracy": sum(right) / len(right), "correct": sum(right), "rows": len(right), "answers": answers,
+            "seconds": round(seconds, 1)}  # fmt: skip
+
+
+def keep_only(inp: Inputs, k: int | None) -> None:
+    """Delete every candidate's file but point k's (the smallest that passes so far)."""
+    for j in [j for j in inp.kept if j != k]:
+        inp.kept.pop(j).unlink()
 
 
 def best_failure(results: dict[int, dict]) -> int:
@@ -104,20 +111,21 @@ def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, bud
     weights of the quantized matrices, for their bits per weight). With `max_bytes`, the least lossy point
     within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
     that passes the gate, GateError when none does."""
-
     def measured(k: int) -> dict:
-        figures = measure(inp, frontier, gate, k, n_elements)
-        if max_bytes is None:
-            keep_best(inp, k, not gate.misses(figures))
-        return figures
+        return measure(inp, frontier, k, n_elements)
+
+    def tasked(k: int, figures: dict) -> dict:
+        return measure_task(inp, frontier, k, figures["seconds"])
 
     if max_bytes is not None:
         k = frontier.largest_within(max_bytes)
         if k is None:
             raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
                             f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
-        return k, search(frontier, measured, gate, k, 1)
-    results = search(frontier, measured, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget)
+        return k, search(frontier, measured, tasked, gate, k, 1)
+    # after each measurement only the file of the smallest point that passes so far stays: at 7B each is GBs
+    results = search(frontier, measured, tasked, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget,
+                     after=lambda results: keep_only(inp, chosen(results)))  # fmt: skip
     k = chosen(results)
     if k is None:
         best = best_failure(results)

@@ -101,11 +101,18 @@ def auto_quant_html(auto: dict | None) -> str:
     """The quant search's sentence and its candidates, in the order measured."""
     if auto is None:
         return "<p>No quant search (add <code>auto</code> to quant_types).</p>"
+
+    def verdict(c: dict) -> str:
+        if not c["passed"]:
+            return "; ".join(c["misses"])
+        if "correct" in c or auto["gate"]["min_accuracy"] is None:
+            return "passes"
+        return "passes KL and perplexity; its task not run (a smaller candidate's passed)"
+
     rows = "".join(
         f"<tr><td>{c['point']}</td><td>{c['size_bytes'] / 2**20:.1f}</td><td>{c['bpw']:.2f}</td>"
         f"<td>{c['kl_divergence']:.4g}</td><td>{c['correct'] if 'correct' in c else '–'}"
-        f"{'/' + str(c['rows']) if 'rows' in c else ''}</td><td>{'passes' if c['passed'] else html.escape('; '.join(c['misses']))}"
-        f"</td><td>{c['seconds']:.0f}</td></tr>"
+        f"{'/' + str(c['rows']) if 'rows' in c else ''}</td><td>{html.escape(verdict(c))}</td><td>{c['seconds']:.0f}</td></tr>"
         for c in auto["candidates"]
     )
     return (f"<p id='auto-quant'>{html.escape(auto['sentence'])}</p><p>{html.escape(auto['objective'])}, "

@@ -259,7 +259,7 @@ def bench_threads_job(s: Sizing, w, t):
 @needs_of("measure_sensitivity")
 def measure_sensitivity_job(s: Sizing, w, t):
     auto = s.spec.auto_quant
-    return needs.measure_sensitivity_need(s.gguf(w["model"], "f16"), auto["sample_rows"], len(s.spec.auto_types))
+    return needs.measure_sensitivity_need(s.gguf(w["model"], "f16"), auto["sample_weights"], len(s.spec.auto_types), t)
 
 
 @needs_of("auto_quant_search")

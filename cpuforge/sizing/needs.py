@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from cpuforge.autoquant.sensitivity import rows_for
 from cpuforge.sizing.costs import (
     DISK_BYTES_PER_SECOND,
     SENSITIVITY_WEIGHTS_PER_SECOND,
@@ -112,20 +113,20 @@ def compare_imatrix_need(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: i
     ).need()
 
 
-def measure_sensitivity_need(f16: Gguf, rows: int, types: int) -> Need:
-    """ggml rounds each tensor's sampled rows (f32) in every type, one tensor at a time, weighted by the
+def measure_sensitivity_need(f16: Gguf, sample_weights: int, types: int, threads: int) -> Need:
+    """ggml rounds each tensor's sampled rows (f32) in every type, `threads` tensors at a time, weighted by the
     importance matrix (two floats per column of every matrix, held whole)."""
-    # the weights sampled from each tensor: `rows` of its rows (every one when it has no more, or rows is 0)
-    sampled = [t[2] * (min(rows, t[0] // t[2]) if rows else t[0] // t[2]) for t in f16.tensors.values()]
+    # the weights sampled from each tensor (cpuforge.autoquant.sensitivity.rows_for)
+    sampled = [t[2] * rows_for(t[2], t[0] // t[2], sample_weights) for t in f16.tensors.values()]
     imatrix = sum(8 * t[2] for t in f16.tensors.values())
-    seconds = types * sum(sampled) / SENSITIVITY_WEIGHTS_PER_SECOND
-    return cost("measure_sensitivity", 4 * 4 * max(sampled) + imatrix, 1 << 20, seconds).need()
+    seconds = types * sum(sampled) / SENSITIVITY_WEIGHTS_PER_SECOND / threads
+    return cost("measure_sensitivity", threads * 4 * 4 * max(sampled) + imatrix, 1 << 20, seconds).need()
 
 
 def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, chunks: int, task: Task,
                            max_new_tokens: int, budget: int, threads: int) -> Need:  # fmt: skip
-    """`budget` candidates in turn, each quantized by llama-quantize, then measured by llama-perplexity and
-    by llama-cpp-python on the task beside the merged model's tokenizer: memory as for the `largest` a
+    """`budget` candidates in turn, each quantized by llama-quantize and measured by llama-perplexity, then the
+    chosen one's task by llama-cpp-python beside the merged model's tokenizer: memory as for the `largest` a
     candidate can be (every matrix in the search's largest type), time and disk as for `typical` ones
     (the best one kept while the next is made)."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
@@ -134,7 +135,8 @@ def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, ch
     steps = [quantizer(rule, f16, typical, "q4_k_m", threads), perplexity(rule, typical, ctx, chunks, threads, False),
              answers(rule, typical, task, max_new_tokens, threads)]  # fmt: skip
     mem = max(c.mem for c in peak) + tokenizer
-    return Cost(mem, 2 * typical.nbytes, budget * sum(c.seconds for c in steps), typical.nbytes).need()
+    seconds = budget * (steps[0].seconds + steps[1].seconds) + steps[2].seconds
+    return Cost(mem, 2 * typical.nbytes, seconds, typical.nbytes).need()
 
 
 def check_tokenizer_need(arch: Arch, text_bytes: int) -> Need:
