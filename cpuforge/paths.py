@@ -35,6 +35,12 @@ def llama_source(build_dir: str | os.PathLike, commit: str) -> Path:
     return llama_dir(build_dir, commit) / "source"
 
 
+def read_bandwidth(build_dir: str | os.PathLike) -> Path:
+    """The read-bandwidth kernel (cpuforge.evaluate.bandwidth), beside the llama.cpp builds: it depends on
+    neither their commit nor their flavour."""
+    return Path(build_dir) / "read_bandwidth"
+
+
 def llama_outputs(build_dir: str | os.PathLike, commit: str, flavour: str) -> list[Path]:
     """Every file build_llama_cpp makes that a rule depends on."""
     return [llama_bin(build_dir, commit, flavour) / name for name in (*LLAMA_TOOLS, LIBLLAMA)]

@@ -102,6 +102,10 @@ class Spec:
         return str(paths.llama_bin(self.llama["build_dir"], self.commit, self.llama["cpu"]))
 
     @property
+    def read_bandwidth(self) -> str:
+        return str(paths.read_bandwidth(self.llama["build_dir"]))
+
+    @property
     def llama_tools(self) -> list[str]:
         return [str(p) for p in paths.llama_outputs(self.llama["build_dir"], self.commit, self.llama["cpu"])]
 

@@ -167,6 +167,7 @@ rule bench_threads:
     input:
         gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
         bench=f"{SPEC.llama_bin}/llama-bench",
+        read_bandwidth=SPEC.read_bandwidth,
     output:
         "results/{model}/report/bench/{gguf_stage}.json",
     log:
@@ -187,9 +188,10 @@ rule bench_threads:
         gen_tokens=EVAL["bench"]["gen_tokens"],
         repetitions=EVAL["bench"]["repetitions"],
         tolerance=EVAL["bench"]["tolerance_pct"],
+        read_mib=EVAL["bench"]["read_mib"],
     shell:
         'python -m scripts.bench_threads --llama-bin "$(dirname {input.bench:q})" --gguf {input.gguf:q}'
-        " --sweep {params.threads}"
+        " --sweep {params.threads} --read-bandwidth {input.read_bandwidth:q} --read-mib {params.read_mib}"
         " --prompt-tokens {params.prompt_tokens} --gen-tokens {params.gen_tokens}"
         " --repetitions {params.repetitions} --tolerance-pct {params.tolerance} --stage {wildcards.gguf_stage}"
         " --out {output:q} > {log:q} 2>&1"

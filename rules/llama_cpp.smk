@@ -42,3 +42,24 @@ rule build_llama_cpp:
     shell:
         "python -m scripts.build_llama_cpp --source {input:q} --flavour {params.flavour} --threads {threads}"
         " > {log:q} 2>&1"
+
+
+# the read-only kernel generation's speed is measured against (cpuforge.evaluate.bandwidth)
+rule build_read_bandwidth:
+    input:
+        workflow.source_path("../cpuforge/evaluate/read_bandwidth.c"),
+    output:
+        SPEC.read_bandwidth,
+    log:
+        "logs/llama_cpp/build_read_bandwidth.log",
+    benchmark:
+        "benchmarks/llama_cpp/build_read_bandwidth.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: 1
+    resources:
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
+    shell:
+        "python -m scripts.build_read_bandwidth --out {output:q} > {log:q} 2>&1"

@@ -14,6 +14,7 @@ from helpers.llama import BIN
 from helpers.models import PLAIN_CHAT_TEMPLATE, make_lora, make_tiny_llama, prose, train_tiny_llama
 from helpers.workflow import planned_jobs, snakemake, write_config
 
+from cpuforge.evaluate.bandwidth import bytes_per_token
 from cpuforge.evaluate.bench import recommended_threads
 from cpuforge.llama.runtime import cpu_backend
 from cpuforge.evaluate.perplexity import parse_kl_output, perplexity_from_nll
@@ -29,7 +30,8 @@ EVAL = {
     "ctx": 128,
     "chunks": 4,
     "max_new_tokens": 24,
-    "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5},
+    "bench": {"threads": [1, 2], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5,
+              "read_mib": 64},
     "gate": PASSING_GATE,
 }
 STAGES = ["base", "merged", "f16", "q4_0", "auto"]
@@ -113,6 +115,13 @@ def test_every_metric_is_present_and_sane(eval_run):
         runs = stages[name]["bench"]
         assert [r["threads"] for r in runs] == [1, 2]
         assert all(r["pp_tps"] > 0 and r["tg_tps"] > 0 for r in runs)
+        # generation's bandwidth: tokens/s x the bytes a token reads (every tensor of the untied tiny model but
+        # its embeddings, and the KV cache), against the read kernel's figure at the same threads
+        assert stages[name]["bytes_per_token"] == bytes_per_token(workdir / "results" / "tiny" / f"ggml-model-{name}.gguf",
+                                                                 EVAL["bench"]["gen_tokens"])["total"]  # fmt: skip
+        for r in runs:
+            assert r["read_gbps"] > 0 and r["tg_gbps"] == pytest.approx(r["tg_tps"] * stages[name]["bytes_per_token"] / 1e9)
+            assert r["tg_bandwidth_fraction"] == pytest.approx(r["tg_gbps"] / r["read_gbps"])
     # the recommendation, recomputed here from the measured figures: the fewest threads within the tolerance of
     # the fastest, tg for generation and pp for prompt processing
     def fewest(key):
@@ -122,6 +131,8 @@ def test_every_metric_is_present_and_sane(eval_run):
     assert metrics["recommended_for"] == "q4_0"
     assert metrics["recommended_threads"] == q4["recommended_threads"] == fewest("tg_tps")
     assert metrics["recommended_threads_batch"] == q4["recommended_threads_batch"] == fewest("pp_tps")
+    at = next(r for r in q4["bench"] if r["threads"] == q4["recommended_threads"])
+    assert metrics["generation_bandwidth"]["fraction"] == at["tg_bandwidth_fraction"]
     # the CPU code that ran the benchmark, as this process's own load of the same build reports it
     assert metrics["cpu_backend"] == cpu_backend(BIN)
     assert metrics["gate"]["passed"] and (report_dir(workdir) / "quality_gate.txt").is_file()

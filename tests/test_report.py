@@ -44,11 +44,13 @@ def saved_figures(root: Path, q4_perplexity: float) -> dict[str, Path]:
     for stage in stages:
         write(figures / "task" / f"{stage}.json", {"accuracy": 5 / 6, "correct": 5, "rows": 6})
     for stage in ("f16", "q4_0"):
-        runs = [{"threads": t, "pp_tps": 50.0 * t, "pp_tps_std": 1.0, "tg_tps": 10.0 * t, "tg_tps_std": 0.5}
-                for t in (1, 2)]  # fmt: skip
+        # 5 MB a token: at 2 threads 20 t/s read 0.1 GB/s, a quarter of the kernel's 0.4
+        runs = [{"threads": t, "pp_tps": 50.0 * t, "pp_tps_std": 1.0, "tg_tps": 10.0 * t, "tg_tps_std": 0.5,
+                 "read_gbps": 0.2 * t, "tg_gbps": 0.05 * t, "tg_bandwidth_fraction": 0.25} for t in (1, 2)]  # fmt: skip
         write(figures / "bench" / f"{stage}.json", {
             "runs": runs, "recommended_threads": 2, "recommended_threads_batch": 1, "prompt_tokens": 32,
-            "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5, "cpu_backend": BACKEND})  # fmt: skip
+            "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5, "cpu_backend": BACKEND,
+            "bytes_per_token": {"weights": 4.9e6, "kv_cache": 1e5, "total": 5e6}, "read_mib": 64})  # fmt: skip
     lora = {"perplexity": 8.6, "kl_divergence": 0.06, "kl_divergence_err": 0.003, "top1_agreement": 0.89}
     write(figures / "runtime_lora" / "q4_0-kl.json", lora)
     write(figures / "runtime_lora" / "q4_0-speed.json", {"merged": {"pp_tps": 100.0, "tg_tps": 20.0}, "threads": 2,
@@ -100,6 +102,10 @@ def test_a_passing_report(tmp_path):
     assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</body></html>\n")
     assert "<title>cpuforge report: m&amp;m</title>" in page and "$" not in page
     assert '<strong id="recommended-threads">2</strong>' in page and "within 5% of the fastest" in page
+    assert metrics["generation_bandwidth"] == {"threads": 2, "bytes_per_token": 5e6, "tg_tps": 20.0, "tg_gbps": 0.1,
+                                               "read_gbps": 0.4, "fraction": 0.25}  # fmt: skip
+    assert ("At 2 threads its generation reads 0.1 GB/s (20.0 tokens/s × 5.0 MB per token), 25 % of the 0.4 GB/s "
+            "this machine&#x27;s memory gave") in page and "<td>5.0</td><td>0.1</td><td>0.4</td><td>25 %</td>" in page
     assert "Quality gate passed" in page and "Thresholds: max_ppl_increase_pct = 25, max_kl_divergence = 0.4" in page
     assert "relative difference\n1.25e-05.</p>" in page and "6 held-out task rows" in page
     assert page.count("<img class='plot'") == 3 and "no template &lt;in&gt; q4_0.gguf." in page

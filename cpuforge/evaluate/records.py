@@ -39,7 +39,8 @@ def stage_record(stage: str, path: Path, figures: Path, task: bool) -> dict:
     if gguf:
         speed = read_json(figures / "bench" / f"{stage}.json")
         record.update(bench=speed["runs"], recommended_threads=speed["recommended_threads"],
-                      recommended_threads_batch=speed["recommended_threads_batch"])  # fmt: skip
+                      recommended_threads_batch=speed["recommended_threads_batch"],
+                      bytes_per_token=speed["bytes_per_token"]["total"])  # fmt: skip
     record["provenance"] = read_provenance(path)
     return record
 
@@ -113,6 +114,14 @@ def read_checks(paths: list[Path]) -> dict:
     return checks
 
 
+def generation_bandwidth(record: dict) -> dict:
+    """A GGUF stage's generation at its recommended thread count: tokens/s x bytes per token, and the fraction
+    of the read bandwidth measured at that thread count in the same job."""
+    run = next(b for b in record["bench"] if b["threads"] == record["recommended_threads"])
+    return {"threads": run["threads"], "bytes_per_token": record["bytes_per_token"], "tg_tps": run["tg_tps"],
+            "tg_gbps": run["tg_gbps"], "read_gbps": run["read_gbps"], "fraction": run["tg_bandwidth_fraction"]}  # fmt: skip
+
+
 def auto_quant_summary(search: dict, records: list[dict], thresholds: dict[str, float]) -> dict:
     """The quant search beside the report's own figures: its candidates, the chosen file's row, and one sentence
     comparing it with the smallest uniform type of the report that passes the gate."""
@@ -162,6 +171,8 @@ def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve
         "recommended_threads": by_stage[serve]["recommended_threads"],
         "recommended_threads_batch": by_stage[serve]["recommended_threads_batch"],
         "recommended_for": serve,
+        # generation against the memory bus, at the recommended thread count (cpuforge.evaluate.bandwidth)
+        "generation_bandwidth": generation_bandwidth(by_stage[serve]),
         "eval": settings,
         "f16_vs_merged_perplexity_rel_diff": f16_vs_merged,
         "gate": judge(records, thresholds),

@@ -72,9 +72,19 @@ def bench_table(records: list[dict]) -> str:
         for b in r["bench"]:
             rows.append(f"<tr><td>{html.escape(r['label'])}</td><td>{b['threads']}</td>"
                         f"<td>{b['pp_tps']:,.1f} ± {b['pp_tps_std']:,.1f}</td>"
-                        f"<td>{b['tg_tps']:,.1f} ± {b['tg_tps_std']:,.1f}</td></tr>")  # fmt: skip
-    return ("<table><tr><th>stage</th><th>threads</th><th>prompt processing t/s</th><th>generation t/s</th></tr>"
+                        f"<td>{b['tg_tps']:,.1f} ± {b['tg_tps_std']:,.1f}</td><td>{r['bytes_per_token'] / 1e6:,.1f}</td>"
+                        f"<td>{b['tg_gbps']:,.1f}</td><td>{b['read_gbps']:,.1f}</td>"
+                        f"<td>{100 * b['tg_bandwidth_fraction']:.0f} %</td></tr>")  # fmt: skip
+    return ("<table><tr><th>stage</th><th>threads</th><th>prompt processing t/s</th><th>generation t/s</th>"
+            "<th>MB read per token</th><th>generation GB/s</th><th>read bandwidth GB/s</th><th>of the bound</th></tr>"
             + "".join(rows) + "</table>")  # fmt: skip
+
+
+def bandwidth_sentence(metrics: dict) -> str:
+    g = metrics["generation_bandwidth"]
+    return (f"At {g['threads']} threads its generation reads {g['tg_gbps']:.1f} GB/s ({g['tg_tps']:.1f} tokens/s × "
+            f"{g['bytes_per_token'] / 1e6:.1f} MB per token), {100 * g['fraction']:.0f} % of the {g['read_gbps']:.1f} GB/s "
+            "this machine's memory gave a read-only kernel at that thread count in the same job.")  # fmt: skip
 
 
 def runtime_lora_html(rows: list[dict]) -> str:
@@ -235,6 +245,7 @@ def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> 
         recommended_for=html.escape(metrics["recommended_for"]),
         recommended_threads=metrics["recommended_threads"],
         recommended_threads_batch=metrics["recommended_threads_batch"],
+        bandwidth=html.escape(bandwidth_sentence(metrics)),
         bench_tolerance_pct=f"{ev['bench_tolerance_pct']:g}",
         verdict=verdict,
         thresholds=html.escape(describe_thresholds(gate["thresholds"])),

@@ -171,8 +171,8 @@ def text_bytes(files) -> int:
 # over their wildcard (each stage's tokenizer check, then its chat-template check). A rule missing here goes last,
 # sorted by name.
 PLAN_ORDER = (
-    ("fetch_llama_cpp",), ("build_llama_cpp",), ("make_demo_base",), ("train_demo_adapter",),
-    ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
+    ("fetch_llama_cpp",), ("build_llama_cpp",), ("build_read_bandwidth",), ("make_demo_base",),
+    ("train_demo_adapter",), ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
     ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",),
     ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
     ("check_generation",), ("bench_threads",), ("make_eval_report",), ("check_quality_gate",),
@@ -253,6 +253,7 @@ def bench_threads_job(s: Sizing, w, t):
         bench["gen_tokens"],
         bench["repetitions"],
         s.bench_threads(),
+        bench["read_mib"],
     )
 
 

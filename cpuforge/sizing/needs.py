@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cpuforge.autoquant.sensitivity import rows_for
 from cpuforge.sizing.costs import (
+    BYTES_PER_SECOND,
     DISK_BYTES_PER_SECOND,
     SENSITIVITY_WEIGHTS_PER_SECOND,
     FLOPS_PER_THREAD,
@@ -74,10 +75,13 @@ def eval_task_need(g: Gguf, task: Task, max_new_tokens: int, threads: int) -> Ne
     return answers("eval_task", g, task, max_new_tokens, threads).need()
 
 
-def bench_threads_need(g: Gguf, prompt_tokens: int, gen_tokens: int, repetitions: int, sweep: list[int]) -> Need:
-    """llama-bench: for every thread count a warm-up and `repetitions` runs of each test."""
+def bench_threads_need(g: Gguf, prompt_tokens: int, gen_tokens: int, repetitions: int, sweep: list[int],
+                       read_mib: int) -> Need:  # fmt: skip
+    """The read-bandwidth kernel's buffer (`read_mib`, written, then read 5 times) at every thread count, then
+    llama-bench: for every thread count a warm-up and `repetitions` runs of each test."""
     runs = [llama_run("bench_threads", g, prompt_tokens + gen_tokens, 1, t, prompt_tokens, gen_tokens) for t in sweep]
-    return Cost(runs[0].mem, 0, (repetitions + 1) * sum(r.seconds for r in runs)).need()
+    kernel = cost("bench_threads", read_mib * MIB, seconds=len(sweep) * 6 * read_mib * MIB / BYTES_PER_SECOND)
+    return Cost(max(runs[0].mem, kernel.mem), 0, kernel.seconds + (repetitions + 1) * sum(r.seconds for r in runs)).need()
 
 
 def eval_perplexity_hf_need(tensors: dict[str, Tensor], arch: Arch, ctx: int, chunks: int, threads: int) -> Need:
@@ -233,4 +237,5 @@ SMALL = {
     "make_eval_text": small("make_eval_text"),
     "make_eval_report": small("make_eval_report", 10 << 20, 10 << 20),
     "check_quality_gate": small("check_quality_gate"),
+    "build_read_bandwidth": small("build_read_bandwidth"),
 }
