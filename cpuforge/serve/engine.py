@@ -25,8 +25,10 @@ BACKOFF = 1.0  # seconds before the first restart; doubled for each one after it
 
 def llama_server_command(
     llama_bin: Path, model: Path, sock: Path, name: str, threads: int, ctx_size: int, parallel: int,
-    webui: bool = True, threads_batch: int | None = None,
+    webui: Path | None = None, threads_batch: int | None = None,
 ) -> list[str]:  # fmt: skip
+    """llama-server as scripts.serve runs it; `webui` the chat page's folder (cpuforge.llama.webui) it serves at
+    /, None for the API only."""
     return [
         str(llama_bin / "llama-server"), "--model", str(model), "--alias", name, "--host", str(sock),
         "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
@@ -34,7 +36,8 @@ def llama_server_command(
         # llama-server fails every request in flight with a 500; this way a request that does not
         # fit its slot gets a 400 before it starts, and the others are untouched
         "--ctx-size", str(ctx_size * parallel), "--parallel", str(parallel), "--no-kv-unified",
-        *LOAD_MODE, "--metrics", "--offline", "--log-verbosity", "2", *([] if webui else ["--no-webui"]),
+        *LOAD_MODE, "--metrics", "--offline", "--log-verbosity", "2",
+        *(["--no-webui"] if webui is None else ["--path", str(webui)]),
     ]  # fmt: skip
 
 

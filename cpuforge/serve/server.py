@@ -22,7 +22,8 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import gguf_context_length
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
-from cpuforge.paths import default_llama_bin, model_name
+from cpuforge.llama.webui import PAGE
+from cpuforge.paths import default_llama_bin, model_name, webui_of
 from cpuforge.serve.adapters import ModelTable, parse_named_lora
 from cpuforge.serve.engine import RESTARTS, Engine, EngineFailed, llama_server_command, upstream_session
 from cpuforge.text.prompt import chat_prompt_for
@@ -85,6 +86,12 @@ class Server:
             raise InputError(
                 f"{self.llama_bin}: no llama-server (build it with `snakemake -c2 llama_cpp`, or pass --llama-bin)."
             )
+        # the chat page the workflow built beside this build (llama_cpp.webui; cpuforge.llama.webui)
+        self.webui = webui_of(self.llama_bin) if s.webui else None
+        if self.webui is not None and not (self.webui / PAGE).is_file():
+            log.warning("no chat page at /: %s is not built (`snakemake -c2 llama_cpp` builds it); serving the API "
+                        "only", self.webui)  # fmt: skip
+            self.webui = None
         self.name = s.name or model_name(s.model)
         self.table = ModelTable.build(self.name, loras)
         self.prompt = chat_prompt_for(s.model, s.tokenizer)
@@ -102,7 +109,7 @@ class Server:
     def command(self, sock: Path) -> list[str]:
         s = self.settings
         return [*llama_server_command(self.llama_bin, s.model, sock, self.name, self.threads, self.ctx_size,
-                                      s.parallel, s.webui, self.threads_batch),
+                                      s.parallel, self.webui, self.threads_batch),
                 *self.table.server_args()]  # fmt: skip
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -121,7 +128,7 @@ class Server:
             key = secrets.token_hex(16)
             upstream = upstream_session(sock, key)
             self.engine = Engine(self.command(sock), sock, key, upstream, s.restarts)
-            self.proxy = Proxy(upstream, self.name, s.api_key, self.engine, s.webui, table=self.table,
+            self.proxy = Proxy(upstream, self.name, s.api_key, self.engine, self.webui is not None, table=self.table,
                                prompt=self.prompt)  # fmt: skip
             # aiohttp's graceful stop: close the listener, let handlers in flight finish for so long, then cancel them
             runner = web.AppRunner(self.proxy.app(), access_log=None, shutdown_timeout=s.drain_timeout)
@@ -135,7 +142,7 @@ class Server:
                     raise InputError(f"{e}; see its log above.") from None
                 log.info("serving %s at %s (%d threads, %d for prompts, %d slots of %d tokens%s)", self.name,
                          self.url, self.threads, self.threads_batch, s.parallel, self.ctx_size,
-                         ", chat page at /" if s.webui else "")  # fmt: skip
+                         ", chat page at /" if self.webui else "")  # fmt: skip
                 supervisor = asyncio.create_task(self.engine.supervise())
                 await until_stopped(stop or on_signals(), supervisor)
                 log.info("stopping: finishing the requests in flight (for up to %g s)", s.drain_timeout)

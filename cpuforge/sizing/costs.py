@@ -23,8 +23,9 @@ BASE_MB = {
     # the quant search (rules/auto_quant.smk): measure_sensitivity measured at 80 MiB peak on the demo (the
     # interpreter, numpy, ggml's I-quant tables; rows read, never mapped); the search guessed as eval_task's
     "measure_sensitivity": 70, "auto_quant_search": 170,
-    # the read-bandwidth kernel's build: the interpreter and the C compiler (guessed)
-    "build_read_bandwidth": 80,
+    # the read-bandwidth kernel's build: the interpreter and the C compiler (guessed); the chat page's build:
+    # the interpreter, npm, then vite (guessed)
+    "build_read_bandwidth": 80, "build_webui": 300,
 }  # fmt: skip
 # a transformers tokenizer and a GGUF vocabulary held by a step, per token of the vocabulary
 TOKENIZER_BYTES = 3 << 10

@@ -12,7 +12,7 @@ from cpuforge.sizing.jobs import Sizing
 from cpuforge.sizing.plan import Job, free_disk_mb, plan_table, preflight_refusal, refusal, write_plan
 
 # one llama.cpp build serves every run: the plan counts its jobs only where their outputs are missing
-SHARED = ("fetch_llama_cpp", "build_llama_cpp", "build_read_bandwidth")
+SHARED = ("fetch_llama_cpp", "build_llama_cpp", "build_webui", "build_read_bandwidth")
 
 
 def row(sizing: Sizing, job) -> Job | None:

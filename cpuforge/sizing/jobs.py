@@ -171,7 +171,7 @@ def text_bytes(files) -> int:
 # over their wildcard (each stage's tokenizer check, then its chat-template check). A rule missing here goes last,
 # sorted by name.
 PLAN_ORDER = (
-    ("fetch_llama_cpp",), ("build_llama_cpp",), ("build_read_bandwidth",), ("make_demo_base",),
+    ("fetch_llama_cpp",), ("build_llama_cpp",), ("build_webui",), ("build_read_bandwidth",), ("make_demo_base",),
     ("train_demo_adapter",), ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
     ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",),
     ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),

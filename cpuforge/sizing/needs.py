@@ -238,4 +238,6 @@ SMALL = {
     "make_eval_report": small("make_eval_report", 10 << 20, 10 << 20),
     "check_quality_gate": small("check_quality_gate"),
     "build_read_bandwidth": small("build_read_bandwidth"),
+    # npm ci's node_modules are scratch, deleted after the build; the page is a few MB
+    "build_webui": small("build_webui", 1 << 30, 800 << 20, 10 * 60),
 }
