@@ -165,6 +165,8 @@ class Spec:
             "task": [f"{figures}/task/{s}.json" for s in self.stages] if has_task else [],
             "runtime_lora": [],
             "auto_search": [f"results/{name}/auto/search.json"] if AUTO in self.quant_types else [],
+            # measured on the stage the report recommends serving (the first quant type), on the task's prompts
+            "speculation": [f"{figures}/speculation/{self.quant_types[0]}.json"] if has_task else [],
         }
         if runtime_lora:
             kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")

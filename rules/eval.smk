@@ -197,6 +197,39 @@ rule bench_threads:
         " --out {output:q} > {log:q} 2>&1"
 
 
+# draftless speculative decoding against plain decoding, on the task's prompts (cpuforge.evaluate.speculation)
+rule eval_speculation:
+    input:
+        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        task=get_heldout,
+        tokenizer="results/{model}/merged",
+        bench="results/{model}/report/bench/{gguf_stage}.json",
+        server=f"{SPEC.llama_bin}/llama-server",
+    output:
+        "results/{model}/report/speculation/{gguf_stage}.json",
+    log:
+        "logs/{model}/eval_speculation_{gguf_stage}.log",
+    benchmark:
+        "benchmarks/{model}/eval_speculation_{gguf_stage}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    # all cores, so no other job runs beside the timing and skews it
+    threads: workflow.cores
+    resources:
+        mem_mb=SIZING.mem_mb,
+        disk_mb=SIZING.disk_mb,
+        runtime=SIZING.runtime,
+    params:
+        max_new_tokens=EVAL["max_new_tokens"],
+        rounds=EVAL["speculation"]["rounds"],
+        tolerance=EVAL["bench"]["tolerance_pct"],
+    shell:
+        'python -m scripts.eval_speculation --llama-bin "$(dirname {input.server:q})" --gguf {input.gguf:q}'
+        " --merged {input.tokenizer:q} --heldout {input.task:q} --bench {input.bench:q}"
+        " --max-new-tokens {params.max_new_tokens} --rounds {params.rounds} --tolerance-pct {params.tolerance}"
+        " --stage {wildcards.gguf_stage} --out {output:q} > {log:q} 2>&1"
+
+
 rule make_eval_report:
     input:
         unpack(get_report_input),

@@ -30,7 +30,8 @@ SIGINT stops taking requests, lets those in flight finish for up to --drain-time
 then stops both processes (cpuforge/serve/server.py).
 --threads (generation) and --threads-batch (prompt processing) default to `recommended_threads`
 and `recommended_threads_batch` in the eval report (results/{model}/report/metrics.json) when
-there is one, else the physical core count.
+there is one, else the physical core count; --speculation to the draftless speculative decoding
+setting that report found faster on the model's own task with every answer the same, if any.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.cli import run
+from cpuforge.evaluate.speculation import AUTO, SETTINGS
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX
 from cpuforge.serve.engine import RESTARTS, EngineFailed
 from cpuforge.serve.server import DRAIN_TIMEOUT, Settings, serve
@@ -69,6 +71,9 @@ def main() -> None:
         help="requests decoded together (default 4); the KV cache holds parallel × ctx-size tokens",
     )
     parser.add_argument("--no-webui", action="store_true", help="no chat page at /: the API only")
+    parser.add_argument("--speculation", default=AUTO, choices=[AUTO, *SETTINGS],
+                        help="draftless speculative decoding: auto (default) turns on the setting the eval report "
+                             "found faster on this model's task with the same answers, none turns it off")  # fmt: skip
     parser.add_argument("--restarts", type=int, default=RESTARTS,
                         help=f"restarts in a row of a llama-server that died before giving up (default {RESTARTS})")  # fmt: skip
     parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT,
@@ -85,7 +90,7 @@ def main() -> None:
             args.model, llama_bin=args.llama_bin, host=args.host, port=args.port, api_key=args.api_key or None,
             name=args.name, threads=args.threads, threads_batch=args.threads_batch, ctx_size=args.ctx_size,
             parallel=args.parallel, loras=args.lora, webui=not args.no_webui, restarts=args.restarts,
-            drain_timeout=args.drain_timeout, tokenizer=args.tokenizer,
+            drain_timeout=args.drain_timeout, tokenizer=args.tokenizer, speculation=args.speculation,
         ))  # fmt: skip
     except EngineFailed as e:
         # for a supervisor (systemd, SLURM): the server is gone, and why, in one line

@@ -16,6 +16,8 @@ from helpers.workflow import planned_jobs, snakemake, write_config
 
 from cpuforge.evaluate.bandwidth import bytes_per_token
 from cpuforge.evaluate.bench import recommended_threads
+from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
+from cpuforge.evaluate.speculation import verdict
 from cpuforge.llama.runtime import cpu_backend
 from cpuforge.evaluate.perplexity import parse_kl_output, perplexity_from_nll
 from cpuforge.evaluate.gate import quality_gate
@@ -169,6 +171,24 @@ def test_each_quant_merged_beside_its_base_with_the_runtime_lora(eval_run):
     assert row["verdict"].startswith("At q4_0, ") and f"{lora['kl_divergence']:.4g}" in row["verdict"]
     page = (report_dir(workdir) / "report.html").read_text()
     assert "base q4_0 + runtime LoRA" in page and html.escape(row["verdict"]) in page
+
+
+def test_draftless_speculation_is_measured_on_the_task_and_judged_on_its_figures(eval_run):
+    """Each --spec-type of the pinned llama-server beside plain decoding on the task's prompts, greedy: speed,
+    the drafts' acceptance, whether every answer stayed the same; the verdict follows from those figures."""
+    workdir, _ = eval_run
+    spec = json.loads((report_dir(workdir) / "speculation" / "q4_0.json").read_text())
+    assert list(spec["settings"]) == list(SPECULATION_SETTINGS) and spec["rows"] == 6
+    assert spec["threads"] == metrics_of(workdir)["recommended_threads"]
+    plain = spec["settings"]["none"]
+    assert plain["same_answers"] and plain["drafted"] == 0 and plain["acceptance"] is None and plain["tg_tps"] > 0
+    assert all(r["tg_tps"] > 0 and r["tokens"] > 0 for r in spec["settings"].values())
+    # the drafts: on this tiny model's repetitive answers, some setting drafts and some of its drafts are taken
+    assert any(r["drafted"] > 0 for r in spec["settings"].values())
+    assert {k: spec[k] for k in ("setting", "flags", "sentence")} == verdict(spec["settings"], spec["tolerance_pct"])
+    assert metrics_of(workdir)["speculation"] == spec
+    page = (report_dir(workdir) / "report.html").read_text()
+    assert html.escape(spec["sentence"]) in page
 
 
 def test_report_shows_the_fidelity_checks(eval_run):
@@ -376,8 +396,9 @@ def test_model_without_task_has_no_accuracy(own_eval_run, eval_run):
     config = tiny_config(workdir, "no-task.yaml", task=False, inputs=eval_run[0] / "inputs", auto=False,
                          min_accuracy=1.0)  # fmt: skip
     result = snakemake(workdir, "eval_report", "--configfile", str(config))
-    assert "eval_task" not in result.stdout + result.stderr
+    assert "eval_task" not in result.stdout + result.stderr and "eval_speculation" not in result.stdout + result.stderr
     metrics = metrics_of(workdir)
+    assert metrics["speculation"] is None and "Not measured: the model has no task" in (report_dir(workdir) / "report.html").read_text()
     assert metrics["gate"]["passed"] and metrics["eval"]["task_rows"] is None
     assert all("accuracy" not in s for s in metrics["stages"])
     text = (report_dir(workdir) / "eval_text.txt").read_text()

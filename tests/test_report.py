@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cpuforge.evaluate.speculation import verdict
+
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +53,13 @@ def saved_figures(root: Path, q4_perplexity: float) -> dict[str, Path]:
             "runs": runs, "recommended_threads": 2, "recommended_threads_batch": 1, "prompt_tokens": 32,
             "gen_tokens": 8, "repetitions": 1, "tolerance_pct": 5, "cpu_backend": BACKEND,
             "bytes_per_token": {"weights": 4.9e6, "kv_cache": 1e5, "total": 5e6}, "read_mib": 64})  # fmt: skip
+    plain = {"flags": [], "tg_tps": 10.0, "tokens": 60, "drafted": 0, "accepted": 0, "acceptance": None,
+             "same_answers": True, "differing_rows": []}  # fmt: skip
+    settings = {"none": plain, "ngram-simple": {**plain, "flags": ["--spec-type", "ngram-simple"], "tg_tps": 9.0,
+                                                "drafted": 40, "accepted": 10, "acceptance": 0.25}}  # fmt: skip
+    write(figures / "speculation" / "q4_0.json", {
+        "stage": "q4_0", "threads": 2, "rows": 6, "rounds": 2, "max_new_tokens": 16, "tolerance_pct": 5,
+        "settings": settings, **verdict(settings, 5)})  # fmt: skip
     lora = {"perplexity": 8.6, "kl_divergence": 0.06, "kl_divergence_err": 0.003, "top1_agreement": 0.89}
     write(figures / "runtime_lora" / "q4_0-kl.json", lora)
     write(figures / "runtime_lora" / "q4_0-speed.json", {"merged": {"pp_tps": 100.0, "tg_tps": 20.0}, "threads": 2,
@@ -102,6 +111,10 @@ def test_a_passing_report(tmp_path):
     assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</body></html>\n")
     assert "<title>cpuforge report: m&amp;m</title>" in page and "$" not in page
     assert '<strong id="recommended-threads">2</strong>' in page and "within 5% of the fastest" in page
+    assert metrics["speculation"]["setting"] is None and metrics["speculation"]["flags"] == []
+    assert ("No draftless speculation wins on this model here: the fastest, ngram-simple, gives 9.0 tokens/s against "
+            "10.0 plain (0.90×); scripts.serve decodes plainly.") in page
+    assert "<td>ngram-simple</td><td>9.0</td><td>25 % of 40</td><td>yes</td>" in page
     assert metrics["generation_bandwidth"] == {"threads": 2, "bytes_per_token": 5e6, "tg_tps": 20.0, "tg_gbps": 0.1,
                                                "read_gbps": 0.4, "fraction": 0.25}  # fmt: skip
     assert ("At 2 threads its generation reads 0.1 GB/s (20.0 tokens/s × 5.0 MB per token), 25 % of the 0.4 GB/s "

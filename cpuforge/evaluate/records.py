@@ -181,5 +181,7 @@ def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve
         "provenance": {r["stage"]: r["provenance"] for r in records},
         "checks": read_checks(list(checks)),
         "auto_quant": auto_quant_summary(read_json(auto_search), records, thresholds) if auto_search else None,
+        # draftless speculative decoding on the served stage, and whether scripts.serve turns it on
+        "speculation": read_json(figures / "speculation" / f"{serve}.json") if task else None,
     }
     return metrics, records

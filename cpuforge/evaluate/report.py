@@ -131,6 +131,25 @@ def auto_quant_html(auto: dict | None) -> str:
             f"<th>task</th><th>gate</th><th>s</th></tr>{rows}</table>")  # fmt: skip
 
 
+def speculation_html(spec: dict | None) -> str:
+    """Draftless speculation against plain decoding: a row per setting, and the verdict scripts.serve follows."""
+    if spec is None:
+        return "<p>Not measured: the model has no task whose prompts to measure it on.</p>"
+
+    def row(name: str, r: dict) -> str:
+        accepted = "–" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f} % of {r['drafted']}"
+        same = "yes" if r["same_answers"] else f"no: rows {', '.join(map(str, r['differing_rows']))} differ"
+        cells = [name, f"{r['tg_tps']:,.1f}", accepted, same]
+        return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+
+    rows = "".join(row(name, r) for name, r in spec["settings"].items())
+    return (f"<p id='speculation-verdict'>{html.escape(spec['sentence'])}</p><p>{spec['stage']} through llama-server "
+            f"at {spec['threads']} threads, the {spec['rows']} held-out prompts greedy, up to {spec['max_new_tokens']} "
+            f"tokens each; every setting in turns, {spec['rounds']} rounds, each its best.</p><table><tr>"
+            "<th>setting</th><th>generation t/s</th><th>drafts accepted</th><th>same answers</th></tr>"
+            f"{rows}</table>")  # fmt: skip
+
+
 def provenance_html(records: list[dict]) -> str:
     parts = []
     for r in records:
@@ -261,5 +280,6 @@ def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> 
         auto_quant=auto_quant_html(metrics["auto_quant"]),
         checks=checks_html(metrics["checks"]),
         bench_table=bench_table(records),
+        speculation=speculation_html(metrics["speculation"]),
         provenance=provenance_html(records),
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import gguf_context_length
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
+from cpuforge.evaluate.speculation import AUTO, SETTINGS, serving_flags
 from cpuforge.llama.webui import PAGE
 from cpuforge.paths import default_llama_bin, model_name, webui_of
 from cpuforge.serve.adapters import ModelTable, parse_named_lora
@@ -52,6 +53,7 @@ class Settings:
     restarts: int = RESTARTS
     drain_timeout: float = DRAIN_TIMEOUT
     tokenizer: Path | None = None  # results/{model}/merged
+    speculation: str = AUTO  # the eval report's verdict; or a setting of cpuforge.evaluate.speculation.SETTINGS
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -78,6 +80,8 @@ class Server:
         if s.restarts < 0:
             raise InputError(f"--restarts must be 0 or more, got {s.restarts}.")
         self.threads, self.threads_batch = default_thread_counts(s.model, s.threads, s.threads_batch)
+        if s.speculation != AUTO and s.speculation not in SETTINGS:
+            raise InputError(f"--speculation {s.speculation}: not one of {', '.join([AUTO, *SETTINGS])}.")
         self.llama_bin = s.llama_bin or default_llama_bin(s.model)
         loras = [parse_named_lora(a) for a in s.loras]
         if not s.model.is_file():
@@ -92,6 +96,7 @@ class Server:
             log.warning("no chat page at /: %s is not built (`snakemake -c2 llama_cpp` builds it); serving the API "
                         "only", self.webui)  # fmt: skip
             self.webui = None
+        self.speculation = serving_flags(s.model, s.speculation) if s.model.is_file() else []
         self.name = s.name or model_name(s.model)
         self.table = ModelTable.build(self.name, loras)
         self.prompt = chat_prompt_for(s.model, s.tokenizer)
@@ -110,7 +115,7 @@ class Server:
         s = self.settings
         return [*llama_server_command(self.llama_bin, s.model, sock, self.name, self.threads, self.ctx_size,
                                       s.parallel, self.webui, self.threads_batch),
-                *self.table.server_args()]  # fmt: skip
+                *self.table.server_args(), *self.speculation]  # fmt: skip
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set (None: until SIGINT or SIGTERM), then drain and stop both processes.

@@ -26,6 +26,8 @@ BASE_MB = {
     # the read-bandwidth kernel's build: the interpreter and the C compiler (guessed); the chat page's build:
     # the interpreter, npm, then vite (guessed)
     "build_read_bandwidth": 80, "build_webui": 300,
+    # eval_speculation: eval_task's Python (the tokenizer) with llama-server as a child instead (guessed)
+    "eval_speculation": 170,
 }  # fmt: skip
 # a transformers tokenizer and a GGUF vocabulary held by a step, per token of the vocabulary
 TOKENIZER_BYTES = 3 << 10

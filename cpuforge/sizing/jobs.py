@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
+from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.sizing import needs
@@ -175,7 +176,7 @@ PLAN_ORDER = (
     ("train_demo_adapter",), ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
     ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",),
     ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
-    ("check_generation",), ("bench_threads",), ("make_eval_report",), ("check_quality_gate",),
+    ("check_generation",), ("bench_threads",), ("eval_speculation",), ("make_eval_report",), ("check_quality_gate",),
     ("check_tokenizer", "check_chat_template"), ("compare_imatrix",), ("make_unmerged_base",), ("convert_base",),
     ("quantize_base",), ("convert_adapter",), ("eval_kl_divergence_lora", "bench_runtime_lora", "eval_task_lora"),
     ("check_runtime_lora",),
@@ -236,6 +237,14 @@ def eval_perplexity_hf_job(s: Sizing, w, t):
 def eval_task_hf_job(s: Sizing, w, t):
     tensors, arch = s.stage(w["model"], w["hf_stage"])
     return needs.eval_task_hf_need(tensors, arch, s.task(w["model"]), s.spec.eval["max_new_tokens"], t)
+
+
+@needs_of("eval_speculation")
+def eval_speculation_job(s: Sizing, w, t):
+    gguf = s.gguf(w["model"], w["gguf_stage"])
+    ev = s.spec.eval
+    return needs.eval_speculation_need(gguf, s.task(w["model"]), ev["max_new_tokens"], t, len(SPECULATION_SETTINGS),
+                                       ev["speculation"]["rounds"])  # fmt: skip
 
 
 @needs_of("eval_task")

@@ -75,6 +75,13 @@ def eval_task_need(g: Gguf, task: Task, max_new_tokens: int, threads: int) -> Ne
     return answers("eval_task", g, task, max_new_tokens, threads).need()
 
 
+def eval_speculation_need(g: Gguf, task: Task, max_new_tokens: int, threads: int, settings: int, rounds: int) -> Need:
+    """llama-server (as the task's llama-cpp-python would: one context, the prompts in turn) started for every
+    setting in every round; the merged model's tokenizer beside it, in this process."""
+    run = answers("eval_speculation", g, task, max_new_tokens, threads)
+    return Cost(run.mem, 0, settings * rounds * run.seconds).need()
+
+
 def bench_threads_need(g: Gguf, prompt_tokens: int, gen_tokens: int, repetitions: int, sweep: list[int],
                        read_mib: int) -> Need:  # fmt: skip
     """The read-bandwidth kernel's buffer (`read_mib`, written, then read 5 times) at every thread count, then
