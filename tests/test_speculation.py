@@ -30,6 +30,10 @@ def test_the_fastest_setting_with_the_same_answers_wins_only_beyond_the_toleranc
     assert decision["sentence"] == ("No draftless speculation wins on this model here: the fastest, b, gives 13.0 "
                                     "tokens/s against 10.0 plain (1.30×); b changed answers; scripts.serve decodes "
                                     "plainly.")  # fmt: skip
+    # faster with no draft accepted is the machine's noise, not speculation (measured so on the demo: 1.07×)
+    idle = {**setting(12.0), "drafted": 0, "accepted": 0, "acceptance": None}
+    decision = verdict({"none": PLAIN, "a": idle}, 5)
+    assert decision["setting"] is None and "a had no draft accepted" in decision["sentence"]
 
 
 def test_the_server_takes_the_reports_verdict_for_its_model(tmp_path):

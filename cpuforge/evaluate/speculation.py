@@ -6,8 +6,9 @@ one pass over the weights; where not, the check is wasted work. Published CPU fi
 setting is measured here: llama-server as scripts.serve runs it, on the task's held-out prompts (the same
 token ids every stage reads), greedy, each setting and the plain server in turns for `rounds` rounds, each
 its best round; tokens/s of generation (llama-server's own timings) and the drafts' acceptance rate. A
-setting wins only where every answer is the plain server's, token for token the same text, and its speed is
-above the plain server's by more than the tolerance; the report then says so, and scripts.serve turns the
+setting wins only where every answer is the plain server's, token for token the same text, some of its drafts
+were accepted (else it decoded plainly, and any gain is noise), and its speed is above the plain server's by
+more than the tolerance; the report then says so, and scripts.serve turns the
 best winner on for this model.
 """
 
@@ -128,8 +129,10 @@ def measure(bin_dir: Path, gguf: Path, prompts: list[list[int]], max_new_tokens:
 def verdict(results: dict[str, dict], tolerance_pct: float) -> dict:
     """The setting scripts.serve should turn on (None: plain decoding), and one sentence saying why."""
     plain = results[PLAIN]["tg_tps"]
+    # a setting none of whose drafts was accepted decoded plainly: any speed it gained is the machine's noise
     winners = [(r["tg_tps"], name) for name, r in results.items()
-               if name != PLAIN and r["same_answers"] and r["tg_tps"] > plain * (1 + tolerance_pct / 100)]  # fmt: skip
+               if name != PLAIN and r["same_answers"] and r["accepted"] > 0
+               and r["tg_tps"] > plain * (1 + tolerance_pct / 100)]  # fmt: skip
     if winners:
         speed, name = max(winners)
         r = results[name]
@@ -139,9 +142,12 @@ def verdict(results: dict[str, dict], tolerance_pct: float) -> dict:
                             "scripts.serve turns it on for this model."}  # fmt: skip
     fastest = max((r["tg_tps"], name) for name, r in results.items() if name != PLAIN)
     changed = [name for name, r in results.items() if not r["same_answers"]]
+    idle = [name for name, r in results.items() if name != PLAIN and r["accepted"] == 0]
     why = f"the fastest, {fastest[1]}, gives {fastest[0]:.1f} tokens/s against {plain:.1f} plain ({fastest[0] / plain:.2f}×)"
     if changed:
         why += f"; {', '.join(changed)} changed answers"
+    if idle:
+        why += f"; {', '.join(idle)} had no draft accepted (the task's answers do not repeat its text)"
     return {"setting": None, "flags": [],
             "sentence": f"No draftless speculation wins on this model here: {why}; scripts.serve decodes plainly."}
 
