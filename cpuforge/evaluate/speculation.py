@@ -14,20 +14,16 @@ best winner on for this model.
 
 from __future__ import annotations
 
-import http.client
-import json
+import asyncio
 import logging
-import socket
-import subprocess
-import sys
+import secrets
 import tempfile
-import time
 from pathlib import Path
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.paths import report_metrics
-from cpuforge.serve.engine import llama_server_command
+from cpuforge.serve.engine import Engine, EngineFailed, llama_server_command, upstream_session
 
 log = logging.getLogger(__name__)
 
@@ -40,67 +36,38 @@ SETTINGS: dict[str, list[str]] = {
     "ngram-map-k": ["--spec-type", "ngram-map-k"],
     "ngram-mod": ["--spec-type", "ngram-mod"],
 }
-READY_SECONDS = 600  # a hang guard for loading a model, never a speed limit
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path):
-        super().__init__("llama", timeout=None)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(self.socket_path))
-
-
-def call(sock: Path, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    connection = UnixHTTPConnection(sock)
-    try:
-        connection.request(method, path, json.dumps(body) if body is not None else None,
-                           {"Content-Type": "application/json"})  # fmt: skip
-        response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
-    finally:
-        connection.close()
-
-
-def wait_ready(process: subprocess.Popen, sock: Path) -> None:
-    deadline = time.monotonic() + READY_SECONDS
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if call(sock, "GET", "/health")[0] == 200:
-                return
-        except (OSError, http.client.HTTPException, json.JSONDecodeError):
-            pass
-        time.sleep(0.2)
-    raise InputError(f"llama-server did not get ready (exit code {process.poll()}); see the log above.")
-
-
-def serve_answers(bin_dir: Path, gguf: Path, prompts: list[list[int]], max_new_tokens: int, threads: int,
-                  extra: list[str]) -> dict:  # fmt: skip
-    """One llama-server with `extra` flags answering every prompt (token ids) greedily, in turn: the answers,
-    generation's tokens/s over all of them, and the drafts made and accepted."""
+async def serve_answers(bin_dir: Path, gguf: Path, prompts: list[list[int]], max_new_tokens: int, threads: int,
+                        extra: list[str]) -> dict:  # fmt: skip
+    """One llama-server with `extra` flags, started and stopped as scripts.serve does it (cpuforge.serve.engine),
+    answering every prompt (token ids) greedily, in turn: the answers, generation's tokens/s over all of
+    them, and the drafts made and accepted."""
     with tempfile.TemporaryDirectory(prefix="cpuforge-spec-") as private:
-        sock = Path(private) / "llama-server.sock"
+        sock, key = Path(private) / "llama-server.sock", secrets.token_hex(16)
         ctx = max(map(len, prompts)) + max_new_tokens
         cmd = [*llama_server_command(bin_dir, gguf, sock, "m", threads, ctx, 1), *extra]
-        process = subprocess.Popen(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(process, sock)
-            answers, tokens, ms, drafted, accepted = [], 0, 0.0, 0, 0
-            for ids in prompts:
-                status, out = call(sock, "POST", "/completion", {
-                    "prompt": ids, "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1, "seed": 0,
-                    "cache_prompt": False, "return_tokens": True})  # fmt: skip
-                if status != 200:
-                    raise RuntimeError(f"llama-server answered {status}: {out}")
-                answers.append(out["tokens"])
-                t = out["timings"]
-                tokens, ms = tokens + t["predicted_n"], ms + t["predicted_ms"]
-                drafted, accepted = drafted + t.get("draft_n", 0), accepted + t.get("draft_n_accepted", 0)
-        finally:
-            process.terminate()
-            process.wait()
+        async with upstream_session(sock, key) as upstream:
+            engine = Engine(cmd, sock, key, upstream, restarts=0)
+            try:
+                await engine.start()
+            except EngineFailed as e:
+                raise InputError(f"{e}; see its log above.") from None
+            try:
+                answers, tokens, ms, drafted, accepted = [], 0, 0.0, 0, 0
+                for ids in prompts:
+                    body = {"prompt": ids, "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1, "seed": 0,
+                            "cache_prompt": False, "return_tokens": True}  # fmt: skip
+                    async with upstream.post("/completion", json=body) as response:
+                        if response.status != 200:
+                            raise RuntimeError(f"llama-server answered {response.status}: {await response.text()}")
+                        out = await response.json()
+                    answers.append(out["tokens"])
+                    t = out["timings"]
+                    tokens, ms = tokens + t["predicted_n"], ms + t["predicted_ms"]
+                    drafted, accepted = drafted + t.get("draft_n", 0), accepted + t.get("draft_n_accepted", 0)
+            finally:
+                await engine.stop()
     return {"answers": answers, "tg_tps": 1000 * tokens / ms if ms else 0.0, "tokens": tokens, "drafted": drafted,
             "accepted": accepted}  # fmt: skip
 
@@ -112,7 +79,7 @@ def measure(bin_dir: Path, gguf: Path, prompts: list[list[int]], max_new_tokens:
     best: dict[str, dict] = {}
     for r in range(rounds):
         for name, extra in settings.items():
-            run = serve_answers(bin_dir, gguf, prompts, max_new_tokens, threads, extra)
+            run = asyncio.run(serve_answers(bin_dir, gguf, prompts, max_new_tokens, threads, extra))
             log.info("round %d, %s: %.1f tokens/s, %d of %d drafts accepted", r + 1, name, run["tg_tps"],
                      run["accepted"], run["drafted"])  # fmt: skip
             if name not in best or run["tg_tps"] > best[name]["tg_tps"]:

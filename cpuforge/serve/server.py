@@ -96,7 +96,7 @@ class Server:
             log.warning("no chat page at /: %s is not built (`snakemake -c2 llama_cpp` builds it); serving the API "
                         "only", self.webui)  # fmt: skip
             self.webui = None
-        self.speculation = serving_flags(s.model, s.speculation) if s.model.is_file() else []
+        self.speculation = serving_flags(s.model, s.speculation)
         self.name = s.name or model_name(s.model)
         self.table = ModelTable.build(self.name, loras)
         self.prompt = chat_prompt_for(s.model, s.tokenizer)
