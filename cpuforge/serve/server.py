@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpuforge.errors import InputError
+from cpuforge.evaluate.speculation import AUTO, SETTINGS, serving_flags
 from cpuforge.io.gguf import gguf_context_length
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
-from cpuforge.evaluate.speculation import AUTO, SETTINGS, serving_flags
 from cpuforge.llama.webui import PAGE
 from cpuforge.paths import default_llama_bin, model_name, webui_of
 from cpuforge.serve.adapters import ModelTable, parse_named_lora
