@@ -1,13 +1,16 @@
 """The quant search's choice beside every uniform type of its ladder, measured side by side in one run.
 
     python -m benchmarks.auto_quant --workdir /work/demo-clone --model demo
+    python -m benchmarks.auto_quant --workdir /work/demo-clone --types --listed q4_0 iq3_xxs iq2_xxs
     python -m benchmarks.scale --shape 1b --target auto_quant --auto --keep
     python -m benchmarks.auto_quant --workdir /tmp/cpuforge-scale/1b --model scale --configfile config.yaml
 
 Reads a working directory where `snakemake auto_quant` has run (the f16 GGUF, the importance matrix, the
 merged model, the search's record and chosen file). For each type of the ladder it makes the uniform file
 (llama-quantize --pure with the importance matrix: every matrix in that type, as far as its rows allow)
-and measures it as the search measured its candidates: size, bits per weight of the matrices, KL
+and, with --listed, each llama-quantize type as `quant_types` makes it (llama-quantize's own mix for the
+type, which keeps the embeddings and the output larger, with the importance matrix: the files a user
+picks from today); it measures each as the search measured its candidates: size, bits per weight of the matrices, KL
 divergence and top-1 agreement against the f16 GGUF (the f16 log-probabilities made again here, on the
 report's text), task accuracy on the held-out rows, and llama-bench's pp/tg tokens/s; then the chosen
 file the same way. Last, the search's wall time (sensitivity + search, from Snakemake's benchmark files)
@@ -84,6 +87,9 @@ def main() -> None:
     parser.add_argument("--llama-bin", type=Path, help="default: this repository's native build")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--types", nargs="*", help="ladder types to measure (default: the config's auto_quant.types)")
+    parser.add_argument("--listed", nargs="*", default=[],
+                        help="llama-quantize types (q4_0, iq3_xxs, …) also made as quant_types makes them: "
+                             "llama-quantize's own mix for the type, with the importance matrix")  # fmt: skip
     args = parser.parse_args()
     import subprocess
 
@@ -114,27 +120,31 @@ def main() -> None:
         logits = Path(tmp) / "f16.kld"
         perplexity_gguf(bin_dir, results / "ggml-model-f16.gguf", results / "report" / "eval_text.txt", ev["ctx"],
                         ev["chunks"], args.threads, logits)  # fmt: skip
-        for kind in args.types or config["auto_quant"]["types"]:
-            out = Path(tmp) / f"uniform-{kind}.gguf"
-            subprocess.run([str(bin_dir / "llama-quantize"), "--pure", "--imatrix", str(results / "imatrix.gguf"),
-                            str(results / "ggml-model-f16.gguf"), str(out), UNIFORM[kind].upper(), str(args.threads)],
+        ladder = config["auto_quant"]["types"] if args.types is None else args.types
+        made = [("uniform", kind, ["--pure"], UNIFORM[kind]) for kind in ladder]
+        made += [("listed", kind, [], kind) for kind in args.listed]
+        for how, kind, flags, ftype in made:
+            out = Path(tmp) / f"{how}-{kind}.gguf"
+            subprocess.run([str(bin_dir / "llama-quantize"), *flags, "--imatrix", str(results / "imatrix.gguf"),
+                            str(results / "ggml-model-f16.gguf"), str(out), ftype.upper(), str(args.threads)],
                            check=True, capture_output=True)  # fmt: skip
-            show(f"uniform {kind}", out)
+            show(f"{how} {kind}", out)
             out.unlink()
         chosen = show("auto (chosen)", results / "ggml-model-auto.gguf")
-    q4_0 = next(m for m in rows_out if m["name"] == "uniform q4_0")
+    q4_0 = next(m for m in rows_out if m["name"] in ("uniform q4_0", "listed q4_0"))
     searched = snakemake_seconds(args.workdir, args.model, "measure_sensitivity")
     searched += snakemake_seconds(args.workdir, args.model, "auto_quant_search")
     print(f"search: {searched:.0f} s (sensitivity + search, Snakemake's benchmark files), {len(search['candidates'])} "
           f"candidates; q4_0 here: KL {q4_0['kl_seconds']:.0f} s, task {q4_0['task_seconds']:.0f} s; ratio to the KL "
           f"stage {searched / q4_0['kl_seconds']:.2f}, to KL + task {searched / (q4_0['kl_seconds'] + q4_0['task_seconds']):.2f}")  # fmt: skip
-    passing = [m for m in rows_out if m["name"].startswith("uniform") and m["kl"] <= ev["gate"]["max_kl_divergence"]
-               and m["correct"] >= ev["gate"]["min_accuracy"] * len(rows)]  # fmt: skip
-    if passing:
-        smallest = min(passing, key=lambda m: m["size_bytes"])
-        print(f"smallest uniform type within the gate's KL and accuracy: {smallest['name']} "
-              f"({smallest['size_bytes'] / 2**20:.1f} MiB); the chosen file is "
-              f"{(1 - chosen['size_bytes'] / smallest['size_bytes']) * 100:.1f} % smaller")  # fmt: skip
+    for how in ("uniform", "listed"):
+        passing = [m for m in rows_out if m["name"].startswith(how) and m["kl"] <= ev["gate"]["max_kl_divergence"]
+                   and m["correct"] >= ev["gate"]["min_accuracy"] * len(rows)]  # fmt: skip
+        if passing:
+            smallest = min(passing, key=lambda m: m["size_bytes"])
+            print(f"smallest {how} type within the gate's KL and accuracy: {smallest['name']} "
+                  f"({smallest['size_bytes'] / 2**20:.1f} MiB); the chosen file is "
+                  f"{(1 - chosen['size_bytes'] / smallest['size_bytes']) * 100:.1f} % smaller")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 (llama.cpp's default, as before) and read (cpuforge.llama.runtime.LOAD_MODE, as now), side by side in one run.
 
     python -m benchmarks.weights_once results/demo/ggml-model-q4_0.gguf --logits F16_LOGITS [--threads 2]
+    python -m benchmarks.weights_once results/scale/ggml-model-q4_0.gguf --logits results/scale/report/f16-logits.kld \
+        --logits-ctx 256 --rounds 1 --repetitions 1   # the 7B shape (benchmarks.scale's evaluation context)
 
 In turns, `--rounds` of each way (each figure's best kept: other work only adds to a peak or a time):
 - server: llama-server as scripts.serve starts it (cpuforge.serve.engine.llama_server_command, context 512,
@@ -131,11 +133,11 @@ def chat(llama_bin: Path, gguf: Path, mode: str, threads: int) -> dict:
     return {"peak": int(hwm) / 1024, "load_s": float(loaded), "buffers": buffers_mib(result.stderr)}
 
 
-def kl_divergence(llama_bin: Path, gguf: Path, logits: Path, mode: str, threads: int) -> dict:
+def kl_divergence(llama_bin: Path, gguf: Path, logits: Path, ctx: int, mode: str, threads: int) -> dict:
     """The rule's llama-perplexity (its arguments as cpuforge.evaluate.perplexity.kl_divergence gives them, the
     load mode last, which wins), in a process of its own; its VmHWM, read until it exits (not its ru_maxrss,
     which Linux carries over from this process through fork and exec)."""
-    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", CTX, "-b", CTX, "-t", threads,
+    args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads,
             *MODES[mode], *VERBOSE]  # fmt: skip
     tool = REPO / "cpuforge" / "llama" / "tool.py"
     with tempfile.TemporaryFile("w+") as out:
@@ -171,7 +173,8 @@ def bench(llama_bin: Path, gguf: Path, threads: int, repetitions: int, rounds: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", type=Path)
-    parser.add_argument("--logits", type=Path, required=True, help="the f16's saved log-probabilities (context 512)")
+    parser.add_argument("--logits", type=Path, required=True, help="the f16's saved log-probabilities")
+    parser.add_argument("--logits-ctx", type=int, default=CTX, help="the context they were saved at (eval.ctx)")
     parser.add_argument("--llama-bin", type=Path, help="the pinned llama.cpp bin folder (default: the workflow's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each way of loading, in turns")
@@ -181,8 +184,8 @@ def main() -> None:
     llama_bin = args.llama_bin or default_llama_bin(args.gguf)
     stages = {"server": lambda mode: server(llama_bin, args.gguf, mode, threads),
               "chat": lambda mode: chat(llama_bin, args.gguf, mode, threads),
-              "eval_kl_divergence": lambda mode: kl_divergence(llama_bin, args.gguf, args.logits, mode,
-                                                               threads)}  # fmt: skip
+              "eval_kl_divergence": lambda mode: kl_divergence(llama_bin, args.gguf, args.logits, args.logits_ctx,
+                                                               mode, threads)}  # fmt: skip
     best: dict[tuple[str, str], dict] = {}
     for n in range(args.rounds):
         for stage, measure in stages.items():
@@ -198,11 +201,11 @@ def main() -> None:
     # no rule runs the server or the chat: the work of a llama.cpp run on their context (the GGUF, KV cache,
     # compute and output buffers as cpuforge.sizing counts them), without a process's base
     work = {"server": llama_run("plan", g, CTX, 1, threads).mem - BASE_MB["plan"],
-            "eval_kl_divergence": llama_run("plan", g, CTX, CTX, threads).mem - BASE_MB["plan"]}  # fmt: skip
+            "eval_kl_divergence": llama_run("plan", g, args.logits_ctx, args.logits_ctx, threads).mem - BASE_MB["plan"]}  # fmt: skip
     work["chat"] = work["server"]
     predicted = {"server": work["server"], "chat": work["chat"],
-                 "eval_kl_divergence": eval_kl_divergence_need(g, CTX, 1, threads).mem_mb}  # fmt: skip
-    print(f"{args.gguf}: {g.nbytes / MIB:.1f} MiB; {threads} threads, context {CTX}, each figure the best of "
+                 "eval_kl_divergence": eval_kl_divergence_need(g, args.logits_ctx, 1, threads).mem_mb}  # fmt: skip
+    print(f"{args.gguf}: {g.nbytes / MIB:.1f} MiB; {threads} threads, context {CTX} ({args.logits_ctx} for the KL divergence), each figure the best of "
           f"{args.rounds} rounds\n")  # fmt: skip
     print("| runtime | peak RSS mapped MiB | peak RSS read MiB | predicted MiB "
           "| read ÷ (GGUF + KV + compute + output) | llama.cpp's buffers, read MiB "
