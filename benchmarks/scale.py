@@ -110,7 +110,8 @@ def hf_shapes(s: dict, vocab: int) -> dict[str, list[int]]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], seed: int, sparse: bool = False) -> None:
-    """Random weights (norms 1), one tensor in memory at a time; `sparse`: zeros that take no disk."""
+    """Random weights (norms 1), one tensor in memory at a time; `sparse`: the matrices zeros that take no
+    disk (a hole), the norms still 1 (zero norms would zero every hidden state: every logit equal)."""
     import torch
 
     from cpuforge.io.safetensors import safetensors_layout
@@ -121,12 +122,14 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], see
         f.write(header)
         if sparse:
             f.truncate(len(header) + size)
-            return
         for name in sorted(tensors):
             dtype, shape = tensors[name]
             torch_dtype = torch.float16 if dtype == "F16" else torch.float32
             if len(shape) == 1:
                 data = torch.ones(shape, dtype=torch_dtype)
+            elif sparse:
+                f.seek(math.prod(shape) * (2 if dtype == "F16" else 4), os.SEEK_CUR)
+                continue
             else:
                 data = (torch.randn(shape, generator=generator) * 0.02).to(torch_dtype)
             f.write(memoryview(data.view(-1).view(torch.uint8).numpy()))
