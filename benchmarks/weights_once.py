@@ -2,8 +2,7 @@
 (llama.cpp's default, as before) and read (cpuforge.llama.runtime.LOAD_MODE, as now), side by side in one run.
 
     python -m benchmarks.weights_once results/demo/ggml-model-q4_0.gguf --logits F16_LOGITS [--threads 2]
-    python -m benchmarks.weights_once results/scale/ggml-model-q4_0.gguf --logits results/scale/report/f16-logits.kld \
-        --logits-ctx 256 --rounds 1 --repetitions 1   # the 7B shape (benchmarks.scale's evaluation context)
+    python -m benchmarks.weights_once results/scale/ggml-model-q4_0.gguf --rounds 1 --no-bench   # the 7B shape
 
 In turns, `--rounds` of each way (each figure's best kept: other work only adds to a peak or a time):
 - server: llama-server as scripts.serve starts it (cpuforge.serve.engine.llama_server_command, context 512,
@@ -173,19 +172,21 @@ def bench(llama_bin: Path, gguf: Path, threads: int, repetitions: int, rounds: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf", type=Path)
-    parser.add_argument("--logits", type=Path, required=True, help="the f16's saved log-probabilities")
+    parser.add_argument("--logits", type=Path, help="the f16's saved log-probabilities (without: no KL row)")
     parser.add_argument("--logits-ctx", type=int, default=CTX, help="the context they were saved at (eval.ctx)")
     parser.add_argument("--llama-bin", type=Path, help="the pinned llama.cpp bin folder (default: the workflow's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each way of loading, in turns")
     parser.add_argument("--repetitions", type=int, default=5, help="llama-bench -r")
+    parser.add_argument("--no-bench", action="store_true", help="leave out llama-bench (pp512 is minutes at 7B)")
     args = parser.parse_args()
     threads = check_threads(args.threads)
     llama_bin = args.llama_bin or default_llama_bin(args.gguf)
     stages = {"server": lambda mode: server(llama_bin, args.gguf, mode, threads),
-              "chat": lambda mode: chat(llama_bin, args.gguf, mode, threads),
-              "eval_kl_divergence": lambda mode: kl_divergence(llama_bin, args.gguf, args.logits, args.logits_ctx,
-                                                               mode, threads)}  # fmt: skip
+              "chat": lambda mode: chat(llama_bin, args.gguf, mode, threads)}  # fmt: skip
+    if args.logits:
+        stages["eval_kl_divergence"] = lambda mode: kl_divergence(llama_bin, args.gguf, args.logits, args.logits_ctx,
+                                                                  mode, threads)  # fmt: skip
     best: dict[tuple[str, str], dict] = {}
     for n in range(args.rounds):
         for stage, measure in stages.items():
@@ -195,7 +196,7 @@ def main() -> None:
                          mode, got["peak"], got["load_s"], got["buffers"])  # fmt: skip
                 old = best.get((stage, mode), got)
                 best[(stage, mode)] = {k: min(old[k], got[k]) for k in got}
-    speed = bench(llama_bin, args.gguf, threads, args.repetitions, args.rounds)
+    speed = None if args.no_bench else bench(llama_bin, args.gguf, threads, args.repetitions, args.rounds)
 
     g = read_gguf(args.gguf)
     # no rule runs the server or the chat: the work of a llama.cpp run on their context (the GGUF, KV cache,
@@ -205,8 +206,8 @@ def main() -> None:
     work["chat"] = work["server"]
     predicted = {"server": work["server"], "chat": work["chat"],
                  "eval_kl_divergence": eval_kl_divergence_need(g, args.logits_ctx, 1, threads).mem_mb}  # fmt: skip
-    print(f"{args.gguf}: {g.nbytes / MIB:.1f} MiB; {threads} threads, context {CTX} ({args.logits_ctx} for the KL divergence), each figure the best of "
-          f"{args.rounds} rounds\n")  # fmt: skip
+    print(f"{args.gguf}: {g.nbytes / MIB:.1f} MiB; {threads} threads, context {CTX} ({args.logits_ctx} for the KL "
+          f"divergence), each figure the best of {args.rounds} rounds\n")  # fmt: skip
     print("| runtime | peak RSS mapped MiB | peak RSS read MiB | predicted MiB "
           "| read ÷ (GGUF + KV + compute + output) | llama.cpp's buffers, read MiB "
           "| load s mapped | load s read |")  # fmt: skip
@@ -215,6 +216,8 @@ def main() -> None:
         a, b = best[(stage, "mapped")], best[(stage, "read")]
         print(f"| {stage} | {a['peak']:.1f} | {b['peak']:.1f} | {predicted[stage]:.0f} | {b['peak'] / work[stage]:.2f} "
               f"| {b['buffers']:.1f} | {a['load_s']:.2f} | {b['load_s']:.2f} |")  # fmt: skip
+    if speed is None:
+        return
     print("\n| llama-bench, best t/s | mapped | read |\n|---|---:|---:|")
     for test in ("pp", "tg"):
         print(f"| {test} | {speed[('mapped', test)]:.1f} | {speed[('read', test)]:.1f} |")
