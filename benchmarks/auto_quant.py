@@ -13,8 +13,8 @@ type, which keeps the embeddings and the output larger, with the importance matr
 picks from today); it measures each as the search measured its candidates: size, bits per weight of the
 matrices, KL divergence and top-1 agreement against the f16 GGUF (the f16 log-probabilities made again
 here, on the report's text), task accuracy on the held-out rows, and llama-bench's pp/tg tokens/s; then
-the chosen file the same way. Last, the search's wall time (sensitivity + search, from Snakemake's benchmark files)
-as a ratio to the q4_0 KL stage and to KL + task of q4_0, both timed here.
+the chosen file the same way. Last, the search's wall time (sensitivity + search, from Snakemake's
+benchmark files) as a ratio to the q4_0 KL stage and to KL + task of q4_0, both timed here.
 """
 
 from __future__ import annotations

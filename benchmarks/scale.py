@@ -114,7 +114,7 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], see
     disk (a hole), the norms still 1 (zero norms would zero every hidden state: every logit equal)."""
     import torch
 
-    from cpuforge.io.safetensors import safetensors_layout
+    from cpuforge.io.safetensors import ITEMSIZE, safetensors_layout
 
     header, size = safetensors_layout(tensors)
     generator = torch.Generator().manual_seed(seed)
@@ -128,7 +128,7 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], see
             if len(shape) == 1:
                 data = torch.ones(shape, dtype=torch_dtype)
             elif sparse:
-                f.seek(math.prod(shape) * (2 if dtype == "F16" else 4), os.SEEK_CUR)
+                f.seek(math.prod(shape) * ITEMSIZE[dtype], os.SEEK_CUR)
                 continue
             else:
                 data = (torch.randn(shape, generator=generator) * 0.02).to(torch_dtype)
