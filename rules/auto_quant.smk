@@ -35,7 +35,6 @@ rule auto_quant_search:
         logits="results/{model}/report/f16-logits.kld",
         merged="results/{model}/merged",
         task=get_heldout,
-        quantize=f"{SPEC.llama_bin}/llama-quantize",
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
         gguf="results/{model}/ggml-model-auto.gguf",
@@ -63,7 +62,7 @@ rule auto_quant_search:
         max_kl=EVAL["gate"]["max_kl_divergence"],
         min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
-        'python -m scripts.auto_quant --llama-bin "$(dirname {input.quantize:q})" --gguf {input.gguf:q}'
+        'python -m scripts.auto_quant --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
         " --sensitivity {input.sensitivity:q} {params.imatrix:q} --logits {input.logits:q} --ctx-size {params.ctx}"
         " --merged {input.merged:q} {params.heldout:q} --max-new-tokens {params.max_new_tokens}"
         " --max-kl-divergence {params.max_kl} --max-ppl-increase-pct {params.max_ppl}"

@@ -7,11 +7,12 @@
         --record results/m/auto/search.json --threads 8
 
 From the tensors' measured sensitivity (scripts.measure_sensitivity), the mixes that lose least for their
-size (cpuforge.autoquant.frontier); candidates among them quantized by the pinned llama-quantize from their
-recipe, their types checked in the written header, and measured as the report measures a quant: KL
-divergence and perplexity on the held-out text for each, then task accuracy on the held-out rows for
-the smallest that passes them, going on above it while the accuracy misses (cpuforge.autoquant.search). With --max-size-mib or --max-bpw, the least lossy mix within that size
-instead. Writes the chosen GGUF (its recipe in its provenance), the recipe as llama-quantize's
+size (cpuforge.autoquant.frontier); candidates among them made from their recipe, each tensor quantized in a
+type once as llama-quantize quantizes it (cpuforge.autoquant.tensors), their types checked in the written
+header, and measured as the report measures a quant: KL divergence and perplexity on the held-out text for
+each, then task accuracy on the held-out rows for the smallest that passes them, going on above it while the
+accuracy misses (cpuforge.autoquant.search). With --max-size-mib or --max-bpw, the least lossy mix within
+that size instead. Writes the chosen GGUF (its recipe in its provenance), the recipe as llama-quantize's
 --tensor-type-file, and the search record (every candidate: size, bpw, KL, accuracy, seconds). When no
 candidate passes, it fails with one sentence naming the best candidate and the figures it missed. The
 chosen file is then a stage like every other: the report measures it again, as it measures q4_0.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -28,12 +30,13 @@ from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import sweep
 from cpuforge.autoquant.search import Gate
 from cpuforge.autoquant.sensitivity import quantizable, read_table
+from cpuforge.autoquant.tensors import Tensors
 from cpuforge.autoquant.verify import MIB, Inputs, run_search, summary
 from cpuforge.cli import add_flags, check_threads, run
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json, write_json
 from cpuforge.io.gguf import check_gguf, read_header
-from cpuforge.io.provenance import copy_gguf_with_provenance, provenance, write_provenance
+from cpuforge.io.provenance import provenance, write_provenance
 from cpuforge.paths import source_record
 from cpuforge.text.task import read_heldout
 
@@ -81,16 +84,21 @@ def main() -> None:
              frontier.bytes(len(frontier) - 1) / MIB)  # fmt: skip
     started = time.monotonic()
     with atomic_output(args.out) as tmp:
-        inp = Inputs(args.llama_bin, args.gguf, args.imatrix, args.logits, args.ctx_size, args.merged, rows,
-                     args.max_new_tokens, threads, tmp)  # fmt: skip
-        k, results = run_search(inp, frontier, gate, n_elements, args.budget, max_bytes)
-        types = {name: o.type for name, o in frontier.mix(k).items()}
-        source = source_record(args.llama_bin)
-        inputs = {"gguf": args.gguf, "sensitivity": args.sensitivity, "logits": args.logits,
-                  **({"imatrix": args.imatrix} if args.imatrix else {})}  # fmt: skip
-        record = provenance(args.out, inputs, step="quantize", type="auto", recipe=types,
-                            llama_cpp=read_json(source) if source.is_file() else None)  # fmt: skip
-        copy_gguf_with_provenance(inp.kept.pop(k), tmp, "quantize", record)
+        quantized = tmp.with_name(tmp.name + ".tensors")
+        try:
+            tensors = Tensors(args.llama_bin, args.gguf, args.imatrix, quantized, threads)
+            inp = Inputs(args.llama_bin, tensors, args.logits, args.ctx_size, args.merged, rows, args.max_new_tokens,
+                         threads, tmp)  # fmt: skip
+            k, results = run_search(inp, frontier, gate, n_elements, args.budget, max_bytes)
+            types = {name: o.type for name, o in frontier.mix(k).items()}
+            source = source_record(args.llama_bin)
+            inputs = {"gguf": args.gguf, "sensitivity": args.sensitivity, "logits": args.logits,
+                      **({"imatrix": args.imatrix} if args.imatrix else {})}  # fmt: skip
+            record = provenance(args.out, inputs, step="quantize", type="auto", recipe=types,
+                                llama_cpp=read_json(source) if source.is_file() else None)  # fmt: skip
+            tensors.write(types, tmp, record)
+        finally:
+            shutil.rmtree(quantized, ignore_errors=True)
     write_provenance(args.out, record)
     with atomic_output(args.recipe) as tmp:
         recipe.write(tmp, types)

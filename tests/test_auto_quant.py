@@ -16,6 +16,7 @@ from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import Gate, chosen, search
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
+from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import open_gguf, read_header
 from cpuforge.llama.ggml import ggml_type, round_trip
@@ -211,6 +212,36 @@ def test_a_recipe_is_written_as_it_says_and_rounded_as_the_sensitivity_rounds_it
     wrong = {**types, matrices[1].name: "q8_0" if types[matrices[1].name] != "q8_0" else "q4_0"}
     with pytest.raises(RuntimeError, match=f"did not follow the recipe: {re.escape(matrices[1].name)} is"):
         recipe.check_written(out, wrong)
+
+
+@pytest.mark.llama
+def test_candidates_are_written_with_llama_quantizes_bytes_whatever_the_threads(llama_bin, k_gguf, tmp_path,
+                                                                                 monkeypatch):  # fmt: skip
+    """A candidate made from tensors quantized once (cpuforge.autoquant.tensors) holds, tensor for tensor, the
+    bytes llama-quantize writes from the same recipe, and the same file comes out on one thread or two, its
+    tensors quantized whole or in shares of a few rows."""
+    header = read_header(k_gguf)
+    matrices = [t for t in header.tensors.values() if len(t.shape) == 2]
+    types = {t.name: kind for t, kind in zip(matrices, itertools.cycle(["q4_K", "iq4_nl", "q3_K", "q6_K", "q5_0"]))}
+    path = tmp_path / "recipe.txt"
+    recipe.write(path, types)
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([str(llama_bin / "llama-quantize"), "--tensor-type-file", str(path), str(k_gguf), str(theirs),
+                    "Q4_K_S"], check=True, capture_output=True)  # fmt: skip
+    Tensors(llama_bin, k_gguf, None, tmp_path / "whole", 1).write(types, tmp_path / "ours.gguf", {"test": 1})
+    monkeypatch.setattr("cpuforge.autoquant.tensors.CHUNK_WEIGHTS", 1000)  # a few rows of 256 per share
+    shared = Tensors(llama_bin, k_gguf, None, tmp_path / "shared", 2)
+    shared.write(types, tmp_path / "shared.gguf", {"test": 1})
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "shared.gguf").read_bytes()
+    # (llama-quantize lays the tensors out layer by layer, by name; a candidate keeps the f16 file's order)
+    ours = {t.name: (t.tensor_type, bytes(t.data)) for t in open_gguf(tmp_path / "ours.gguf").tensors}
+    assert ours == {t.name: (t.tensor_type, bytes(t.data)) for t in open_gguf(theirs).tensors}
+    # llama.cpp reads the candidate as it reads llama-quantize's file
+    assert shared.path(matrices[0].name, types[matrices[0].name]).is_file()
+    out = subprocess.run([str(llama_bin / "llama-cli"), "-m", str(tmp_path / "ours.gguf"), "-p", "the", "-n", "4",
+                          "-st", "-t", "1", "--temp", "0", "--no-warmup"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.llama

@@ -99,13 +99,11 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
 
 
 def search(frontier: Frontier, measure: Callable[[int], dict], measure_task: Callable[[int, dict], dict],
-           gate: Gate, first: int, budget: int,
-           after: Callable[[dict[int, dict]], None] = lambda results: None) -> dict[int, dict]:  # fmt: skip
+           gate: Gate, first: int, budget: int) -> dict[int, dict]:  # fmt: skip
     """Measure points (`measure(k)`: the figures against the f16 logits of point k) until the bracket closes or
     `budget` candidates are spent, then the task (`measure_task(k, figures so far)`: its accuracy) on the
     smallest that passed, going on above it while the accuracy misses; every result, by point, with
-    `passed`, `misses` and `order` (its last measurement's place); `after(results)` follows each
-    measurement. Without a task (gate.min_accuracy None) the first part decides."""
+    `passed`, `misses` and `order` (its last measurement's place). Without a task (gate.min_accuracy None) the first part decides."""
     results: dict[int, dict] = {}
     steps = 0
     while True:
@@ -120,7 +118,6 @@ def search(frontier: Frontier, measure: Callable[[int], dict], measure_task: Cal
         misses = gate.misses(figures)
         results[k] = {**figures, "passed": not misses, "misses": misses, "order": steps}
         steps += 1
-        after(results)
 
 
 def chosen(results: dict[int, dict]) -> int | None:

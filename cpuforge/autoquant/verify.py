@@ -1,8 +1,10 @@
-"""The search run for real: each candidate quantized by the pinned llama-quantize from its recipe, its
-types checked in the written header, measured as the report measures a quant, and the chosen one kept.
+"""The search run for real: each candidate made from its recipe (tensors.py: each tensor quantized in a
+type once, as llama-quantize quantizes it), its types checked in the written header, and measured as the
+report measures a quant.
 
-Candidates are written beside the output under its partial name, and all but the best so far deleted as
-the search goes (at the 7B shape each is gigabytes)."""
+A candidate's file is written beside the output under its partial name and deleted once measured (at the
+7B shape each is gigabytes); the quantized tensors stay until the search ends, so making a candidate again,
+for its task or as the chosen file, is a copy."""
 
 from __future__ import annotations
 
@@ -11,17 +13,16 @@ import re
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import Frontier
 from cpuforge.autoquant.search import FIRST_BPW, Gate, chosen, point_of_bpw, search
 from cpuforge.autoquant.sensitivity import Option
+from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import GateError
 from cpuforge.evaluate.perplexity import kl_divergence
 from cpuforge.evaluate.task import answers_gguf
-from cpuforge.llama.quant import run_quantize
 from cpuforge.sizing.costs import MIB
 from cpuforge.text.task import answer
 
@@ -34,8 +35,7 @@ class Inputs:
     """What a candidate is made and measured from."""
 
     llama_bin: Path
-    f16: Path
-    imatrix: Path | None
+    tensors: Tensors  # the f16 GGUF's matrices, quantized as the candidates ask
     logits: Path  # the f16 GGUF's log-probabilities on the held-out text (eval_perplexity --save-logits)
     ctx: int
     merged: Path  # the tokenizer the task's prompts are built with
@@ -43,19 +43,13 @@ class Inputs:
     max_new_tokens: int
     threads: int
     scratch: Path  # the candidates' files are named after it
-    kept: dict[int, Path] = field(default_factory=dict)  # the candidates' files still on disk, by point
     measured: int = 0
 
 
-def make_candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
-    mix = frontier.mix(k)
-    types = {name: o.type for name, o in mix.items()}
-    rec = inp.scratch.with_name(f"{inp.scratch.name}.{k}.recipe.txt")
-    recipe.write(rec, types)
+def candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
+    """Point k's file, made from its recipe."""
     out = inp.scratch.with_name(f"{inp.scratch.name}.{k}.gguf")
-    base = recipe.base_type(types, {name: o.bytes for name, o in mix.items()})
-    run_quantize(inp.llama_bin, inp.f16, out, base, inp.threads, inp.imatrix, rec)
-    recipe.check_written(out, types)
+    inp.tensors.write({name: o.type for name, o in frontier.mix(k).items()}, out, {"candidate": k})
     return out
 
 
@@ -66,9 +60,13 @@ def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
     inp.measured += 1
     log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
              frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
-    gguf = inp.kept[k] = make_candidate(inp, frontier, k)
-    kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
-    figures = {"point": k, "size_bytes": gguf.stat().st_size, "tensor_bytes": frontier.bytes(k),
+    gguf = candidate(inp, frontier, k)
+    size = gguf.stat().st_size
+    try:
+        kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
+    finally:
+        gguf.unlink()
+    figures = {"point": k, "size_bytes": size, "tensor_bytes": frontier.bytes(k),
                "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
                "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
                "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100,
@@ -79,25 +77,19 @@ def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
 
 
 def measure_task(inp: Inputs, frontier: Frontier, k: int, seconds: float) -> dict:
-    """Point k's task accuracy on the held-out rows, its file made again if a smaller point's replaced it;
-    `seconds` the point's time so far."""
+    """Point k's task accuracy on the held-out rows, its file made again; `seconds` the point's time so far."""
     started = time.monotonic()
-    if k not in inp.kept:
-        log.info("point %d: made again for its task (a smaller point's file replaced it)", k)
-        inp.kept[k] = make_candidate(inp, frontier, k)
     log.info("point %d: the task on %d held-out rows", k, len(inp.rows))
-    answers = answers_gguf(inp.kept[k], inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+    gguf = candidate(inp, frontier, k)
+    try:
+        answers = answers_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+    finally:
+        gguf.unlink()
     right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
     seconds += time.monotonic() - started
     log.info("point %d: accuracy %d/%d, %.0f s in all", k, sum(right), len(right), seconds)
     return {"accuracy": sum(right) / len(right), "correct": sum(right), "rows": len(right), "answers": answers,
             "seconds": round(seconds, 1)}  # fmt: skip
-
-
-def keep_only(inp: Inputs, k: int | None) -> None:
-    """Delete every candidate's file but point k's (the smallest that passes so far)."""
-    for j in [j for j in inp.kept if j != k]:
-        inp.kept.pop(j).unlink()
 
 
 def best_failure(results: dict[int, dict]) -> int:
@@ -107,7 +99,7 @@ def best_failure(results: dict[int, dict]) -> int:
 
 def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, budget: int,
                max_bytes: int | None) -> tuple[int, dict[int, dict]]:  # fmt: skip
-    """The chosen point, whose file is `inp.kept[point]`, and every candidate's figures (`n_elements`: the
+    """The chosen point and every candidate's figures (`n_elements`: the
     weights of the quantized matrices, for their bits per weight). With `max_bytes`, the least lossy point
     within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
     that passes the gate, GateError when none does."""
@@ -123,9 +115,7 @@ def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, bud
             raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
                             f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
         return k, search(frontier, measured, tasked, gate, k, 1)
-    # after each measurement only the file of the smallest point that passes so far stays: at 7B each is GBs
-    results = search(frontier, measured, tasked, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget,
-                     after=lambda results: keep_only(inp, chosen(results)))  # fmt: skip
+    results = search(frontier, measured, tasked, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget)
     k = chosen(results)
     if k is None:
         best = best_failure(results)

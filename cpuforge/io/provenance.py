@@ -8,6 +8,9 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from cpuforge.io.files import atomic_output, sha256_tree
 from cpuforge.io.gguf import field_values, open_gguf
 
@@ -43,11 +46,13 @@ def write_provenance(artifact: str | os.PathLike, record: dict) -> None:
 
 
 def copy_gguf_with_provenance(
-    src: Path, dst: Path, step: str, record: dict, metadata: dict | None = None, remove: tuple[str, ...] = ()
+    src: Path, dst: Path, step: str, record: dict, metadata: dict | None = None, remove: tuple[str, ...] = (),
+    replace: dict[str, tuple[GGMLQuantizationType, Path]] | None = None,
 ) -> None:
     """Copy a GGUF file, adding `record` as JSON under the key `cpuforge.<step>`, so the file alone
     tells its history; keys from earlier steps travel along (llama-quantize copies them too).
-    `metadata` (key -> str, bool or int value) sets further keys, `remove` drops keys."""
+    `metadata` (key -> str, bool or int value) sets further keys, `remove` drops keys; `replace` (tensor
+    name -> its type and a file of its packed bytes) puts those tensors in other types."""
     from gguf import GGUFValueType, GGUFWriter
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
@@ -57,8 +62,21 @@ def copy_gguf_with_provenance(
     reader = open_gguf(src)
     writer = GGUFWriter(dst, arch=reader.get_field("general.architecture").contents(), endianess=reader.endianess)
     with open(src, "rb") as f:
-        reader.tensors = [t._replace(data=StreamedTensor(f, t.data_offset, t.data)) for t in reader.tensors]
+        reader.tensors = [replaced(t, *replace[t.name]) if t.name in (replace or {})
+                          else t._replace(data=StreamedTensor(f, t.data_offset, t.data.shape, t.data.dtype))
+                          for t in reader.tensors]  # fmt: skip
         copy_with_new_metadata(reader, writer, new, list(remove))
+
+
+def replaced(t, kind: GGMLQuantizationType, packed: Path):
+    """GGUFReader's tensor `t` in type `kind`, its bytes those of the file `packed`."""
+    block, size = GGML_QUANT_SIZES[kind]
+    n_per_row, rows = int(t.shape[0]), t.n_elements // int(t.shape[0])
+    shape = (rows, n_per_row // block * size)
+    if packed.stat().st_size != shape[0] * shape[1]:
+        raise RuntimeError(f"{packed}: {packed.stat().st_size} bytes, not the {shape[0] * shape[1]} of {t.name} "
+                           f"in {kind.name}.")  # fmt: skip
+    return t._replace(tensor_type=kind, n_bytes=shape[0] * shape[1], data=StreamedTensor(packed, 0, shape, np.uint8))
 
 
 class StreamedTensor:
@@ -66,21 +84,29 @@ class StreamedTensor:
 
     GGUFReader's tensors are views of one memory map, and every page a copy reads from a map stays
     resident in the process: copying a 13 GB f16 GGUF that way shows 13 GB of memory. This stands in
-    for such a view where the writer uses it (shape, dtype, nbytes, tofile), so the copy holds one chunk."""
+    for such a view where the writer uses it (shape, dtype, nbytes, tofile), so the copy holds one chunk.
+    `source` is an open file, or a path opened when the bytes are copied."""
 
     CHUNK = 64 << 20
 
-    def __init__(self, file, offset: int, view):
-        self.file, self.offset = file, offset
-        self.shape, self.dtype, self.nbytes = view.shape, view.dtype, view.nbytes
+    def __init__(self, source, offset: int, shape: tuple[int, ...], dtype):
+        self.source, self.offset = source, offset
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
     def tofile(self, out) -> None:
-        self.file.seek(self.offset)
+        if isinstance(self.source, Path):
+            with open(self.source, "rb") as f:
+                return self._copy(f, out)
+        return self._copy(self.source, out)
+
+    def _copy(self, f, out) -> None:
+        f.seek(self.offset)
         left = self.nbytes
         while left:
-            block = self.file.read(min(left, self.CHUNK))
+            block = f.read(min(left, self.CHUNK))
             if not block:
-                raise EOFError(f"{self.file.name}: ends inside a tensor's data.")
+                raise EOFError(f"{f.name}: ends inside a tensor's data.")
             out.write(block)
             left -= len(block)
 

@@ -55,6 +55,8 @@ def _lib(bin_dir: str) -> ctypes.CDLL:
                                         ctypes.c_int64, _FLOATS]  # fmt: skip
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_validate_row_data.restype = ctypes.c_bool
+    lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
     return lib
 
 
@@ -62,10 +64,10 @@ def requires_imatrix(bin_dir: str | os.PathLike, kind: GGMLQuantizationType) -> 
     return bool(_lib(os.fspath(bin_dir)).ggml_quantize_requires_imatrix(int(kind)))
 
 
-def round_trip(bin_dir: str | os.PathLike, kind: GGMLQuantizationType, rows: np.ndarray,
-               imatrix: np.ndarray | None) -> np.ndarray:  # fmt: skip
-    """`rows` (float32, n x n_per_row) quantized to `kind` by ggml, as llama-quantize would with `imatrix`
-    (one weight per column, or None), and read back as float32."""
+def quantize(bin_dir: str | os.PathLike, kind: GGMLQuantizationType, rows: np.ndarray,
+             imatrix: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """`rows` (float32, n x n_per_row) quantized to `kind` by ggml as llama-quantize quantizes them with
+    `imatrix` (one weight per column, or None), and validated as it validates them: the packed bytes."""
     lib = _lib(os.fspath(bin_dir))
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, n_per_row = rows.shape
@@ -77,7 +79,18 @@ def round_trip(bin_dir: str | os.PathLike, kind: GGMLQuantizationType, rows: np.
     packed = np.empty(n * row_bytes(kind, n_per_row), dtype=np.uint8)
     lib.ggml_quantize_chunk(int(kind), rows.ctypes.data_as(_FLOATS), packed.ctypes.data, 0, n, n_per_row,
                             None if weights is None else weights.ctypes.data_as(_FLOATS))  # fmt: skip
-    return _dequantize(lib, kind, packed, n * n_per_row).reshape(n, n_per_row)
+    if not lib.ggml_validate_row_data(int(kind), packed.ctypes.data, packed.nbytes):
+        raise ValueError(f"ggml's {type_name(kind)} rounding gave invalid blocks (a weight or scale not finite)")
+    return packed
+
+
+def round_trip(bin_dir: str | os.PathLike, kind: GGMLQuantizationType, rows: np.ndarray,
+               imatrix: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """`rows` (float32, n x n_per_row) quantized to `kind` by ggml, as llama-quantize would with `imatrix`
+    (one weight per column, or None), and read back as float32."""
+    packed = quantize(bin_dir, kind, rows, imatrix)
+    lib = _lib(os.fspath(bin_dir))
+    return _dequantize(lib, kind, packed, rows.size).reshape(rows.shape)
 
 
 def _dequantize(lib: ctypes.CDLL, kind: GGMLQuantizationType, packed: np.ndarray, count: int) -> np.ndarray:

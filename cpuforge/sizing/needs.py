@@ -136,18 +136,19 @@ def measure_sensitivity_need(f16: Gguf, sample_weights: int, types: int, threads
 
 def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, chunks: int, task: Task,
                            max_new_tokens: int, budget: int, threads: int) -> Need:  # fmt: skip
-    """`budget` candidates in turn, each quantized by llama-quantize and measured by llama-perplexity, then the
-    chosen one's task by llama-cpp-python beside the merged model's tokenizer: memory as for the `largest` a
-    candidate can be (every matrix in the search's largest type), time and disk as for `typical` ones
-    (the best one kept while the next is made)."""
+    """`budget` candidates in turn, each written from tensors quantized once (the first candidate's all, a
+    later one's those whose type changed, about a third more) and measured by llama-perplexity, then the
+    chosen one's task by llama-cpp-python beside the merged model's tokenizer: memory as for the `largest`
+    a candidate can be, time and disk as for `typical` ones (the quantized tensors kept beside the
+    candidate being measured)."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
-    peak = [quantizer(rule, f16, largest, "q8_0", threads), perplexity(rule, largest, ctx, chunks, threads, False),
+    peak = [perplexity(rule, largest, ctx, chunks, threads, False),
             answers(rule, largest, task, max_new_tokens, threads)]  # fmt: skip
-    steps = [quantizer(rule, f16, typical, "q4_k_m", threads), perplexity(rule, typical, ctx, chunks, threads, False),
-             answers(rule, typical, task, max_new_tokens, threads)]  # fmt: skip
-    mem = max(c.mem for c in peak) + tokenizer
-    seconds = budget * (steps[0].seconds + steps[1].seconds) + steps[2].seconds
-    return Cost(mem, 2 * typical.nbytes, seconds, typical.nbytes).need()
+    quantized = quantizer(rule, f16, typical, "q4_k_m", threads).seconds * 4 / 3
+    seconds = quantized + budget * perplexity(rule, typical, ctx, chunks, threads, False).seconds
+    seconds += answers(rule, typical, task, max_new_tokens, threads).seconds
+    seconds += (budget + 2) * typical.nbytes / DISK_BYTES_PER_SECOND  # the candidates and the chosen file written
+    return Cost(max(c.mem for c in peak) + tokenizer, 3 * typical.nbytes, seconds, typical.nbytes).need()
 
 
 def check_tokenizer_need(arch: Arch, text_bytes: int) -> Need:
