@@ -91,6 +91,11 @@ def main() -> None:
                         help="llama-quantize types (q4_0, iq3_xxs, …) also made as quant_types makes them: "
                              "llama-quantize's own mix for the type, with the importance matrix")  # fmt: skip
     args = parser.parse_args()
+    unknown = [kind for kind in args.types or [] if kind not in UNIFORM]
+    if unknown:
+        parser.error(f"--types {' '.join(unknown)}: not a ladder type ({', '.join(UNIFORM)}).")
+    if args.types is not None and "q4_0" not in args.types + args.listed:
+        parser.error("--types or --listed must hold q4_0: the search's time is a ratio to q4_0's evaluation.")
     import subprocess
 
     from cpuforge.evaluate.perplexity import perplexity_gguf

@@ -54,3 +54,10 @@ def test_soak_refuses_no_clients(tmp_path):
 def test_scale_refuses_an_unknown_shape():
     result = run("scale", "--shape", "70b-please")
     assert result.returncode == 2 and "invalid choice: '70b-please'" in result.stderr
+
+
+def test_auto_quant_refuses_a_ladder_without_q4_0_before_any_work(tmp_path):
+    result = run("auto_quant", "--workdir", str(tmp_path), "--types", "iq4_nl")
+    assert result.returncode == 2 and "--types or --listed must hold q4_0" in result.stderr
+    result = run("auto_quant", "--workdir", str(tmp_path), "--types", "q4_0", "q4_k_m")
+    assert result.returncode == 2 and "--types q4_k_m: not a ladder type" in result.stderr
