@@ -15,7 +15,8 @@ second LoRA (r=16 on q, k, v, o) stacked on it. The inputs are built by a proces
 step measured here inherits its memory high-water mark.
 
 Then it runs `snakemake -c2 plan` and `snakemake -c2 TARGET` on them, with the evaluation sized down
-(see EVAL), samples the memory of every job's process tree every 0.2 s, and prints one row per job:
+(see EVAL; `--full-eval` keeps config.yaml's windows and answers, and every held-out row), samples
+the memory of every job's process tree every 0.2 s, and prints one row per job:
 wall time beside the plan's time limit, predicted and measured peak RSS (the sampled peak; Snakemake's
 own max_rss, sampled every 30 s after a job's first 15 s, beside it), predicted disk and the size of
 what it wrote. Then peft's merge_and_unload + save_pretrained on the same inputs (f16, as the seed's
