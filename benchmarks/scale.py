@@ -312,11 +312,15 @@ def write_config(workdir: Path, inputs: Path, auto: bool = False, full_eval: boo
     build = os.environ.get("CPUFORGE_BUILD_DIR", str(REPO / "build" / "llama.cpp"))
     config = {"models": [{"name": "scale", "base": str(inputs / "base"), "adapters": adapters, "task_data": task}],
               "llama_cpp": {"build_dir": build}, **EVAL}  # fmt: skip
-    if full_eval:  # config.yaml's windows and answers: the evaluation a user runs, the gate still open
-        workflow = yaml.safe_load((REPO / "config.yaml").read_text())["eval"]
+    workflow = yaml.safe_load((REPO / "config.yaml").read_text())["eval"]
+    if full_eval:  # config.yaml's windows and answers: the evaluation a user runs
         config["eval"] = config["eval"] | {key: workflow[key] for key in ("ctx", "chunks", "max_new_tokens")}
     if auto:  # the quant search beside q4_0, whose evaluation stages it is timed against
         config |= {"quant_types": ["q4_0", "auto"], "auto_quant": {"budget": 3}}
+        # config.yaml's KL limit, so the search brackets as it would for a user (the other limits stay open:
+        # on random weights no answer is right)
+        gate = config["eval"]["gate"] | {"max_kl_divergence": workflow["gate"]["max_kl_divergence"]}
+        config["eval"] = config["eval"] | {"gate": gate}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 

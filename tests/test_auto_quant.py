@@ -14,7 +14,7 @@ from helpers.models import make_tiny_llama
 
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
-from cpuforge.autoquant.search import Gate, chosen, search
+from cpuforge.autoquant.search import EDGE_STEP, KL_MARGIN, Gate, chosen, next_probe, search
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
@@ -108,6 +108,26 @@ def test_the_search_finds_the_smallest_passing_point():
     results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier))
     assert chosen(results) == min(2, max(passing)) and results[chosen(results)]["accuracy"] == 1.0
     assert all(not results[k]["passed"] and "task accuracy" in results[k]["misses"][0] for k in tasks[:-1])
+
+
+@pytest.mark.unit
+def test_a_limit_predicted_at_the_smallest_passing_point_is_probed_a_short_step_past_it():
+    """Not the middle of the bracket, far down the frontier where every tensor changes type (at the 1B shape
+    such a jump cost 3 minutes of quantizing for a candidate sure to fail): 3 % of the bytes below."""
+    frontier = sweep(random_table(7, tensors=12))
+    gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=None)
+    first = len(frontier) // 4
+    at_margin = {first: {"kl_divergence": KL_MARGIN * 0.5, "passed": True, "order": 0}}
+    k = next_probe(frontier, at_margin, gate, first)
+    target = frontier.bytes(first) * (1 - EDGE_STEP)
+    assert first < k < len(frontier) // 2
+    nearest = min(abs(frontier.bytes(j) - target) for j in range(first + 1, len(frontier)))
+    assert abs(frontier.bytes(k) - target) == nearest
+    # with room below the margin, the prediction itself
+    below = {first: {"kl_divergence": 0.1 * KL_MARGIN * 0.5, "passed": True, "order": 0}}
+    losses = [frontier.loss(j) for j in range(len(frontier))]
+    predicted = max(j for j in range(len(frontier)) if losses[j] <= 10 * losses[first])
+    assert next_probe(frontier, below, gate, first) == predicted
 
 
 @pytest.mark.unit

@@ -15,8 +15,10 @@ the task's accuracy runs the task once.
 The first probe is the point of q4_0's bits per weight (4.5), the file most people would ship. After
 it, the KL divergence of a point is predicted as proportional to its loss, the factor fitted on every
 point measured so far (median), and the next probe is the smallest point predicted to stay within 85 %
-of the gate's KL divergence; where that guess lands on the bracket's edge, or the last miss was accuracy or
-perplexity (which the loss does not predict), the probe halves the bracket's bytes instead. It stops when
+of the gate's KL divergence; where that guess lands at the smallest point known to pass, the probe is a
+step of 3 % of its bytes below it (a mix that shares most of its tensors' types, so cheap to make); where it
+lands at the largest point known to fail, or the last miss was accuracy or perplexity (which the loss does
+not predict), the probe halves the bracket's bytes instead. It stops when
 the bracket is within 1 % of the file's bytes or the budget of candidates is spent.
 """
 
@@ -32,6 +34,7 @@ from cpuforge.autoquant.frontier import Frontier
 FIRST_BPW = 4.5  # q4_0's
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
+EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted there
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,11 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
     # the smallest point predicted within the margin: losses rise along the frontier
     losses = [frontier.loss(k) for k in range(len(frontier))]
     guess = bisect.bisect_right(losses, KL_MARGIN * gate.max_kl_divergence / factor) - 1
-    if guess <= lo or guess >= hi or guess in (lo + 1, hi - 1):
+    if lo >= 0 and guess <= lo + 1:
+        # the limit predicted at the smallest point that passed: a short step past it, whose mix shares most
+        # of its tensors' types (cheap to make), rather than a jump to the middle of the bracket
+        return point_of_bytes(frontier, top * (1 - EDGE_STEP), lo, hi)
+    if guess <= lo or guess >= hi or guess == hi - 1:
         return halve
     return guess
 
