@@ -18,8 +18,8 @@ point measured so far (median), and the next probe is the smallest point predict
 of the gate's KL divergence; where that guess lands at the smallest point known to pass, the probe is a
 step of 3 % of its bytes below it (a mix that shares most of its tensors' types, so cheap to make); where it
 lands at the largest point known to fail, or the last miss was accuracy or perplexity (which the loss does
-not predict), the probe halves the bracket's bytes instead. It stops when
-the bracket is within 1 % of the file's bytes or the budget of candidates is spent.
+not predict), the probe halves the bracket's bytes instead. It stops when the bracket is within 1 % of the
+file's bytes or the budget of candidates is spent.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cpuforge.autoquant.frontier import Frontier
 FIRST_BPW = 4.5  # q4_0's
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
-EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted there
+EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted at it
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ def search(frontier: Frontier, measure: Callable[[int], dict], measure_task: Cal
     """Measure points (`measure(k)`: the figures against the f16 logits of point k) until the bracket closes or
     `budget` candidates are spent, then the task (`measure_task(k, figures so far)`: its accuracy) on the
     smallest that passed, going on above it while the accuracy misses; every result, by point, with
-    `passed`, `misses` and `order` (its last measurement's place). Without a task (gate.min_accuracy None) the first part decides."""
+    `passed`, `misses` and `order` (its last measurement's place). Without a task (gate.min_accuracy None)
+    the first part decides."""
     results: dict[int, dict] = {}
     steps = 0
     while True:
