@@ -25,7 +25,7 @@ from cpuforge.autoquant.sensitivity import read_imatrix, read_rows
 from cpuforge.io.files import atomic_output
 from cpuforge.io.gguf import read_header, read_metadata
 from cpuforge.io.provenance import copy_gguf_with_provenance
-from cpuforge.llama.ggml import ggml_type, quantize, row_bytes
+from cpuforge.llama.ggml import ggml_type, quantize
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,16 @@ class Tensors:
     """The matrices of the f16 GGUF `f16` quantized as the search asks, kept under `directory`."""
 
     def __init__(self, bin_dir: Path, f16: Path, imatrix: Path | None, directory: Path, threads: int):
-        self.bin_dir, self.f16, self.imatrix, self.directory, self.threads = bin_dir, f16, imatrix, directory, threads
+        self.bin_dir, self.f16, self.directory, self.threads = bin_dir, f16, directory, threads
         self.header = read_header(f16).tensors
         self.weights = read_imatrix(imatrix) if imatrix else {}
+        # the keys llama-quantize sets, read once; general.file_type is each mix's (write)
+        self.keys = {"general.quantization_version": GGML_QUANT_VERSION}
+        if imatrix is not None:  # as llama-quantize --imatrix records it
+            chunks = read_metadata(imatrix, ["imatrix.chunk_count"]).get("imatrix.chunk_count")
+            self.keys |= {"quantize.imatrix.file": os.fspath(imatrix),
+                          "quantize.imatrix.entries_count": len(self.weights)}  # fmt: skip
+            self.keys |= {"quantize.imatrix.chunks_count": int(chunks)} if chunks else {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str, kind: str) -> Path:
@@ -69,21 +76,13 @@ class Tensors:
         with atomic_output(self.path(name, kind)) as tmp, open(tmp, "wb") as out:
             for packed in pool.map(chunk, range(0, rows, step)):
                 packed.tofile(out)
-        if self.path(name, kind).stat().st_size != rows * row_bytes(k, n_per_row):
-            raise RuntimeError(f"{name} in {kind}: ggml wrote {self.path(name, kind).stat().st_size} bytes.")
 
     def write(self, types: dict[str, str], out: Path, record: dict) -> None:
         """The f16 GGUF as `out`, the tensors of `types` in their types (quantized first where missing),
         `record` its provenance."""
         self.quantize(types)
         base = recipe.base_type(types, {name: self.path(name, kind).stat().st_size for name, kind in types.items()})
-        keys = {"general.file_type": int(LlamaFileType[f"MOSTLY_{base.upper()}"]),
-                "general.quantization_version": GGML_QUANT_VERSION}  # fmt: skip
-        if self.imatrix is not None:  # as llama-quantize --imatrix records it
-            chunks = read_metadata(self.imatrix, ["imatrix.chunk_count"]).get("imatrix.chunk_count")
-            keys |= {"quantize.imatrix.file": os.fspath(self.imatrix),
-                     "quantize.imatrix.entries_count": len(self.weights)}  # fmt: skip
-            keys |= {"quantize.imatrix.chunks_count": int(chunks)} if chunks else {}
+        keys = self.keys | {"general.file_type": int(LlamaFileType[f"MOSTLY_{base.upper()}"])}
         replace = {name: (ggml_type(kind), self.path(name, kind)) for name, kind in types.items()}
         copy_gguf_with_provenance(self.f16, out, "quantize", record, metadata=keys, replace=replace)
         recipe.check_written(out, types)

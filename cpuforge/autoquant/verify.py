@@ -13,6 +13,8 @@ import re
 import statistics
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +48,15 @@ class Inputs:
     measured: int = 0
 
 
-def candidate(inp: Inputs, frontier: Frontier, k: int) -> Path:
-    """Point k's file, made from its recipe."""
+@contextmanager
+def candidate(inp: Inputs, frontier: Frontier, k: int) -> Iterator[Path]:
+    """Point k's file, made from its recipe, for as long as it is measured."""
     out = inp.scratch.with_name(f"{inp.scratch.name}.{k}.gguf")
     inp.tensors.write({name: o.type for name, o in frontier.mix(k).items()}, out, {"candidate": k})
-    return out
+    try:
+        yield out
+    finally:
+        out.unlink()
 
 
 def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
@@ -60,12 +66,9 @@ def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
     inp.measured += 1
     log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
              frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
-    gguf = candidate(inp, frontier, k)
-    size = gguf.stat().st_size
-    try:
+    with candidate(inp, frontier, k) as gguf:
+        size = gguf.stat().st_size
         kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
-    finally:
-        gguf.unlink()
     figures = {"point": k, "size_bytes": size, "tensor_bytes": frontier.bytes(k),
                "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
                "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
@@ -80,11 +83,8 @@ def measure_task(inp: Inputs, frontier: Frontier, k: int, seconds: float) -> dic
     """Point k's task accuracy on the held-out rows, its file made again; `seconds` the point's time so far."""
     started = time.monotonic()
     log.info("point %d: the task on %d held-out rows", k, len(inp.rows))
-    gguf = candidate(inp, frontier, k)
-    try:
+    with candidate(inp, frontier, k) as gguf:
         answers = answers_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
-    finally:
-        gguf.unlink()
     right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
     seconds += time.monotonic() - started
     log.info("point %d: accuracy %d/%d, %.0f s in all", k, sum(right), len(right), seconds)
@@ -99,8 +99,8 @@ def best_failure(results: dict[int, dict]) -> int:
 
 def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, budget: int,
                max_bytes: int | None) -> tuple[int, dict[int, dict]]:  # fmt: skip
-    """The chosen point and every candidate's figures (`n_elements`: the
-    weights of the quantized matrices, for their bits per weight). With `max_bytes`, the least lossy point
+    """The chosen point and every candidate's figures (`n_elements`: the weights of the quantized matrices,
+    for their bits per weight). With `max_bytes`, the least lossy point
     within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
     that passes the gate, GateError when none does."""
     def measured(k: int) -> dict:

@@ -9,10 +9,11 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType
 
 from cpuforge.io.files import atomic_output, sha256_tree
 from cpuforge.io.gguf import field_values, open_gguf
+from cpuforge.llama.ggml import row_bytes
 
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")
@@ -70,9 +71,8 @@ def copy_gguf_with_provenance(
 
 def replaced(t, kind: GGMLQuantizationType, packed: Path):
     """GGUFReader's tensor `t` in type `kind`, its bytes those of the file `packed`."""
-    block, size = GGML_QUANT_SIZES[kind]
-    n_per_row, rows = int(t.shape[0]), t.n_elements // int(t.shape[0])
-    shape = (rows, n_per_row // block * size)
+    n_per_row = int(t.shape[0])
+    shape = (t.n_elements // n_per_row, row_bytes(kind, n_per_row))
     if packed.stat().st_size != shape[0] * shape[1]:
         raise RuntimeError(f"{packed}: {packed.stat().st_size} bytes, not the {shape[0] * shape[1]} of {t.name} "
                            f"in {kind.name}.")  # fmt: skip
