@@ -14,7 +14,16 @@ from helpers.models import make_tiny_llama
 
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
-from cpuforge.autoquant.search import EDGE_STEP, KL_MARGIN, Gate, chosen, next_probe, search
+from cpuforge.autoquant.search import (
+    EDGE_STEP,
+    KL_MARGIN,
+    PRIOR_KL_PER_LOSS,
+    Gate,
+    chosen,
+    first_probe,
+    next_probe,
+    search,
+)
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
@@ -117,7 +126,7 @@ def test_a_limit_predicted_at_the_smallest_passing_point_is_probed_a_short_step_
     frontier = sweep(random_table(7, tensors=12))
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=None)
     first = len(frontier) // 4
-    at_margin = {first: {"kl_divergence": KL_MARGIN * 0.5, "passed": True, "order": 0}}
+    at_margin = {first: {"kl_divergence": 0.99 * KL_MARGIN * 0.5, "passed": True, "order": 0}}
     k = next_probe(frontier, at_margin, gate, first)
     target = frontier.bytes(first) * (1 - EDGE_STEP)
     assert first < k < len(frontier) // 2
@@ -128,6 +137,29 @@ def test_a_limit_predicted_at_the_smallest_passing_point_is_probed_a_short_step_
     losses = [frontier.loss(j) for j in range(len(frontier))]
     predicted = max(j for j in range(len(frontier)) if losses[j] <= 10 * losses[first])
     assert next_probe(frontier, below, gate, first) == predicted
+
+
+@pytest.mark.unit
+def test_the_first_probe_is_predicted_by_the_prior_and_a_pass_within_the_margin_ends_the_search():
+    """The first candidate where 0.3 KL per unit of loss puts the gate's margin (not a fixed size every model
+    passes with room to spare); a passing point within the margin leaves no room predicted below it, so the
+    task runs on it at once."""
+    frontier = sweep(random_table(7, tensors=12))
+    losses = [frontier.loss(k) for k in range(len(frontier))]
+    k = len(frontier) // 3
+    gate = Gate(max_kl_divergence=PRIOR_KL_PER_LOSS * losses[k] / KL_MARGIN, max_ppl_increase_pct=25, min_accuracy=0.5)
+    assert first_probe(frontier, gate) == max(j for j in range(len(frontier)) if losses[j] <= losses[k])
+    assert first_probe(frontier, Gate(1e-12, 25, None)) == 0
+    assert first_probe(frontier, Gate(1e12, 25, None)) == len(frontier) - 1
+    # the model a little more sensitive than the prior says: the first probe passes within the margin, and its
+    # task decides
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1.05 * PRIOR_KL_PER_LOSS)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    assert seen == tasks == [first_probe(frontier, gate)] and chosen(results) == seen[0]
+    # a model half as sensitive: the first probe passes with room below it, and the search goes on down
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=PRIOR_KL_PER_LOSS / 2)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    assert len(seen) > 1 and chosen(results) > seen[0]
 
 
 @pytest.mark.unit

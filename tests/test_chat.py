@@ -186,3 +186,27 @@ def test_threads_follow_the_eval_report(tmp_path):
     assert default_thread_counts(model, 3, None) == (3, 12) and default_thread_counts(model, None, 5) == (7, 5)
     with pytest.raises(InputError, match="threads must be at least 1, got 0"):
         default_thread_counts(model, None, 0)
+
+
+def test_teacher_forced_exact_match_is_where_greedy_decoding_writes_the_answer(llama_bin, gguf):
+    """right_gguf, the quant search's task check (a batch per row): right exactly on the rows whose answer
+    answers_gguf's greedy decoding writes, a token at a time. The rows: the model's own answers (right), each less
+    its last word (wrong: the model goes on) or with a word more (wrong: it stops first), and the lessons' own
+    replies."""
+    from cpuforge.evaluate.task import answers_gguf, right_gguf
+    from cpuforge.text.task import answer
+
+    merged = gguf.parent / "merged"
+    lessons = [chat_lesson(start) for start in range(100, 1300, 200)]
+
+    def row(question: str, reply: str) -> dict:
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
+    own = answers_gguf(gguf, llama_bin, merged, [row(q, "") for q, _ in lessons], MAX_NEW, 1)
+    rows = [row(q, a) for (q, _), a in zip(lessons, own, strict=True)]
+    rows += [row(q, a.rsplit(" ", 1)[0]) for (q, _), a in zip(lessons, own, strict=True) if " " in a]
+    rows += [row(q, a + " the") for (q, _), a in zip(lessons, own, strict=True)]
+    rows += [row(q, reply) for q, reply in lessons]
+    greedy = [a == answer(r) for a, r in zip(answers_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1), rows, strict=True)]
+    assert 0 < sum(greedy) < len(rows)
+    assert right_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1) == greedy

@@ -1,25 +1,30 @@
 """Which point of the frontier to ship: candidates verified end to end until the gate decides.
 
-A candidate is one point of the frontier (frontier.py) quantized by llama-quantize from its recipe, then
+A candidate is one point of the frontier (frontier.py) made from its recipe (tensors.py), then
 measured as the report measures a quant: KL divergence and perplexity against the f16 GGUF on the held-out
 text, and task accuracy on the held-out rows. Mixes down the frontier lose more and more, so whether a
 point passes the gate is taken as monotone in it: the search keeps the smallest point known to pass and
 the largest known to fail, and probes between them.
 
-The probes are measured against the f16 logits only; the task, which costs most at every size (a model's
-whole answer, token by token, per row), runs once the bracket is closed, on the smallest point that
-passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
+The probes are measured against the f16 logits only; the task (each held-out prompt with its answer in one
+batch, teacher-forced: cpuforge.evaluate.task.right_gguf) runs once the bracket is closed, on the smallest
+point that passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
 point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
 the task's accuracy runs the task once.
 
-The first probe is the point of q4_0's bits per weight (4.5), the file most people would ship. After
-it, the KL divergence of a point is predicted as proportional to its loss, the factor fitted on every
-point measured so far (median), and the next probe is the smallest point predicted to stay within 85 %
-of the gate's KL divergence; where that guess lands at the smallest point known to pass, the probe is a
-step of 3 % of its bytes below it (a mix that shares most of its tensors' types, so cheap to make); where it
-lands at the largest point known to fail, or the last miss was accuracy or perplexity (which the loss does
-not predict), the probe halves the bracket's bytes instead. It stops when the bracket is within 1 % of the
-file's bytes or the budget of candidates is spent.
+The first probe is the point that a KL divergence of 0.3 per unit of loss predicts within 85 % of the
+gate's KL divergence: the factor measured along the frontier on the demo (0.23-0.32) and at the 1B shape
+(0.31-0.34), a prior, so that the first candidate lands near the gate rather than at a fixed size that every
+model passes with room to spare (at 4.5 bpw, the demo's KL was half the gate's and the 1B shape's 40 %:
+two more candidates, each a KL run and its tensors quantized, to get down to the gate). After it, the KL
+divergence of a point is predicted as proportional to its loss, the factor fitted on every point measured
+so far (median), and the next probe is the smallest point predicted to stay within the margin; where that
+guess lands at the smallest point known to pass, the probe is a step of 3 % of its bytes below it (a mix
+that shares most of its tensors' types, so cheap to make); where it lands at the largest point known to
+fail, or the last miss was accuracy or perplexity (which the loss does not predict), the probe halves the
+bracket's bytes instead. It stops when the smallest point known to pass is within the margin (no room is
+predicted below it), when the bracket is within 1 % of the file's bytes, or when the budget of candidates
+is spent.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 from cpuforge.autoquant.frontier import Frontier
 
-FIRST_BPW = 4.5  # q4_0's
+PRIOR_KL_PER_LOSS = 0.3  # the first probe's prediction, before any point is measured
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
 EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted at it
@@ -59,10 +64,15 @@ class Gate:
         return out
 
 
-def point_of_bpw(frontier: Frontier, elements: int, bpw: float) -> int:
-    """The least lossy point of at most `bpw` bits per weight of the quantized tensors (else the smallest)."""
-    k = frontier.largest_within(int(bpw * elements / 8))
-    return len(frontier) - 1 if k is None else k
+def predicted(frontier: Frontier, factor: float, gate: Gate) -> int:
+    """The smallest point whose KL divergence, `factor` x its loss, is predicted within the margin of the gate's
+    (-1 when none is: losses rise along the frontier)."""
+    losses = [frontier.loss(k) for k in range(len(frontier))]
+    return bisect.bisect_right(losses, KL_MARGIN * gate.max_kl_divergence / factor) - 1
+
+
+def first_probe(frontier: Frontier, gate: Gate) -> int:
+    return max(0, predicted(frontier, PRIOR_KL_PER_LOSS, gate))
 
 
 def point_of_bytes(frontier: Frontier, target: float, lo: int, hi: int) -> int:
@@ -84,6 +94,8 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
     hi = min((k for k, r in results.items() if not r["passed"] and k > lo), default=len(frontier))
     if hi - lo <= 1:
         return None
+    if lo >= 0 and results[lo]["kl_divergence"] >= KL_MARGIN * gate.max_kl_divergence:
+        return None  # the smallest passing point is within the margin: no room predicted below it
     top = frontier.bytes(max(lo, 0))
     if lo >= 0 and hi < len(frontier) and top - frontier.bytes(hi) <= RESOLUTION * top:
         return None
@@ -93,9 +105,7 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
     factor = kl_factor(frontier, results)
     if factor is None or (not last["passed"] and last["kl_divergence"] <= gate.max_kl_divergence):
         return halve
-    # the smallest point predicted within the margin: losses rise along the frontier
-    losses = [frontier.loss(k) for k in range(len(frontier))]
-    guess = bisect.bisect_right(losses, KL_MARGIN * gate.max_kl_divergence / factor) - 1
+    guess = predicted(frontier, factor, gate)
     if lo >= 0 and guess <= lo + 1:
         # the limit predicted at the smallest point that passed: a short step past it, whose mix shares most
         # of its tensors' types (cheap to make), rather than a jump to the middle of the bracket

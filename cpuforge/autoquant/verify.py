@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.autoquant.frontier import Frontier
-from cpuforge.autoquant.search import FIRST_BPW, Gate, chosen, point_of_bpw, search
+from cpuforge.autoquant.search import Gate, chosen, first_probe, search
 from cpuforge.autoquant.sensitivity import Option
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import GateError
 from cpuforge.evaluate.perplexity import kl_divergence
-from cpuforge.evaluate.task import answers_gguf
+from cpuforge.evaluate.task import right_gguf
 from cpuforge.sizing.costs import MIB
-from cpuforge.text.task import answer
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +79,15 @@ def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
 
 
 def measure_task(inp: Inputs, frontier: Frontier, k: int, seconds: float) -> dict:
-    """Point k's task accuracy on the held-out rows, its file made again; `seconds` the point's time so far."""
+    """Point k's task accuracy on the held-out rows, its file made again, by teacher forcing (right_gguf: a
+    batch per row, not a pass per answer token); `seconds` the point's time so far."""
     started = time.monotonic()
     log.info("point %d: the task on %d held-out rows", k, len(inp.rows))
     with candidate(inp, frontier, k) as gguf:
-        answers = answers_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
-    right = [a == answer(r) for a, r in zip(answers, inp.rows, strict=True)]
+        right = right_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
     seconds += time.monotonic() - started
     log.info("point %d: accuracy %d/%d, %.0f s in all", k, sum(right), len(right), seconds)
-    return {"accuracy": sum(right) / len(right), "correct": sum(right), "rows": len(right), "answers": answers,
+    return {"accuracy": sum(right) / len(right), "correct": sum(right), "rows": len(right),
             "seconds": round(seconds, 1)}  # fmt: skip
 
 
@@ -115,12 +114,12 @@ def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, bud
             raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
                             f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
         return k, search(frontier, measured, tasked, gate, k, 1)
-    results = search(frontier, measured, tasked, gate, point_of_bpw(frontier, n_elements, FIRST_BPW), budget)
+    results = search(frontier, measured, tasked, gate, first_probe(frontier, gate), budget)
     k = chosen(results)
     if k is None:
         best = best_failure(results)
         r = results[best]
-        raise GateError(f"auto_quant: none of the {len(results)} candidates passes eval.gate; the best, point {best} "
+        raise GateError(f"auto_quant: no candidate passes eval.gate ({len(results)} measured); the best, point {best} "
                         f"({r['size_bytes'] / MIB:.1f} MiB, {r['bpw']:.2f} bpw), misses {'; '.join(r['misses'])}.")  # fmt: skip
     return k, results
 
@@ -153,8 +152,7 @@ def summary(frontier: Frontier, table: dict[str, list[Option]], results: dict[in
     points = sorted({*range(0, len(frontier), every), len(frontier) - 1})
     objective = ("smallest mix that passes eval.gate" if max_bytes is None
                  else f"least lossy mix within {max_bytes / MIB:.1f} MiB of tensors")  # fmt: skip
-    candidates = [{key: v for key, v in r.items() if key != "answers"} for _, r in sorted(results.items(),
-                  key=lambda item: item[1]["order"])]  # fmt: skip
+    candidates = [r for _, r in sorted(results.items(), key=lambda item: item[1]["order"])]
     return {
         "objective": objective,
         "gate": {"max_kl_divergence": gate.max_kl_divergence, "max_ppl_increase_pct": gate.max_ppl_increase_pct,

@@ -7,7 +7,8 @@ folder is scored by teacher forcing (answers_hf) in one pass streamed a decoder
 layer at a time; a GGUF file answers through llama-cpp-python bound to the
 pinned libllama, fed those ids as they are (never the GGUF's template
 re-tokenized by llama.cpp, which differs for sentencepiece vocabularies),
-greedily.
+greedily (answers_gguf), or is scored by teacher forcing too (right_gguf, the
+quant search's check of a candidate).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from cpuforge.text.generate import (
     decode,
     gguf_greedy_answers,
+    gguf_greedy_choices,
+    gguf_stop_ids,
     greedy_choices,
     greedy_divergence,
     greedy_known,
@@ -47,6 +50,29 @@ def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict
     adapters = apply_loras(llama_cpp, llm, [(lora, 1.0) for lora in loras])  # noqa: F841 (they live with llm)
     log.info("the GGUF answers the %d prompts as transformers' token ids from %s", len(rows), tokenizer_dir)
     return gguf_greedy_answers(llm, hf_ids, max_new_tokens)
+
+
+def right_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
+               threads: int) -> list[bool]:  # fmt: skip
+    """Which rows the GGUF's greedy answer gets exactly right, by teacher forcing as answers_hf judges a HF
+    folder: each prompt with its task answer's tokens in one batch (a batch per row where answers_gguf runs a
+    pass per token), right where the model's choice is the answer's token at every position and a stop token
+    after the last (cpuforge.text.generate.greedy_divergence). The quant search's task check: a candidate
+    scored at prompt-processing speed. answers_hf's caveat holds (the same text spelled with other tokens counts
+    as wrong here); and a batch rounds unlike one-token passes, so a near tie may go the other way than in
+    answers_gguf."""
+    llama_cpp = load_llama_cpp(bin_dir)
+    tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
+    golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
+    n_ctx = max(len(p) + len(g[:max_new_tokens]) for p, g in zip(prompts, golds, strict=True))
+    llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False,
+                     logits_all=True)  # fmt: skip
+    try:
+        stop = gguf_stop_ids(llm)
+        choices = gguf_greedy_choices(llm, prompts, golds, max_new_tokens)
+    finally:
+        llm.close()
+    return [greedy_divergence(c, g, stop, max_new_tokens) is None for c, g in zip(choices, golds, strict=True)]
 
 
 def gold_ids(tokenizer, row: dict, prompt: list[int]) -> list[int]:

@@ -91,6 +91,21 @@ def gguf_stop_ids(llm) -> list[int]:
     return stop + ([vocab.token_eos()] if vocab.token_eos() != -1 else [])
 
 
+def gguf_greedy_choices(llm, prompts: list[list[int]], answers: list[list[int]],
+                        max_new_tokens: int) -> list[list[int]]:  # fmt: skip
+    """greedy_choices for a GGUF through llama-cpp-python (loaded with logits_all): each prompt and its answer's
+    first `max_new_tokens` tokens evaluated as one batch, where greedy decoding runs a pass per token."""
+    out = []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True), 1):
+        sequence = prompt + answer[:max_new_tokens]
+        llm.reset()
+        llm.eval(sequence)
+        out.append(llm.scores[len(prompt) - 1 : len(sequence)].argmax(axis=1).tolist())
+        if i % 10 == 0 or i == len(prompts):
+            log.info("teacher-forced %d/%d answers", i, len(prompts))
+    return out
+
+
 def gguf_greedy_answers(llm, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
     ids = gguf_greedy_ids(llm, prompts, gguf_stop_ids(llm), max_new_tokens)
     return [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in ids]
