@@ -17,10 +17,13 @@ from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import (
     EDGE_STEP,
     KL_MARGIN,
-    PRIOR_KL_PER_LOSS,
+    MIN_SPREAD,
+    PRIOR,
     Gate,
+    KlLaw,
     chosen,
     first_probe,
+    kl_law,
     next_probe,
     search,
 )
@@ -73,17 +76,17 @@ def test_every_point_of_the_frontier_is_the_least_lossy_mix_of_its_size(seed):
     assert sweep(table) == frontier  # the same table, the same frontier
 
 
-def synthetic(frontier, factor: float, accuracy_from: int | None = None):
-    """Measurements whose KL divergence is `factor` x the point's loss, and whose task accuracy drops at
-    `accuracy_from` and beyond; they record which points were measured, and which had their task run."""
+def synthetic(frontier, factor: float, accuracy_from: int | None = None, exponent: float = 1.0):
+    """Measurements whose KL divergence is `factor` x the point's loss ** `exponent`, and whose task accuracy
+    drops at `accuracy_from` and beyond; they record which points were measured, and which had their task run."""
     seen, tasks = [], []
 
     def measure(k):
         seen.append(k)
-        return {"kl_divergence": factor * frontier.loss(k), "ppl_increase_pct": 0.0}
+        return {"kl_divergence": factor * frontier.loss(k) ** exponent, "ppl_increase_pct": 0.0}
 
     def measure_task(k, figures):
-        assert figures["kl_divergence"] == factor * frontier.loss(k)  # the task follows the point's own figures
+        assert figures["kl_divergence"] == factor * frontier.loss(k) ** exponent  # the point's own figures
         tasks.append(k)
         return {"accuracy": 0.0 if accuracy_from is not None and k >= accuracy_from else 1.0}
 
@@ -132,34 +135,77 @@ def test_a_limit_predicted_at_the_smallest_passing_point_is_probed_a_short_step_
     assert first < k < len(frontier) // 2
     nearest = min(abs(frontier.bytes(j) - target) for j in range(first + 1, len(frontier)))
     assert abs(frontier.bytes(k) - target) == nearest
-    # with room below the margin, the prediction itself
-    below = {first: {"kl_divergence": 0.1 * KL_MARGIN * 0.5, "passed": True, "order": 0}}
+    # with room below the margin, the prediction itself: one point, the prior's exponent through it
+    below = {first: {"kl_divergence": 0.5 * KL_MARGIN * 0.5, "passed": True, "order": 0}}
     losses = [frontier.loss(j) for j in range(len(frontier))]
-    predicted = max(j for j in range(len(frontier)) if losses[j] <= 10 * losses[first])
+    predicted = max(j for j in range(len(frontier)) if losses[j] <= 0.5 ** (-1 / PRIOR.exponent) * losses[first])
+    assert first + 1 < predicted < len(frontier) - 1
     assert next_probe(frontier, below, gate, first) == predicted
 
 
 @pytest.mark.unit
 def test_the_first_probe_is_predicted_by_the_prior_and_a_pass_within_the_margin_ends_the_search():
-    """The first candidate where 0.3 KL per unit of loss puts the gate's margin (not a fixed size every model
-    passes with room to spare); a passing point within the margin leaves no room predicted below it, so the
-    task runs on it at once."""
+    """The first candidate where the prior law puts the gate's margin (not a fixed size every model passes with
+    room to spare); a passing point within the margin leaves no room predicted below it, so the task runs on
+    it at once."""
     frontier = sweep(random_table(7, tensors=12))
     losses = [frontier.loss(k) for k in range(len(frontier))]
     k = len(frontier) // 3
-    gate = Gate(max_kl_divergence=PRIOR_KL_PER_LOSS * losses[k] / KL_MARGIN, max_ppl_increase_pct=25, min_accuracy=0.5)
+    limit = PRIOR.scale * losses[k] ** PRIOR.exponent / KL_MARGIN
+    gate = Gate(max_kl_divergence=limit, max_ppl_increase_pct=25, min_accuracy=0.5)
     assert first_probe(frontier, gate) == max(j for j in range(len(frontier)) if losses[j] <= losses[k])
     assert first_probe(frontier, Gate(1e-12, 25, None)) == 0
     assert first_probe(frontier, Gate(1e12, 25, None)) == len(frontier) - 1
     # the model a little more sensitive than the prior says: the first probe passes within the margin, and its
     # task decides
-    measure, measure_task, seen, tasks = synthetic(frontier, factor=1.05 * PRIOR_KL_PER_LOSS)
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=1.05 * PRIOR.scale, exponent=PRIOR.exponent)
     results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
     assert seen == tasks == [first_probe(frontier, gate)] and chosen(results) == seen[0]
     # a model half as sensitive: the first probe passes with room below it, and the search goes on down
-    measure, measure_task, seen, tasks = synthetic(frontier, factor=PRIOR_KL_PER_LOSS / 2)
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=PRIOR.scale / 2, exponent=PRIOR.exponent)
     results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
     assert len(seen) > 1 and chosen(results) > seen[0]
+
+
+@pytest.mark.unit
+def test_the_kl_law_is_fitted_in_log_log_where_the_losses_are_apart():
+    frontier = sweep(random_table(7, tensors=12))
+    far, near = 1, len(frontier) - 2
+    assert frontier.loss(near) > MIN_SPREAD * frontier.loss(far)
+
+    def measured(*points, law=KlLaw(0.9, 0.45)):
+        return {k: {"kl_divergence": law.scale * frontier.loss(k) ** law.exponent} for k in points}
+
+    law = kl_law(frontier, measured(far, near))
+    assert law.scale == pytest.approx(0.9) and law.exponent == pytest.approx(0.45)
+    assert kl_law(frontier, {}) == PRIOR
+    # losses too close to read a slope from (their noise would decide it): the prior's exponent, scaled through
+    close = next(k for k in range(far + 1, len(frontier)) if frontier.loss(k) > frontier.loss(far))
+    assert frontier.loss(close) < MIN_SPREAD * frontier.loss(far)
+    assert kl_law(frontier, measured(far, close)).exponent == PRIOR.exponent
+    # a slope beyond what a frontier shows is held at the bounds
+    assert kl_law(frontier, measured(far, near, law=KlLaw(0.1, 4.0))).exponent == 1.5
+
+
+@pytest.mark.unit
+def test_a_model_three_times_as_sensitive_as_the_prior_is_reached_within_the_budget():
+    """As at the 7B shape: the first probe fails by far; the next, from the prior's exponent through it,
+    lands where the model's own law puts the margin (a factor proportional to the loss undershot every step up
+    there), and the last is a short step past it, as the limit is predicted there."""
+    frontier = sweep(random_table(7, tensors=12))
+    losses = [frontier.loss(k) for k in range(len(frontier))]
+    truth = KlLaw(3 * PRIOR.scale, 0.5)
+    gate = Gate(max_kl_divergence=truth.scale * losses[len(frontier) // 5] ** 0.5, max_ppl_increase_pct=25,
+                min_accuracy=None)  # fmt: skip
+    measure, measure_task, seen, tasks = synthetic(frontier, factor=truth.scale, exponent=truth.exponent)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    assert not results[seen[0]]["passed"] and len(seen) == 3
+    assert seen[1] == predicted_by(frontier, truth, KL_MARGIN * gate.max_kl_divergence)
+    assert chosen(results) == max(k for k in seen if results[k]["passed"]) >= seen[1]
+
+
+def predicted_by(frontier, law: KlLaw, kl: float) -> int:
+    return max(k for k in range(len(frontier)) if law.scale * frontier.loss(k) ** law.exponent <= kl)
 
 
 @pytest.mark.unit

@@ -12,34 +12,54 @@ point that passed: where its accuracy misses, that point fails and the search go
 point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
 the task's accuracy runs the task once.
 
-The first probe is the point that a KL divergence of 0.3 per unit of loss predicts within 85 % of the
-gate's KL divergence: the factor measured along the frontier on the demo (0.23-0.32) and at the 1B shape
-(0.31-0.34), a prior, so that the first candidate lands near the gate rather than at a fixed size that every
-model passes with room to spare (at 4.5 bpw, the demo's KL was half the gate's and the 1B shape's 40 %:
-two more candidates, each a KL run and its tensors quantized, to get down to the gate). After it, the KL
-divergence of a point is predicted as proportional to its loss, the factor fitted on every point measured
-so far (median), and the next probe is the smallest point predicted to stay within the margin; where that
-guess lands at the smallest point known to pass, the probe is a step of 3 % of its bytes below it (a mix
-that shares most of its tensors' types, so cheap to make); where it lands at the largest point known to
-fail, or the last miss was accuracy or perplexity (which the loss does not predict), the probe halves the
-bracket's bytes instead. It stops when the smallest point known to pass is within the margin (no room is
-predicted below it), when the bracket is within 1 % of the file's bytes, or when the budget of candidates
-is spent.
+The KL divergence of a point is predicted from its loss by a power law, scale x loss ** exponent: KL grew as
+about the square root of the loss along the frontier, on the demo (from 0.265 at a loss of 1.13 to 0.308 at
+1.44) and at the 7B shape (from 0.596 at 0.37 to 1.035 at 1.13), where a factor proportional to the loss
+undershot every step up (a candidate predicted at 0.34 measured 0.55). Before any point is measured the law is
+a prior, 0.3 x loss ** 0.5 (the demo's scale is 0.25, the 1B shape's 0.34; the 7B shape's, 0.97, is not), so
+that the first probe lands near the gate rather than at a fixed size every model passes with room to spare (at
+4.5 bpw, the demo's KL was half the gate's: two more candidates, each a KL run and its tensors quantized, to
+get down to it). After it, the law's exponent is fitted in log-log on the points measured where their losses
+are apart by at least a quarter (nearer, their noise decides the slope: the prior's exponent stays), held
+within [0.25, 1.5], and its scale fitted through them (median); the next probe is the smallest point predicted
+to stay within 85 % of the gate's KL divergence. Where that guess lands at the smallest point known to pass,
+the probe is a step of 3 % of its bytes below it (a mix that shares most of its tensors' types, so cheap to
+make); where it lands at the largest point known to fail, or the last miss was accuracy or perplexity (which
+the loss does not predict), the probe halves the bracket's bytes instead. It stops when the smallest point
+known to pass is within the margin (no room is predicted below it), when the bracket is within 1 % of the
+file's bytes, or when the budget of candidates is spent.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpuforge.autoquant.frontier import Frontier
 
-PRIOR_KL_PER_LOSS = 0.3  # the first probe's prediction, before any point is measured
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
 EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted at it
+MIN_SPREAD = 1.25  # the ratio of losses, largest to smallest measured, from which the exponent is fitted
+EXPONENTS = (0.25, 1.5)  # the fitted exponent is held within these
+
+
+@dataclass(frozen=True)
+class KlLaw:
+    """A point's KL divergence predicted from its loss: scale x loss ** exponent."""
+
+    scale: float
+    exponent: float
+
+    def max_loss(self, kl: float) -> float:
+        """The largest loss predicted to keep the KL divergence within `kl`."""
+        return (kl / self.scale) ** (1 / self.exponent)
+
+
+PRIOR = KlLaw(scale=0.3, exponent=0.5)  # the first probe's prediction, before any point is measured
 
 
 @dataclass(frozen=True)
@@ -64,15 +84,15 @@ class Gate:
         return out
 
 
-def predicted(frontier: Frontier, factor: float, gate: Gate) -> int:
-    """The smallest point whose KL divergence, `factor` x its loss, is predicted within the margin of the gate's
-    (-1 when none is: losses rise along the frontier)."""
+def predicted(frontier: Frontier, law: KlLaw, gate: Gate) -> int:
+    """The smallest point whose KL divergence, by `law`, is predicted within the margin of the gate's (-1 when
+    none is: losses rise along the frontier)."""
     losses = [frontier.loss(k) for k in range(len(frontier))]
-    return bisect.bisect_right(losses, KL_MARGIN * gate.max_kl_divergence / factor) - 1
+    return bisect.bisect_right(losses, law.max_loss(KL_MARGIN * gate.max_kl_divergence)) - 1
 
 
 def first_probe(frontier: Frontier, gate: Gate) -> int:
-    return max(0, predicted(frontier, PRIOR_KL_PER_LOSS, gate))
+    return max(0, predicted(frontier, PRIOR, gate))
 
 
 def point_of_bytes(frontier: Frontier, target: float, lo: int, hi: int) -> int:
@@ -81,9 +101,19 @@ def point_of_bytes(frontier: Frontier, target: float, lo: int, hi: int) -> int:
     return min(points, key=lambda k: (abs(frontier.bytes(k) - target), k))
 
 
-def kl_factor(frontier: Frontier, results: dict[int, dict]) -> float | None:
-    ratios = [r["kl_divergence"] / frontier.loss(k) for k, r in results.items() if frontier.loss(k) > 0]
-    return statistics.median(ratios) if ratios else None
+def kl_law(frontier: Frontier, results: dict[int, dict]) -> KlLaw:
+    """The power law through the points measured: its exponent fitted in log-log (least squares) where their
+    losses are far enough apart, else the prior's; its scale the median through them."""
+    points = [(math.log(frontier.loss(k)), math.log(r["kl_divergence"])) for k, r in results.items()
+              if frontier.loss(k) > 0 and r["kl_divergence"] > 0]  # fmt: skip
+    if not points:
+        return PRIOR
+    xs, ys = zip(*points)
+    exponent = PRIOR.exponent
+    if max(xs) - min(xs) >= math.log(MIN_SPREAD):
+        slope = statistics.linear_regression(xs, ys).slope
+        exponent = min(max(slope, EXPONENTS[0]), EXPONENTS[1])
+    return KlLaw(math.exp(statistics.median(y - exponent * x for x, y in points)), exponent)
 
 
 def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: int) -> int | None:
@@ -102,10 +132,9 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
     bottom = frontier.bytes(hi) if hi < len(frontier) else frontier.bytes(len(frontier) - 1)
     halve = point_of_bytes(frontier, (top + bottom) / 2, lo, hi)
     last = results[max(results, key=lambda k: results[k]["order"])]
-    factor = kl_factor(frontier, results)
-    if factor is None or (not last["passed"] and last["kl_divergence"] <= gate.max_kl_divergence):
+    if not last["passed"] and last["kl_divergence"] <= gate.max_kl_divergence:
         return halve
-    guess = predicted(frontier, factor, gate)
+    guess = predicted(frontier, kl_law(frontier, results), gate)
     if lo >= 0 and guess <= lo + 1:
         # the limit predicted at the smallest point that passed: a short step past it, whose mix shares most
         # of its tensors' types (cheap to make), rather than a jump to the middle of the bracket
