@@ -17,11 +17,14 @@ from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import (
     EDGE_STEP,
     KL_MARGIN,
+    CLEAR_MISS,
     MIN_SPREAD,
+    MIN_WINDOWS,
     PRIOR,
     Gate,
     KlLaw,
     chosen,
+    clear_miss,
     first_probe,
     kl_law,
     next_probe,
@@ -30,6 +33,7 @@ from cpuforge.autoquant.search import (
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
+from cpuforge.evaluate.perplexity import running_kl
 from cpuforge.io.gguf import open_gguf, read_header
 from cpuforge.llama.ggml import ggml_type, round_trip
 
@@ -206,6 +210,23 @@ def test_a_model_three_times_as_sensitive_as_the_prior_is_reached_within_the_bud
 
 def predicted_by(frontier, law: KlLaw, kl: float) -> int:
     return max(k for k in range(len(frontier)) if law.scale * frontier.loss(k) ** law.exponent <= kl)
+
+
+@pytest.mark.unit
+def test_a_clear_miss_is_read_off_llama_perplexity_s_running_row():
+    """A row of llama-perplexity's KL table (the 7B shape's first candidate, its fourth window): the figures
+    over the windows so far, and the verdict that its run need not go on."""
+    row = "   4    70200.5086 ± 2818.7928       0.07100 ±    0.04463       1.09794 ±    0.00194     0.007 ±  0.001 %" \
+          "     0.196 ±  0.139 %\n"  # fmt: skip
+    figures = running_kl(row, ctx=512)
+    assert figures["windows"] == 4 and figures["scored_tokens"] == 4 * 255
+    assert figures["kl_divergence"] == 1.09794 and figures["top1_agreement"] == pytest.approx(0.00196)
+    assert figures["f16_perplexity"] == pytest.approx(70200.5086 / np.exp(0.07100))
+    assert running_kl("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence\n", 512) is None
+    gate = Gate(max_kl_divergence=0.4, max_ppl_increase_pct=25, min_accuracy=None)
+    assert clear_miss(gate, figures)
+    assert not clear_miss(gate, {**figures, "windows": MIN_WINDOWS - 1})  # too few windows to judge
+    assert not clear_miss(gate, {**figures, "kl_divergence": CLEAR_MISS * 0.4})  # a miss, not a clear one
 
 
 @pytest.mark.unit

@@ -451,6 +451,10 @@ def test_the_quant_search_fails_naming_the_best_candidate(own_eval_run, eval_run
     # a KL limit below the least lossy mix's: the prior's first candidate is that mix, and nothing lies above it
     assert re.search(r"auto_quant: no candidate passes eval\.gate \(1 measured\); the best, point 0 \([0-9.]+ MiB, "
                      r"[0-9.]+ bpw\), misses KL divergence [0-9.e-]+ > max_kl_divergence 1e-09", out), out  # fmt: skip
+    # so clear a miss that llama-perplexity was ended once its first windows showed it, before its summary
+    log = (workdir / "logs" / "tiny" / "auto_quant_search.log").read_text()
+    assert "ended early" in log and "Mean    KLD" not in log
+    assert re.search(r"point 0: .* \(stopped after 4 windows: a clear miss\)", log), log
     # (the provenance sidecar of the shared run's successful search stays, as every rule's does)
     results = workdir / "results" / "tiny"
     assert not (results / "ggml-model-auto.gguf").exists() and not list(results.glob("ggml-model-auto.gguf.partial*"))

@@ -13,13 +13,14 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cpuforge.autoquant.frontier import Frontier
-from cpuforge.autoquant.search import Gate, chosen, first_probe, search
+from cpuforge.autoquant.search import Gate, chosen, clear_miss, first_probe, search
 from cpuforge.autoquant.sensitivity import Option
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import GateError
@@ -58,23 +59,26 @@ def candidate(inp: Inputs, frontier: Frontier, k: int) -> Iterator[Path]:
         out.unlink()
 
 
-def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int) -> dict:
+def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int, stop: Callable[[dict], bool] | None) -> dict:
     """Point k made and measured against the f16 logits: its file's size and bits per weight, and the KL
-    divergence's figures (the perplexity among them)."""
+    divergence's figures (the perplexity among them); with `stop`, over the windows up to the first where
+    `stop(the figures so far)` is true."""
     started = time.monotonic()
     inp.measured += 1
     log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
              frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
     with candidate(inp, frontier, k) as gguf:
         size = gguf.stat().st_size
-        kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads)
+        kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads, stop=stop)
     figures = {"point": k, "size_bytes": size, "tensor_bytes": frontier.bytes(k),
                "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
                "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
                "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100,
                "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
-    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f, perplexity %+.1f %%, %.0f s", k, figures["size_bytes"] / MIB,
-             figures["bpw"], kl["kl_divergence"], figures["ppl_increase_pct"], figures["seconds"])  # fmt: skip
+    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f, perplexity %+.1f %%%s, %.0f s", k, figures["size_bytes"] / MIB,
+             figures["bpw"], kl["kl_divergence"], figures["ppl_increase_pct"],
+             f" (stopped after {kl['windows']} windows: a clear miss)" if kl.get("stopped_early") else "",
+             figures["seconds"])  # fmt: skip
     return figures
 
 
@@ -103,7 +107,8 @@ def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, bud
     within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
     that passes the gate, GateError when none does."""
     def measured(k: int) -> dict:
-        return measure(inp, frontier, k, n_elements)
+        # a clear miss of the gate is stopped early; a candidate within a size limit is measured whole
+        return measure(inp, frontier, k, n_elements, partial(clear_miss, gate) if max_bytes is None else None)
 
     def tasked(k: int, figures: dict) -> dict:
         return measure_task(inp, frontier, k, figures["seconds"])

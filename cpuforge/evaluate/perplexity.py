@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from cpuforge.errors import InputError
@@ -136,14 +137,47 @@ def parse_kl_output(out: str) -> dict:
     return figures
 
 
-def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = ()) -> dict:
+# one row of llama-perplexity's KL table: the windows so far, then each figure over them with its uncertainty
+# (perplexity, ln(PPL(Q)/PPL(base)), KL divergence, RMS of the change in p in %, same top p in %)
+KL_ROW = re.compile(rf"^\s*(\d+)\s+{NUMBER} ± \s*{NUMBER}\s+{NUMBER} ± \s*{NUMBER}\s+{NUMBER} ± \s*{NUMBER}"
+                    rf"\s+{NUMBER} ± \s*{NUMBER} %\s+{NUMBER} ± \s*{NUMBER} %\s*$")  # fmt: skip
+
+
+def running_kl(line: str, ctx: int) -> dict | None:
+    """The figures over the windows so far, from one row of llama-perplexity's KL table (None for any other
+    line): the summary's names, without its maximum and 99th percentile."""
+    m = KL_ROW.match(line)
+    if m is None:
+        return None
+    windows, perplexity = int(m[1]), float(m[2])
+    return {"perplexity": perplexity, "perplexity_err": float(m[3]),
+            "f16_perplexity": perplexity / math.exp(float(m[4])), "kl_divergence": float(m[6]),
+            "kl_divergence_err": float(m[7]), "top1_agreement": float(m[10]) / 100,
+            "top1_agreement_err": float(m[11]) / 100, "windows": windows,
+            "scored_tokens": windows * (ctx - 1 - ctx // 2)}  # fmt: skip
+
+
+def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = (),
+                  stop: Callable[[dict], bool] | None = None) -> dict:  # fmt: skip
     """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
-    time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them."""
+    time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them. With `stop`, the run
+    ends after the first window where `stop(the figures so far)` is true, and those figures are returned, with
+    `stopped_early`."""
     args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads,
             *LOAD_MODE]  # fmt: skip
     for lora in loras:
         args += ["--lora", lora]
-    return parse_kl_output(run_llama_tool(bin_dir / "llama-perplexity", args))
+    rows: list[dict] = []
+
+    def decided(line: str) -> bool:
+        row = running_kl(line, ctx)
+        if row is None or not stop(row):
+            return False
+        rows.append(row)
+        return True
+
+    out = run_llama_tool(bin_dir / "llama-perplexity", args, decided if stop else None)
+    return {**rows[0], "stopped_early": True} if rows else parse_kl_output(out)
 
 
 PYDOC = "pydoc_topics"

@@ -9,6 +9,7 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cpuforge.cli import check_threads
@@ -128,23 +129,30 @@ def describe_cpu_backend(backend: dict) -> str:
     return f"{backend['build']} build, CPU variant {backend['variant']} ({feature_names(backend)}), AMX {amx}"
 
 
-def run_tool(cmd: list[str]) -> str:
-    """Run a llama.cpp tool; its output goes to the log (stderr) as it comes and is returned for parsing."""
+def run_tool(cmd: list[str], stop: Callable[[str], bool] | None = None) -> str:
+    """Run a llama.cpp tool; its output goes to the log (stderr) as it comes and is returned for parsing. With
+    `stop`, the tool is ended at the first line of its output for which `stop(line)` is true (its output up to
+    that line returned)."""
     log.info("running %s", " ".join(map(str, cmd)))
-    lines = []
+    lines, stopped = [], False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             sys.stderr.write(line)
             lines.append(line)
-    if proc.returncode != 0:
+            if stop is not None and stop(line):
+                log.info("ended early: its output so far decides")
+                proc.terminate()
+                stopped = True
+                break
+    if proc.returncode != 0 and not stopped:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
     return "".join(lines)
 
 
-def run_llama_tool(tool: str | os.PathLike, args: list[str]) -> str:
+def run_llama_tool(tool: str | os.PathLike, args: list[str], stop: Callable[[str], bool] | None = None) -> str:
     """Run a pinned llama.cpp tool through cpuforge/llama/tool.py, which keeps its last log lines (see there)."""
     runner = Path(__file__).with_name("tool.py")
-    return run_tool([sys.executable, str(runner), str(tool), *map(str, args)])
+    return run_tool([sys.executable, str(runner), str(tool), *map(str, args)], stop)
 
 
 def load_gguf_vocab(path: str | os.PathLike, bin_dir: str | os.PathLike):
