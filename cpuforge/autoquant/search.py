@@ -10,7 +10,8 @@ The probes are measured against the f16 logits only; the task (each held-out pro
 batch, teacher-forced: cpuforge.evaluate.task.right_gguf) runs once the bracket is closed, on the smallest
 point that passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
 point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
-the task's accuracy runs the task once.
+the task's accuracy runs the task once. A probe whose KL divergence over its first windows misses the gate by
+far is stopped there (clear_miss): it fails, and its figures so far stand for it.
 
 The KL divergence of a point is predicted from its loss by a power law, scale x loss ** exponent: KL grew as
 about the square root of the loss along the frontier, on the demo (from 0.265 at a loss of 1.13 to 0.308 at
