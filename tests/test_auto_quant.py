@@ -15,9 +15,9 @@ from helpers.models import make_tiny_llama
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import (
+    CLEAR_MISS,
     EDGE_STEP,
     KL_MARGIN,
-    CLEAR_MISS,
     MIN_SPREAD,
     MIN_WINDOWS,
     PRIOR,

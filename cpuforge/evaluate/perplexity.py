@@ -93,6 +93,12 @@ def perplexity_gguf(bin_dir: Path, gguf: Path, text: Path, ctx: int, chunks: int
         return check_perplexity_output(run_llama_tool(bin_dir / "llama-perplexity", [*args, "--kl-divergence-base", tmp]), text)
 
 
+def scored_tokens(windows: int, ctx: int) -> int:
+    """The tokens llama-perplexity scores over `windows` windows of `ctx`: each window's next-token predictions
+    from its middle (position ctx // 2) to its end, ctx - 1 - ctx // 2 of them."""
+    return windows * (ctx - 1 - ctx // 2)
+
+
 def check_perplexity_output(out: str, text: Path) -> dict:
     if m := TOO_SHORT.search(out):
         raise InputError(f"{text}: fewer than the {m[1]} tokens that a window of {m[2]} needs.")
@@ -101,7 +107,7 @@ def check_perplexity_output(out: str, text: Path) -> dict:
         raise RuntimeError("llama-perplexity printed no final estimate; its output is in the log above.")
     n_windows, ctx = int(chunks[1]), int(chunks[2])
     return {"perplexity": float(final[1]), "perplexity_err": float(final[2]), "windows": n_windows,
-            "scored_tokens": n_windows * (ctx - 1 - ctx // 2), "runtime": "llama-perplexity"}  # fmt: skip
+            "scored_tokens": scored_tokens(n_windows, ctx), "runtime": "llama-perplexity"}  # fmt: skip
 
 
 NUMBER = r"(-?[0-9.]+(?:e[-+]?\d+)?)"
@@ -133,7 +139,7 @@ def parse_kl_output(out: str) -> dict:
             figures[f"{name}_err"] = float(m[2]) * scale
     if m := KL_CHUNKS.search(out):
         figures["windows"], ctx = int(m[1]), int(m[2])
-        figures["scored_tokens"] = figures["windows"] * (ctx - 1 - ctx // 2)
+        figures["scored_tokens"] = scored_tokens(figures["windows"], ctx)
     return figures
 
 
@@ -154,7 +160,7 @@ def running_kl(line: str, ctx: int) -> dict | None:
             "f16_perplexity": perplexity / math.exp(float(m[4])), "kl_divergence": float(m[6]),
             "kl_divergence_err": float(m[7]), "top1_agreement": float(m[10]) / 100,
             "top1_agreement_err": float(m[11]) / 100, "windows": windows,
-            "scored_tokens": windows * (ctx - 1 - ctx // 2)}  # fmt: skip
+            "scored_tokens": scored_tokens(windows, ctx)}  # fmt: skip
 
 
 def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = (),
