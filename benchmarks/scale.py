@@ -56,7 +56,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 EVAL = {
     "eval": {"ctx": 256, "chunks": 4, "max_new_tokens": 16,
              "bench": {"threads": [2], "prompt_tokens": 128, "gen_tokens": 16, "repetitions": 1},
-             "gate": {"max_ppl_increase_pct": 1e9, "max_kl_divergence": 1e9, "min_accuracy": 0}},
+             "gate": {"max_ppl_increase_pct": 1e9, "max_kl_divergence": 1e9, "max_disagreement": 1,
+                       "max_accuracy_drop": 1}},
     # random weights: the quality gate and generation parity would fail on what is measured here, not on cost
     "checks": {"generation": {"prompts": 4, "max_new_tokens": 16, "min_agreement": 0},
                "imatrix": {"ctx_size": 256, "chunks": 4, "prompts": 4}},

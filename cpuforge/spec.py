@@ -12,6 +12,7 @@ from pathlib import Path
 from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type
+from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.stages import AUTO, HF_STAGES
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
@@ -76,6 +77,15 @@ class Spec:
     def uses_imatrix(self, qtype: str) -> bool:
         use_for = [q.lower() for q in self.imatrix["use_for"]]
         return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or qtype in use_for)
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(**self.eval["gate"])
+
+    @property
+    def gate_words(self) -> list[str]:
+        """eval.gate as the scripts' --gate words."""
+        return self.gate.words()
 
     @property
     def auto_types(self) -> list[str]:
@@ -231,6 +241,7 @@ def load_spec(config: dict, basedir: str | Path) -> Spec:
     quant_types = tuple(AUTO if q.lower() == AUTO else check_quant_type(q) for q in config["quant_types"])
     check_auto_quant(config["auto_quant"])
     check_imatrix_config(config)
+    Gate(**config["eval"]["gate"])  # a value the schema lets through but the gate cannot use, refused by name
     demo_task = {split: f"{basedir}/data/demo_task/{split}.jsonl" for split in ("train", "heldout")}
     return Spec(
         models={m["name"]: model_spec(m, demo_task) for m in config["models"]},

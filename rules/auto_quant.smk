@@ -1,5 +1,5 @@
 # The quant search (cpuforge.autoquant): how much each tensor loses in each type, measured on the model's
-# own data, then the smallest mix of types that passes the quality gate, verified end to end.
+# own data, then the file to ship among the uniform, listed and searched candidates, each verified end to end.
 
 
 rule measure_sensitivity:
@@ -36,6 +36,8 @@ rule auto_quant_search:
         merged="results/{model}/merged",
         task=get_heldout,
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
+        quantize=f"{SPEC.llama_bin}/llama-quantize",
+        bench=f"{SPEC.llama_bin}/llama-bench",
     output:
         gguf="results/{model}/ggml-model-auto.gguf",
         recipe="results/{model}/auto/recipe.txt",
@@ -55,18 +57,22 @@ rule auto_quant_search:
         imatrix=get_auto_imatrix_arg,
         heldout=get_heldout_arg,
         objective=get_auto_objective_args,
+        types=SPEC.auto_types,
+        listed=SPEC.fixed_types,
+        gate=SPEC.gate_words,
         budget=AUTO_QUANT["budget"],
+        gen_tokens=AUTO_QUANT["gen_tokens"],
+        repetitions=EVAL["bench"]["repetitions"],
+        tolerance=EVAL["bench"]["tolerance_pct"],
         ctx=EVAL["ctx"],
         max_new_tokens=EVAL["max_new_tokens"],
-        max_ppl=EVAL["gate"]["max_ppl_increase_pct"],
-        max_kl=EVAL["gate"]["max_kl_divergence"],
-        min_accuracy=EVAL["gate"]["min_accuracy"],
     shell:
         'python -m scripts.auto_quant --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
         " --sensitivity {input.sensitivity:q} {params.imatrix:q} --logits {input.logits:q} --ctx-size {params.ctx}"
         " --merged {input.merged:q} {params.heldout:q} --max-new-tokens {params.max_new_tokens}"
-        " --max-kl-divergence {params.max_kl} --max-ppl-increase-pct {params.max_ppl}"
-        " --min-accuracy {params.min_accuracy} --budget {params.budget} {params.objective:q}"
+        " --types {params.types:q} --listed {params.listed:q} --gate {params.gate:q} --budget {params.budget}"
+        " {params.objective:q} --tolerance-pct {params.tolerance} --gen-tokens {params.gen_tokens}"
+        " --repetitions {params.repetitions}"
         " --out {output.gguf:q} --recipe {output.recipe:q} --record {output.record:q}"
         " --threads {threads} > {log:q} 2>&1"
         # the sentence of a search that found nothing passing, where the run fails, not only in its log

@@ -204,12 +204,12 @@ def get_auto_imatrix_arg(wildcards):
 
 
 def get_auto_objective_args(wildcards):
-    """The search's objective: the least lossy mix within a size when one is set, else the smallest that passes."""
+    """The search's objective: the least lossy mix within a size when one is set, else the configured one."""
     if AUTO_QUANT["max_size_mib"] is not None:
         return ["--max-size-mib", str(AUTO_QUANT["max_size_mib"])]
     if AUTO_QUANT["max_bpw"] is not None:
         return ["--max-bpw", str(AUTO_QUANT["max_bpw"])]
-    return []
+    return ["--objective", AUTO_QUANT["objective"]]
 
 
 def get_check_input(wildcards):

@@ -284,16 +284,13 @@ rule make_eval_report:
         task=get_report_task_flag,
         serve=QUANT_TYPES[0],
         commit=COMMIT,
-        max_ppl=EVAL["gate"]["max_ppl_increase_pct"],
-        max_kl=EVAL["gate"]["max_kl_divergence"],
-        min_accuracy=EVAL["gate"]["min_accuracy"],
+        gate=SPEC.gate_words,
     shell:
         "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} {params.runtime_lora:q}"
         " {params.auto_search:q}"
         " --figures {params.figures:q}"
         " {params.task:q} --checks {input.checks:q} --serve {params.serve} --llama-cpp-commit {params.commit}"
-        " --max-ppl-increase-pct {params.max_ppl} --max-kl-divergence {params.max_kl}"
-        " --min-accuracy {params.min_accuracy} --html {output.html:q} --metrics {output.metrics:q}"
+        " --gate {params.gate:q} --html {output.html:q} --metrics {output.metrics:q}"
         " --plots {output.throughput:q} {output.size:q} {output.accuracy:q} {output.frontier:q} > {log:q} 2>&1"
 
 

@@ -1,43 +1,31 @@
-"""Choose the GGUF to ship: the smallest mix of types, tensor by tensor, that passes the quality gate.
+"""Choose the GGUF to ship: the fastest file (or the smallest) that still answers like the fine-tune.
 
     python -m scripts.auto_quant --llama-bin BIN --sensitivity results/m/auto/sensitivity.tsv \
         --gguf results/m/ggml-model-f16.gguf --imatrix results/m/imatrix.gguf \
         --logits results/m/report/f16-logits.kld --merged results/m/merged --heldout heldout.jsonl \
-        --budget 3 --out results/m/ggml-model-auto.gguf --recipe results/m/auto/recipe.txt \
+        --types q8_0 q4_0 iq4_nl --listed q4_0 --objective speed --budget 3 --gate max_kl_divergence=0.4 \
+        --out results/m/ggml-model-auto.gguf --recipe results/m/auto/recipe.txt \
         --record results/m/auto/search.json --threads 8
 
-From the tensors' measured sensitivity (scripts.measure_sensitivity), the mixes that lose least for their
-size (cpuforge.autoquant.frontier); candidates among them made from their recipe, each tensor quantized in a
-type once as llama-quantize quantizes it (cpuforge.autoquant.tensors), their types checked in the written
-header, and measured as the report measures a quant: KL divergence and perplexity on the held-out text for
-each, then task accuracy on the held-out rows for the smallest that passes them, going on above it while the
-accuracy misses (cpuforge.autoquant.search). With --max-size-mib or --max-bpw, the least lossy mix within
-that size instead. Writes the chosen GGUF (its recipe in its provenance), the recipe as llama-quantize's
---tensor-type-file, and the search record (every candidate: size, bpw, KL, accuracy, seconds). When no
-candidate passes, it fails with one sentence naming the best candidate and the figures it missed. The
-chosen file is then a stage like every other: the report measures it again, as it measures q4_0.
+Candidates: every --types entry as a uniform file (llama-quantize --pure), every --listed type as
+llama-quantize makes it with and without the importance matrix, and mixes searched below the best passing
+file; their generation speed measured side by side in one llama-bench run; each verified in the
+objective's order (KL divergence against the f16 GGUF, then its answers against the f16 GGUF's on the
+held-out rows) and judged by the gate, until the rest cannot be chosen (cpuforge.autoquant). With
+--max-size-mib or --max-bpw, the least lossy mix within that size instead. Writes the chosen GGUF, its
+recipe (a --tensor-type-file) and the search record; when nothing passes, it fails with one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import time
 from pathlib import Path
 
-from cpuforge.autoquant import recipe
-from cpuforge.autoquant.frontier import sweep
-from cpuforge.autoquant.search import Gate
-from cpuforge.autoquant.sensitivity import quantizable, read_table
-from cpuforge.autoquant.tensors import Tensors
-from cpuforge.autoquant.verify import MIB, Inputs, run_search, summary
+from cpuforge.autoquant.decide import OBJECTIVES
+from cpuforge.autoquant.ship import Request, auto_quant
 from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output, read_json, write_json
-from cpuforge.io.gguf import check_gguf, read_header
-from cpuforge.io.provenance import provenance, write_provenance
-from cpuforge.paths import source_record
+from cpuforge.evaluate.gate import Gate
 from cpuforge.text.task import read_heldout
 
 log = logging.getLogger(__name__)
@@ -51,62 +39,25 @@ def main() -> None:
     parser.add_argument("--imatrix", type=Path, help="the importance matrix the sensitivity was weighted by")
     parser.add_argument("--logits", type=Path, required=True, help="f16 log-probs (eval_perplexity --save-logits)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--max-kl-divergence", type=float, required=True)
-    parser.add_argument("--max-ppl-increase-pct", type=float, required=True)
-    parser.add_argument("--min-accuracy", type=float, required=True)
-    parser.add_argument("--budget", type=int, default=3, help="candidates made and measured, at most")
+    parser.add_argument("--gate", nargs="*", default=[], metavar="KEY=VALUE", help="eval.gate's limits")
+    parser.add_argument("--types", nargs="+", required=True, help="the ladder: each a uniform candidate")
+    parser.add_argument("--listed", nargs="*", default=[], help="quant_types, each as llama-quantize makes it")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="speed")
+    parser.add_argument("--budget", type=int, default=3, help="searched mixes measured, at most")
+    parser.add_argument("--tolerance-pct", type=float, default=5, help="speeds within this are a tie")
+    parser.add_argument("--gen-tokens", type=int, default=32, help="llama-bench's generation test")
+    parser.add_argument("--repetitions", type=int, default=3)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--max-size-mib", type=float, help="the least lossy mix of at most this size instead")
     size.add_argument("--max-bpw", type=float, help="the least lossy mix of at most these bits per weight instead")
     parser.add_argument("--recipe", type=Path, required=True, help="the chosen mix, as a --tensor-type-file")
     parser.add_argument("--record", type=Path, required=True, help="the search record (JSON)")
     args = parser.parse_args()
-    threads = check_threads(args.threads)
-    if args.budget < 1:
-        raise InputError(f"auto_quant.budget must be at least 1, got {args.budget}.")
-    check_gguf(args.gguf)
-    table = read_table(args.sensitivity)
-    header = read_header(args.gguf)
-    shapes = {t.name: t.n_elements for t in header.tensors.values() if quantizable(t.name, t.shape)}
-    if set(table) != set(shapes):
-        raise InputError(f"{args.sensitivity}: its tensors are not those of {args.gguf}; measure it again.")
-    frontier = sweep(table)
-    n_elements = sum(shapes.values())
-    fixed = args.gguf.stat().st_size - sum(header.tensors[n].n_bytes for n in shapes)
-    max_bytes = None
-    if args.max_size_mib is not None:
-        max_bytes = int(args.max_size_mib * MIB) - fixed
-    elif args.max_bpw is not None:
-        max_bytes = int(args.max_bpw * n_elements / 8)
-    rows = read_heldout(args.heldout) if args.heldout else []
-    gate = Gate(args.max_kl_divergence, args.max_ppl_increase_pct, args.min_accuracy if rows else None)
-    log.info("frontier: %d mixes, %.1f to %.1f MiB of tensors", len(frontier), frontier.bytes(0) / MIB,
-             frontier.bytes(len(frontier) - 1) / MIB)  # fmt: skip
-    started = time.monotonic()
-    with atomic_output(args.out) as tmp:
-        quantized = tmp.with_name(tmp.name + ".tensors")
-        try:
-            tensors = Tensors(args.llama_bin, args.gguf, args.imatrix, quantized, threads)
-            inp = Inputs(args.llama_bin, tensors, args.logits, args.ctx_size, args.merged, rows, args.max_new_tokens,
-                         threads, tmp)  # fmt: skip
-            k, results = run_search(inp, frontier, gate, n_elements, args.budget, max_bytes)
-            types = {name: o.type for name, o in frontier.mix(k).items()}
-            source = source_record(args.llama_bin)
-            inputs = {"gguf": args.gguf, "sensitivity": args.sensitivity, "logits": args.logits,
-                      **({"imatrix": args.imatrix} if args.imatrix else {})}  # fmt: skip
-            record = provenance(args.out, inputs, step="quantize", type="auto", recipe=types,
-                                llama_cpp=read_json(source) if source.is_file() else None)  # fmt: skip
-            tensors.write(types, tmp, record)
-        finally:
-            shutil.rmtree(quantized, ignore_errors=True)
-    write_provenance(args.out, record)
-    with atomic_output(args.recipe) as tmp:
-        recipe.write(tmp, types)
-    r = results[k]
-    write_json(args.record, summary(frontier, table, results, k, gate, args.budget, max_bytes,
-                                        time.monotonic() - started))
-    log.info("chosen: point %d, %.1f MiB (%.2f bpw), KL %.4f%s", k, r["size_bytes"] / MIB, r["bpw"], r["kl_divergence"],
-             f", accuracy {r['correct']}/{r['rows']}" if "correct" in r else "")  # fmt: skip
+    request = Request(args.types, args.listed, args.objective, args.budget, args.max_size_mib, args.max_bpw)
+    bench = {"tolerance_pct": args.tolerance_pct, "gen_tokens": args.gen_tokens, "repetitions": args.repetitions}
+    auto_quant(args.llama_bin, args.gguf, args.sensitivity, args.imatrix, args.logits, args.ctx_size, args.merged,
+               read_heldout(args.heldout) if args.heldout else [], args.max_new_tokens, Gate.parse(args.gate),
+               request, bench, check_threads(args.threads), args.out, args.recipe, args.record)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.evaluate.gate import describe_thresholds
+from cpuforge.evaluate.gate import Gate
 from cpuforge.io.files import atomic_output, read_json
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def main() -> None:
         log.error("the report is %s", args.metrics.with_name("report.html"))
         sys.exit(1)
     with atomic_output(args.out) as tmp:
-        tmp.write_text(f"quality gate passed for {metrics['model']}: {describe_thresholds(gate['thresholds'])}\n")
+        tmp.write_text(f"quality gate passed for {metrics['model']}: {Gate(**gate['thresholds']).describe()}\n")
     log.info("quality gate passed for %s", metrics["model"])
 
 

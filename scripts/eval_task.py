@@ -62,7 +62,7 @@ def main() -> None:
         runtime = "llama-cpp-python" + (" + runtime LoRA" if args.lora else "")
     correct = sum(right)
     write_json(args.out, {"stage": args.stage, "accuracy": correct / len(rows), "correct": correct, "rows": len(rows),
-                          "runtime": runtime, "answers": answers})  # fmt: skip
+                          "runtime": runtime, "answers": answers, "right": right})  # fmt: skip
     log.info("%s: exact match %.3f (%d/%d)", args.stage, correct / len(rows), correct, len(rows))
 
 

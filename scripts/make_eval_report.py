@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cpuforge.cli import run
 from cpuforge.io.files import atomic_output, write_json
+from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.report import make_report
 from cpuforge.evaluate.stages import parse_stages
 
@@ -41,23 +42,20 @@ def main() -> None:
     parser.add_argument("--adapters", type=Path, nargs="*", default=[], help="the GGUF LoRA files applied to it")
     parser.add_argument("--serve", default="q4_0", help="GGUF stage whose recommended thread count is reported")
     parser.add_argument("--llama-cpp-commit", default="unknown")
-    parser.add_argument("--max-ppl-increase-pct", type=float, default=25.0)
-    parser.add_argument("--max-kl-divergence", type=float, default=0.4)
-    parser.add_argument("--min-accuracy", type=float, default=0.7)
+    parser.add_argument("--gate", nargs="*", default=[], metavar="KEY=VALUE", help="eval.gate's limits")
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--auto-search", type=Path, help="the quant search's record, where `auto` is a stage")
     parser.add_argument("--plots", type=Path, nargs=4, required=True,
                         metavar=("THROUGHPUT", "SIZE_VS_PERPLEXITY", "ACCURACY", "FRONTIER"))  # fmt: skip
     args = parser.parse_args()
-    thresholds = {"max_ppl_increase_pct": args.max_ppl_increase_pct, "max_kl_divergence": args.max_kl_divergence,
-                  "min_accuracy": args.min_accuracy}  # fmt: skip
+    gate = Gate.parse(args.gate)
     import matplotlib
 
     matplotlib.use("Agg")
     runtime_lora = parse_stages(args.runtime_lora, "--runtime-lora", reference=False)
     metrics, page, plots = make_report(args.model_name, parse_stages(args.stage), args.figures, args.task,
-                                       args.serve, args.llama_cpp_commit, thresholds, runtime_lora, args.adapters,
+                                       args.serve, args.llama_cpp_commit, gate, runtime_lora, args.adapters,
                                        args.checks, args.auto_search)  # fmt: skip
     for path, data in zip(args.plots, plots.values(), strict=True):
         with atomic_output(path) as tmp:

@@ -21,7 +21,6 @@ from cpuforge.autoquant.search import (
     MIN_SPREAD,
     MIN_WINDOWS,
     PRIOR,
-    Gate,
     KlLaw,
     chosen,
     clear_miss,
@@ -33,6 +32,7 @@ from cpuforge.autoquant.search import (
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
+from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import running_kl
 from cpuforge.io.gguf import open_gguf, read_header
 from cpuforge.llama.ggml import ggml_type, round_trip
@@ -113,7 +113,7 @@ def test_the_search_finds_the_smallest_passing_point():
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=0.5)
     measure, measure_task, seen, tasks = synthetic(frontier, factor=0.3)
     passing = [k for k in range(len(frontier)) if 0.3 * frontier.loss(k) <= 0.5]
-    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier))
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier), task=True)
     assert chosen(results) == max(passing) and "accuracy" in results[max(passing)]
     # the KL divergence is predicted from the first measurement on: far fewer probes than points; the task,
     # the dearest measurement, runs once, on the point chosen
@@ -121,7 +121,7 @@ def test_the_search_finds_the_smallest_passing_point():
     # accuracy, which the loss does not predict, bounds the choice where it drops first: the search goes on
     # above the point whose task missed
     measure, measure_task, seen, tasks = synthetic(frontier, factor=0.3, accuracy_from=3)
-    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier))
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=len(frontier), task=True)
     assert chosen(results) == min(2, max(passing)) and results[chosen(results)]["accuracy"] == 1.0
     assert all(not results[k]["passed"] and "task accuracy" in results[k]["misses"][0] for k in tasks[:-1])
 
@@ -158,16 +158,16 @@ def test_the_first_probe_is_predicted_by_the_prior_and_a_pass_within_the_margin_
     limit = PRIOR.scale * losses[k] ** PRIOR.exponent / KL_MARGIN
     gate = Gate(max_kl_divergence=limit, max_ppl_increase_pct=25, min_accuracy=0.5)
     assert first_probe(frontier, gate) == max(j for j in range(len(frontier)) if losses[j] <= losses[k])
-    assert first_probe(frontier, Gate(1e-12, 25, None)) == 0
-    assert first_probe(frontier, Gate(1e12, 25, None)) == len(frontier) - 1
+    assert first_probe(frontier, Gate(max_kl_divergence=1e-12)) == 0
+    assert first_probe(frontier, Gate(max_kl_divergence=1e12)) == len(frontier) - 1
     # the model a little more sensitive than the prior says: the first probe passes within the margin, and its
     # task decides
     measure, measure_task, seen, tasks = synthetic(frontier, factor=1.05 * PRIOR.scale, exponent=PRIOR.exponent)
-    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3, task=True)
     assert seen == tasks == [first_probe(frontier, gate)] and chosen(results) == seen[0]
     # a model half as sensitive: the first probe passes with room below it, and the search goes on down
     measure, measure_task, seen, tasks = synthetic(frontier, factor=PRIOR.scale / 2, exponent=PRIOR.exponent)
-    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3, task=True)
     assert len(seen) > 1 and chosen(results) > seen[0]
 
 
@@ -202,7 +202,7 @@ def test_a_model_three_times_as_sensitive_as_the_prior_is_reached_within_the_bud
     gate = Gate(max_kl_divergence=truth.scale * losses[len(frontier) // 5] ** 0.5, max_ppl_increase_pct=25,
                 min_accuracy=None)  # fmt: skip
     measure, measure_task, seen, tasks = synthetic(frontier, factor=truth.scale, exponent=truth.exponent)
-    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3)
+    results = search(frontier, measure, measure_task, gate, first_probe(frontier, gate), budget=3, task=False)
     assert not results[seen[0]]["passed"] and len(seen) == 3
     assert seen[1] == predicted_by(frontier, truth, KL_MARGIN * gate.max_kl_divergence)
     assert chosen(results) == max(k for k in seen if results[k]["passed"]) >= seen[1]
@@ -237,11 +237,11 @@ def test_a_spent_budget_sends_the_task_up_the_points_already_measured():
     gate = Gate(max_kl_divergence=1e9, max_ppl_increase_pct=25, min_accuracy=0.5)
     last = len(frontier) - 1
     measure, measure_task, seen, tasks = synthetic(frontier, factor=1.0, accuracy_from=last // 2)
-    results = search(frontier, measure, measure_task, gate, first=0, budget=3)
+    results = search(frontier, measure, measure_task, gate, first=0, budget=3, task=True)
     assert len(seen) == 3 and tasks == sorted(seen, reverse=True)[: len(tasks)]
     assert chosen(results) == max((k for k in seen if k < last // 2), default=None)
     measure, measure_task, seen, tasks = synthetic(frontier, factor=1.0, accuracy_from=0)
-    results = search(frontier, measure, measure_task, gate, first=0, budget=3)
+    results = search(frontier, measure, measure_task, gate, first=0, budget=3, task=True)
     assert chosen(results) is None and sorted(tasks) == sorted(seen)
 
 
@@ -250,23 +250,12 @@ def test_the_search_spends_no_more_than_its_budget_and_may_find_nothing():
     frontier = sweep(random_table(3, tensors=8))
     gate = Gate(max_kl_divergence=0.5, max_ppl_increase_pct=25, min_accuracy=None)
     measure, measure_task, seen, tasks = synthetic(frontier, factor=1e9)  # nothing passes
-    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=3)
+    results = search(frontier, measure, measure_task, gate, first=len(frontier) // 2, budget=3, task=False)
     assert len(seen) == 3 and chosen(results) is None and tasks == []
     assert all(r["misses"] and r["misses"][0].startswith("KL divergence") for r in results.values())
     measure, measure_task, seen, tasks = synthetic(frontier, factor=1e-9)  # everything passes: the smallest point
-    assert chosen(search(frontier, measure, measure_task, gate, first=0, budget=20)) == len(frontier) - 1
+    assert chosen(search(frontier, measure, measure_task, gate, first=0, budget=20, task=False)) == len(frontier) - 1
     assert tasks == []  # no task: the KL divergence decides
-
-
-@pytest.mark.unit
-def test_gate_misses_name_the_figure_and_the_limit():
-    gate = Gate(0.4, 25, 0.7)
-    assert gate.misses({"kl_divergence": 0.3, "ppl_increase_pct": 3.0, "accuracy": 0.8}) == []
-    assert gate.misses({"kl_divergence": 0.5, "ppl_increase_pct": 30.0, "accuracy": 0.5}) == [
-        "KL divergence 0.5 > max_kl_divergence 0.4",
-        "perplexity +30.0% > max_ppl_increase_pct 25%",
-        "task accuracy 0.500 < min_accuracy 0.7",
-    ]
 
 
 @pytest.mark.unit

@@ -188,12 +188,15 @@ def test_threads_follow_the_eval_report(tmp_path):
         default_thread_counts(model, None, 0)
 
 
-def test_teacher_forced_exact_match_is_where_greedy_decoding_writes_the_answer(llama_bin, gguf):
-    """right_gguf, the quant search's task check (a batch per row): right exactly on the rows whose answer
-    answers_gguf's greedy decoding writes, a token at a time. The rows: the model's own answers (right), each less
-    its last word (wrong: the model goes on) or with a word more (wrong: it stops first), and the lessons' own
-    replies."""
-    from cpuforge.evaluate.task import answers_gguf, right_gguf
+def test_teacher_forced_answers_are_where_greedy_decoding_writes_them(llama_bin, gguf):
+    """reference_gguf and fidelity_gguf, the quant search's answers (a batch per row): the reference's answers are
+    its greedy answers token for token, right exactly on the rows whose answer greedy decoding writes a token at
+    a time; a file checked against its own answers agrees on every row. The rows: the model's own answers
+    (right), each less its last word (wrong: the model goes on) or with a word more (wrong: it stops first), and
+    the lessons' own replies."""
+    from cpuforge.evaluate.task import answers_gguf, fidelity_gguf, hf_prompts, reference_gguf
+    from cpuforge.llama.runtime import load_llama_cpp, load_model
+    from cpuforge.text.generate import gguf_greedy_ids, gguf_stop_ids
     from cpuforge.text.task import answer
 
     merged = gguf.parent / "merged"
@@ -209,4 +212,19 @@ def test_teacher_forced_exact_match_is_where_greedy_decoding_writes_the_answer(l
     rows += [row(q, reply) for q, reply in lessons]
     greedy = [a == answer(r) for a, r in zip(answers_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1), rows, strict=True)]
     assert 0 < sum(greedy) < len(rows)
-    assert right_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1) == greedy
+    reference = reference_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1)
+    assert reference["right"] == greedy
+    llm = load_model(load_llama_cpp(llama_bin), gguf, n_ctx=1024, n_threads=1, verbose=False)
+    try:
+        _, prompts = hf_prompts(merged, rows)
+        assert reference["answers"] == gguf_greedy_ids(llm, prompts, gguf_stop_ids(llm), MAX_NEW)
+    finally:
+        llm.close()
+    same = fidelity_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1, reference)
+    assert same == {"agree": [True] * len(rows), "right": greedy}
+    # against other answers (each row's from the next row), it agrees exactly where they are its own, and is
+    # right where greedy decoding is
+    shifted = reference["answers"][1:] + reference["answers"][:1]
+    other = fidelity_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1, {"answers": shifted, "right": greedy})
+    assert other["agree"] == [a == b for a, b in zip(shifted, reference["answers"], strict=True)]
+    assert not all(other["agree"]) and other["right"] == greedy

@@ -36,7 +36,8 @@ def k_run(llama_bin, tmp_path_factory):
         checks={"generation": {"prompts": 8, "max_new_tokens": 12}, "imatrix": {"ctx_size": 128, "chunks": 4, "prompts": 4}},
         eval={"ctx": 128, "chunks": 4, "max_new_tokens": 12,
               "bench": {"threads": [1], "prompt_tokens": 32, "gen_tokens": 8, "repetitions": 1},
-              "gate": {"max_ppl_increase_pct": 1e9, "max_kl_divergence": 1e9, "min_accuracy": 0}},
+              "gate": {"max_ppl_increase_pct": 1e9, "max_kl_divergence": 1e9, "max_disagreement": 1,
+                       "max_accuracy_drop": 1}},
     )  # fmt: skip
     snakemake(workdir, "all", "--configfile", str(config))
     return workdir

@@ -16,7 +16,10 @@ from cpuforge.evaluate.speculation import verdict
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
-THRESHOLDS = {"max_ppl_increase_pct": 25.0, "max_kl_divergence": 0.4, "min_accuracy": 0.7}
+# six rows bound no disagreement tighter than 39 %: these limits let a quant that differs on one pass
+GATE = ["max_disagreement=1", "max_accuracy_drop=1"]
+THRESHOLDS = {"confidence": 0.95, "max_disagreement": 1.0, "max_accuracy_drop": 1.0, "max_kl_divergence": 0.4,
+              "max_ppl_increase_pct": 25.0, "min_accuracy": None}  # fmt: skip
 BACKEND = {"build": "native", "variant": "native", "features": {"AVX2": "1", "REPACK": "1"}, "amx": False}
 
 
@@ -43,8 +46,12 @@ def saved_figures(root: Path, q4_perplexity: float) -> dict[str, Path]:
         "perplexity": q4_perplexity, "perplexity_err": 0.1, "runtime": "llama-perplexity", "kl_divergence": 0.05,
         "kl_divergence_err": 0.002, "kl_divergence_p99": 0.3, "kl_divergence_max": 0.9, "top1_agreement": 0.9,
         "top1_agreement_err": 0.01, **text})  # fmt: skip
+    answers, right = ["a", "b", "c", "d", "e", "f"], [True] * 5 + [False]
     for stage in stages:
-        write(figures / "task" / f"{stage}.json", {"accuracy": 5 / 6, "correct": 5, "rows": 6})
+        # q4_0 answers the last row otherwise than f16, wrong as f16 is: one row differs, no flip
+        mine = answers[:5] + ["x"] if stage == "q4_0" else answers
+        write(figures / "task" / f"{stage}.json", {"accuracy": 5 / 6, "correct": 5, "rows": 6, "answers": mine,
+                                                   "right": right})  # fmt: skip
     for stage in ("f16", "q4_0"):
         # 5 MB a token: at 2 threads 20 t/s read 0.1 GB/s, a quarter of the kernel's 0.4
         runs = [{"threads": t, "pp_tps": 50.0 * t, "pp_tps_std": 1.0, "tg_tps": 10.0 * t, "tg_tps_std": 0.5,
@@ -79,7 +86,7 @@ def make_eval_report(root: Path, stages: dict[str, Path]) -> subprocess.Complete
          *(f"--stage={name}={path}" for name, path in stages.items()), "--figures", str(root / "figures"),
          "--checks", *map(str, sorted((root / "checks").glob("*.json"))), "--llama-cpp-commit", "c" * 40,
          f"--runtime-lora=q4_0={root / 'base-q4_0.gguf'}", "--adapters", str(root / "adapter.gguf"),
-         "--html", str(out / "report.html"), "--metrics", str(out / "metrics.json"),
+         "--gate", *GATE, "--html", str(out / "report.html"), "--metrics", str(out / "metrics.json"),
          "--plots", str(out / "throughput.png"), str(out / "size.png"), str(out / "accuracy.png"),
          str(out / "frontier.png")],
         cwd=REPO, capture_output=True, text=True, check=True,
@@ -101,6 +108,17 @@ def test_a_passing_report(tmp_path):
     q4 = metrics["stages"][3]
     assert q4["size_vs_f16"] == 604 / 2004 and q4["ppl_increase_vs_f16_pct"] == pytest.approx((8.5 / 8.0001 - 1) * 100)
     assert metrics["gate"] == {"thresholds": THRESHOLDS, "passed": True, "failures": []}
+    # its answers beside f16's, row by row, and the bound six rows allow
+    assert q4["per_row"] == {"agree": [True] * 5 + [False], "right": [True] * 5 + [False]}
+    assert {k: q4["fidelity"][k] for k in ("rows", "agree", "worse", "better")} == {"rows": 6, "agree": 5, "worse": 0,
+                                                                                   "better": 0}  # fmt: skip
+    assert q4["fidelity"]["disagreement_bound"] == pytest.approx(0.5818, abs=1e-4)
+    assert metrics["decision"] == ("Ship results/m&m/ggml-model-q4_0.gguf: the fastest of the 1 quants here that pass "
+                                   "the gate (20.0 tokens/s, 0.0 MiB, the f16 GGUF's answer on 5/6 held-out rows (at 95 "
+                                   "% it differs on at most 58.2 %), KL 0.05). Their speeds come from separate runs; "
+                                   "add auto to quant_types for a decision measured side by side.")  # fmt: skip
+    assert metrics["certifies"].startswith("6 held-out rows bound a quant's disagreement with the f16 answers no "
+                                           "tighter than 39.3 % at 95 % confidence")  # fmt: skip
     assert metrics["recommended_threads"] == 2 and metrics["recommended_threads_batch"] == 1
     assert metrics["f16_vs_merged_perplexity_rel_diff"] == pytest.approx(1.25e-5)
     assert metrics["provenance"]["q4_0"]["inputs"] and metrics["provenance"]["f16"] is None
@@ -119,22 +137,24 @@ def test_a_passing_report(tmp_path):
                                                "read_gbps": 0.4, "fraction": 0.25}  # fmt: skip
     assert ("At 2 threads its generation reads 0.1 GB/s (20.0 tokens/s × 5.0 MB per token), 25 % of the 0.4 GB/s "
             "this machine&#x27;s memory gave") in page and "<td>5.0</td><td>0.1</td><td>0.4</td><td>25 %</td>" in page
-    assert "Quality gate passed" in page and "Thresholds: max_ppl_increase_pct = 25, max_kl_divergence = 0.4" in page
+    assert "Quality gate passed" in page and "Thresholds: confidence = 0.95, max_disagreement = 1," in page
+    assert page.index(html.escape(metrics["decision"])) < page.index("Quality gate passed")  # the decision first
+    assert "<td>5/6 (≤ 58.2% differ)</td><td>0</td><td>0</td>" in page
     assert "relative difference\n1.25e-05.</p>" in page and "6 held-out task rows" in page
     assert page.count("<img class='plot'") == 3 and "no template &lt;in&gt; q4_0.gguf." in page
     assert "base q4_0 + runtime LoRA" in page and "CPU variant <strong id='cpu-variant'>native</strong>" in page
     gate = check_quality_gate(tmp_path)
     assert gate.returncode == 0, gate.stderr
     assert (tmp_path / "report" / "quality_gate.txt").read_text() == (
-        "quality gate passed for m&m: max_ppl_increase_pct = 25, max_kl_divergence = 0.4, min_accuracy = 0.7\n"
+        "quality gate passed for m&m: confidence = 0.95, max_disagreement = 1, max_accuracy_drop = 1, "
+        "max_kl_divergence = 0.4, max_ppl_increase_pct = 25, min_accuracy = off\n"
     )
 
 
 def test_a_failing_report_is_written_and_fails_the_gate(tmp_path):
     make_eval_report(tmp_path, saved_figures(tmp_path, q4_perplexity=12.0))
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    failure = ("q4_0: perplexity 12 is 50.0% above the f16 GGUF's, more than eval.gate.max_ppl_increase_pct allows "
-               "(25%).")  # fmt: skip
+    failure = "q4_0: perplexity +50.0 % over the f16 GGUF's > eval.gate.max_ppl_increase_pct 25 %."
     assert metrics["gate"] == {"thresholds": THRESHOLDS, "passed": False, "failures": [failure]}
     page = (tmp_path / "report" / "report.html").read_text()
     assert f"<div class='fail'><p>Quality gate failed:</p><ul><li>{html.escape(failure)}</li></ul></div>" in page

@@ -47,6 +47,10 @@ class Frontier:
     def loss(self, k: int) -> float:
         return self.steps[k - 1].loss if k else sum(o.error for o in self.start.values())
 
+    def tail(self, k: int) -> Frontier:
+        """The frontier from point k on (its point 0 is this one's k)."""
+        return Frontier(self.mix(k), self.steps[k:])
+
     def largest_within(self, limit: int) -> int | None:
         """The first point (the least lossy) of at most `limit` bytes, or None when even the smallest is larger."""
         return next((k for k in range(len(self)) if self.bytes(k) <= limit), None)

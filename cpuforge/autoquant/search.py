@@ -7,7 +7,7 @@ point passes the gate is taken as monotone in it: the search keeps the smallest 
 the largest known to fail, and probes between them.
 
 The probes are measured against the f16 logits only; the task (each held-out prompt with its answer in one
-batch, teacher-forced: cpuforge.evaluate.task.right_gguf) runs once the bracket is closed, on the smallest
+batch, teacher-forced: cpuforge.evaluate.task.fidelity_gguf) runs once the bracket is closed, on the smallest
 point that passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
 point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
 the task's accuracy runs the task once. A probe whose KL divergence over its first windows misses the gate by
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpuforge.autoquant.frontier import Frontier
+from cpuforge.evaluate.gate import Gate
 
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
@@ -63,28 +64,6 @@ class KlLaw:
 
 
 PRIOR = KlLaw(scale=0.3, exponent=0.5)  # the first probe's prediction, before any point is measured
-
-
-@dataclass(frozen=True)
-class Gate:
-    """eval.gate's thresholds; min_accuracy None when the model has no task."""
-
-    max_kl_divergence: float
-    max_ppl_increase_pct: float
-    min_accuracy: float | None
-
-    def misses(self, figures: dict) -> list[str]:
-        """The gate's figures that `figures` (kl_divergence, ppl_increase_pct, accuracy) miss, as
-        `name value > limit` phrases; empty when it passes."""
-        out = []
-        if figures["kl_divergence"] > self.max_kl_divergence:
-            out.append(f"KL divergence {figures['kl_divergence']:.4g} > max_kl_divergence {self.max_kl_divergence:g}")
-        if figures["ppl_increase_pct"] > self.max_ppl_increase_pct:
-            out.append(f"perplexity +{figures['ppl_increase_pct']:.1f}% > max_ppl_increase_pct "
-                       f"{self.max_ppl_increase_pct:g}%")  # fmt: skip
-        if self.min_accuracy is not None and "accuracy" in figures and figures["accuracy"] < self.min_accuracy:
-            out.append(f"task accuracy {figures['accuracy']:.3f} < min_accuracy {self.min_accuracy:g}")
-        return out
 
 
 def clear_miss(gate: Gate, figures: dict) -> bool:
@@ -157,19 +136,19 @@ def next_probe(frontier: Frontier, results: dict[int, dict], gate: Gate, first: 
 
 
 def search(frontier: Frontier, measure: Callable[[int], dict], measure_task: Callable[[int, dict], dict],
-           gate: Gate, first: int, budget: int) -> dict[int, dict]:  # fmt: skip
+           gate: Gate, first: int, budget: int, task: bool) -> dict[int, dict]:  # fmt: skip
     """Measure points (`measure(k)`: the figures against the f16 logits of point k) until the bracket closes or
     `budget` candidates are spent, then the task (`measure_task(k, figures so far)`: its accuracy) on the
     smallest that passed, going on above it while the accuracy misses; every result, by point, with
-    `passed`, `misses` and `order` (its last measurement's place). Without a task (gate.min_accuracy None)
-    the first part decides."""
+    `passed`, `misses` and `order` (its last measurement's place). Without a task (`task` false) the first
+    part decides."""
     results: dict[int, dict] = {}
     steps = 0
     while True:
         k = next_probe(frontier, results, gate, first) if len(results) < budget else None
         if k is None:
             k = chosen(results)
-            if k is None or gate.min_accuracy is None or "accuracy" in results[k]:
+            if k is None or not task or "accuracy" in results[k]:
                 return results
             figures = {**results[k], **measure_task(k, results[k])}
         else:

@@ -1,10 +1,20 @@
-"""The search run for real: each candidate made from its recipe (tensors.py: each tensor quantized in a
-type once, as llama-quantize quantizes it), its types checked in the written header, and measured as the
-report measures a quant.
+"""The search run for real: the candidates made, their speed measured side by side, each verified end to end
+in the objective's order until the rest cannot be chosen, searched mixes below the best, and the choice.
 
-A candidate's file is written beside the output under its partial name and deleted once measured (at the
-7B shape each is gigabytes); the quantized tensors stay until the search ends, so making a candidate again,
-for its task or as the chosen file, is a copy."""
+The candidates:
+- every ladder type as a uniform file: llama-quantize --pure with the importance matrix, every matrix in the
+  type as far as its rows allow (llama-quantize's own fallback for rows that are not whole blocks);
+- every type of quant_types as llama-quantize makes it (its own mix for the type), with the importance
+  matrix where the type takes one and without it where the type does not need one;
+- mixes of the frontier (frontier.py) below the best file that passes, searched as search.py does: for
+  `size` over every ladder type, for `speed` over the types whose uniform file ties the fastest passing one.
+
+A candidate is verified as the report measures a quant: KL divergence and perplexity against the f16 GGUF on
+the held-out text (a clear miss stopped early), then, where those pass, its answers against the f16 GGUF's on
+the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the gate (cpuforge.evaluate.gate)
+judges the figures. Files are written beside the output under its partial name and deleted when the search
+ends; mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a copy.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +23,38 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from cpuforge.autoquant.frontier import Frontier
-from cpuforge.autoquant.search import Gate, chosen, clear_miss, first_probe, search
-from cpuforge.autoquant.sensitivity import Option
+from cpuforge.autoquant import decide
+from cpuforge.autoquant.frontier import Frontier, sweep
+from cpuforge.autoquant.search import chosen, clear_miss, first_probe, search
+from cpuforge.autoquant.sensitivity import Option, quantizable
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import GateError
+from cpuforge.evaluate.bench import bench_side_by_side
+from cpuforge.evaluate.fidelity import compare
+from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import kl_divergence
-from cpuforge.evaluate.task import right_gguf
+from cpuforge.evaluate.task import fidelity_gguf, reference_gguf
+from cpuforge.io.gguf import read_header
+from cpuforge.llama.ggml import ggml_type, type_name
+from cpuforge.llama.quant import candidate_files, run_quantize
 from cpuforge.sizing.costs import MIB
 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Inputs:
-    """What a candidate is made and measured from."""
+    """What the candidates are made and measured from, and how they are judged."""
 
     llama_bin: Path
-    tensors: Tensors  # the f16 GGUF's matrices, quantized as the candidates ask
+    f16: Path
+    imatrix: Path | None
+    tensors: Tensors  # the f16 GGUF's matrices, quantized as the mixes ask
     logits: Path  # the f16 GGUF's log-probabilities on the held-out text (eval_perplexity --save-logits)
     ctx: int
     merged: Path  # the tokenizer the task's prompts are built with
@@ -45,88 +62,207 @@ class Inputs:
     max_new_tokens: int
     threads: int
     scratch: Path  # the candidates' files are named after it
-    measured: int = 0
+    gate: Gate
+    objective: str
+    tolerance: float  # speeds within this fraction of the faster are a tie
+    gen_tokens: int  # llama-bench's generation test
+    repetitions: int
+    reference: dict | None = None  # the f16 GGUF's answers (reference_gguf)
+    files: dict[str, Path] = field(default_factory=dict)  # candidate name -> its file while the search lasts
+
+    def path(self, name: str) -> Path:
+        return self.scratch.with_name(f"{self.scratch.name}.{re.sub(r'[^A-Za-z0-9_]+', '-', name)}.gguf")
 
 
-@contextmanager
-def candidate(inp: Inputs, frontier: Frontier, k: int) -> Iterator[Path]:
-    """Point k's file, made from its recipe, for as long as it is measured."""
-    out = inp.scratch.with_name(f"{inp.scratch.name}.{k}.gguf")
-    inp.tensors.write({name: o.type for name, o in frontier.mix(k).items()}, out, {"candidate": k})
-    try:
-        yield out
-    finally:
-        out.unlink()
+def file_figures(gguf: Path) -> dict:
+    """A candidate file's size, its matrices' bits per weight and bytes, and its types (a recipe)."""
+    tensors = [t for t in read_header(gguf).tensors.values() if quantizable(t.name, t.shape)]
+    matrix_bytes = sum(t.n_bytes for t in tensors)
+    return {"size_bytes": gguf.stat().st_size, "tensor_bytes": matrix_bytes,
+            "bpw": 8 * matrix_bytes / sum(t.n_elements for t in tensors),
+            "types": {t.name: type_name(ggml_type(t.type)) for t in tensors}}  # fmt: skip
 
 
-def measure(inp: Inputs, frontier: Frontier, k: int, n_elements: int, stop: Callable[[dict], bool] | None) -> dict:
-    """Point k made and measured against the f16 logits: its file's size and bits per weight, and the KL
-    divergence's figures (the perplexity among them); with `stop`, over the windows up to the first where
-    `stop(the figures so far)` is true."""
+def make_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
+    """The uniform and listed candidates, each written by llama-quantize."""
+    made = candidate_files(ladder, listed, inp.imatrix is not None)
+    candidates = []
+    for i, (name, kind, qtype, imatrix, pure) in enumerate(made, 1):
+        started = time.monotonic()
+        out = inp.path(name)
+        run_quantize(inp.llama_bin, inp.f16, out, qtype, inp.threads, inp.imatrix if imatrix else None, pure=pure)
+        inp.files[name] = out
+        candidates.append({"name": name, "kind": kind, "qtype": qtype, "imatrix": imatrix, **file_figures(out),
+                           "make_seconds": round(time.monotonic() - started, 1)})  # fmt: skip
+        log.info("made %d/%d: %s, %.1f MiB", i, len(made), name, candidates[-1]["size_bytes"] / MIB)
+    return candidates
+
+
+def measure_speed(inp: Inputs, candidates: list[dict], run: str) -> None:
+    """Generation tokens/s of `candidates`, side by side in one llama-bench run (`run` names it in the record)."""
+    rows = bench_side_by_side(inp.llama_bin, [inp.files[c["name"]] for c in candidates], inp.threads, inp.gen_tokens,
+                              inp.repetitions)  # fmt: skip
+    for c, row in zip(candidates, rows, strict=True):
+        c.update(row, speed_run=run)
+
+
+def measure_kl(inp: Inputs, gguf: Path, stop: Callable[[dict], bool] | None) -> dict:
+    """A file's KL divergence figures against the f16 logits (the perplexity among them)."""
+    kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads, stop=stop)
+    return {"kl": kl, "kl_divergence": kl["kl_divergence"], "kl_divergence_err": kl.get("kl_divergence_err", 0.0),
+            "top1_agreement": kl["top1_agreement"],
+            "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100}  # fmt: skip
+
+
+def measure_fidelity(inp: Inputs, gguf: Path) -> dict:
+    """A file's answers against the f16 GGUF's on the held-out rows: agreement, flips, their bounds, accuracy."""
+    rows = fidelity_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads, inp.reference)
+    f = compare(inp.reference["right"], rows["right"], rows["agree"], inp.gate.confidence)
+    return {"fidelity": f, "per_row": rows, "accuracy": sum(rows["right"]) / len(rows["right"]),
+            "correct": sum(rows["right"]), "rows": len(rows["right"])}  # fmt: skip
+
+
+def judged(inp: Inputs, figures: dict) -> dict:
+    misses = inp.gate.misses(figures)
+    return {**figures, "passed": not misses, "misses": misses}
+
+
+def verify(inp: Inputs, c: dict) -> None:
+    """Candidate `c` measured and judged in place: KL first (a clear miss stopped early), the answers where it
+    passes."""
     started = time.monotonic()
-    inp.measured += 1
-    log.info("candidate %d: point %d of %d, %.1f MiB of matrices (%.2f bpw)", inp.measured, k, len(frontier),
-             frontier.bytes(k) / MIB, 8 * frontier.bytes(k) / n_elements)  # fmt: skip
-    with candidate(inp, frontier, k) as gguf:
-        size = gguf.stat().st_size
-        kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads, stop=stop)
-    figures = {"point": k, "size_bytes": size, "tensor_bytes": frontier.bytes(k),
-               "bpw": 8 * frontier.bytes(k) / n_elements, "loss": frontier.loss(k), "kl": kl,
-               "kl_divergence": kl["kl_divergence"], "top1_agreement": kl["top1_agreement"],
-               "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100,
-               "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
-    log.info("point %d: %.1f MiB, %.2f bpw, KL %.4f, perplexity %+.1f %%%s, %.0f s", k, figures["size_bytes"] / MIB,
-             figures["bpw"], kl["kl_divergence"], figures["ppl_increase_pct"],
-             f" (stopped after {kl['windows']} windows: a clear miss)" if kl.get("stopped_early") else "",
-             figures["seconds"])  # fmt: skip
-    return figures
+    gguf = inp.files[c["name"]]
+    c.update(measure_kl(inp, gguf, partial(clear_miss, inp.gate)))
+    if inp.rows and not inp.gate.misses(c):
+        c.update(measure_fidelity(inp, gguf))
+    c.update(judged(inp, c), verified=True, seconds=round(time.monotonic() - started, 1))
+    f = c.get("fidelity")
+    stopped = f" (stopped after {c['kl']['windows']} windows: a clear miss)" if c["kl"].get("stopped_early") else ""
+    log.info("%s: KL %.4f, perplexity %+.1f %%%s%s: %s (%.0f s)", c["name"], c["kl_divergence"], c["ppl_increase_pct"],
+             stopped, f", {f['agree']}/{f['rows']} answers as f16's, {f['worse']} right->wrong, {f['better']} "
+             "wrong->right" if f else "", "passes" if c["passed"] else "; ".join(c["misses"]), c["seconds"])  # fmt: skip
 
 
-def measure_task(inp: Inputs, frontier: Frontier, k: int, seconds: float) -> dict:
-    """Point k's task accuracy on the held-out rows, its file made again, by teacher forcing (right_gguf: a
-    batch per row, not a pass per answer token); `seconds` the point's time so far."""
-    started = time.monotonic()
-    log.info("point %d: the task on %d held-out rows", k, len(inp.rows))
-    with candidate(inp, frontier, k) as gguf:
-        right = right_gguf(gguf, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
-    seconds += time.monotonic() - started
-    log.info("point %d: accuracy %d/%d, %.0f s in all", k, sum(right), len(right), seconds)
-    return {"accuracy": sum(right) / len(right), "correct": sum(right), "rows": len(right),
-            "seconds": round(seconds, 1)}  # fmt: skip
+def verify_in_order(inp: Inputs, candidates: list[dict]) -> None:
+    """Every candidate verified, the objective's best first, except those a passing one already beats."""
+    done: list[dict] = []
+    for c in decide.order(candidates, inp.objective):
+        by = decide.beaten_by(c, done, inp.objective, inp.tolerance)
+        if by is not None:
+            c.update(verified=False, pruned_by=by["name"])
+            continue
+        verify(inp, c)
+        done.append(c)
 
 
-def best_failure(results: dict[int, dict]) -> int:
-    """The candidate closest to passing: the fewest misses, then the lowest KL divergence."""
-    return min(results, key=lambda k: (len(results[k]["misses"]), results[k]["kl_divergence"]))
+def restricted(table: dict[str, list[Option]], allowed: set[str]) -> dict[str, list[Option]]:
+    """Each tensor's options in the allowed types; a tensor none fits keeps its largest option."""
+    return {name: [o for o in options if o.type in allowed] or [max(options, key=lambda o: o.bytes)]
+            for name, options in table.items()}  # fmt: skip
 
 
-def run_search(inp: Inputs, frontier: Frontier, gate: Gate, n_elements: int, budget: int,
-               max_bytes: int | None) -> tuple[int, dict[int, dict]]:  # fmt: skip
-    """The chosen point and every candidate's figures (`n_elements`: the weights of the quantized matrices,
-    for their bits per weight). With `max_bytes`, the least lossy point
-    within it (one candidate, kept whatever the gate says: the report judges it); else the smallest point
-    that passes the gate, GateError when none does."""
+def search_mixes(inp: Inputs, table: dict[str, list[Option]], candidates: list[dict], budget: int) -> list[dict]:
+    """Mixes below the best passing file, searched on the frontier of the types the objective allows; every mix
+    measured, as candidates."""
+    best = decide.choose(candidates, inp.objective, inp.tolerance)
+    if best is None or budget < 1:
+        return []
+    allowed = set(table_types(table))
+    if inp.objective == "speed":
+        allowed = {c["name"].removeprefix("uniform ") for c in candidates if c["kind"] == "uniform"
+                   and not decide.faster(best, c, inp.tolerance)}  # fmt: skip
+    frontier = sweep(restricted(table, allowed))
+    start = next((k for k in range(len(frontier)) if frontier.bytes(k) < best["tensor_bytes"]), None)
+    if start is None:
+        log.info("mixes: none of %s is smaller than %s", ", ".join(sorted(allowed)), best["name"])
+        return []
+    below = frontier.tail(start)
+    log.info("mixes of %s below %s: %d points, %.1f to %.1f MiB of matrices", ", ".join(sorted(allowed)),
+             best["name"], len(below), below.bytes(0) / MIB, below.bytes(len(below) - 1) / MIB)  # fmt: skip
+
+    def made(k: int) -> Path:
+        name = f"mix {start + k}"
+        inp.files[name] = inp.path(name)
+        inp.tensors.write({n: o.type for n, o in below.mix(k).items()}, inp.files[name], {"candidate": name})
+        return inp.files[name]
+
     def measured(k: int) -> dict:
-        # a clear miss of the gate is stopped early; a candidate within a size limit is measured whole
-        return measure(inp, frontier, k, n_elements, partial(clear_miss, gate) if max_bytes is None else None)
+        started = time.monotonic()
+        figures = {"point": start + k, "loss": below.loss(k), **measure_kl(inp, made(k), partial(clear_miss, inp.gate))}
+        return {**figures, "seconds": round(time.monotonic() - started, 1)}
 
     def tasked(k: int, figures: dict) -> dict:
-        return measure_task(inp, frontier, k, figures["seconds"])
+        started = time.monotonic()
+        out = measure_fidelity(inp, inp.files[f"mix {start + k}"])
+        return {**out, "seconds": round(figures["seconds"] + time.monotonic() - started, 1)}
 
-    if max_bytes is not None:
-        k = frontier.largest_within(max_bytes)
-        if k is None:
-            raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
-                            f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
-        return k, search(frontier, measured, tasked, gate, k, 1)
-    results = search(frontier, measured, tasked, gate, first_probe(frontier, gate), budget)
-    k = chosen(results)
-    if k is None:
-        best = best_failure(results)
-        r = results[best]
-        raise GateError(f"auto_quant: no candidate passes eval.gate ({len(results)} measured); the best, point {best} "
+    results = search(below, measured, tasked, inp.gate, first_probe(below, inp.gate), budget, task=bool(inp.rows))
+    mixes = []
+    for k, r in sorted(results.items(), key=lambda item: item[1]["order"]):
+        name = f"mix {start + k}"
+        mixes.append({"name": name, "kind": "mix", "qtype": None, "imatrix": inp.imatrix is not None,
+                      **file_figures(inp.files[name]), **r, "verified": True})  # fmt: skip
+    smallest = chosen(results)
+    for m in mixes:
+        if m["passed"] and smallest is not None and m["point"] != start + smallest:
+            # passed on KL; its answers were not measured, since a smaller mix of the same types passes
+            m.update(passed=False, verified=False, pruned_by=f"mix {start + smallest}")
+    return mixes
+
+
+def table_types(table: dict[str, list[Option]]) -> list[str]:
+    return sorted({o.type for options in table.values() for o in options})
+
+
+def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], listed: list[str],
+                budget: int) -> tuple[dict, list[dict]]:  # fmt: skip
+    """The candidate to ship and every candidate measured (GateError when none passes)."""
+    if inp.rows:
+        log.info("the f16 GGUF's answers on %d held-out rows", len(inp.rows))
+        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+    candidates = make_files(inp, ladder, listed)
+    measure_speed(inp, candidates, "screen")
+    verify_in_order(inp, candidates)
+    mixes = search_mixes(inp, table, candidates, budget)
+    passing_mixes = [m for m in mixes if m["passed"]]
+    if passing_mixes:  # the finalists side by side again: speeds compare only within one run
+        finalists = [c for c in candidates if c.get("passed")] + passing_mixes
+        measure_speed(inp, finalists, "final")
+    for m in mixes:
+        m.setdefault("tg_tps", None)  # only a passing mix is benched
+    candidates += mixes
+    best = decide.choose(candidates, inp.objective, inp.tolerance)
+    decide.mark_dominated(candidates)
+    if best is None:
+        verified = [c for c in candidates if c.get("verified")]
+        r = min(verified, key=lambda c: (len(c["misses"]), c["kl_divergence"]))
+        raise GateError(f"auto_quant: no candidate passes eval.gate ({len(verified)} measured); the best, {r['name']} "
                         f"({r['size_bytes'] / MIB:.1f} MiB, {r['bpw']:.2f} bpw), misses {'; '.join(r['misses'])}.")  # fmt: skip
-    return k, results
+    return best, candidates
+
+
+def within_size(inp: Inputs, frontier: Frontier, max_bytes: int) -> tuple[dict, list[dict]]:
+    """The least lossy mix within `max_bytes` of matrices, measured and kept whatever the gate says (the report
+    judges it)."""
+    k = frontier.largest_within(max_bytes)
+    if k is None:
+        raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
+                        f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
+    if inp.rows:
+        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+    name = f"mix {k}"
+    inp.files[name] = inp.path(name)
+    inp.tensors.write({n: o.type for n, o in frontier.mix(k).items()}, inp.files[name], {"candidate": name})
+    c = {"name": name, "kind": "mix", "qtype": None, "imatrix": inp.imatrix is not None, "point": k,
+         "loss": frontier.loss(k), **file_figures(inp.files[name])}  # fmt: skip
+    started = time.monotonic()
+    c.update(measure_kl(inp, inp.files[name], None))
+    if inp.rows:
+        c.update(measure_fidelity(inp, inp.files[name]))
+    c.update(judged(inp, c), verified=True, seconds=round(time.monotonic() - started, 1))
+    measure_speed(inp, [c], "final")
+    c["dominated_by"] = None
+    return c, [c]
 
 
 def kind_of(tensor: str) -> str:
@@ -145,29 +281,25 @@ def noise_by_kind(table: dict[str, list[Option]], kind: str = "q4_0") -> dict[st
     return {k: float(statistics.median(v)) for k, v in sorted(by_kind.items())}
 
 
-def summary(frontier: Frontier, table: dict[str, list[Option]], results: dict[int, dict], k: int, gate: Gate,
-            budget: int, max_bytes: int | None, seconds: float) -> dict:  # fmt: skip
-    """The search record: what was asked, every candidate measured, the chosen mix by tensor kind and layer
-    (and each kind's noise in q4_0, which is why), and the frontier (at most 200 of its points, for plots)."""
-    mix = frontier.mix(k)
+def summary(best: dict, candidates: list[dict], table: dict[str, list[Option]], inp: Inputs, budget: int,
+            max_bytes: int | None, seconds: float, cpu: dict) -> dict:  # fmt: skip
+    """The search record: what was asked, every candidate measured (its per-row answers included), the chosen
+    one and its types by tensor kind (and each kind's noise in q4_0), and the CPU the speeds were measured on."""
     by_kind: dict[str, Counter] = {}
-    for name, option in mix.items():
-        by_kind.setdefault(kind_of(name), Counter())[option.type] += 1
-    every = max(1, len(frontier) // 200)
-    points = sorted({*range(0, len(frontier), every), len(frontier) - 1})
-    objective = ("smallest mix that passes eval.gate" if max_bytes is None
-                 else f"least lossy mix within {max_bytes / MIB:.1f} MiB of tensors")  # fmt: skip
-    candidates = [r for _, r in sorted(results.items(), key=lambda item: item[1]["order"])]
+    for name, kind in best["types"].items():
+        by_kind.setdefault(kind_of(name), Counter())[kind] += 1
+    objective = inp.objective if max_bytes is None else f"least lossy mix within {max_bytes / MIB:.1f} MiB of tensors"
     return {
         "objective": objective,
-        "gate": {"max_kl_divergence": gate.max_kl_divergence, "max_ppl_increase_pct": gate.max_ppl_increase_pct,
-                 "min_accuracy": gate.min_accuracy},  # fmt: skip
+        "gate": inp.gate.__dict__,
+        "tolerance": inp.tolerance,
+        "bench": {"threads": inp.threads, "gen_tokens": inp.gen_tokens, "repetitions": inp.repetitions, **cpu},
         "budget": budget,
         "seconds": round(seconds, 1),
-        "chosen": k,
-        "candidates": candidates,
+        "reference": inp.reference,
+        "chosen": best["name"],
+        "candidates": [{k: v for k, v in c.items() if k != "types"} for c in candidates],
         "types_by_kind": {kind: dict(sorted(c.items())) for kind, c in sorted(by_kind.items())},
         "q4_0_noise_by_kind": noise_by_kind(table),
-        "recipe": {name: o.type for name, o in mix.items()},
-        "frontier": [[p, frontier.bytes(p), frontier.loss(p)] for p in points],
+        "recipe": best["types"],
     }

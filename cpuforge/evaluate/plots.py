@@ -1,6 +1,6 @@
 """The report's four plots, drawn with matplotlib and returned as PNG bytes: speed by thread count,
-size against perplexity, task accuracy, and the quant search's frontier (size against KL divergence and
-against task accuracy)."""
+size against perplexity, task accuracy, and the quant search's candidates (size and speed against agreement
+with the f16 GGUF's answers)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def plot_accuracy(records: list[dict]) -> bytes:
 
 
 def plot_frontier(records: list[dict], auto: dict | None) -> bytes:
-    """Size against KL divergence and against task accuracy: each uniform quant a point, the search's
-    candidates a line, the chosen file a star."""
+    """The search's candidates: size and generation speed against agreement with the f16 GGUF's answers (KL
+    divergence without a task), each candidate a point, passing ones filled, the chosen one a star."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
@@ -82,24 +82,31 @@ def plot_frontier(records: list[dict], auto: dict | None) -> bytes:
         data = png(fig)
         plt.close(fig)
         return data
-    quants = [r for r in records if r["kind"] == "gguf" and "kl_divergence" in r]
-    candidates = sorted(auto["candidates"], key=lambda c: c["size_bytes"])
-    chosen = next(r for r in quants if r["stage"] == "auto")
-    for ax, key, title in zip(axes, ("kl_divergence", "accuracy"), ("KL divergence from f16", "task accuracy"),
+    measured = [c for c in auto["candidates"] if c.get("verified") or c.get("tg_tps") is not None]
+    by_task = any("fidelity" in c for c in measured)
+
+    def quality(c: dict) -> float | None:
+        if by_task:
+            return c["fidelity"]["agreement"] if "fidelity" in c else None
+        return c.get("kl_divergence")
+
+    for ax, key, label in zip(axes, ("size_bytes", "tg_tps"), ("size on disk (MiB)", "generation tokens/s"),
                               strict=True):  # fmt: skip
-        uniform = [r for r in quants if r["stage"] != "auto" and key in r]
-        ax.scatter([r["size_bytes"] / 2**20 for r in uniform], [r[key] for r in uniform], s=60, label="uniform types")
-        for r in uniform:
-            ax.annotate(r["stage"], (r["size_bytes"] / 2**20, r[key]), textcoords="offset points", xytext=(6, 4))
-        measured = [c for c in candidates if key in c]
-        ax.plot([c["size_bytes"] / 2**20 for c in measured], [c[key] for c in measured], marker=".", linewidth=1.5,
-                color="C1", label="searched mixes")  # fmt: skip
-        if key in chosen:
-            ax.scatter([chosen["size_bytes"] / 2**20], [chosen[key]], marker="*", s=300, color="C3", zorder=3,
-                       label="chosen (auto)")  # fmt: skip
-        ax.set(title=title, xlabel="size on disk (MiB)", ylabel=key.replace("_", " "))
+        scale = 2**20 if key == "size_bytes" else 1
+        for passed, style in ((True, {"color": "C0"}), (False, {"facecolors": "none", "edgecolors": "C7"})):
+            points = [c for c in measured if bool(c.get("passed")) == passed and quality(c) is not None
+                      and c.get(key) is not None]  # fmt: skip
+            ax.scatter([c[key] / scale for c in points], [quality(c) for c in points], s=40,
+                       label="passes the gate" if passed else "fails", **style)  # fmt: skip
+            for c in points:
+                ax.annotate(c["name"].removeprefix("uniform "), (c[key] / scale, quality(c)), fontsize=7,
+                            textcoords="offset points", xytext=(4, 3))  # fmt: skip
+        chosen = next(c for c in measured if c["name"] == auto["chosen"])
+        ax.scatter([chosen[key] / scale], [quality(chosen)], marker="*", s=300, color="C3", zorder=3, label="chosen")
+        ax.set(xlabel=label, ylabel="answers as the f16 GGUF's" if by_task else "KL divergence from f16")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(f"quant search candidates (objective: {auto['objective']})")
     data = png(fig)
     plt.close(fig)
     return data

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.evaluate.gate import judge
+from cpuforge.evaluate.fidelity import certifies, compare
+from cpuforge.evaluate.gate import Gate, judge, stage_figures
 from cpuforge.evaluate.stages import AUTO, HF_STAGES, REFERENCE, label
 from cpuforge.io.files import read_json, size_on_disk
 from cpuforge.sizing.costs import MIB
@@ -45,12 +46,19 @@ def stage_record(stage: str, path: Path, figures: Path, task: bool) -> dict:
     return record
 
 
-def relative_figures(records: list[dict]) -> None:
-    """Size and perplexity of every stage relative to the f16 GGUF."""
+def relative_figures(records: list[dict], figures: Path, task: bool, confidence: float) -> None:
+    """Size and perplexity of every stage relative to the f16 GGUF, and each quant's answers beside the f16
+    GGUF's, row by row (`fidelity`, `per_row`)."""
     f16 = next(r for r in records if r["stage"] == REFERENCE)
+    reference = read_json(figures / "task" / f"{REFERENCE}.json") if task else None
     for r in records:
         r["size_vs_f16"] = r["size_bytes"] / f16["size_bytes"]
         r["ppl_increase_vs_f16_pct"] = (r["perplexity"] / f16["perplexity"] - 1) * 100
+        if reference and r["kind"] == "gguf" and r["stage"] != REFERENCE:
+            mine = read_json(figures / "task" / f"{r['stage']}.json")
+            agree = [a == b for a, b in zip(mine["answers"], reference["answers"], strict=True)]
+            r["per_row"] = {"agree": agree, "right": mine["right"]}
+            r["fidelity"] = compare(reference["right"], mine["right"], agree, confidence)
 
 
 def runtime_lora_rows(runtime_lora: dict[str, Path], adapters: list[Path], records: list[dict], figures: Path,
@@ -122,35 +130,58 @@ def generation_bandwidth(record: dict) -> dict:
             "tg_gbps": run["tg_gbps"], "read_gbps": run["read_gbps"], "fraction": run["tg_bandwidth_fraction"]}  # fmt: skip
 
 
-def auto_quant_summary(search: dict, records: list[dict], thresholds: dict[str, float]) -> dict:
-    """The quant search beside the report's own figures: its candidates, the chosen file's row, and one sentence
-    comparing it with the smallest uniform type of the report that passes the gate."""
+def auto_quant_summary(search: dict, records: list[dict], gate: Gate) -> dict:
+    """The quant search beside the report's own figures: its record, and whether the chosen file, measured
+    again as a stage of the report, still passes the gate."""
     auto = next(r for r in records if r["stage"] == AUTO)
-    passing = [r for r in records if r["kind"] == "gguf" and r["stage"] not in (REFERENCE, AUTO)
-               and not judge([r], thresholds)["failures"]]  # fmt: skip
-    chosen = next(c for c in search["candidates"] if c["point"] == search["chosen"])
-    figures = f"KL {auto['kl_divergence']:.3g}" + (f", accuracy {auto['correct']}/{auto['rows']}" if "correct" in auto else "")
-    sentence = f"auto: {auto['size_bytes'] / MIB:.1f} MiB ({chosen['bpw']:.2f} bpw), {figures}"
-    if passing:
-        smallest = min(passing, key=lambda r: r["size_bytes"])
-        change = 1 - auto["size_bytes"] / smallest["size_bytes"]
-        word = "smaller" if change >= 0 else "larger"
-        sentence += (f" — {abs(change) * 100:.0f} % {word} than {smallest['stage']}, the smallest uniform type here "
-                     "that passes the gate.")  # fmt: skip
-    else:
-        sentence += " — no uniform type here passes the gate."
-    return {**search, "sentence": sentence, "passes": judge([auto], thresholds)["passed"]}
+    return {**search, "passes": not gate.misses(stage_figures(auto))}
+
+
+def describe_file(r: dict) -> str:
+    """A candidate's or a stage's figures in words: speed, size, agreement with the f16 GGUF and its bound."""
+    f = r.get("fidelity")
+    words = [f"{r['tg_tps']:.1f} tokens/s", f"{r['size_bytes'] / MIB:.1f} MiB"]
+    if f:
+        words.append(f"the f16 GGUF's answer on {f['agree']}/{f['rows']} held-out rows (at "
+                     f"{f['confidence'] * 100:g} % it differs on at most {f['disagreement_bound'] * 100:.1f} %)")  # fmt: skip
+    words.append(f"KL {r['kl_divergence']:.3g}")
+    return ", ".join(words)
+
+
+def decision(model: str, records: list[dict], auto: dict | None, gate: Gate) -> str:
+    """The report's first sentence: the file to ship, and why, with what was measured beside it."""
+    if auto is not None:
+        chosen = next(c for c in auto["candidates"] if c["name"] == auto["chosen"])
+        passing = [c for c in auto["candidates"] if c.get("passed") and c is not chosen]
+        others = "; ".join(f"{c['name']}: {describe_file(c)}" for c in sorted(passing, key=lambda c: -c["tg_tps"])[:3])
+        objective = auto["objective"]
+        why = {"speed": "the fastest", "size": "the smallest"}.get(objective, objective)
+        return (f"Ship results/{model}/ggml-model-auto.gguf ({chosen['name']}): {why} of "
+                f"{len(auto['candidates'])} candidates that answers like the fine-tune on "
+                f"{auto['bench']['cpu']} ({auto['bench']['threads']} threads): {describe_file(chosen)}"
+                + (f". Passing beside it: {others}" if others else "")
+                + ". A file chosen for speed on one CPU should be decided again on another.")  # fmt: skip
+    quants = [r for r in records if r["kind"] == "gguf" and r["stage"] != REFERENCE]
+    passing = [r for r in quants if not gate.misses(stage_figures(r))]
+    if not passing:
+        return f"No quant of {model} here passes the quality gate; see its failures below."
+    passing = [{**r, "tg_tps": generation_bandwidth(r)["tg_tps"]} for r in passing]
+    best = max(passing, key=lambda r: r["tg_tps"])
+    return (f"Ship results/{model}/ggml-model-{best['stage']}.gguf: the fastest of the {len(passing)} quants here "
+            f"that pass the gate ({describe_file(best)}). Their speeds come from separate runs; add auto to "
+            "quant_types for a decision measured side by side.")  # fmt: skip
 
 
 def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve: str, commit: str,
-           thresholds: dict[str, float], runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
+           gate: Gate, runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
            checks: list[Path] = (), auto_search: Path | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
     """metrics.json's record, and the stages' records (with their provenance) that the report shows."""
     records = [stage_record(stage, path, figures, task) for stage, path in stages.items()]
-    relative_figures(records)
+    relative_figures(records, figures, task, gate.confidence)
     by_stage = {r["stage"]: r for r in records}
     if serve not in by_stage or by_stage[serve]["kind"] != "gguf":
         raise InputError(f"--serve {serve}: not one of the GGUF stages ({', '.join(by_stage)}).")
+    search = read_json(auto_search) if auto_search else None
     reference = read_json(figures / "perplexity" / f"{REFERENCE}.json")
     bench = read_json(figures / "bench" / f"{serve}.json")
     settings = {
@@ -175,12 +206,15 @@ def gather(model: str, stages: dict[str, Path], figures: Path, task: bool, serve
         "generation_bandwidth": generation_bandwidth(by_stage[serve]),
         "eval": settings,
         "f16_vs_merged_perplexity_rel_diff": f16_vs_merged,
-        "gate": judge(records, thresholds),
+        "decision": decision(model, records, search, gate),
+        "gate": judge(records, gate),
+        # what the held-out rows can certify about any quant
+        "certifies": certifies(by_stage[serve]["rows"], gate.confidence, gate.max_disagreement) if task else None,
         "stages": [{k: v for k, v in r.items() if k != "provenance"} for r in records],
         "runtime_lora": runtime_lora_rows(runtime_lora or {}, list(adapters), records, figures, task),
         "provenance": {r["stage"]: r["provenance"] for r in records},
         "checks": read_checks(list(checks)),
-        "auto_quant": auto_quant_summary(read_json(auto_search), records, thresholds) if auto_search else None,
+        "auto_quant": auto_quant_summary(search, records, gate) if search else None,
         # draftless speculative decoding on the served stage, and whether scripts.serve turns it on
         "speculation": read_json(figures / "speculation" / f"{serve}.json") if task else None,
     }

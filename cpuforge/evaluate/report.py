@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from string import Template
 
-from cpuforge.evaluate.gate import describe_thresholds
+from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.plots import draw
 from cpuforge.evaluate.records import gather
 from cpuforge.llama.runtime import feature_names
@@ -25,10 +25,10 @@ PAGE = Path(__file__).with_name("report.html")
 
 
 def make_report(model: str, stages: dict[str, Path], figures: Path, task: bool, serve: str, commit: str,
-                thresholds: dict[str, float], runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
+                gate: Gate, runtime_lora: dict[str, Path] | None = None, adapters: list[Path] = (),
                 checks: list[Path] = (), auto_search: Path | None = None) -> tuple[dict, str, dict[str, bytes]]:  # fmt: skip
     """metrics.json's record, report.html's text and the plots (PNG bytes by name)."""
-    metrics, records = gather(model, stages, figures, task, serve, commit, thresholds, runtime_lora, adapters, checks,
+    metrics, records = gather(model, stages, figures, task, serve, commit, gate, runtime_lora, adapters, checks,
                               auto_search)  # fmt: skip
     plots = draw(records, serve, metrics["recommended_threads"], metrics["auto_quant"])
     return metrics, render_html(metrics, records, plots), plots
@@ -44,7 +44,8 @@ def speed(value) -> str:
 
 def stage_table(records: list[dict]) -> str:
     head = ("stage", "size", "size vs f16", "perplexity", "vs f16", "KL div. (mean)", "top-1 agreement",
-            "task accuracy", "best pp t/s", "best tg t/s", "threads")  # fmt: skip
+            "task accuracy", "answers as f16's", "right→wrong", "wrong→right", "best pp t/s", "best tg t/s",
+            "threads")  # fmt: skip
     rows = []
     for r in records:
         bench = r.get("bench") or []
@@ -57,6 +58,7 @@ def stage_table(records: list[dict]) -> str:
             number(r.get("kl_divergence")),
             "–" if "top1_agreement" not in r else f"{100 * r['top1_agreement']:.1f}%",
             "–" if "accuracy" not in r else f"{r['accuracy']:.3f} ({r['correct']}/{r['rows']})",
+            *fidelity_cells(r.get("fidelity")),
             speed(max((b["pp_tps"] for b in bench), default=None)),
             speed(max((b["tg_tps"] for b in bench), default=None)),
             str(r.get("recommended_threads", "–")),
@@ -64,6 +66,14 @@ def stage_table(records: list[dict]) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
     return f"<table class='stages'>{header}{''.join(rows)}</table>"
+
+
+def fidelity_cells(f: dict | None) -> tuple[str, str, str]:
+    """Agreement with the f16 GGUF's answers (and the bound on disagreeing) and the flips, as table cells."""
+    if f is None:
+        return ("–", "–", "–")
+    return (f"{f['agree']}/{f['rows']} (≤ {f['disagreement_bound'] * 100:.1f}% differ)", str(f["worse"]),
+            str(f["better"]))
 
 
 def bench_table(records: list[dict]) -> str:
@@ -108,27 +118,36 @@ def runtime_lora_html(rows: list[dict]) -> str:
 
 
 def auto_quant_html(auto: dict | None) -> str:
-    """The quant search's sentence and its candidates, in the order measured."""
+    """The quant search: every candidate measured, in the objective's order, with the gate's verdict and what
+    beats it."""
     if auto is None:
         return "<p>No quant search (add <code>auto</code> to quant_types).</p>"
 
     def verdict(c: dict) -> str:
-        if not c["passed"]:
-            return "; ".join(c["misses"])
-        if "correct" in c or auto["gate"]["min_accuracy"] is None:
-            return "passes"
-        return "passes KL and perplexity; its task not run (a smaller candidate's passed)"
+        if not c.get("verified"):
+            return f"not verified: {c['pruned_by']} passes and beats it"
+        words = "passes" if c["passed"] else "; ".join(c["misses"])
+        if c["name"] == auto["chosen"]:
+            words += " (chosen)"
+        if c.get("dominated_by"):
+            words += f"; beaten by {c['dominated_by']}"
+        return words
 
     rows = "".join(
-        f"<tr><td>{c['point']}</td><td>{c['size_bytes'] / 2**20:.1f}</td><td>{c['bpw']:.2f}</td>"
-        f"<td>{c['kl_divergence']:.4g}</td><td>{c['correct'] if 'correct' in c else '–'}"
-        f"{'/' + str(c['rows']) if 'rows' in c else ''}</td><td>{html.escape(verdict(c))}</td><td>{c['seconds']:.0f}</td></tr>"
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in (
+            c["name"], f"{c['size_bytes'] / 2**20:.1f}", f"{c['bpw']:.2f}", speed(c.get("tg_tps")),
+            "–" if "kl_divergence" not in c else f"{c['kl_divergence']:.4g} ± {c.get('kl_divergence_err', 0):.2g}",
+            *fidelity_cells(c.get("fidelity")), verdict(c))) + "</tr>"
         for c in auto["candidates"]
-    )
-    return (f"<p id='auto-quant'>{html.escape(auto['sentence'])}</p><p>{html.escape(auto['objective'])}, "
-            f"{len(auto['candidates'])} of at most {auto['budget']} candidates, {auto['seconds']:.0f} s; the recipe is "
-            "<code>auto/recipe.txt</code>.</p><table><tr><th>point</th><th>MiB</th><th>bpw</th><th>KL</th>"
-            f"<th>task</th><th>gate</th><th>s</th></tr>{rows}</table>")  # fmt: skip
+    )  # fmt: skip
+    b = auto["bench"]
+    return (f"<p>Objective: {html.escape(auto['objective'])}; speeds from llama-bench on {html.escape(b['cpu'])} "
+            f"({html.escape(b['backend'])}), {b['threads']} threads, {b['gen_tokens']} tokens × {b['repetitions']}, "
+            f"side by side; speeds within {auto['tolerance'] * 100:g} % are a tie. {len(auto['candidates'])} "
+            f"candidates, {auto['seconds']:.0f} s; the recipe is <code>auto/recipe.txt</code>. The chosen file, "
+            f"measured again as the stage auto above, {'passes' if auto['passes'] else 'fails'} the gate.</p>"
+            "<table><tr><th>candidate</th><th>MiB</th><th>bpw</th><th>tg t/s</th><th>KL ±</th><th>answers as f16's</th>"
+            f"<th>right→wrong</th><th>wrong→right</th><th>gate</th></tr>{rows}</table>")  # fmt: skip
 
 
 def speculation_html(spec: dict | None) -> str:
@@ -266,8 +285,10 @@ def render_html(metrics: dict, records: list[dict], plots: dict[str, bytes]) -> 
         recommended_threads_batch=metrics["recommended_threads_batch"],
         bandwidth=html.escape(bandwidth_sentence(metrics)),
         bench_tolerance_pct=f"{ev['bench_tolerance_pct']:g}",
+        decision=html.escape(metrics["decision"]),
         verdict=verdict,
-        thresholds=html.escape(describe_thresholds(gate["thresholds"])),
+        thresholds=html.escape(Gate(**gate["thresholds"]).describe()),
+        certifies=html.escape(metrics["certifies"] or ""),
         stage_table=stage_table(records),
         scored_tokens=ev["scored_tokens"],
         windows=ev["windows"],

@@ -7,8 +7,8 @@ folder is scored by teacher forcing (answers_hf) in one pass streamed a decoder
 layer at a time; a GGUF file answers through llama-cpp-python bound to the
 pinned libllama, fed those ids as they are (never the GGUF's template
 re-tokenized by llama.cpp, which differs for sentencepiece vocabularies),
-greedily (answers_gguf), or is scored by teacher forcing too (right_gguf, the
-quant search's check of a candidate).
+greedily (answers_gguf), or is checked by teacher forcing too against a reference's
+answers (reference_gguf and fidelity_gguf, the quant search's check of a candidate).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cpuforge.text.generate import (
     decode,
     gguf_greedy_answers,
     gguf_greedy_choices,
+    gguf_greedy_ids,
     gguf_stop_ids,
     greedy_choices,
     greedy_divergence,
@@ -52,27 +53,59 @@ def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict
     return gguf_greedy_answers(llm, hf_ids, max_new_tokens)
 
 
-def right_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
-               threads: int) -> list[bool]:  # fmt: skip
-    """Which rows the GGUF's greedy answer gets exactly right, by teacher forcing as answers_hf judges a HF
-    folder: each prompt with its task answer's tokens in one batch (a batch per row where answers_gguf runs a
-    pass per token), right where the model's choice is the answer's token at every position and a stop token
-    after the last (cpuforge.text.generate.greedy_divergence). The quant search's task check: a candidate
-    scored at prompt-processing speed. answers_hf's caveat holds (the same text spelled with other tokens counts
-    as wrong here); and a batch rounds unlike one-token passes, so a near tie may go the other way than in
-    answers_gguf."""
+def reference_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
+                   threads: int) -> dict:  # fmt: skip
+    """The reference's (the f16 GGUF's) greedy answers as token ids, and which are right: each row teacher-forced
+    on its task answer, and greedy decoding carried on only from where the choice departs from it (the rows it
+    gets right need no pass per token)."""
     llama_cpp = load_llama_cpp(bin_dir)
     tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
     golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
-    n_ctx = max(len(p) + len(g[:max_new_tokens]) for p, g in zip(prompts, golds, strict=True))
+    n_ctx = max(len(p) for p in prompts) + max_new_tokens + 1
     llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False,
                      logits_all=True)  # fmt: skip
     try:
         stop = gguf_stop_ids(llm)
-        choices = gguf_greedy_choices(llm, prompts, golds, max_new_tokens)
+        answers, right = [], []
+        for prompt, gold, choices in zip(prompts, golds, gguf_greedy_choices(llm, prompts, golds, max_new_tokens),
+                                         strict=True):  # fmt: skip
+            at = greedy_divergence(choices, gold, stop, max_new_tokens)
+            right.append(at is None)
+            if at is None:
+                answers.append(gold[:max_new_tokens])
+                continue
+            head = gold[:at]
+            tail = gguf_greedy_ids(llm, [prompt + head], stop, max_new_tokens - len(head))[0] if at < max_new_tokens else []
+            answers.append(head + tail)
     finally:
         llm.close()
-    return [greedy_divergence(c, g, stop, max_new_tokens) is None for c, g in zip(choices, golds, strict=True)]
+    return {"answers": answers, "right": right}
+
+
+def fidelity_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
+                  threads: int, reference: dict) -> dict:  # fmt: skip
+    """Per row, whether the GGUF's greedy answer equals the reference's (reference_gguf) and whether it is
+    right, by teacher forcing: on the reference's answer, and on the task's answer where the two differ."""
+    llama_cpp = load_llama_cpp(bin_dir)
+    tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
+    golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
+    n_ctx = max(len(p) for p in prompts) + max_new_tokens + 1
+    llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False,
+                     logits_all=True)  # fmt: skip
+    try:
+        stop = gguf_stop_ids(llm)
+        choices = gguf_greedy_choices(llm, prompts, reference["answers"], max_new_tokens)
+        agree = [greedy_divergence(c, a, stop, max_new_tokens) is None
+                 for c, a in zip(choices, reference["answers"], strict=True)]  # fmt: skip
+        differ = [i for i, same in enumerate(agree) if not same]
+        gold_choices = gguf_greedy_choices(llm, [prompts[i] for i in differ], [golds[i] for i in differ],
+                                           max_new_tokens)  # fmt: skip
+    finally:
+        llm.close()
+    right = list(reference["right"])
+    for i, c in zip(differ, gold_choices, strict=True):
+        right[i] = greedy_divergence(c, golds[i], stop, max_new_tokens) is None
+    return {"agree": agree, "right": right}
 
 
 def gold_ids(tokenizer, row: dict, prompt: list[int]) -> list[int]:

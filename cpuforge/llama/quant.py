@@ -74,6 +74,31 @@ TENSOR_TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", 
 IMATRIX_TENSOR_TYPES = ("iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s")
 
 
+def uniform_type(tensor_type: str) -> str:
+    """The llama-quantize type whose matrices get the ggml type `tensor_type` (q4_K -> q4_k_s), for --pure: the
+    first of the table, one that needs no importance matrix where there is one."""
+    names = [name for name, q in QUANTS.items() if q.ggml_type == tensor_type.lower()]
+    return min(names, key=lambda name: QUANTS[name].needs_imatrix)
+
+
+def takes_imatrix(qtype: str) -> bool:
+    """Whether llama-quantize's rounding of `qtype` reads an importance matrix (q8_0's and the floats' do not)."""
+    return QUANTS[qtype].family != "float" and QUANTS[qtype].ggml_type != "q8_0"
+
+
+def candidate_files(ladder: list[str], listed: list[str], imatrix: bool) -> list[tuple[str, str, str, bool, bool]]:
+    """The quant search's files that llama-quantize writes, as (name, kind, llama-quantize type, with the
+    importance matrix, --pure): each ladder type uniform, each listed type with the matrix where it takes one
+    and without it where it needs none."""
+    files = [(f"uniform {t}", "uniform", q, imatrix and takes_imatrix(q), True) for t in ladder if (q := uniform_type(t))]
+    for qtype in listed:
+        if imatrix and takes_imatrix(qtype):
+            files.append((f"{qtype} + imatrix", "listed", qtype, True, False))
+        if not QUANTS[qtype].needs_imatrix:
+            files.append((qtype, "listed", qtype, False, False))
+    return files
+
+
 def check_quant_type(qtype: str) -> str:
     if qtype.lower() in QUANT_TYPES:
         return qtype.lower()
@@ -92,12 +117,15 @@ def check_imatrix(qtype: str, imatrix: Path | None) -> None:
 
 
 def run_quantize(llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None,
-                 recipe: Path | None = None) -> None:  # fmt: skip
+                 recipe: Path | None = None, pure: bool = False) -> None:  # fmt: skip
     """The pinned llama-quantize, as it is: `src` to `out` in `qtype`, the types of `recipe`'s tensors (a
-    --tensor-type-file, cpuforge.autoquant.recipe) overriding it."""
+    --tensor-type-file, cpuforge.autoquant.recipe) overriding it; with `pure`, every matrix in `qtype`'s tensor
+    type as far as its rows allow (--pure), not llama-quantize's mix for the type."""
     weights = ["--imatrix", str(imatrix)] if imatrix else []
     types = ["--tensor-type-file", str(recipe)] if recipe else []
-    cmd = [str(llama_bin / "llama-quantize"), *weights, *types, str(src), str(out), qtype.upper(), str(threads)]
+    flags = ["--pure"] if pure else []
+    cmd = [str(llama_bin / "llama-quantize"), *flags, *weights, *types, str(src), str(out), qtype.upper(),
+           str(threads)]  # fmt: skip
     log.info("running %s", " ".join(cmd))
     subprocess.run(cmd, check=True, stdout=sys.stderr)
 

@@ -119,6 +119,15 @@ def cpu_backend(bin_dir: str | os.PathLike) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the machine's architecture where it gives none)."""
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        m = None
+    return m[1].strip() if m else platform.machine()
+
+
 def feature_names(backend: dict) -> str:
     return " ".join(k if v == "1" else f"{k}={v}" for k, v in backend["features"].items())
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
 from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
+from cpuforge.llama.quant import candidate_files
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.sizing import needs
 from cpuforge.sizing.costs import Need, estimated_tokens, utf8_tokens
@@ -276,12 +277,12 @@ def measure_sensitivity_job(s: Sizing, w, t):
 def auto_quant_search_job(s: Sizing, w, t):
     model, ev, auto = w["model"], s.spec.eval, s.spec.auto_quant
     typical = s.gguf(model, "q4_0")
-    # candidates sized as q4_0 (the default gate's were smaller on every model measured; a tighter gate's may
-    # be larger); a size limit's candidate may be up to every matrix in q8_0
-    limited = auto["max_size_mib"] is not None or auto["max_bpw"] is not None
-    largest = s.gguf(model, "q8_0") if limited else typical
-    return needs.auto_quant_search_need(s.gguf(model, "f16"), largest, typical, ev["ctx"], ev["chunks"], s.task(model),
-                                        ev["max_new_tokens"], s.spec.auto_quant["budget"], t)  # fmt: skip
+    files = candidate_files(s.spec.auto_types, list(s.spec.fixed_types), s.spec.imatrix["enabled"])
+    candidates = [(q, s.gguf(model, q)) for _, _, q, _, _ in files]
+    largest = max((g for _, g in candidates), key=lambda g: g.nbytes, default=typical)
+    return needs.auto_quant_search_need(s.gguf(model, "f16"), candidates, largest, typical, ev["ctx"], ev["chunks"],
+                                        s.task(model), ev["max_new_tokens"], auto["budget"], auto["gen_tokens"],
+                                        ev["bench"]["repetitions"], t)  # fmt: skip
 
 
 @needs_of("check_generation")

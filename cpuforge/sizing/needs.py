@@ -134,21 +134,26 @@ def measure_sensitivity_need(f16: Gguf, sample_weights: int, types: int, threads
     return cost("measure_sensitivity", threads * 4 * 4 * max(sampled) + imatrix, 1 << 20, seconds).need()
 
 
-def auto_quant_search_need(f16: Gguf, largest: Gguf, typical: Gguf, ctx: int, chunks: int, task: Task,
-                           max_new_tokens: int, budget: int, threads: int) -> Need:  # fmt: skip
-    """`budget` candidates in turn, each written from tensors quantized once (the first candidate's all, a
-    later one's those whose type changed, about a third more) and measured by llama-perplexity, then the
-    chosen one's task by llama-cpp-python beside the merged model's tokenizer: memory as for the `largest`
-    a candidate can be, time and disk as for `typical` ones (the quantized tensors kept beside the
-    candidate being measured)."""
+def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf]], largest: Gguf, typical: Gguf, ctx: int,
+                           chunks: int, task: Task, max_new_tokens: int, budget: int, gen_tokens: int,
+                           repetitions: int, threads: int) -> Need:  # fmt: skip
+    """Every uniform and listed candidate written by llama-quantize (`candidates`: its type and figures) and
+    kept until the search ends; all of them benched side by side; a third of them verified (the objective's
+    order prunes the rest) and `budget` mixes (written from tensors quantized once), each a llama-perplexity
+    run and its answers teacher-forced, after the f16 GGUF's own answers: memory as for the `largest` file,
+    time as for `typical` ones."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
-    peak = [perplexity(rule, largest, ctx, chunks, threads, False),
-            answers(rule, largest, task, max_new_tokens, threads)]  # fmt: skip
-    quantized = quantizer(rule, f16, typical, "q4_k_m", threads).seconds * 4 / 3
-    seconds = quantized + budget * perplexity(rule, typical, ctx, chunks, threads, False).seconds
-    seconds += answers(rule, typical, task, max_new_tokens, threads).seconds
-    seconds += (budget + 2) * typical.nbytes / DISK_BYTES_PER_SECOND  # the candidates and the chosen file written
-    return Cost(max(c.mem for c in peak) + tokenizer, 3 * typical.nbytes, seconds, typical.nbytes).need()
+    peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
+            *(quantizer(rule, f16, g, q, threads) for q, g in candidates)]  # fmt: skip
+    files = sum(g.nbytes for _, g in candidates)
+    seconds = sum(quantizer(rule, f16, g, q, threads).seconds for q, g in candidates)
+    seconds += 2 * repetitions * gen_tokens * files / BYTES_PER_SECOND  # the screen and the finalists
+    verified = len(candidates) // 3 + 1 + budget
+    seconds += verified * perplexity(rule, typical, ctx, chunks, threads, False).seconds
+    seconds += (verified + 1) * answers(rule, typical, task, max_new_tokens, threads).seconds
+    seconds += quantizer(rule, f16, typical, "q4_k_m", threads).seconds * 4 / 3  # the mixes' tensors
+    seconds += (budget + 2) * typical.nbytes / DISK_BYTES_PER_SECOND  # the mixes and the chosen file written
+    return Cost(max(c.mem for c in peak) + tokenizer, files + 3 * typical.nbytes, seconds, typical.nbytes).need()
 
 
 def check_tokenizer_need(arch: Arch, text_bytes: int) -> Need:

@@ -1,0 +1,96 @@
+"""The search from its inputs to its three outputs: the chosen GGUF (its recipe in its provenance), the recipe
+as llama-quantize's --tensor-type-file, and the search record."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpuforge.autoquant import recipe
+from cpuforge.autoquant.frontier import sweep
+from cpuforge.autoquant.sensitivity import quantizable, read_table
+from cpuforge.autoquant.tensors import Tensors
+from cpuforge.autoquant.verify import Inputs, decide_file, summary, within_size
+from cpuforge.errors import InputError
+from cpuforge.evaluate.gate import Gate
+from cpuforge.io.files import atomic_output, read_json, write_json
+from cpuforge.io.gguf import check_gguf, read_header
+from cpuforge.io.provenance import copy_gguf_with_provenance, provenance, write_provenance
+from cpuforge.llama.runtime import cpu_backend, cpu_name, describe_cpu_backend
+from cpuforge.paths import source_record
+from cpuforge.sizing.costs import MIB
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the search is asked: the ladder and the listed types, the objective or a size, the budget of mixes."""
+
+    ladder: list[str]
+    listed: list[str]
+    objective: str
+    budget: int
+    max_size_mib: float | None = None
+    max_bpw: float | None = None
+
+
+def auto_quant(llama_bin: Path, f16: Path, sensitivity: Path, imatrix: Path | None, logits: Path, ctx: int,
+               merged: Path, rows: list[dict], max_new_tokens: int, gate: Gate, request: Request,
+               bench: dict, threads: int, out: Path, recipe_out: Path, record_out: Path) -> None:  # fmt: skip
+    """Choose the file to ship and write it, its recipe and the search record. `bench`: tolerance_pct,
+    gen_tokens, repetitions of the side-by-side speed runs."""
+    if request.budget < 0:
+        raise InputError(f"auto_quant.budget must be at least 0, got {request.budget}.")
+    check_gguf(f16)
+    table = read_table(sensitivity)
+    header = read_header(f16)
+    shapes = {t.name: t.n_elements for t in header.tensors.values() if quantizable(t.name, t.shape)}
+    if set(table) != set(shapes):
+        raise InputError(f"{sensitivity}: its tensors are not those of {f16}; measure it again.")
+    n_elements = sum(shapes.values())
+    fixed = f16.stat().st_size - sum(header.tensors[n].n_bytes for n in shapes)
+    max_bytes = None
+    if request.max_size_mib is not None:
+        max_bytes = int(request.max_size_mib * MIB) - fixed
+    elif request.max_bpw is not None:
+        max_bytes = int(request.max_bpw * n_elements / 8)
+    backend = cpu_backend(llama_bin)
+    cpu = {"cpu": cpu_name(), "backend": describe_cpu_backend(backend)}
+    log.info("deciding for %s by %s on %s, %s", f16.name, request.objective if max_bytes is None else "size",
+             cpu["cpu"], cpu["backend"])  # fmt: skip
+    started = time.monotonic()
+    with atomic_output(out) as tmp:
+        quantized = tmp.with_name(tmp.name + ".tensors")
+        inp = None
+        try:
+            tensors = Tensors(llama_bin, f16, imatrix, quantized, threads)
+            inp = Inputs(llama_bin, f16, imatrix, tensors, logits, ctx, merged, rows, max_new_tokens, threads, tmp,
+                         gate, request.objective, bench["tolerance_pct"] / 100, bench["gen_tokens"],
+                         bench["repetitions"])  # fmt: skip
+            if max_bytes is None:
+                best, candidates = decide_file(inp, table, request.ladder, request.listed, request.budget)
+            else:
+                best, candidates = within_size(inp, sweep(table), max_bytes)
+            source = source_record(llama_bin)
+            inputs = {"gguf": f16, "sensitivity": sensitivity, "logits": logits, **({"imatrix": imatrix} if imatrix else {})}
+            record = provenance(out, inputs, step="quantize", type="auto", candidate=best["name"],
+                                recipe=best["types"], llama_cpp=read_json(source) if source.is_file() else None)  # fmt: skip
+            copy_gguf_with_provenance(inp.files[best["name"]], tmp, "quantize", record)
+            recipe.check_written(tmp, best["types"])
+        finally:
+            shutil.rmtree(quantized, ignore_errors=True)
+            for path in (inp.files.values() if inp else ()):
+                path.unlink(missing_ok=True)
+    write_provenance(out, record)
+    with atomic_output(recipe_out) as tmp:
+        recipe.write(tmp, best["types"])
+    write_json(record_out, summary(best, candidates, table, inp, request.budget, max_bytes,
+                                   time.monotonic() - started, cpu))  # fmt: skip
+    f = best.get("fidelity")
+    log.info("chosen: %s, %.1f MiB (%.2f bpw), %.1f t/s, KL %.4f%s", best["name"], best["size_bytes"] / MIB,
+             best["bpw"], best["tg_tps"], best["kl_divergence"],
+             f", {f['agree']}/{f['rows']} answers as the f16 GGUF's" if f else "")  # fmt: skip

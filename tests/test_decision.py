@@ -1,0 +1,153 @@
+"""How a quant is judged and which file ships: the bounds and the paired test against hand-computed cases, the
+gate's phrases and its refusal of bad values, and the objective's choice, ties and dominance."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpuforge.autoquant.decide import beaten_by, choose, dominates, faster, mark_dominated, order
+from cpuforge.errors import InputError
+from cpuforge.evaluate.fidelity import certifies, compare, drop_bound, mcnemar_p, rows_needed, upper_bound
+from cpuforge.evaluate.gate import Gate
+
+pytestmark = pytest.mark.unit
+
+
+def test_clopper_pearson_upper_bounds_against_closed_forms_and_a_table():
+    # no failure in n: 1 - alpha ** (1 / n), the "rule of three" region
+    assert upper_bound(0, 40, 0.95) == pytest.approx(1 - 0.05 ** (1 / 40), abs=1e-9)
+    assert upper_bound(0, 40, 0.95) == pytest.approx(0.0722, abs=1e-4)
+    # n - 1 of n: P(X <= n - 1) = 1 - p ** n = alpha
+    assert upper_bound(3, 4, 0.95) == pytest.approx(0.95 ** (1 / 4), abs=1e-9)
+    # the one-sided 95 % exact upper limit for 1 of 10 in the standard tables
+    assert upper_bound(1, 10, 0.95) == pytest.approx(0.3942, abs=1e-4)
+    assert upper_bound(40, 40, 0.95) == 1.0
+    assert [upper_bound(k, 40, 0.95) < 0.2 for k in range(6)] == [True] * 4 + [False] * 2  # the default's reach
+    assert rows_needed(0.05, 0.95) == 59 and rows_needed(0.01, 0.95) == 299
+    with pytest.raises(ValueError):
+        upper_bound(3, 2, 0.95)
+
+
+def test_exact_mcnemar_and_the_paired_drop_bound():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(4, 0) == pytest.approx(1 / 16)
+    assert mcnemar_p(5, 1) == pytest.approx(7 / 64)  # P(X >= 5) for X ~ Bin(6, 1/2)
+    assert drop_bound(0, 0, 40, 0.95) == 0.0
+    assert drop_bound(2, 0, 40, 0.95) == pytest.approx(2 / 40)  # every discordant row a loss: theta's bound is 1
+    assert drop_bound(3, 1, 40, 0.95) == pytest.approx(4 / 40 * (2 * 0.95 ** (1 / 4) - 1))
+    # only gains, yet three rows cannot rule out a small drop
+    assert drop_bound(0, 3, 40, 0.95) == pytest.approx(3 / 40 * (2 * (1 - 0.05 ** (1 / 3)) - 1))
+
+
+def test_compare_counts_agreement_and_both_flips():
+    reference = [True, True, True, False, False]
+    right = [True, False, True, True, False]
+    agree = [True, False, True, False, True]
+    f = compare(reference, right, agree, 0.95)
+    assert (f["rows"], f["agree"], f["worse"], f["better"]) == (5, 3, 1, 1)
+    assert f["disagreement_bound"] == pytest.approx(upper_bound(2, 5, 0.95))
+    with pytest.raises(ValueError):
+        compare(reference, right[:4], agree, 0.95)
+
+
+def test_what_the_rows_can_certify_is_said_in_one_sentence():
+    assert certifies(40, 0.95, 0.2).startswith("40 held-out rows bound a quant's disagreement with the f16 answers "
+                                               "no tighter than 7.2 % at 95 % confidence; a bound of 5 % needs 59 rows")  # fmt: skip
+    assert "no quant can pass; give at least 59 rows" in certifies(20, 0.95, 0.05)
+
+
+def figures(kl=0.1, err=0.0, ppl=5.0, rows=40, agree=40, worse=0, better=0, accuracy=None) -> dict:
+    reference = [True] * (rows - 2) + [False] * 2
+    right = list(reference)
+    for i in range(worse):
+        right[i] = False
+    for i in range(better):
+        right[rows - 1 - i] = True
+    agreed = [i >= rows - agree for i in range(rows)]
+    return {"kl_divergence": kl, "kl_divergence_err": err, "ppl_increase_pct": ppl,
+            "fidelity": compare(reference, right, agreed, 0.95), "accuracy": accuracy}  # fmt: skip
+
+
+def test_the_gate_passes_a_quant_that_answers_like_the_reference_and_names_every_limit_missed():
+    gate = Gate()
+    assert gate.misses(figures()) == []
+    assert gate.misses(figures(agree=37, worse=2)) == []  # 3 of 40 differ: bounded at 18.3 %
+    missed = gate.misses(figures(kl=0.39, err=0.01, ppl=30, agree=29, worse=9, better=0, accuracy=0.5))
+    assert [m.split(" eval.gate.")[-1].split()[0] for m in missed] == [
+        "max_kl_divergence", "max_ppl_increase_pct", "max_disagreement", "max_accuracy_drop"]  # fmt: skip
+    assert missed[0] == "KL divergence from the f16 GGUF 0.39 ± 0.01 (at 95 % up to 0.4064) > eval.gate.max_kl_divergence 0.4"
+    assert missed[2] == "answers unlike the f16 GGUF's on 11/40 rows (at 95 % up to 41.4 %) > eval.gate.max_disagreement 0.2"
+    assert missed[3].startswith("9 right->wrong against 0 wrong->right flips (an accuracy drop at 95 % up to 22.5 %)")
+    # the absolute floor is off by default and checked when set
+    assert Gate(min_accuracy=0.7).misses(figures(accuracy=0.5))[-1] == "task accuracy 0.500 < eval.gate.min_accuracy 0.7"
+    # without a task only the KL divergence and perplexity judge
+    assert gate.misses({"kl_divergence": 0.1, "ppl_increase_pct": 1.0}) == []
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    (["confidence=1"], "eval.gate.confidence: 1.0 is outside (0.5, 1)."),
+    (["confidence=0.5"], "eval.gate.confidence: 0.5 is outside (0.5, 1)."),
+    (["max_disagreement=1.5"], "eval.gate.max_disagreement: 1.5 is outside [0, 1]."),
+    (["max_kl_divergence=-0.1"], "eval.gate.max_kl_divergence: -0.1 is outside [0, inf)."),
+    (["max_accuracy_drop=lots"], "eval.gate.max_accuracy_drop: 'lots' is not a number."),
+    (["kl=0.4"], "--gate 'kl=0.4': expected KEY=VALUE with KEY one of confidence, max_accuracy_drop"),
+])  # fmt: skip
+def test_the_gate_refuses_bad_values_by_name(words, message):
+    with pytest.raises(InputError) as err:
+        Gate.parse(words)
+    assert str(err.value).startswith(message)
+
+
+def test_the_gate_round_trips_through_its_words():
+    gate = Gate(confidence=0.9, max_disagreement=0.1, min_accuracy=0.6)
+    assert Gate.parse(gate.words()) == gate and Gate.parse(Gate().words()) == Gate()
+    assert Gate().describe().endswith("max_ppl_increase_pct = 25, min_accuracy = off")
+
+
+def cand(name, size, tg, passed=True, kl=0.1) -> dict:
+    return {"name": name, "size_bytes": size, "tg_tps": tg, "passed": passed, "kl_divergence": kl}
+
+
+def test_speeds_within_the_tolerance_tie_and_a_tie_goes_to_the_smaller_file():
+    a, b = cand("a", 80, 100.0), cand("b", 70, 96.0)
+    assert not faster(a, b, 0.05) and not faster(b, a, 0.05) and faster(a, b, 0.03)
+    assert not dominates(b, a) and not dominates(a, b)  # each is better on one side
+    assert choose([a, b], "speed", 0.05) is b and choose([a, b], "speed", 0.03) is a
+    # beyond the tolerance speed decides, whatever the size
+    c = cand("c", 60, 80.0)
+    assert choose([a, c], "speed", 0.05) is a and choose([a, c], "size", 0.05) is c
+    # no larger and no slower, and smaller or faster: dominated
+    assert dominates(b, cand("x", 75, 90.0)) and dominates(b, cand("y", 70, 95.0)) and not dominates(b, dict(b))
+    # equal speed and size: the lower KL divergence
+    d, e = cand("d", 70, 96.0, kl=0.2), cand("e", 70, 96.0, kl=0.1)
+    assert choose([d, e], "speed", 0.05) is e and choose([d, e], "size", 0.05) is e
+    # a failing candidate is never chosen and dominates nothing
+    f = cand("f", 10, 500.0, passed=False)
+    assert choose([a, f], "speed", 0.05) is a and not dominates(f, a) and choose([f], "speed", 0.05) is None
+
+
+def test_the_choice_is_undominated_and_within_the_tolerance_of_the_fastest_where_ties_chain():
+    """F ties A, A ties B, F does not tie B. Ties are not a dominance (they do not chain): the choice is the
+    smallest of the undominated candidates tied with the fastest, A, and nothing measured beats it."""
+    f, a, b, slow_big = cand("F", 100, 100.0), cand("A", 90, 96.0), cand("B", 80, 92.0), cand("S", 95, 90.0)
+    every = [f, a, b, slow_big]
+    assert not faster(f, a, 0.05) and not faster(a, b, 0.05) and faster(f, b, 0.05)
+    assert choose(every, "speed", 0.05) is a and choose(every, "size", 0.05) is b
+    for objective in ("speed", "size"):
+        best = choose(every, objective, 0.05)
+        assert not any(dominates(other, best) for other in every)
+    mark_dominated(every)
+    assert [c["dominated_by"] for c in every] == [None, None, None, "A"]
+
+
+def test_candidates_are_verified_best_first_and_the_rest_pruned_once_one_passes():
+    slow_small, fast, fast_big, tied_small = cand("s", 50, 60.0), cand("f", 90, 120.0), cand("g", 120, 118.0), \
+        cand("t", 70, 116.0)  # fmt: skip
+    assert [c["name"] for c in order([slow_small, fast, fast_big, tied_small], "speed")] == ["f", "g", "t", "s"]
+    assert [c["name"] for c in order([slow_small, fast, fast_big, tied_small], "size")] == ["s", "t", "f", "g"]
+    verified = [fast]
+    assert beaten_by(fast_big, verified, "speed", 0.05) is fast  # larger and slower: dominated
+    assert beaten_by(tied_small, verified, "speed", 0.05) is None  # tied and smaller: it could win the tie
+    assert beaten_by(slow_small, verified, "speed", 0.05) is fast  # slower beyond the tolerance
+    assert beaten_by(slow_small, verified, "size", 0.05) is None and beaten_by(fast_big, verified, "size", 0.05) is fast
+    assert beaten_by(tied_small, [cand("x", 10, 500.0, passed=False)], "speed", 0.05) is None
