@@ -68,8 +68,7 @@ def main() -> None:
                  "" if "accuracy" not in r else f"accuracy {r['accuracy']:.3f}")  # fmt: skip
     for row in metrics["runtime_lora"]:
         log.info("%s", row["verdict"])
-    if metrics["auto_quant"]:
-        log.info("%s", metrics["auto_quant"]["sentence"])
+    log.info("%s", metrics["decision"])
     log.info("quality gate %s; report written to %s", "passed" if not metrics["gate"]["failures"] else "failed",
              args.html)  # fmt: skip
 

@@ -57,7 +57,9 @@ def test_scale_refuses_an_unknown_shape():
 
 
 def test_auto_quant_refuses_a_ladder_without_q4_0_before_any_work(tmp_path):
-    result = run("auto_quant", "--workdir", str(tmp_path), "--types", "iq4_nl")
+    result = run("auto_quant", "--workdir", str(tmp_path), "--types", "iq4_nl", "--listed", "q8_0")
     assert result.returncode == 2 and "--types or --listed must hold q4_0" in result.stderr
     result = run("auto_quant", "--workdir", str(tmp_path), "--types", "q4_0", "q4_k_m")
     assert result.returncode == 2 and "--types q4_k_m: not a ladder type" in result.stderr
+    result = run("auto_quant", "--workdir", str(tmp_path), "--listed", "q4_zz")
+    assert result.returncode == 2 and "--listed q4_zz: not a llama-quantize type." in result.stderr

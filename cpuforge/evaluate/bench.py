@@ -47,19 +47,23 @@ def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen
     return list(rows.values())
 
 
-def bench_side_by_side(bin_dir: Path, files: list[Path], threads: int, gen_tokens: int, repetitions: int) -> list[dict]:
-    """Generation speed of several GGUF files in one llama-bench run, one after another at `threads`: the only
-    way their speeds compare on a noisy machine. One row per file: mean and standard deviation of tokens/s."""
+def bench_side_by_side(bin_dir: Path, files: list[Path], threads: int, gen_tokens: int, repetitions: int,
+                       prompt_tokens: int = 0) -> list[dict]:  # fmt: skip
+    """Generation speed (and with `prompt_tokens`, prompt processing's) of several GGUF files in one llama-bench
+    run, one after another at `threads`: the only way their speeds compare on a noisy machine. One row per
+    file: mean and standard deviation of tokens/s."""
     models = [word for f in files for word in ("-m", str(f))]
-    cmd = [str(bin_dir / "llama-bench"), *models, "-t", str(threads), "-p", "0", "-n", str(gen_tokens),
+    cmd = [str(bin_dir / "llama-bench"), *models, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(gen_tokens),
            "-r", str(repetitions), "-o", "json", "--progress", *LOAD_MODE]  # fmt: skip
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True).stdout
-    by_file = {test["model_filename"]: test for test in json.loads(out)}
-    rows = [{"tg_tps": by_file[str(f)]["avg_ts"], "tg_tps_std": by_file[str(f)]["stddev_ts"]} for f in files]
-    for f, row in zip(files, rows, strict=True):
-        log.info("%s: tg %.1f ± %.1f t/s", f.name, row["tg_tps"], row["tg_tps_std"])
-    return rows
+    rows = {str(f): {} for f in files}
+    for test in json.loads(out):
+        kind = "pp" if test["n_gen"] == 0 else "tg"
+        rows[test["model_filename"]].update({f"{kind}_tps": test["avg_ts"], f"{kind}_tps_std": test["stddev_ts"]})
+    for f in files:
+        log.info("%s: tg %.1f ± %.1f t/s", f.name, rows[str(f)]["tg_tps"], rows[str(f)]["tg_tps_std"])
+    return [rows[str(f)] for f in files]
 
 
 def fewest_threads(runs: list[dict], key: str, tolerance_pct: float) -> int:
