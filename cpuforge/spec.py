@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cpuforge import paths
 from cpuforge.errors import InputError
-from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type
+from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type, takes_imatrix
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.stages import AUTO, HF_STAGES
 from cpuforge.merge.plan import Plan, check_inputs
@@ -21,6 +21,8 @@ from cpuforge.text.task import check_task_data
 # where the run makes the demo's base and adapter (rules/demo.smk), relative to the working directory
 DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
+# imatrix.use_for's word for every quant type whose rounding reads an importance matrix
+ALL = "all"
 # the parity checks every artifact gets (rules/checks.smk), as their files are named
 PARITY = ("tokenizer", "chat-template")
 
@@ -75,8 +77,11 @@ class Spec:
         return (*HF_STAGES, *self.gguf_stages)
 
     def uses_imatrix(self, qtype: str) -> bool:
+        """Whether llama-quantize makes `qtype` with the importance matrix: a type that needs one, one that
+        imatrix.use_for names, or with `all` there (the default) every type whose rounding reads one."""
         use_for = [q.lower() for q in self.imatrix["use_for"]]
-        return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or qtype in use_for)
+        wanted = qtype in use_for or (ALL in use_for and qtype != AUTO and takes_imatrix(qtype))
+        return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or wanted)
 
     @property
     def gate(self) -> Gate:
@@ -279,6 +284,8 @@ def check_auto_quant(auto: dict) -> None:
 def check_imatrix_config(config: dict) -> None:
     """A type that needs an importance matrix is refused while the matrix is off, before any work."""
     for qtype in config["imatrix"]["use_for"]:
+        if qtype.lower() == ALL:
+            continue
         if check_quant_type(qtype) in ("f16", "bf16"):
             raise InputError(
                 f"config imatrix.use_for: {qtype} is not quantized, so an importance matrix means nothing to it."

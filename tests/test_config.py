@@ -98,3 +98,33 @@ def test_auto_is_a_quant_type_and_its_types_are_ggml_types(tmp_path):
             load_spec(bad, REPO)
     config["imatrix"]["enabled"] = False  # the types llama-quantize writes only with a matrix are left out
     assert [t for t in load_spec(config, REPO).auto_types if t.startswith("iq2") or t == "iq3_xxs"] == []
+
+
+def test_the_importance_matrix_goes_to_every_type_that_reads_one_unless_told_otherwise():
+    """imatrix.use_for [all] (the default): every quant type whose rounding reads the matrix is made with it;
+    [] keeps it to the types that need one; off, none."""
+    from cpuforge.spec import load_spec
+
+    config = copy.deepcopy(CONFIG)
+    update_config(config, {"quant_types": ["q4_0", "q8_0", "q4_k_m", "iq2_xxs", "f16", "auto"]})
+    validate(config, str(SCHEMA))
+    spec = load_spec(config, REPO)
+    assert [q for q in spec.quant_types if spec.uses_imatrix(q)] == ["q4_0", "q4_k_m", "iq2_xxs"]
+    config["imatrix"]["use_for"] = []
+    assert [q for q in spec.quant_types if load_spec(config, REPO).uses_imatrix(q)] == ["iq2_xxs"]
+    config["imatrix"]["use_for"] = ["q4_k_m"]
+    assert [q for q in spec.quant_types if load_spec(config, REPO).uses_imatrix(q)] == ["q4_k_m", "iq2_xxs"]
+    config["imatrix"] = {**config["imatrix"], "enabled": False, "use_for": ["all"]}
+    config["quant_types"] = ["q4_0"]
+    assert not load_spec(config, REPO).uses_imatrix("q4_0")
+
+
+def test_a_gate_value_the_schema_lets_through_is_refused_by_name():
+    from cpuforge.spec import load_spec
+
+    config = copy.deepcopy(CONFIG)
+    with pytest.raises(WorkflowError, match="confidence"):
+        validate({**config, "eval": {**config["eval"], "gate": {"confidence": 1.0}}}, str(SCHEMA))
+    config["eval"]["gate"]["max_disagreement"] = 2
+    with pytest.raises(InputError, match=r"^eval\.gate\.max_disagreement: 2 is outside \[0, 1\]\.$"):
+        load_spec(config, REPO)

@@ -154,11 +154,14 @@ def decision(model: str, records: list[dict], auto: dict | None, gate: Gate) -> 
         chosen = next(c for c in auto["candidates"] if c["name"] == auto["chosen"])
         passing = [c for c in auto["candidates"] if c.get("passed") and c is not chosen]
         others = "; ".join(f"{c['name']}: {describe_file(c)}" for c in sorted(passing, key=lambda c: -c["tg_tps"])[:3])
-        objective = auto["objective"]
-        why = {"speed": "the fastest", "size": "the smallest"}.get(objective, objective)
-        return (f"Ship results/{model}/ggml-model-auto.gguf ({chosen['name']}): {why} of "
-                f"{len(auto['candidates'])} candidates that answers like the fine-tune on "
-                f"{auto['bench']['cpu']} ({auto['bench']['threads']} threads): {describe_file(chosen)}"
+        measured = f"of the {len(auto['candidates'])} candidates measured that answer like the fine-tune"
+        if auto["objective"] == "speed":
+            why = f"the fastest on {auto['bench']['cpu']} ({auto['bench']['threads']} threads) {measured}"
+        elif auto["objective"] == "size":
+            why = f"the smallest {measured}"
+        else:
+            why = f"the {auto['objective']}, which {'passes' if chosen['passed'] else 'misses'} the gate"
+        return (f"Ship results/{model}/ggml-model-auto.gguf ({chosen['name']}): {why}: {describe_file(chosen)}"
                 + (f". Passing beside it: {others}" if others else "")
                 + ". A file chosen for speed on one CPU should be decided again on another.")  # fmt: skip
     quants = [r for r in records if r["kind"] == "gguf" and r["stage"] != REFERENCE]
