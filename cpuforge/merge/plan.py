@@ -369,11 +369,24 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     tokenizer = tokenizer_source(base, adapters)
     size, source = tokenizer_size(tokenizer)
     rows = shapes[EMBED][0]
-    if (rows != base_rows and size != rows) or size > rows:
+    if size > rows:
         raise InputError(f"{source}: tokenizer has {size} tokens but the merged embeddings have {rows} rows.")
+    if rows != base_rows and not padded(size, rows):
+        raise InputError(
+            f"{source}: tokenizer has {size} tokens but the merged embeddings have {rows} rows, which is neither "
+            f"{size} nor {size} padded to a multiple of a power of two (pad_to_multiple_of); is the adapter's own "
+            "tokenizer missing?"
+        )
     if not tied and LM_HEAD in shapes and shapes[LM_HEAD][0] != rows:
         raise InputError(f"{adapters[-1]}: lm_head has {shapes[LM_HEAD][0]} rows but the embeddings have {rows}.")
     return Plan(files, plans, shapes, dtypes, tied, tokenizer)
+
+
+def padded(size: int, rows: int) -> bool:
+    """Whether `rows` embeddings hold a tokenizer of `size` tokens padded to a multiple of a power of two, as
+    resize_token_embeddings(n, pad_to_multiple_of=64) pads them (LLaMA-Factory's resize_embedding_layer): the rows
+    past the tokenizer are never looked up, and the pinned converter names them [PAD…] tokens."""
+    return size <= rows < size + (rows & -rows)
 
 
 def lora_delta(a, b, scale: float, transpose: bool):

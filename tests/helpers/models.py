@@ -272,3 +272,36 @@ def unknown_bpe_tokenizer(out: Path) -> Path:
     tokenizer.train_from_iterator([prose()], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
     return out
+
+
+# the special tokens a chat fine-tune adds (LLaMA-Factory's template tokens): 512 + 3 = 515 tokens, padded to 576 rows
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|tool|>"]
+
+
+def make_padded_vocab_adapter(base: Path, out: Path, pad_to: int = 64) -> tuple[Path, dict]:
+    """An adapter as LLaMA-Factory's resize_embedding_layer leaves one: special tokens added to the tokenizer, the
+    embeddings resized to it padded to a multiple of `pad_to` (rows no token reaches), embed_tokens and lm_head saved
+    whole in modules_to_save beside a LoRA, every trainable tensor moved as training would. Returns the folder and
+    peft's merge_and_unload of that model, as a state dict."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(6)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS})
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"],
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with torch.no_grad():
+        return out, {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
