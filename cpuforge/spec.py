@@ -13,6 +13,7 @@ from cpuforge import paths
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type
 from cpuforge.evaluate.stages import AUTO, HF_STAGES
+from cpuforge.merge.formats import check_with_peft
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.text.task import check_task_data
@@ -295,6 +296,7 @@ def check_spec(spec: Spec) -> dict[str, Plan]:
             if not Path(path).is_dir():
                 raise InputError(f"config models[{model.name}]: {path} is not a folder.")
         plans[model.name] = check_inputs(Path(model.base), [Path(a) for a in model.adapters])
+        check_with_peft([Path(a) for a in model.adapters])
     for model in spec.models.values():
         check_task_data(model.task_data)  # every line of every task file, now, not after the merge
     if spec.eval["text"] != "pydoc_topics" and not Path(spec.eval["text"]).is_file():

@@ -24,6 +24,7 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
 from cpuforge.merge.plan import DTYPES, EMBED, LM_HEAD, Adapter, Lora, Plan, adapter_embedding_rows, check_inputs, lora_delta
 from cpuforge.merge.folders import TOKENIZER_FILES, merged_shard_name
+from cpuforge.merge.formats import check_with_peft
 from cpuforge.merge.lora import dora_weight, residual_base
 from cpuforge.merge.tuned import Tuned
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
@@ -180,6 +181,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
     from tqdm import tqdm
 
     plan = check_inputs(base, adapters)
+    check_with_peft(adapters)
     readers = [open_weights(a.weights) for a in plan.adapters]
     shards = sorted(set(plan.base_files.values()))
     weight_map, total = {}, 0

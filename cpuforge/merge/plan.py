@@ -149,6 +149,21 @@ def selects(config: dict, module: str, linear: set[str]) -> bool:
     return index is not None and index in ([layers] if isinstance(layers, int) else layers)
 
 
+def layer_linears(shapes: dict[str, list[int]]) -> set[str]:
+    """The names of the layers' linear modules: what peft's "all-linear" means, and what a user may target."""
+    return {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
+
+
+def check_selected(config_path: Path, config: dict, module: str, linear: set[str], weights: Path, name: str) -> None:
+    """A tensor of a module that the config's selection fields do not select is one peft drops on loading."""
+    if not selects(config, module, linear):
+        raise InputError(
+            f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
+            f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
+            "adapts it; peft would drop that tensor."
+        )
+
+
 def check_config_fields(config_path: Path, config: dict, base: Path, modules: set[str], linear: set[str]) -> None:
     """Fields of adapter_config.json that must name something the base has: target_modules and layers_to_transform."""
     targets = config.get("target_modules") or []  # none named: peft's default, nothing the user said
@@ -223,8 +238,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     check_lora_config(config_path, config)
     base = next(iter(files.values())).parent
     modules = {n.removesuffix(".weight") for n in shapes if n.endswith(".weight")}
-    # the names of the layers' linear modules: what peft's "all-linear" means, and what a user may target
-    linear = {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
+    linear = layer_linears(shapes)
     check_config_fields(config_path, config, base, modules, linear)
     weights = adapter_weights_file(folder)
     tensors = adapter_shapes(weights)
@@ -251,12 +265,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             raise InputError(f"{weights}: tensor {name} has no matching {b}.")
         if target not in shapes:
             raise InputError(f"{weights}: tensor {name} adapts {target}, which the base model does not have.")
-        if not selects(config, module, linear):
-            raise InputError(
-                f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
-                f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
-                "adapts it; peft would drop that tensor."
-            )
+        check_selected(config_path, config, module, linear, weights, name)
         out_features, rank = tensors[b]
         want = [a_shape[1], out_features] if embedding else [out_features, a_shape[1]]
         if a_shape[0] != rank:
