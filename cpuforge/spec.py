@@ -292,7 +292,8 @@ def check_spec(spec: Spec) -> dict[str, Plan]:
                 raise InputError(f"config models[{model.name}].task_data.{split}: {path} is not a file.")
         if model.demo:
             continue
-        for path in [model.base, *model.adapters]:
+        # an adapter that is a file goes on to the plan, which says what kind of file it is
+        for path in [model.base, *(a for a in model.adapters if not Path(a).is_file())]:
             if not Path(path).is_dir():
                 raise InputError(f"config models[{model.name}]: {path} is not a folder.")
         plans[model.name] = check_inputs(Path(model.base), [Path(a) for a in model.adapters])

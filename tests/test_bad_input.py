@@ -155,6 +155,15 @@ def test_adapter_config_that_disagrees_with_its_tensors_or_the_base(tmp_path, ti
     assert f"{adapter / 'adapter_config.json'}: {sentence.format(base=tiny_base)}" in out
 
 
+def test_gguf_lora_given_as_an_adapter_is_named(tmp_path, tiny_base):
+    """A file where an adapter folder belongs: not "not a folder", but what it is and what to give instead."""
+    from helpers.models import save_gguf_lora
+
+    gguf = save_gguf_lora(tmp_path / "adapter.gguf")
+    out = start(tmp_path, model(tiny_base, gguf))
+    assert f"{gguf}: a llama.cpp GGUF adapter (adapter.type lora), which cpuforge cannot merge into a HF base;" in out
+
+
 def test_two_models_with_one_name(tmp_path, tiny_base, tiny_adapter):
     out = start(tmp_path, model(tiny_base, tiny_adapter) * 2)
     assert "config models: 2 entries share the name 'm'; each model needs its own." in out

@@ -13,6 +13,16 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.io.safetensors import weights_header
 from cpuforge.merge.folders import base_shards, adapter_weights_file, adapter_shapes, tokenizer_source, tokenizer_size, check_json_files
+from cpuforge.merge.formats import (
+    MLX,
+    MLX_DEFAULT_KEYS,
+    MLX_WEIGHTS,
+    adapter_format,
+    check_mlx_config,
+    mlx_layer,
+    mlx_modules,
+    mlx_selects,
+)
 from cpuforge.merge.lora import INIT_RESIDUAL, check_lora_config
 
 if TYPE_CHECKING:
@@ -43,6 +53,7 @@ class Lora:
     magnitude: str | None = None  # DoRA's magnitude vector
     init: str | None = None  # "pissa" or "olora": the base is first replaced by its residual
     rank: int = 0
+    transposed_factors: bool = False  # mlx-lm's layout: Aᵀ (in, r) and Bᵀ (r, out)
 
 
 @dataclass
@@ -229,6 +240,8 @@ def check_shape(weights: Path, name: str, target: str, want: list[int], shapes: 
 
 def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
     """Check one adapter against the model so far, from headers alone; updates `shapes`."""
+    if adapter_format(folder) == MLX:
+        return plan_mlx(folder, shapes, files)
     config_path = folder / "adapter_config.json"
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
@@ -284,6 +297,64 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     if not adapter.loras and not adapter.replace and not adapter.rows:
         raise InputError(f"{weights}: holds no LoRA or whole tensors.")
     check_patterns(config_path, config, [lora.target.removesuffix(".weight") for lora in adapter.loras])
+    return adapter
+
+
+def plan_mlx(folder: Path, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
+    """An mlx-lm adapter (mlx_lm.lora's adapters.safetensors), as mlx_lm.fuse fuses it: LoRA adds
+    scale · (lora_a @ lora_b)ᵀ to each module it names, DoRA then rescales each row to its m (DoRALinear.fuse),
+    a full fine-tune's tensors replace the base's; each checked against num_layers and lora_parameters."""
+    config_path, weights = folder / "adapter_config.json", folder / MLX_WEIGHTS
+    config = read_json(config_path)
+    n_layers = len({n.split(".")[2] for n in shapes if n.startswith("model.layers.")})
+    kind, layers, params = check_mlx_config(config_path, config, n_layers)
+    if not weights.is_file():
+        raise InputError(f"{folder}: an mlx-lm adapter_config.json without its {MLX_WEIGHTS}.")
+    tensors = adapter_shapes(weights)
+    adapter = Adapter(folder, weights, tuner=f"{MLX} {kind}", config=config)
+    if kind == "full":  # the trained layers saved whole
+        for name, shape in sorted(tensors.items()):
+            if mlx_layer(name) not in layers:
+                raise InputError(
+                    f"{config_path}: num_layers {config['num_layers']} trains layers {min(layers)} to {max(layers)}, "
+                    f"but {weights.name} holds {name}."
+                )
+            plan_whole_tensor(adapter, name, shape, shapes, files)
+        return adapter
+    keys = set(params.get("keys") or MLX_DEFAULT_KEYS)
+    for module, parts in mlx_modules(weights, tensors).items():
+        target, a = f"{module}.weight", parts.get("lora_a")
+        if a is None or "lora_b" not in parts:
+            raise InputError(f"{weights}: module {module} has no {'lora_b' if a else 'lora_a'} tensor.")
+        if target not in shapes:
+            raise InputError(f"{weights}: tensor {a} adapts {target}, which the base model does not have.")
+        if not mlx_selects(module, layers, keys):
+            raise InputError(
+                f"{config_path}: num_layers {config['num_layers']} and lora_parameters keys {sorted(keys)} do not "
+                f"select {module}, but {weights.name} tensor {a} adapts it; mlx-lm would drop that tensor."
+            )
+        (n_in, rank), (rank_b, n_out) = tensors[a], tensors[parts["lora_b"]]
+        if rank != rank_b or rank != params["rank"]:
+            raise InputError(
+                f"{config_path}: lora_parameters rank is {params['rank']}, but {weights.name} tensors {a} and "
+                f"{parts['lora_b']} have ranks {rank} and {rank_b}."
+            )
+        embedding = target == EMBED  # mlx-lm's LoRAEmbedding: lora_a (rows, r), lora_b (r, dims), no transpose
+        check_shape(weights, a, target, [n_in, n_out] if embedding else [n_out, n_in], shapes, files)
+        if ("m" in parts) != (kind == "dora"):
+            raise InputError(
+                f"{config_path}: fine_tune_type is {kind!r}, but {weights.name} "
+                f"{'holds' if 'm' in parts else 'has no'} DoRA's magnitude {module}.m."
+            )
+        if "m" in parts and tensors[parts["m"]] != shapes[target][:1]:
+            raise InputError(
+                f"{weights}: tensor {parts['m']} has shape {tensors[parts['m']]}, not {shapes[target][:1]}."
+            )
+        lora = Lora(target, a, parts["lora_b"], float(params["scale"]), embedding, parts.get("m"), rank=rank,
+                    transposed_factors=True)  # fmt: skip
+        adapter.loras.append(lora)
+    if not adapter.loras and not adapter.replace:
+        raise InputError(f"{weights}: holds no tensors.")
     return adapter
 
 
