@@ -14,6 +14,7 @@ from cpuforge.errors import InputError
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type, takes_imatrix
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.stages import AUTO, HF_STAGES
+from cpuforge.merge.formats import check_with_peft
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
 from cpuforge.text.task import check_task_data
@@ -309,10 +310,12 @@ def check_spec(spec: Spec) -> dict[str, Plan]:
                 raise InputError(f"config models[{model.name}].task_data.{split}: {path} is not a file.")
         if model.demo:
             continue
-        for path in [model.base, *model.adapters]:
+        # an adapter that is a file goes on to the plan, which says what kind of file it is
+        for path in [model.base, *(a for a in model.adapters if not Path(a).is_file())]:
             if not Path(path).is_dir():
                 raise InputError(f"config models[{model.name}]: {path} is not a folder.")
         plans[model.name] = check_inputs(Path(model.base), [Path(a) for a in model.adapters])
+        check_with_peft([Path(a) for a in model.adapters])
     for model in spec.models.values():
         check_task_data(model.task_data)  # every line of every task file, now, not after the merge
     if spec.eval["text"] != "pydoc_topics" and not Path(spec.eval["text"]).is_file():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cpuforge.cli import check_threads, run
 from cpuforge.io.files import read_json
-from cpuforge.merge.lora import describe
+from cpuforge.merge.formats import describe
 from cpuforge.merge.plan import DTYPES
 from cpuforge.merge.merge import VERIFY_PROMPTS, merge
 from cpuforge.io.provenance import provenance, write_provenance

@@ -138,11 +138,13 @@ LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
             "but adapter_model.safetensors tensor base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight adapts it; "
             "peft would drop that tensor.",
         ),
+        ({"target_modules": r".*\.(q_proj|v_proj)", "layers_to_transform": [0]},
+         "peft refuses this config: `layers_to_transform` cannot be used when `target_modules` is a str."),
         ({"rank_pattern": {"k_proj": 8}}, "rank_pattern key 'k_proj' matches none of the modules this adapter's tensors adapt (q_proj, v_proj)."),
         ({"alpha_pattern": {"q_prj": 16}}, "alpha_pattern key 'q_prj' matches none of the modules this adapter's tensors adapt (q_proj, v_proj)."),
     ],
     ids=["r", "rank_pattern-rank", "target_modules", "target_modules-regex", "layers_to_transform-missing",
-         "layers_to_transform-tensors", "rank_pattern-key", "alpha_pattern-key"],
+         "layers_to_transform-tensors", "regex-with-layers_to_transform", "rank_pattern-key", "alpha_pattern-key"],
 )  # fmt: skip
 def test_adapter_config_that_disagrees_with_its_tensors_or_the_base(tmp_path, tiny_base, tiny_adapter, change, sentence):
     """Each field peft checks or the merge relies on, against the tensors and the base: one sentence naming it."""
@@ -151,6 +153,15 @@ def test_adapter_config_that_disagrees_with_its_tensors_or_the_base(tmp_path, ti
     adapter = with_config(tiny_adapter, tmp_path / "adapter", **change)
     out = start(tmp_path, model(tiny_base, adapter))
     assert f"{adapter / 'adapter_config.json'}: {sentence.format(base=tiny_base)}" in out
+
+
+def test_gguf_lora_given_as_an_adapter_is_named(tmp_path, tiny_base):
+    """A file where an adapter folder belongs: not "not a folder", but what it is and what to give instead."""
+    from helpers.models import save_gguf_lora
+
+    gguf = save_gguf_lora(tmp_path / "adapter.gguf")
+    out = start(tmp_path, model(tiny_base, gguf))
+    assert f"{gguf}: a llama.cpp GGUF adapter (adapter.type lora), which cpuforge cannot merge into a HF base;" in out
 
 
 def test_two_models_with_one_name(tmp_path, tiny_base, tiny_adapter):

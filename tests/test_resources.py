@@ -310,8 +310,9 @@ def test_chinese_llama_figures(tmp_path, llama_7b):
     m = plan_model(check_inputs(base, [first, second]), "f16")
     assert m.arch.vocab == 49953 and m.merged["lm_head.weight"].shape == (49953, 4096)
     # the costliest tensor is now the embeddings: the base's as read beside the replacement, already f16;
-    # a real merge of this model measured 898 MiB peak RSS, which the prediction must cover, with little to spare
-    assert 898 <= merge_need(m, 2).mem_mb <= 898 * 1.25
+    # a real merge of this model measured 898 MiB peak RSS, which the prediction must cover, with little to spare;
+    # 126 MiB more since the merge loads each adapter_config.json with peft's config class (peft's import, measured)
+    assert 898 + 126 <= merge_need(m, 2).mem_mb <= (898 + 126) * 1.25
     # every LoRA delta's multiply-accumulates (out x in x rank), counted from the adapters' own headers
     macs = 0
     for folder in (first, second):

@@ -208,6 +208,46 @@ def test_unknown_field_is_refused_by_name(tmp_path, tiny_base, tiny_adapter):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"target_modules": r".*\.(q_proj|v_proj)", "layers_to_transform": [1]},
+         "`layers_to_transform` cannot be used when `target_modules` is a str."),
+        ({"layers_pattern": "layers"}, "When `layers_pattern` is specified, `layers_to_transform` must also be specified."),
+    ],
+    ids=["regex-with-layers_to_transform", "layers_pattern-alone"],
+)  # fmt: skip
+def test_a_config_peft_refuses_is_refused_in_its_words(tmp_path, tiny_adapter, tiny_base, fields, said):
+    """peft's own LoraConfig validates adapter_config.json: what its __post_init__ refuses (a field peft would
+    otherwise have the merge drop silently) stops the run, named with the file."""
+    import shutil
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    path = edit_config(adapter, **fields)
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == f"{path}: peft refuses this config: {said}"
+
+
+@pytest.mark.unit
+def test_tuner_tensors_of_a_module_its_config_does_not_select_are_refused(tmp_path, tiny_base):
+    """A tuner's target_modules and layers_to_transform must select every module its tensors adapt: peft would
+    drop the others' tensors on loading, so a merge of them would not be peft's."""
+    adapter, _ = trained_tuner_adapter(tiny_base, tmp_path / "adapter", "LOHA")
+    path = edit_config(adapter, target_modules=["q_proj", "v_proj", "up_proj"])
+    with pytest.raises(InputError) as e:
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+    assert str(e.value) == (
+        f"{path}: target_modules ['q_proj', 'v_proj', 'up_proj'] (layers_to_transform None) do not select "
+        "model.layers.0.mlp.down_proj, but adapter_model.safetensors tensor "
+        "base_model.model.model.layers.0.mlp.down_proj.hada_w1_a adapts it; peft would drop that tensor."
+    )
+    edit_config(adapter, target_modules=TARGETS, layers_to_transform=[1])
+    with pytest.raises(InputError, match="layers_to_transform \\[1\\]\\) do not select model.layers.0.mlp.down_proj"):
+        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
+
+
+@pytest.mark.unit
 def test_lora_bias_on_a_base_without_biases_is_refused_as_peft_refuses(tmp_path, tiny_base, bias_base):
     adapter, _ = trained_adapter(bias_base, tmp_path / "adapter", lora_bias=True)
     with pytest.raises(InputError) as e:

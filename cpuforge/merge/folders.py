@@ -83,8 +83,12 @@ def merged_shard_name(shard: Path) -> str:
     return shard.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
 
 
+# a peft adapter's weights, as save_pretrained names them (safe_serialization, or not)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def adapter_weights_file(adapter: Path) -> Path:
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+    for name in ADAPTER_WEIGHTS:
         if (adapter / name).is_file():
             return adapter / name
     raise InputError(f"{adapter}: no adapter_model.safetensors or adapter_model.bin.")

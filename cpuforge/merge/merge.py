@@ -24,6 +24,7 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
 from cpuforge.merge.plan import DTYPES, EMBED, LM_HEAD, Adapter, Lora, Plan, adapter_embedding_rows, check_inputs, lora_delta
 from cpuforge.merge.folders import TOKENIZER_FILES, merged_shard_name
+from cpuforge.merge.formats import MLX, check_with_peft
 from cpuforge.merge.lora import dora_weight, residual_base
 from cpuforge.merge.tuned import Tuned
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
@@ -153,7 +154,10 @@ def lora_weight(weight, lora: Lora, reader):
     lose bits): onto the residual base of a PiSSA / OLoRA initialisation, rescaled row by row under DoRA."""
     if lora.init:
         weight = residual_base(weight, lora.init, lora.rank, lora.scale)
-    delta = lora_delta(reader[lora.a], reader[lora.b], lora.scale, lora.transpose)
+    a, b = reader[lora.a], reader[lora.b]
+    if lora.transposed_factors:  # mlx-lm's lora_a (in, r) and lora_b (r, out) are peft's A and B transposed
+        a, b = a.T, b.T
+    delta = lora_delta(a, b, lora.scale, lora.transpose)
     if lora.magnitude:
         return dora_weight(weight, delta, reader[lora.magnitude])
     return weight.float() + delta
@@ -180,6 +184,13 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
     from tqdm import tqdm
 
     plan = check_inputs(base, adapters)
+    check_with_peft(adapters)
+    for adapter in plan.adapters if verify_prompts else []:
+        if adapter.tuner.startswith(MLX):
+            raise InputError(
+                f"{adapter.folder}: merge.verify compares the merge with peft, which cannot load an mlx-lm adapter; "
+                "turn verify off for this model."
+            )
     readers = [open_weights(a.weights) for a in plan.adapters]
     shards = sorted(set(plan.base_files.values()))
     weight_map, total = {}, 0

@@ -13,6 +13,16 @@ from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.io.safetensors import weights_header
 from cpuforge.merge.folders import base_shards, adapter_weights_file, adapter_shapes, tokenizer_source, tokenizer_size, check_json_files
+from cpuforge.merge.formats import (
+    MLX,
+    MLX_DEFAULT_KEYS,
+    MLX_WEIGHTS,
+    adapter_format,
+    check_mlx_config,
+    mlx_layer,
+    mlx_modules,
+    mlx_selects,
+)
 from cpuforge.merge.lora import INIT_RESIDUAL, check_lora_config
 
 if TYPE_CHECKING:
@@ -43,6 +53,7 @@ class Lora:
     magnitude: str | None = None  # DoRA's magnitude vector
     init: str | None = None  # "pissa" or "olora": the base is first replaced by its residual
     rank: int = 0
+    transposed_factors: bool = False  # mlx-lm's layout: Aᵀ (in, r) and Bᵀ (r, out)
 
 
 @dataclass
@@ -149,6 +160,21 @@ def selects(config: dict, module: str, linear: set[str]) -> bool:
     return index is not None and index in ([layers] if isinstance(layers, int) else layers)
 
 
+def layer_linears(shapes: dict[str, list[int]]) -> set[str]:
+    """The names of the layers' linear modules: what peft's "all-linear" means, and what a user may target."""
+    return {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
+
+
+def check_selected(config_path: Path, config: dict, module: str, linear: set[str], weights: Path, name: str) -> None:
+    """A tensor of a module that the config's selection fields do not select is one peft drops on loading."""
+    if not selects(config, module, linear):
+        raise InputError(
+            f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
+            f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
+            "adapts it; peft would drop that tensor."
+        )
+
+
 def check_config_fields(config_path: Path, config: dict, base: Path, modules: set[str], linear: set[str]) -> None:
     """Fields of adapter_config.json that must name something the base has: target_modules and layers_to_transform."""
     targets = config.get("target_modules") or []  # none named: peft's default, nothing the user said
@@ -214,6 +240,8 @@ def check_shape(weights: Path, name: str, target: str, want: list[int], shapes: 
 
 def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
     """Check one adapter against the model so far, from headers alone; updates `shapes`."""
+    if adapter_format(folder) == MLX:
+        return plan_mlx(folder, shapes, files)
     config_path = folder / "adapter_config.json"
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
@@ -223,8 +251,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     check_lora_config(config_path, config)
     base = next(iter(files.values())).parent
     modules = {n.removesuffix(".weight") for n in shapes if n.endswith(".weight")}
-    # the names of the layers' linear modules: what peft's "all-linear" means, and what a user may target
-    linear = {n.split(".")[-2] for n, shape in shapes.items() if ".layers." in n and len(shape) == 2}
+    linear = layer_linears(shapes)
     check_config_fields(config_path, config, base, modules, linear)
     weights = adapter_weights_file(folder)
     tensors = adapter_shapes(weights)
@@ -251,12 +278,7 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
             raise InputError(f"{weights}: tensor {name} has no matching {b}.")
         if target not in shapes:
             raise InputError(f"{weights}: tensor {name} adapts {target}, which the base model does not have.")
-        if not selects(config, module, linear):
-            raise InputError(
-                f"{config_path}: target_modules {config.get('target_modules') or DEFAULT_TARGETS} (layers_to_transform "
-                f"{config.get('layers_to_transform')}) do not select {module}, but {weights.name} tensor {name} "
-                "adapts it; peft would drop that tensor."
-            )
+        check_selected(config_path, config, module, linear, weights, name)
         out_features, rank = tensors[b]
         want = [a_shape[1], out_features] if embedding else [out_features, a_shape[1]]
         if a_shape[0] != rank:
@@ -275,6 +297,64 @@ def plan_adapter(folder: Path, shapes: dict[str, list[int]], files: dict[str, Pa
     if not adapter.loras and not adapter.replace and not adapter.rows:
         raise InputError(f"{weights}: holds no LoRA or whole tensors.")
     check_patterns(config_path, config, [lora.target.removesuffix(".weight") for lora in adapter.loras])
+    return adapter
+
+
+def plan_mlx(folder: Path, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:
+    """An mlx-lm adapter (mlx_lm.lora's adapters.safetensors), as mlx_lm.fuse fuses it: LoRA adds
+    scale · (lora_a @ lora_b)ᵀ to each module it names, DoRA then rescales each row to its m (DoRALinear.fuse),
+    a full fine-tune's tensors replace the base's; each checked against num_layers and lora_parameters."""
+    config_path, weights = folder / "adapter_config.json", folder / MLX_WEIGHTS
+    config = read_json(config_path)
+    n_layers = len({n.split(".")[2] for n in shapes if n.startswith("model.layers.")})
+    kind, layers, params = check_mlx_config(config_path, config, n_layers)
+    if not weights.is_file():
+        raise InputError(f"{folder}: an mlx-lm adapter_config.json without its {MLX_WEIGHTS}.")
+    tensors = adapter_shapes(weights)
+    adapter = Adapter(folder, weights, tuner=f"{MLX} {kind}", config=config)
+    if kind == "full":  # the trained layers saved whole
+        for name, shape in sorted(tensors.items()):
+            if mlx_layer(name) not in layers:
+                raise InputError(
+                    f"{config_path}: num_layers {config['num_layers']} trains layers {min(layers)} to {max(layers)}, "
+                    f"but {weights.name} holds {name}."
+                )
+            plan_whole_tensor(adapter, name, shape, shapes, files)
+        return adapter
+    keys = set(params.get("keys") or MLX_DEFAULT_KEYS)
+    for module, parts in mlx_modules(weights, tensors).items():
+        target, a = f"{module}.weight", parts.get("lora_a")
+        if a is None or "lora_b" not in parts:
+            raise InputError(f"{weights}: module {module} has no {'lora_b' if a else 'lora_a'} tensor.")
+        if target not in shapes:
+            raise InputError(f"{weights}: tensor {a} adapts {target}, which the base model does not have.")
+        if not mlx_selects(module, layers, keys):
+            raise InputError(
+                f"{config_path}: num_layers {config['num_layers']} and lora_parameters keys {sorted(keys)} do not "
+                f"select {module}, but {weights.name} tensor {a} adapts it; mlx-lm would drop that tensor."
+            )
+        (n_in, rank), (rank_b, n_out) = tensors[a], tensors[parts["lora_b"]]
+        if rank != rank_b or rank != params["rank"]:
+            raise InputError(
+                f"{config_path}: lora_parameters rank is {params['rank']}, but {weights.name} tensors {a} and "
+                f"{parts['lora_b']} have ranks {rank} and {rank_b}."
+            )
+        embedding = target == EMBED  # mlx-lm's LoRAEmbedding: lora_a (rows, r), lora_b (r, dims), no transpose
+        check_shape(weights, a, target, [n_in, n_out] if embedding else [n_out, n_in], shapes, files)
+        if ("m" in parts) != (kind == "dora"):
+            raise InputError(
+                f"{config_path}: fine_tune_type is {kind!r}, but {weights.name} "
+                f"{'holds' if 'm' in parts else 'has no'} DoRA's magnitude {module}.m."
+            )
+        if "m" in parts and tensors[parts["m"]] != shapes[target][:1]:
+            raise InputError(
+                f"{weights}: tensor {parts['m']} has shape {tensors[parts['m']]}, not {shapes[target][:1]}."
+            )
+        lora = Lora(target, a, parts["lora_b"], float(params["scale"]), embedding, parts.get("m"), rank=rank,
+                    transposed_factors=True)  # fmt: skip
+        adapter.loras.append(lora)
+    if not adapter.loras and not adapter.replace:
+        raise InputError(f"{weights}: holds no tensors.")
     return adapter
 
 
@@ -369,11 +449,24 @@ def check_inputs(base: Path, adapters: list[Path]) -> Plan:
     tokenizer = tokenizer_source(base, adapters)
     size, source = tokenizer_size(tokenizer)
     rows = shapes[EMBED][0]
-    if (rows != base_rows and size != rows) or size > rows:
+    if size > rows:
         raise InputError(f"{source}: tokenizer has {size} tokens but the merged embeddings have {rows} rows.")
+    if rows != base_rows and not padded(size, rows):
+        raise InputError(
+            f"{source}: tokenizer has {size} tokens but the merged embeddings have {rows} rows, which is neither "
+            f"{size} nor {size} padded to a multiple of a power of two (pad_to_multiple_of); is the adapter's own "
+            "tokenizer missing?"
+        )
     if not tied and LM_HEAD in shapes and shapes[LM_HEAD][0] != rows:
         raise InputError(f"{adapters[-1]}: lm_head has {shapes[LM_HEAD][0]} rows but the embeddings have {rows}.")
     return Plan(files, plans, shapes, dtypes, tied, tokenizer)
+
+
+def padded(size: int, rows: int) -> bool:
+    """Whether `rows` embeddings hold a tokenizer of `size` tokens padded to a multiple of a power of two, as
+    resize_token_embeddings(n, pad_to_multiple_of=64) pads them (LLaMA-Factory's resize_embedding_layer): the rows
+    past the tokenizer are never looked up, and the pinned converter names them [PAD…] tokens."""
+    return size <= rows < size + (rows & -rows)
 
 
 def lora_delta(a, b, scale: float, transpose: bool):

@@ -25,6 +25,7 @@ from cpuforge.text.generate import gguf_greedy_ids, stop_ids
 from cpuforge.llama.runtime import apply_loras, load_llama_cpp, load_model
 from cpuforge.merge.plan import EMBED, LM_HEAD, Adapter, Plan, check_inputs
 from cpuforge.merge.folders import adapter_shapes
+from cpuforge.merge.formats import MLX
 from cpuforge.merge.merge import copy_tokenizer
 from cpuforge.text.prompt import first_difference, prompt_ids, tokenizer_folder
 from cpuforge.io.provenance import copy_gguf_with_provenance
@@ -40,6 +41,8 @@ SHOWN = 10
 def refusal(adapter: Adapter, base_rows: int, tied: bool) -> str | None:
     """Why `adapter` cannot run as a GGUF LoRA on its base, or None when it can."""
     config = read_json(adapter.folder / "adapter_config.json")
+    if adapter.tuner.startswith(MLX):
+        return "is an mlx-lm adapter, which the pinned convert_lora_to_gguf.py does not read"
     if adapter.tuner != "LORA":
         return f"is a {adapter.tuner} adapter, and a GGUF LoRA holds only LoRA's low-rank pairs"
     variant = next((lo for lo in adapter.loras if lo.magnitude or lo.init), None)

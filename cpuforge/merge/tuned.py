@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.merge.plan import PREFIX, Adapter, check_shape, plan_whole_tensor
+from cpuforge.merge.plan import PREFIX, Adapter, check_selected, check_shape, layer_linears, plan_whole_tensor
 from cpuforge.merge.folders import adapter_shapes, adapter_weights_file
 
 
@@ -63,6 +63,8 @@ def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: 
             raise InputError(
                 f"{weights}: tensor {next(iter(parts.values()))} adapts {target}, which the base model does not have."
             )
+        if config.get("target_modules") is not None:  # none: the tuner's own default, which the tensors then name
+            check_selected(config_path, config, module, layer_linears(shapes), weights, next(iter(parts.values())))
         try_on_shapes(adapter, tuner, module, parts, tensors, shapes, files)
         adapter.tuned.append(Tuned(target, module, parts))
         if tuner.needs_bias and f"{module}.bias" not in shapes:

@@ -192,7 +192,7 @@ def adapter_spec(adapter) -> AdapterSpec:
     loras: dict[str, list[int]] = {}
     tuned: dict[str, tuple[str, dict[str, tuple[int, ...]]]] = {}
     for lora in adapter.loras:
-        loras.setdefault(lora.target, []).append(tensors[lora.a].shape[0])
+        loras.setdefault(lora.target, []).append(lora.rank)
         if lora.magnitude or lora.init:  # DoRA's rescaling, PiSSA's SVD, OLoRA's QR: more than LoRA's working set
             tuned[lora.target] = (f"LORA+{lora.init or 'dora'}", {})
     shared = {key: tensors[name].shape for key, name in adapter.shared.items()}

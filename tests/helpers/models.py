@@ -272,3 +272,102 @@ def unknown_bpe_tokenizer(out: Path) -> Path:
     tokenizer.train_from_iterator([prose()], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
     return out
+
+
+# the special tokens a chat fine-tune adds (LLaMA-Factory's template tokens): 512 + 3 = 515 tokens, padded to 576 rows
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|tool|>"]
+
+
+def make_padded_vocab_adapter(base: Path, out: Path, pad_to: int = 64) -> tuple[Path, dict]:
+    """An adapter as LLaMA-Factory's resize_embedding_layer leaves one: special tokens added to the tokenizer, the
+    embeddings resized to it padded to a multiple of `pad_to` (rows no token reaches), embed_tokens and lm_head saved
+    whole in modules_to_save beside a LoRA, every trainable tensor moved as training would. Returns the folder and
+    peft's merge_and_unload of that model, as a state dict."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(6)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS})
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"],
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with torch.no_grad():
+        return out, {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+
+def save_mlx_adapter(base: Path, out: Path, fine_tune_type: str = "lora", num_layers: int = 1, rank: int = 4,
+                     scale: float = 10.0, keys: list[str] | None = None, seed: int = 0) -> Path:  # fmt: skip
+    """An adapter as mlx_lm.lora saves one for `base`: adapters.safetensors holding, for each module `keys` names
+    (mlx-lm's default for LLaMA: q_proj and v_proj) in the last `num_layers` layers, LoRALinear's lora_a (in, r)
+    and lora_b (r, out) (and DoRALinear's magnitude m), or for a full fine-tune those layers' tensors whole, as if
+    trained; and adapter_config.json, the run's arguments. Written with numpy, as mlx.core.save_safetensors writes."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(seed)
+    weights = load_file(base / "model.safetensors")
+    n_layers = len({k.split(".")[2] for k in weights if k.startswith("model.layers.")})
+    layers = range(n_layers - num_layers if num_layers > 0 else 0, n_layers)
+    tensors = {}
+    for i in layers:
+        if fine_tune_type == "full":
+            for name, w in weights.items():
+                if name.startswith(f"model.layers.{i}."):
+                    tensors[name] = w + rng.normal(0, 0.02, w.shape).astype(np.float32)
+            continue
+        for key in keys or ["self_attn.q_proj", "self_attn.v_proj"]:
+            w = weights[f"model.layers.{i}.{key}.weight"]
+            n_out, n_in = w.shape
+            module = f"model.layers.{i}.{key}"
+            tensors[f"{module}.lora_a"] = rng.uniform(-(n_in**-0.5), n_in**-0.5, (n_in, rank)).astype(np.float32)
+            tensors[f"{module}.lora_b"] = rng.normal(0, 0.05, (rank, n_out)).astype(np.float32)
+            if fine_tune_type == "dora":  # the row norms of the base weight, trained on
+                norm = np.linalg.norm(w, axis=1)
+                tensors[f"{module}.m"] = (norm * rng.uniform(0.8, 1.2, norm.shape)).astype(np.float32)
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapters.safetensors", metadata={"format": "mlx"})
+    lora_parameters = {"rank": rank, "alpha": 16, "dropout": 0.0, "scale": scale} | ({"keys": keys} if keys else {})
+    config = {
+        "model": str(base), "train": True, "fine_tune_type": fine_tune_type, "optimizer": "adam",
+        "optimizer_config": {"adam": {}, "adamw": {}}, "data": "data/", "seed": 0, "num_layers": num_layers,
+        "batch_size": 4, "iters": 100, "val_batches": 25, "learning_rate": 1e-05, "steps_per_report": 10,
+        "steps_per_eval": 200, "resume_adapter_file": None, "adapter_path": str(out), "save_every": 100,
+        "test": False, "test_batches": 500, "max_seq_length": 2048, "config": None, "grad_checkpoint": False,
+        "lr_schedule": None, "lora_parameters": lora_parameters, "mask_prompt": False, "wandb": None,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=4))
+    return out
+
+
+def save_gguf_lora(out: Path, alpha: float = 16.0, rank: int = 4) -> Path:
+    """A GGUF LoRA as llama.cpp's convert_lora_to_gguf.py writes one for the tiny Llama: general.type adapter,
+    adapter.type lora, adapter.lora.alpha, and each pair as blk.N.<tensor>.weight.lora_a (r, in) / .lora_b (out, r)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(out, "llama")
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        for tensor in ("attn_q", "attn_v"):
+            writer.add_tensor(f"blk.{i}.{tensor}.weight.lora_a", rng.normal(0, 0.1, (rank, 64)).astype(np.float32))
+            writer.add_tensor(f"blk.{i}.{tensor}.weight.lora_b", rng.normal(0, 0.1, (64, rank)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -25,9 +25,9 @@ PEFT_CONFIG_FIELDS = {
     "peft_version": "ignored: the peft that saved the adapter; the tensors and the math are what the merge reads",
 }
 
-# Fields that only decide which modules get adapter tensors when the adapter is created: the saved tensors
-# then say which modules were adapted, and the merge adapts exactly those.
-SELECTION = "ignored: chooses the modules that get adapter tensors; the saved tensors name the modules adapted"
+# Fields that decide which modules get adapter layers, on creation and when peft loads the adapter: the merge
+# adapts the modules the saved tensors name, and refuses a tensor of a module they do not select (peft drops it).
+SELECTION = "exact"
 DROPOUT = "ignored: a dropout acts in training only; merge_and_unload applies none"
 INIT = "ignored: the starting values of tensors that the adapter file holds as trained"
 # modules_to_save copies are whole tensors in the adapter file; the plan puts them in place of the base's.
