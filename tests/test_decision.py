@@ -7,7 +7,15 @@ import pytest
 
 from cpuforge.autoquant.decide import beaten_by, choose, dominates, faster, mark_dominated, order
 from cpuforge.errors import InputError
-from cpuforge.evaluate.fidelity import certifies, compare, drop_bound, mcnemar_p, rows_needed, upper_bound
+from cpuforge.evaluate.fidelity import (
+    certifies,
+    compare,
+    lower_bound,
+    mcnemar_p,
+    rows_needed,
+    shown_drop,
+    upper_bound,
+)
 from cpuforge.evaluate.gate import Gate
 
 pytestmark = pytest.mark.unit
@@ -28,15 +36,23 @@ def test_clopper_pearson_upper_bounds_against_closed_forms_and_a_table():
         upper_bound(3, 2, 0.95)
 
 
-def test_exact_mcnemar_and_the_paired_drop_bound():
+def test_exact_mcnemar_and_the_drop_the_flips_show():
     assert mcnemar_p(0, 0) == 1.0
     assert mcnemar_p(4, 0) == pytest.approx(1 / 16)
     assert mcnemar_p(5, 1) == pytest.approx(7 / 64)  # P(X >= 5) for X ~ Bin(6, 1/2)
-    assert drop_bound(0, 0, 40, 0.95) == 0.0
-    assert drop_bound(2, 0, 40, 0.95) == pytest.approx(2 / 40)  # every discordant row a loss: theta's bound is 1
-    assert drop_bound(3, 1, 40, 0.95) == pytest.approx(4 / 40 * (2 * 0.95 ** (1 / 4) - 1))
-    # only gains, yet three rows cannot rule out a small drop
-    assert drop_bound(0, 3, 40, 0.95) == pytest.approx(3 / 40 * (2 * (1 - 0.05 ** (1 / 3)) - 1))
+    # the lower bound: P(X >= k) = alpha; for k = n, p ** n = alpha
+    assert lower_bound(5, 5, 0.95) == pytest.approx(0.05 ** (1 / 5), abs=1e-9)
+    assert lower_bound(0, 7, 0.95) == 0.0
+    # no flips, or as many gains as losses: no drop shown
+    assert shown_drop(0, 0, 40, 0.95) == 0.0 and shown_drop(3, 3, 40, 0.95) == 0.0
+    # four losses and no gain: McNemar's p is 0.0625, not significant at 95 %, so no drop shown; five: 0.031
+    assert shown_drop(4, 0, 40, 0.95) == 0.0
+    assert shown_drop(5, 0, 40, 0.95) == pytest.approx(5 / 40 * (2 * 0.05 ** (1 / 5) - 1))
+    # a drop is shown exactly where the one-sided McNemar test rejects "as accurate"
+    for worse, better in ((5, 0), (6, 1), (7, 2), (8, 1), (4, 0), (6, 2), (9, 3)):
+        assert (shown_drop(worse, better, 40, 0.95) > 0) == (mcnemar_p(worse, better) < 0.05), (worse, better)
+    # gains offset losses: the drop shown never grows with a wrong -> right flip
+    assert shown_drop(9, 0, 40, 0.95) > shown_drop(9, 1, 40, 0.95) > shown_drop(9, 2, 40, 0.95)
 
 
 def test_compare_counts_agreement_and_both_flips():
@@ -71,13 +87,16 @@ def figures(kl=0.1, err=0.0, ppl=5.0, rows=40, agree=40, worse=0, better=0, accu
 def test_the_gate_passes_a_quant_that_answers_like_the_reference_and_names_every_limit_missed():
     gate = Gate()
     assert gate.misses(figures()) == []
-    assert gate.misses(figures(agree=37, worse=2)) == []  # 3 of 40 differ: bounded at 18.3 %
+    assert gate.misses(figures(agree=37, worse=2, better=1)) == []  # 3 of 40 differ: bounded at 18.3 %
     missed = gate.misses(figures(kl=0.39, err=0.01, ppl=30, agree=29, worse=9, better=0, accuracy=0.5))
     assert [m.split(" eval.gate.")[-1].split()[0] for m in missed] == [
         "max_kl_divergence", "max_ppl_increase_pct", "max_disagreement", "max_accuracy_drop"]  # fmt: skip
     assert missed[0] == "KL divergence from the f16 GGUF 0.39 ± 0.01 (at 95 % up to 0.4064) > eval.gate.max_kl_divergence 0.4"
     assert missed[2] == "answers unlike the f16 GGUF's on 11/40 rows (at 95 % up to 41.4 %) > eval.gate.max_disagreement 0.2"
-    assert missed[3].startswith("9 right->wrong against 0 wrong->right flips (an accuracy drop at 95 % up to 22.5 %)")
+    assert missed[3] == ("9 right->wrong against 0 wrong->right flips (an accuracy drop at 95 % of at least "
+                         f"{(2 * 0.05 ** (1 / 9) - 1) * 9 / 40 * 100:.1f} %) > eval.gate.max_accuracy_drop 0")  # fmt: skip
+    # a margin lets a shown drop within it pass
+    assert Gate(max_accuracy_drop=0.2).misses(figures(agree=31, worse=9))[-1].startswith("answers unlike")
     # the absolute floor is off by default and checked when set
     assert Gate(min_accuracy=0.7).misses(figures(accuracy=0.5))[-1] == "task accuracy 0.500 < eval.gate.min_accuracy 0.7"
     # without a task only the KL divergence and perplexity judge

@@ -362,10 +362,10 @@ def test_quality_gate_names_the_stage_and_every_limit_it_misses():
     assert failure.startswith("q4_0: KL divergence from the f16 GGUF 0.3 ± 0.01 (at 95 % up to 0.3164) > "
                               "eval.gate.max_kl_divergence 0.25; perplexity +30.0 % over the f16 GGUF's > ")  # fmt: skip
     assert "; answers unlike the f16 GGUF's on 8/40 rows (at 95 % up to 33.2 %) > eval.gate.max_disagreement 0.2" in failure
-    assert "; 6 right->wrong against 0 wrong->right flips (an accuracy drop at 95 % up to 15.0 %) >" in failure
+    assert "; 6 right->wrong against 0 wrong->right flips (an accuracy drop at 95 % of at least" in failure
     assert failure.endswith("; task accuracy 0.800 < eval.gate.min_accuracy 0.9.")
     assert quality_gate(records, Gate(max_kl_divergence=0.4, max_ppl_increase_pct=30, max_disagreement=0.4,
-                                      max_accuracy_drop=0.3)) == []  # fmt: skip
+                                      max_accuracy_drop=0.1)) == []  # fmt: skip
 
 
 def test_bad_heldout_rows_fail_at_start(tmp_path, tiny_base, tiny_adapter):
@@ -430,7 +430,10 @@ def test_the_quant_search_chooses_an_undominated_file_that_its_recipe_remakes(ev
     names = [c["name"] for c in record["candidates"]]
     assert names[:6] == ["uniform q8_0", "uniform q4_0", "uniform iq4_nl", "uniform iq2_xxs", "q4_0 + imatrix", "q4_0"]
     assert record["objective"] == "speed" and record["chosen"] in names
-    assert all(c["tg_tps"] > 0 and c["speed_run"] == "screen" for c in record["candidates"][:6])
+    # every file benched in one run; the passing ones again side by side, where the choice is made
+    assert all(c["tg_tps"] > 0 for c in record["candidates"][:6])
+    passed = [c["speed_run"] for c in record["candidates"] if c["passed"]]
+    assert passed == ["final"] * len(passed) if len(passed) > 1 else passed == ["screen"]
     verified = [c for c in record["candidates"] if c["verified"]]
     assert all(set(c) >= {"size_bytes", "bpw", "kl_divergence", "passed", "fidelity", "per_row"}
                for c in verified if c["passed"])  # fmt: skip

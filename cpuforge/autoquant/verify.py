@@ -224,9 +224,8 @@ def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], 
     measure_speed(inp, candidates, "screen")
     verify_in_order(inp, candidates)
     mixes = search_mixes(inp, table, candidates, budget)
-    passing_mixes = [m for m in mixes if m["passed"]]
-    if passing_mixes:  # the finalists side by side again: speeds compare only within one run
-        finalists = [c for c in candidates if c.get("passed")] + passing_mixes
+    finalists = [c for c in candidates + mixes if c.get("passed")]
+    if len(finalists) > 1:  # the passing ones side by side again, the mixes among them: the choice is made there
         measure_speed(inp, finalists, "final")
     for m in mixes:
         m.setdefault("tg_tps", None)  # only a passing mix is benched

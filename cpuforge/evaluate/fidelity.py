@@ -7,8 +7,10 @@ wrong -> right (`better`). Two bounds, each one-sided at a stated confidence:
 - the disagreement rate: Clopper-Pearson's exact upper bound on k disagreements in n rows. With none, it is
   1 - (1 - confidence) ** (1 / n): 40 rows bound it no tighter than 7.2 % at 95 %, whatever the quant;
 - the paired accuracy drop against f16: exact McNemar on the flips, inverted. Given m = worse + better
-  discordant rows, `worse` is binomial in m with p = 1/2 when the two are as accurate; the upper bound
-  theta on that p gives the drop's bound (m / n) * (2 theta - 1).
+  discordant rows, `worse` is binomial in m with p = 1/2 when the two are as accurate; the lower bound theta
+  on that p gives the drop the rows show at least, (m / n) * (2 theta - 1). Above 0 exactly where the
+  one-sided McNemar test says the quant is less accurate. It falls as right -> wrong flips are offset by
+  wrong -> right ones, where an upper bound would widen with every flip either way.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def upper_bound(k: int, n: int, confidence: float) -> float:
     return hi
 
 
+def lower_bound(k: int, n: int, confidence: float) -> float:
+    """Clopper-Pearson's one-sided lower bound on a rate seen k times in n."""
+    return 1 - upper_bound(n - k, n, confidence)
+
+
 def mcnemar_p(worse: int, better: int) -> float:
     """Exact one-sided McNemar: the probability of at least `worse` right -> wrong flips among the
     worse + better discordant rows when either way is as likely (1 when there are none)."""
@@ -44,10 +51,11 @@ def mcnemar_p(worse: int, better: int) -> float:
     return 1.0 if m == 0 else 1 - binomial_cdf(worse - 1, m, 0.5)
 
 
-def drop_bound(worse: int, better: int, n: int, confidence: float) -> float:
-    """Upper bound on the paired accuracy drop against the reference, from exact McNemar inverted."""
+def shown_drop(worse: int, better: int, n: int, confidence: float) -> float:
+    """The paired accuracy drop against the reference that the rows show at `confidence` (a lower bound, from
+    exact McNemar inverted; 0 where they show none)."""
     m = worse + better
-    return 0.0 if m == 0 else max(0.0, m / n * (2 * upper_bound(worse, m, confidence) - 1))
+    return 0.0 if m == 0 else max(0.0, m / n * (2 * lower_bound(worse, m, confidence) - 1))
 
 
 def rows_needed(bound: float, confidence: float) -> int:
@@ -70,7 +78,7 @@ def compare(reference_right: list[bool], right: list[bool], agree: list[bool], c
         "worse": worse,
         "better": better,
         "disagreement_bound": upper_bound(disagree, n, confidence),
-        "accuracy_drop_bound": drop_bound(worse, better, n, confidence),
+        "shown_accuracy_drop": shown_drop(worse, better, n, confidence),
         "mcnemar_p": mcnemar_p(worse, better),
         "confidence": confidence,
     }

@@ -1,9 +1,9 @@
 """The quality gate (eval.gate): whether a quant answers like the fine-tune, with the confidence its rows allow.
 
 A quant passes when, at `confidence` (one-sided), its disagreement with the f16 GGUF's answers on the held-out
-rows is bounded within `max_disagreement`, its paired accuracy drop against the f16 GGUF within
+rows is bounded within `max_disagreement`, the rows do not show it less accurate than the f16 GGUF by more than
 `max_accuracy_drop` (exact McNemar on the flips: cpuforge.evaluate.fidelity), its mean KL divergence from the
-f16 GGUF within `max_kl_divergence` counting llama-perplexity's standard error, and its perplexity within
+f16 GGUF is within `max_kl_divergence` counting llama-perplexity's standard error, and its perplexity within
 `max_ppl_increase_pct`; `min_accuracy`, an absolute floor on the task's exact match, is off unless set.
 
 make_eval_report judges every stage and writes the verdict into metrics.json and the report; check_quality_gate
@@ -23,7 +23,7 @@ from cpuforge.evaluate.stages import REFERENCE
 class Gate:
     confidence: float = 0.95
     max_disagreement: float = 0.2
-    max_accuracy_drop: float = 0.05
+    max_accuracy_drop: float = 0.0
     max_kl_divergence: float = 0.4
     max_ppl_increase_pct: float = 25.0
     min_accuracy: float | None = None
@@ -80,10 +80,10 @@ class Gate:
                 out.append(f"answers unlike the f16 GGUF's on {f['rows'] - f['agree']}/{f['rows']} rows (at {pct} "
                            f"up to {f['disagreement_bound'] * 100:.1f} %) > eval.gate.max_disagreement "
                            f"{self.max_disagreement:g}")  # fmt: skip
-            if f["accuracy_drop_bound"] > self.max_accuracy_drop:
+            if f["shown_accuracy_drop"] > self.max_accuracy_drop:
                 out.append(f"{f['worse']} right->wrong against {f['better']} wrong->right flips (an accuracy drop "
-                           f"at {pct} up to {f['accuracy_drop_bound'] * 100:.1f} %) > eval.gate.max_accuracy_drop "
-                           f"{self.max_accuracy_drop:g}")  # fmt: skip
+                           f"at {pct} of at least {f['shown_accuracy_drop'] * 100:.1f} %) > eval.gate."
+                           f"max_accuracy_drop {self.max_accuracy_drop:g}")  # fmt: skip
         if self.min_accuracy is not None and figures.get("accuracy") is not None and figures["accuracy"] < self.min_accuracy:
             out.append(f"task accuracy {figures['accuracy']:.3f} < eval.gate.min_accuracy {self.min_accuracy:g}")
         return out

@@ -14,6 +14,8 @@ answers (reference_gguf and fidelity_gguf, the quant search's check of a candida
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cpuforge.text.generate import (
@@ -53,11 +55,11 @@ def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict
     return gguf_greedy_answers(llm, hf_ids, max_new_tokens)
 
 
-def reference_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
-                   threads: int) -> dict:  # fmt: skip
-    """The reference's (the f16 GGUF's) greedy answers as token ids, and which are right: each row teacher-forced
-    on its task answer, and greedy decoding carried on only from where the choice departs from it (the rows it
-    gets right need no pass per token)."""
+@contextmanager
+def teacher_forced(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
+                   threads: int) -> Iterator[tuple]:  # fmt: skip
+    """The GGUF loaded to score whole answers in one batch (logits_all), the rows' prompt ids, their task
+    answers' ids and the vocabulary's stop tokens, for as long as the block lasts."""
     llama_cpp = load_llama_cpp(bin_dir)
     tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
     golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
@@ -65,20 +67,25 @@ def reference_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[di
     llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False,
                      logits_all=True)  # fmt: skip
     try:
-        stop = gguf_stop_ids(llm)
-        answers, right = [], []
-        for prompt, gold, choices in zip(prompts, golds, gguf_greedy_choices(llm, prompts, golds, max_new_tokens),
-                                         strict=True):  # fmt: skip
-            at = greedy_divergence(choices, gold, stop, max_new_tokens)
-            right.append(at is None)
-            if at is None:
-                answers.append(gold[:max_new_tokens])
-                continue
-            head = gold[:at]
-            tail = gguf_greedy_ids(llm, [prompt + head], stop, max_new_tokens - len(head))[0] if at < max_new_tokens else []
-            answers.append(head + tail)
+        yield llm, prompts, golds, gguf_stop_ids(llm)
     finally:
         llm.close()
+
+
+def reference_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
+                   threads: int) -> dict:  # fmt: skip
+    """The reference's (the f16 GGUF's) greedy answers as token ids, and which are right: each row teacher-forced
+    on its task answer, and greedy decoding carried on only from where the choice departs from it (the rows it
+    gets right need no pass per token)."""
+    answers, right = [], []
+    with teacher_forced(gguf, bin_dir, tokenizer_dir, rows, max_new_tokens, threads) as (llm, prompts, golds, stop):
+        choices = gguf_greedy_choices(llm, prompts, golds, max_new_tokens)
+        for prompt, gold, chosen in zip(prompts, golds, choices, strict=True):
+            at = greedy_divergence(chosen, gold, stop, max_new_tokens)
+            right.append(at is None)
+            head = gold[:max_new_tokens] if at is None else gold[:at]
+            more = at is not None and at < max_new_tokens  # greedy decoding writes on from where it departs
+            answers.append(head + (gguf_greedy_ids(llm, [prompt + head], stop, max_new_tokens - at)[0] if more else []))
     return {"answers": answers, "right": right}
 
 
@@ -86,22 +93,13 @@ def fidelity_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dic
                   threads: int, reference: dict) -> dict:  # fmt: skip
     """Per row, whether the GGUF's greedy answer equals the reference's (reference_gguf) and whether it is
     right, by teacher forcing: on the reference's answer, and on the task's answer where the two differ."""
-    llama_cpp = load_llama_cpp(bin_dir)
-    tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
-    golds = [gold_ids(tokenizer, r, p) for r, p in zip(rows, prompts, strict=True)]
-    n_ctx = max(len(p) for p in prompts) + max_new_tokens + 1
-    llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False,
-                     logits_all=True)  # fmt: skip
-    try:
-        stop = gguf_stop_ids(llm)
+    with teacher_forced(gguf, bin_dir, tokenizer_dir, rows, max_new_tokens, threads) as (llm, prompts, golds, stop):
         choices = gguf_greedy_choices(llm, prompts, reference["answers"], max_new_tokens)
         agree = [greedy_divergence(c, a, stop, max_new_tokens) is None
                  for c, a in zip(choices, reference["answers"], strict=True)]  # fmt: skip
         differ = [i for i, same in enumerate(agree) if not same]
         gold_choices = gguf_greedy_choices(llm, [prompts[i] for i in differ], [golds[i] for i in differ],
                                            max_new_tokens)  # fmt: skip
-    finally:
-        llm.close()
     right = list(reference["right"])
     for i, c in zip(differ, gold_choices, strict=True):
         right[i] = greedy_divergence(c, golds[i], stop, max_new_tokens) is None
