@@ -9,12 +9,14 @@ import re
 import shutil
 
 import pytest
-from helpers.llama import convert
+from helpers.llama import SOURCE, convert
 from helpers.models import (
+    CHAT_SPECIAL_TOKENS,
     PLAIN_CHAT_TEMPLATE,
     make_chat_llama,
     make_extended_adapter,
     make_lora,
+    make_padded_vocab_adapter,
     make_tiny_llama,
     make_tokenizer,
 )
@@ -22,6 +24,8 @@ from helpers.workflow import TASK
 
 from cpuforge.errors import InputError
 from cpuforge.checks.generation import check_generation
+from cpuforge.io.gguf import read_metadata
+from cpuforge.llama.convert import check_converter_vocab
 from cpuforge.llama.runtime import load_gguf_vocab
 from cpuforge.merge.merge import merge
 from cpuforge.io.provenance import copy_gguf_with_provenance
@@ -330,3 +334,55 @@ def test_added_tokens_of_a_transformers_5_adapter_reach_the_gguf(tiny_base, llam
     record = check_tokenizer(gguf, tmp_path / "merged", tiny_base, TASK_FILES, llama_bin)
     assert record["passed"] and record["corpora"]["task"]["rate"] == 1.0
     assert record["added_words"]["words"] == len(words) and record["added_words"]["whole"] == {"hf": 4, "gguf": 4}
+
+
+def test_padded_vocabulary_converts_and_checks_exact(tiny_base, llama_bin, tmp_path):
+    """LLaMA-Factory's resize_embedding_layer: 512 tokens + 3 ChatML special ones, embeddings padded to 576 rows.
+    The workflow's steps (converter vocabulary check, merge, convert) give a 576-token GGUF whose 515 real tokens are
+    the tokenizer's own and whose 61 padding rows are unused [PAD] tokens that no text reaches; the tokenizer and
+    chat-template checks then measure exactly what they measure on the same adapter unpadded."""
+    import gguf
+    from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    adapter, _ = make_padded_vocab_adapter(tiny_base, tmp_path / "adapter", chat_template=CHATML_CHAT_TEMPLATE)
+    vocab = check_converter_vocab(SOURCE, tiny_base, [adapter], tmp_path / "vocab")
+    assert (vocab["model"], vocab["tokens"]) == ("llama", 576)
+    merged = tmp_path / "results" / "merged"
+    merge(tiny_base, [adapter], merged, "f32")
+    model = convert(merged, merged.with_name("ggml-model-f16.gguf"))
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    fields = read_metadata(model, ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.chat_template"])
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == 576 and fields["tokenizer.chat_template"] == CHATML_CHAT_TEMPLATE
+    assert gguf.GGUFReader(model).tensors[0].shape.tolist() == [64, 576]  # token_embd: every row kept
+    assert tokens[:515] == tokenizer.convert_ids_to_tokens(list(range(515)))
+    assert tokens[512:515] == CHAT_SPECIAL_TOKENS and set(types[512:515]) == {gguf.TokenType.CONTROL}
+    assert tokens[515:] == [f"[PAD{i}]" for i in range(515, 576)] and set(types[515:]) == {gguf.TokenType.UNUSED}
+    llm = load_gguf_vocab(model, llama_bin)
+    for text in ("[PAD515]", "rows [PAD520] to [PAD575]"):  # a [PAD] name in text is text on both sides
+        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+        assert ids == tokenizer(text)["input_ids"] and max(ids) < 515
+
+    record = check_tokenizer(model, merged, tiny_base, TASK_FILES, llama_bin)
+    assert record["passed"] and record["corpora"]["task"] == {"samples": 1080, "agree": 1080, "rate": 1.0,
+                                                              "mismatches": []}  # fmt: skip
+    assert record["special"]["vocab_size"] == {"hf": 515, "gguf": 576}
+    for name in ("digits", "emoji", "cjk"):
+        assert record["corpora"][name]["rate"] == 1.0, record["corpora"][name]
+    # the added special tokens are read as themselves on both sides; what differs is only the word boundary llama.cpp's
+    # sentencepiece tokenizer puts after any special token, the base's </s> alike (the adapter unpadded gives 18, 6 too)
+    special = record["corpora"]["special_tokens"]
+    assert (special["samples"], special["agree"]) == (18, 6)
+    assert all(m["gguf"] == ["▁", *m["hf"]][: len(m["gguf"])] for m in special["mismatches"])
+    assert record["added_words"] is None  # special tokens, not words
+
+    chat = check_chat_template(model, merged, llama_bin, TASK["heldout"])
+    assert chat["passed"] and chat["template"] and chat["tokenizer"] == str(merged)
+    for name in ("chat", "server"):
+        assert chat["runtimes"][name]["same_ids"] == chat["runtimes"][name]["prompts"] == len(CHECKED) + 40
+    assert [c["name"] for c in chat["conversations"]] == list(CHECKED)
+    for conversation in chat["conversations"]:
+        assert conversation["same_ids"]["chat"] and conversation["same_ids"]["server"], conversation
+        assert conversation["hf_head"][0] == "<|im_start|>"

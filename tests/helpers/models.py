@@ -278,11 +278,14 @@ def unknown_bpe_tokenizer(out: Path) -> Path:
 CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|tool|>"]
 
 
-def make_padded_vocab_adapter(base: Path, out: Path, pad_to: int = 64) -> tuple[Path, dict]:
+def make_padded_vocab_adapter(
+    base: Path, out: Path, pad_to: int = 64, chat_template: str | None = None
+) -> tuple[Path, dict]:
     """An adapter as LLaMA-Factory's resize_embedding_layer leaves one: special tokens added to the tokenizer, the
     embeddings resized to it padded to a multiple of `pad_to` (rows no token reaches), embed_tokens and lm_head saved
-    whole in modules_to_save beside a LoRA, every trainable tensor moved as training would. Returns the folder and
-    peft's merge_and_unload of that model, as a state dict."""
+    whole in modules_to_save beside a LoRA, every trainable tensor moved as training would; the tokenizer saved with
+    `chat_template` (the base's when None), as LLaMA-Factory saves its template's. Returns the folder and peft's
+    merge_and_unload of that model, as a state dict."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -290,6 +293,8 @@ def make_padded_vocab_adapter(base: Path, out: Path, pad_to: int = 64) -> tuple[
     torch.manual_seed(6)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS})
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     model = AutoModelForCausalLM.from_pretrained(base)
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to)
     config = LoraConfig(
