@@ -200,7 +200,10 @@ def test_report_shows_the_fidelity_checks(eval_run):
     checks = metrics_of(workdir)["checks"]
     assert sorted(checks["tokenizer"]) == sorted(checks["chat_template"]) == ["auto", "f16", "q4_0"]
     assert all(record["corpora"]["task"]["rate"] == 1.0 for record in checks["tokenizer"].values())
-    assert checks["generation"]["prompts"] == 6 and checks["imatrix"] == {}
+    # q4_0 is made with the importance matrix (imatrix.use_for: [all]): the check sets it beside q4_0 made without
+    assert checks["generation"]["prompts"] == 6 and list(checks["imatrix"]) == ["q4_0"]
+    imatrix = checks["imatrix"]["q4_0"]
+    assert imatrix["with"]["artifact"] == "ggml-model-q4_0.gguf" and imatrix["without"]["made_with"] == "no importance matrix"
     page = (report_dir(workdir) / "report.html").read_text()
     assert "<h2>Fidelity checks</h2>" in page and "Generation parity" in page
     assert page.count("ggml-model-q4_0.gguf</td>") == 1  # one row of the parity table
