@@ -149,7 +149,7 @@ def verify_in_order(inp: Inputs, candidates: list[dict]) -> None:
     for c in decide.order(candidates, inp.objective):
         by = decide.beaten_by(c, done, inp.objective, inp.tolerance)
         if by is not None:
-            c.update(verified=False, pruned_by=by["name"])
+            c.update(verified=False, passed=None, pruned_by=by["name"])
             continue
         verify(inp, c)
         done.append(c)
