@@ -190,7 +190,8 @@ def test_chain_through_slurm_matches_a_local_run(llama_bin, slurm_cluster, tiny_
 
     (log,) = (cluster / ".snakemake" / "log").glob("*.snakemake.log")
     submitted = {re.search(r"/rule_(\w+)/", path)[1]: job for job, path in SUBMITTED.findall(log.read_text())}
-    assert set(submitted) == {"merge", "convert", "quantize"}, log.read_text()
+    # (q4_0 is made with the importance matrix, imatrix.use_for: [all])
+    assert set(submitted) == {"merge", "convert", "make_imatrix", "quantize"}, log.read_text()
     # a target and the cheap parity checks: Snakemake runs them itself, no job
     assert all(f"localrule {rule}:" in log.read_text() for rule in ("q4_model", "check_tokenizer")), log.read_text()
 
