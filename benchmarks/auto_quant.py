@@ -72,10 +72,9 @@ def main() -> None:
     if ladder is not None and args.listed is not None and "q4_0" not in [*map(str.lower, ladder), *args.listed]:
         parser.error("--types or --listed must hold q4_0: the search's time is a ratio to q4_0's evaluation.")
 
-    from cpuforge.autoquant.verify import Inputs, file_figures, make_files, measure_fidelity, measure_kl
+    from cpuforge.autoquant.verify import Inputs, file_figures, make_files, reference, verify
     from cpuforge.evaluate.bench import bench_side_by_side
     from cpuforge.evaluate.gate import Gate
-    from cpuforge.evaluate.task import reference_gguf
     from cpuforge.text.task import read_heldout
 
     config = run_config(args.configfile and args.workdir / args.configfile)
@@ -98,13 +97,12 @@ def main() -> None:
         inp = Inputs(bin_dir, results / "ggml-model-f16.gguf", results / "imatrix.gguf", None, logits, ev["ctx"],
                      results / "merged", rows, ev["max_new_tokens"], args.threads, Path(tmp) / "c", gate, "speed",
                      ev["bench"]["tolerance_pct"] / 100, args.gen_tokens, args.repetitions)  # fmt: skip
-        inp.reference = reference_gguf(inp.f16, bin_dir, inp.merged, rows, inp.max_new_tokens, args.threads)
+        reference(inp)
         candidates = make_files(inp, ladder, listed)
         inp.files["auto (chosen)"] = results / "ggml-model-auto.gguf"
         candidates.append({"name": "auto (chosen)", **file_figures(inp.files["auto (chosen)"])})
         for c in candidates:
-            c.update(measure_kl(inp, inp.files[c["name"]], None), **measure_fidelity(inp, inp.files[c["name"]]))
-            c["misses"] = gate.misses(c)
+            verify(inp, c, whole=True)
         rows_of = bench_side_by_side(bin_dir, [inp.files[c["name"]] for c in candidates], args.threads,
                                      args.gen_tokens, args.repetitions, args.prompt_tokens)  # fmt: skip
         speeds = {c["name"]: r for c, r in zip(candidates, rows_of, strict=True)}

@@ -13,7 +13,7 @@ from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import sweep
 from cpuforge.autoquant.sensitivity import quantizable, read_table
 from cpuforge.autoquant.tensors import Tensors
-from cpuforge.autoquant.verify import Inputs, decide_file, summary, within_size
+from cpuforge.autoquant.verify import Inputs, decide_file, reference, summary, within_size
 from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import Gate
 from cpuforge.io.files import atomic_output, read_json, write_json
@@ -71,6 +71,7 @@ def auto_quant(llama_bin: Path, f16: Path, sensitivity: Path, imatrix: Path | No
             inp = Inputs(llama_bin, f16, imatrix, tensors, logits, ctx, merged, rows, max_new_tokens, threads, tmp,
                          gate, request.objective, bench["tolerance_pct"] / 100, bench["gen_tokens"],
                          bench["repetitions"])  # fmt: skip
+            reference(inp)
             if max_bytes is None:
                 best, candidates = decide_file(inp, table, request.ladder, request.listed, request.budget)
             else:

@@ -122,20 +122,17 @@ def measure_fidelity(inp: Inputs, gguf: Path) -> dict:
             "correct": sum(rows["right"]), "rows": len(rows["right"])}  # fmt: skip
 
 
-def judged(inp: Inputs, figures: dict) -> dict:
-    misses = inp.gate.misses(figures)
-    return {**figures, "passed": not misses, "misses": misses}
-
-
-def verify(inp: Inputs, c: dict) -> None:
+def verify(inp: Inputs, c: dict, whole: bool = False) -> None:
     """Candidate `c` measured and judged in place: KL first (a clear miss stopped early), the answers where it
-    passes."""
+    passes; `whole`, every figure measured whatever the first ones say (a size limit's one candidate, which the
+    report judges)."""
     started = time.monotonic()
     gguf = inp.files[c["name"]]
-    c.update(measure_kl(inp, gguf, partial(clear_miss, inp.gate)))
-    if inp.rows and not inp.gate.misses(c):
+    c.update(measure_kl(inp, gguf, None if whole else partial(clear_miss, inp.gate)))
+    if inp.rows and (whole or not inp.gate.misses(c)):
         c.update(measure_fidelity(inp, gguf))
-    c.update(judged(inp, c), verified=True, seconds=round(time.monotonic() - started, 1))
+    misses = inp.gate.misses(c)
+    c.update(passed=not misses, misses=misses, verified=True, seconds=round(time.monotonic() - started, 1))
     f = c.get("fidelity")
     stopped = f" (stopped after {c['kl']['windows']} windows: a clear miss)" if c["kl"].get("stopped_early") else ""
     log.info("%s: KL %.4f, perplexity %+.1f %%%s%s: %s (%.0f s)", c["name"], c["kl_divergence"], c["ppl_increase_pct"],
@@ -161,6 +158,15 @@ def restricted(table: dict[str, list[Option]], allowed: set[str]) -> dict[str, l
             for name, options in table.items()}  # fmt: skip
 
 
+def make_mix(inp: Inputs, frontier: Frontier, k: int, point: int) -> dict:
+    """Point k of `frontier` written as a candidate, named by `point`, its place on the whole frontier."""
+    name = f"mix {point}"
+    inp.files[name] = inp.path(name)
+    inp.tensors.write({n: o.type for n, o in frontier.mix(k).items()}, inp.files[name], {"candidate": name})
+    return {"name": name, "kind": "mix", "qtype": None, "imatrix": inp.imatrix is not None, "point": point,
+            "loss": frontier.loss(k), **file_figures(inp.files[name])}  # fmt: skip
+
+
 def search_mixes(inp: Inputs, table: dict[str, list[Option]], candidates: list[dict], budget: int) -> list[dict]:
     """Mixes below the best passing file, searched on the frontier of the types the objective allows; every mix
     measured, as candidates."""
@@ -180,28 +186,21 @@ def search_mixes(inp: Inputs, table: dict[str, list[Option]], candidates: list[d
     log.info("mixes of %s below %s: %d points, %.1f to %.1f MiB of matrices", ", ".join(sorted(allowed)),
              best["name"], len(below), below.bytes(0) / MIB, below.bytes(len(below) - 1) / MIB)  # fmt: skip
 
-    def made(k: int) -> Path:
-        name = f"mix {start + k}"
-        inp.files[name] = inp.path(name)
-        inp.tensors.write({n: o.type for n, o in below.mix(k).items()}, inp.files[name], {"candidate": name})
-        return inp.files[name]
+    made: dict[int, dict] = {}
 
     def measured(k: int) -> dict:
         started = time.monotonic()
-        figures = {"point": start + k, "loss": below.loss(k), **measure_kl(inp, made(k), partial(clear_miss, inp.gate))}
+        made[k] = make_mix(inp, below, k, start + k)
+        figures = measure_kl(inp, inp.files[made[k]["name"]], partial(clear_miss, inp.gate))
         return {**figures, "seconds": round(time.monotonic() - started, 1)}
 
     def tasked(k: int, figures: dict) -> dict:
         started = time.monotonic()
-        out = measure_fidelity(inp, inp.files[f"mix {start + k}"])
+        out = measure_fidelity(inp, inp.files[made[k]["name"]])
         return {**out, "seconds": round(figures["seconds"] + time.monotonic() - started, 1)}
 
     results = search(below, measured, tasked, inp.gate, first_probe(below, inp.gate), budget, task=bool(inp.rows))
-    mixes = []
-    for k, r in sorted(results.items(), key=lambda item: item[1]["order"]):
-        name = f"mix {start + k}"
-        mixes.append({"name": name, "kind": "mix", "qtype": None, "imatrix": inp.imatrix is not None,
-                      **file_figures(inp.files[name]), **r, "verified": True})  # fmt: skip
+    mixes = [{**made[k], **r, "verified": True} for k, r in sorted(results.items(), key=lambda item: item[1]["order"])]
     smallest = chosen(results)
     for m in mixes:
         if m["passed"] and smallest is not None and m["point"] != start + smallest:
@@ -217,9 +216,6 @@ def table_types(table: dict[str, list[Option]]) -> list[str]:
 def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], listed: list[str],
                 budget: int) -> tuple[dict, list[dict]]:  # fmt: skip
     """The candidate to ship and every candidate measured (GateError when none passes)."""
-    if inp.rows:
-        log.info("the f16 GGUF's answers on %d held-out rows", len(inp.rows))
-        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
     candidates = make_files(inp, ladder, listed)
     measure_speed(inp, candidates, "screen")
     verify_in_order(inp, candidates)
@@ -240,6 +236,14 @@ def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], 
     return best, candidates
 
 
+def reference(inp: Inputs) -> None:
+    """The f16 GGUF's answers on the held-out rows, which every candidate's are compared with (none without a
+    task)."""
+    if inp.rows:
+        log.info("the f16 GGUF's answers on %d held-out rows", len(inp.rows))
+        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
+
+
 def within_size(inp: Inputs, frontier: Frontier, max_bytes: int) -> tuple[dict, list[dict]]:
     """The least lossy mix within `max_bytes` of matrices, measured and kept whatever the gate says (the report
     judges it)."""
@@ -247,18 +251,8 @@ def within_size(inp: Inputs, frontier: Frontier, max_bytes: int) -> tuple[dict, 
     if k is None:
         raise GateError(f"auto_quant: even the smallest mix ({frontier.bytes(len(frontier) - 1) / MIB:.1f} MiB "
                         f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
-    if inp.rows:
-        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
-    name = f"mix {k}"
-    inp.files[name] = inp.path(name)
-    inp.tensors.write({n: o.type for n, o in frontier.mix(k).items()}, inp.files[name], {"candidate": name})
-    c = {"name": name, "kind": "mix", "qtype": None, "imatrix": inp.imatrix is not None, "point": k,
-         "loss": frontier.loss(k), **file_figures(inp.files[name])}  # fmt: skip
-    started = time.monotonic()
-    c.update(measure_kl(inp, inp.files[name], None))
-    if inp.rows:
-        c.update(measure_fidelity(inp, inp.files[name]))
-    c.update(judged(inp, c), verified=True, seconds=round(time.monotonic() - started, 1))
+    c = make_mix(inp, frontier, k, k)
+    verify(inp, c, whole=True)
     measure_speed(inp, [c], "final")
     c["dominated_by"] = None
     return c, [c]

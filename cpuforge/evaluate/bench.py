@@ -31,20 +31,32 @@ def parse_threads(text: str) -> list[int]:
     return threads
 
 
-def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen_tokens: int,
-          repetitions: int) -> list[dict]:  # fmt: skip
-    """One row per thread count: mean and standard deviation of tokens/s of both tests."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", ",".join(map(str, threads)), "-p", str(prompt_tokens),
+def llama_bench(bin_dir: Path, files: list[Path], threads: list[int], prompt_tokens: int, gen_tokens: int,
+                repetitions: int) -> dict[tuple[str, int], dict]:  # fmt: skip
+    """One run of the pinned llama-bench over every file and thread count, in turns: mean and standard deviation
+    of tokens/s of both tests (pp, prompt processing, where `prompt_tokens`; tg, generation), by (file,
+    threads)."""
+    models = [word for f in files for word in ("-m", str(f))]
+    cmd = [str(bin_dir / "llama-bench"), *models, "-t", ",".join(map(str, threads)), "-p", str(prompt_tokens),
            "-n", str(gen_tokens), "-r", str(repetitions), "-o", "json", "--progress", *LOAD_MODE]  # fmt: skip
     log.info("running %s", " ".join(cmd))
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True).stdout
-    rows = {t: {"threads": t} for t in threads}
+    rows: dict[tuple[str, int], dict] = {}
     for test in json.loads(out):
         kind = "pp" if test["n_gen"] == 0 else "tg"
-        rows[test["n_threads"]].update({f"{kind}_tps": test["avg_ts"], f"{kind}_tps_std": test["stddev_ts"]})
-    for row in rows.values():
+        row = rows.setdefault((test["model_filename"], test["n_threads"]), {})
+        row.update({f"{kind}_tps": test["avg_ts"], f"{kind}_tps_std": test["stddev_ts"]})
+    return rows
+
+
+def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen_tokens: int,
+          repetitions: int) -> list[dict]:  # fmt: skip
+    """One row per thread count: mean and standard deviation of tokens/s of both tests."""
+    measured = llama_bench(bin_dir, [gguf], threads, prompt_tokens, gen_tokens, repetitions)
+    rows = [{"threads": t, **measured[(str(gguf), t)]} for t in threads]
+    for row in rows:
         log.info("%2d threads: pp %.1f t/s, tg %.1f t/s", row["threads"], row["pp_tps"], row["tg_tps"])
-    return list(rows.values())
+    return rows
 
 
 def bench_side_by_side(bin_dir: Path, files: list[Path], threads: int, gen_tokens: int, repetitions: int,
@@ -52,18 +64,11 @@ def bench_side_by_side(bin_dir: Path, files: list[Path], threads: int, gen_token
     """Generation speed (and with `prompt_tokens`, prompt processing's) of several GGUF files in one llama-bench
     run, one after another at `threads`: the only way their speeds compare on a noisy machine. One row per
     file: mean and standard deviation of tokens/s."""
-    models = [word for f in files for word in ("-m", str(f))]
-    cmd = [str(bin_dir / "llama-bench"), *models, "-t", str(threads), "-p", str(prompt_tokens), "-n", str(gen_tokens),
-           "-r", str(repetitions), "-o", "json", "--progress", *LOAD_MODE]  # fmt: skip
-    log.info("running %s", " ".join(cmd))
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True).stdout
-    rows = {str(f): {} for f in files}
-    for test in json.loads(out):
-        kind = "pp" if test["n_gen"] == 0 else "tg"
-        rows[test["model_filename"]].update({f"{kind}_tps": test["avg_ts"], f"{kind}_tps_std": test["stddev_ts"]})
-    for f in files:
-        log.info("%s: tg %.1f ± %.1f t/s", f.name, rows[str(f)]["tg_tps"], rows[str(f)]["tg_tps_std"])
-    return [rows[str(f)] for f in files]
+    measured = llama_bench(bin_dir, files, [threads], prompt_tokens, gen_tokens, repetitions)
+    rows = [measured[(str(f), threads)] for f in files]
+    for f, row in zip(files, rows, strict=True):
+        log.info("%s: tg %.1f ± %.1f t/s", f.name, row["tg_tps"], row["tg_tps_std"])
+    return rows
 
 
 def fewest_threads(runs: list[dict], key: str, tolerance_pct: float) -> int:

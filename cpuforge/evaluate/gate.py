@@ -35,8 +35,8 @@ class Gate:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise InputError(f"eval.gate.{key}: {value!r} is not a number.")
             low, high = RANGES[key]
-            if not low <= value <= high or (key == "confidence" and value in (low, high)):
-                raise InputError(f"eval.gate.{key}: {value!r} is outside {RANGE_WORDS[key]}.")
+            if not low <= value <= high or (key in OPEN and value in (low, high)):
+                raise InputError(f"eval.gate.{key}: {value!r} is outside {range_words(key)}.")
 
     @classmethod
     def parse(cls, pairs: list[str]) -> Gate:
@@ -96,8 +96,13 @@ class Gate:
 RANGES = {"confidence": (0.5, 1.0), "max_disagreement": (0.0, 1.0), "max_accuracy_drop": (0.0, 1.0),
           "max_kl_divergence": (0.0, float("inf")), "max_ppl_increase_pct": (0.0, float("inf")),
           "min_accuracy": (0.0, 1.0)}  # fmt: skip
-RANGE_WORDS = {"confidence": "(0.5, 1)", "max_disagreement": "[0, 1]", "max_accuracy_drop": "[0, 1]",
-               "max_kl_divergence": "[0, inf)", "max_ppl_increase_pct": "[0, inf)", "min_accuracy": "[0, 1]"}  # fmt: skip
+OPEN = ("confidence",)  # its range's ends themselves are refused: 0.5 and 1 bound nothing
+
+
+def range_words(key: str) -> str:
+    """A limit's range as the refusal says it: `(0.5, 1)`, `[0, 1]`, `[0, inf)`."""
+    low, high = RANGES[key]
+    return f"{'(' if key in OPEN else '['}{low:g}, {high:g}{')' if key in OPEN or high == float('inf') else ']'}"
 
 
 def stage_figures(record: dict) -> dict:

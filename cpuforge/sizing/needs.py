@@ -143,10 +143,11 @@ def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf]], larges
     run and its answers teacher-forced, after the f16 GGUF's own answers: memory as for the `largest` file,
     time as for `typical` ones."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
+    made = [quantizer(rule, f16, g, q, threads) for q, g in candidates]
     peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
-            *(quantizer(rule, f16, g, q, threads) for q, g in candidates)]  # fmt: skip
+            *made]  # fmt: skip
     files = sum(g.nbytes for _, g in candidates)
-    seconds = sum(quantizer(rule, f16, g, q, threads).seconds for q, g in candidates)
+    seconds = sum(c.seconds for c in made)
     seconds += 2 * repetitions * gen_tokens * files / BYTES_PER_SECOND  # the screen and the finalists
     verified = len(candidates) // 3 + 1 + budget
     seconds += verified * perplexity(rule, typical, ctx, chunks, threads, False).seconds
