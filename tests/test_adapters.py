@@ -246,6 +246,30 @@ def test_four_clients_alternating_adapters_get_each_adapters_own_answers(lora_se
     assert base_answer.choices[0].message.content == chat_answer(llama_bin, base, QUESTIONS[0])
 
 
+def test_a_prompt_seen_under_one_adapter_is_answered_by_the_other(llama_bin, lora_server, tmp_path):
+    """One slot, so a prompt asked again comes back from llama-server's prompt cache: asked of adapter a, then
+    of b, then of a, each answer is the adapter's own (`scripts.chat --lora`), not one read on a prompt the other
+    adapter computed ("Rn be a new list" for "Return a new list", when the cache kept prompts by tokens alone)."""
+    _, base, files = lora_server
+    log_file = tmp_path / "serve.log"
+    process = start_server(llama_bin, log_file, base, "--port", 0, "--threads", 1, "--parallel", 1,
+                           *(a for n, f in files.items() for a in ("--lora", f"{n}={f}")))  # fmt: skip
+    order = [("a", 0), ("b", 1), ("b", 0), ("a", 0)]
+    try:
+        c = client(wait_for_url(process, log_file), key="none")
+        got = [
+            c.chat.completions.create(
+                model=f"alpha-q4_0+{name}", messages=[{"role": "user", "content": QUESTIONS[q]}], temperature=0,
+                max_tokens=MAX_NEW,
+            ).choices[0].message.content
+            for name, q in order
+        ]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+    assert got == [chat_answer(llama_bin, base, QUESTIONS[q], files[name]) for name, q in order]
+
+
 @pytest.mark.parametrize(
     "lora, reason",
     [

@@ -71,10 +71,13 @@ class ModelTable:
         return list(self.models)
 
     def server_args(self) -> list[str]:
-        """llama-server's flags: every adapter loaded once, none applied until a request asks for it."""
+        """llama-server's flags: every adapter loaded once, none applied until a request asks for it, and no
+        prompt cache in RAM: it keeps a prompt's state by its tokens alone, so a prompt read under one adapter
+        would be handed to a request for another (each slot's own cache stays; llama-server clears it when a
+        slot's adapters change)."""
         if not self.files:
             return []
-        return [*(a for f in self.files for a in ("--lora", str(f))), "--lora-init-without-apply"]
+        return [*(a for f in self.files for a in ("--lora", str(f))), "--lora-init-without-apply", "--cache-ram", "0"]
 
     def lora_field(self, model: str) -> list[dict]:
         """llama-server's per-request `lora`: every loaded adapter, at this model's scale or 0."""
