@@ -72,7 +72,7 @@ def main() -> None:
     if ladder is not None and args.listed is not None and "q4_0" not in [*map(str.lower, ladder), *args.listed]:
         parser.error("--types or --listed must hold q4_0: the search's time is a ratio to q4_0's evaluation.")
 
-    from cpuforge.autoquant.verify import Inputs, file_figures, make_files, reference, verify
+    from cpuforge.autoquant.verify import Inputs, file_figures, plan_files, reference, verify
     from cpuforge.evaluate.bench import bench_side_by_side
     from cpuforge.evaluate.gate import Gate
     from cpuforge.text.task import read_heldout
@@ -98,7 +98,7 @@ def main() -> None:
                      results / "merged", rows, ev["max_new_tokens"], args.threads, Path(tmp) / "c", gate, "speed",
                      ev["bench"]["tolerance_pct"] / 100, args.gen_tokens, args.repetitions)  # fmt: skip
         reference(inp)
-        candidates = make_files(inp, ladder, listed)
+        candidates = plan_files(inp, ladder, listed)
         inp.files["auto (chosen)"] = results / "ggml-model-auto.gguf"
         candidates.append({"name": "auto (chosen)", **file_figures(inp.files["auto (chosen)"])})
         for c in candidates:

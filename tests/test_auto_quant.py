@@ -29,13 +29,16 @@ from cpuforge.autoquant.search import (
     next_probe,
     search,
 )
+from cpuforge.autoquant.screen import cut_layers, n_layers, write_screen
 from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_error, rows_for, sample_rows
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import running_kl
-from cpuforge.io.gguf import open_gguf, read_header
-from cpuforge.llama.ggml import ggml_type, round_trip
+from cpuforge.evaluate.bench import bench_side_by_side
+from cpuforge.io.gguf import open_gguf, read_header, read_metadata
+from cpuforge.llama.ggml import ggml_type, round_trip, type_name
+from cpuforge.llama.quant import planned_types, run_quantize
 
 # rows of 256, so the K- and I-types fit every matrix as they are
 K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2)
@@ -365,3 +368,34 @@ def test_sensitivity_offers_each_tensor_the_types_that_fit_it(llama_bin, tmp_pat
         assert kinds == (["q8_0", "q4_K", "q4_0", "iq4_nl"] if widths[name] % 256 == 0 else ["q8_0", "q4_0", "iq4_nl"])
         by = {o.type: o for o in options}
         assert 0 < by["q8_0"].error < by["q4_0"].error and by["q8_0"].bytes > by["q4_0"].bytes
+
+
+def test_the_screen_keeps_evenly_spaced_layers_that_outweigh_the_output_twice():
+    layer = {"attn_q": (64, 64), "ffn_up": (64, 256), "attn_norm": (64,)}
+    shapes = {f"blk.{i}.{k}.weight": s for i in range(10) for k, s in layer.items()}
+    # a layer's matrices hold 20480 weights; an output matrix of 64 x 1000 needs 7 layers to be outweighed twice
+    assert cut_layers({**shapes, "output.weight": (64, 1000)}, 10) == [0, 2, 3, 5, 6, 7, 9]
+    assert cut_layers({**shapes, "token_embd.weight": (64, 100)}, 10) == [5]  # tied: the embeddings are the output
+    assert cut_layers({**shapes, "output.weight": (64, 100_000)}, 10) == list(range(10))
+
+
+@pytest.mark.llama
+def test_a_screen_file_is_planned_as_llama_quantize_writes_and_benches_as_a_cut(llama_bin, k_gguf, tmp_path):
+    """llama-quantize --dry-run's types are those of the file it writes; the screen file holds them on the cut's
+    layers, renumbered, with no bytes quantized, and llama-bench runs it."""
+    header = read_header(k_gguf)
+    for qtype, pure in (("q4_k_m", False), ("q3_k_s", True)):
+        plan = planned_types(llama_bin, k_gguf, qtype, None, pure)
+        written = tmp_path / f"{qtype}.gguf"
+        run_quantize(llama_bin, k_gguf, written, qtype, 1, pure=pure)
+        assert plan == {n: type_name(ggml_type(t.type)) for n, t in read_header(written).tensors.items()}
+    last = n_layers(header.tensors) - 1
+    write_screen(k_gguf, tmp_path / "screen.gguf", plan, [last])  # the last layer alone, as layer 0
+    screen = read_header(tmp_path / "screen.gguf")
+    kept = {n.replace(f"blk.{last}.", "blk.0."): n for n in header.tensors
+            if not n.startswith("blk.") or n.startswith(f"blk.{last}.")}  # fmt: skip
+    assert last > 0 and set(screen.tensors) == set(kept)
+    assert all(type_name(ggml_type(t.type)) == plan[kept[n]] for n, t in screen.tensors.items())
+    assert read_metadata(tmp_path / "screen.gguf", ["llama.block_count"]) == {"llama.block_count": 1}
+    (row,) = bench_side_by_side(llama_bin, [tmp_path / "screen.gguf"], 1, 4, 1)
+    assert row["tg_tps"] > 0

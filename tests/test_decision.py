@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from cpuforge.autoquant.decide import beaten_by, choose, dominates, faster, mark_dominated, order
+from cpuforge.autoquant.decide import (
+    FINAL,
+    SCREEN,
+    beaten_by,
+    choose,
+    dominates,
+    faster,
+    mark_dominated,
+    order,
+    shared_run,
+)
 from cpuforge.errors import InputError
 from cpuforge.evaluate.fidelity import (
     certifies,
@@ -170,3 +180,17 @@ def test_candidates_are_verified_best_first_and_the_rest_pruned_once_one_passes(
     assert beaten_by(slow_small, verified, "speed", 0.05) is fast  # slower beyond the tolerance
     assert beaten_by(slow_small, verified, "size", 0.05) is None and beaten_by(fast_big, verified, "size", 0.05) is fast
     assert beaten_by(tied_small, [cand("x", 10, 500.0, passed=False)], "speed", 0.05) is None
+
+
+def test_two_candidates_are_compared_in_the_last_run_both_took_part_in():
+    """The screen ran every uniform and listed file, the final run only the passing ones, whole: a failing file
+    is judged by the screen, two passing ones by the final run, a failing mix (in no run) by neither."""
+    a = {**cand("a", 10, 50.0), "screen_tg_tps": 100.0}
+    b = {**cand("b", 12, None, passed=False), "screen_tg_tps": 90.0}
+    c = {**cand("c", 11, 60.0), "screen_tg_tps": 80.0}
+    del b["tg_tps"]
+    m = {"name": "mix 3", "size_bytes": 30, "passed": False}
+    assert shared_run(a, b) == SCREEN and shared_run(a, c) == FINAL and shared_run(a, m) is None
+    mark_dominated([a, b, c, m])
+    assert [x["dominated_by"] for x in (a, b, c, m)] == [None, "a", None, None]  # c is faster than a when whole
+    assert order([a, b, c], "speed", SCREEN) == [a, b, c] and choose([a, b, c], "speed", 0.05) is c

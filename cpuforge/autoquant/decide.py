@@ -12,65 +12,74 @@ tolerance (a fraction of the faster) are a tie:
 
 So the chosen file is never dominated by a candidate measured, and for `speed` it is within the tolerance of
 the fastest candidate that passes.
+
+Speeds compare only within one llama-bench run: the screen's (`screen_tg_tps`, every candidate but the mixes, on
+their screen files), by which the search orders and prunes, or the final one (`tg_tps`, the passing files whole),
+by which it chooses; two candidates are judged by the last run both took part in.
 """
 
 from __future__ import annotations
 
 OBJECTIVES = ("speed", "size")
+FINAL, SCREEN = "tg_tps", "screen_tg_tps"
 
 
-def faster(a: dict, b: dict, tolerance: float) -> bool:
+def faster(a: dict, b: dict, tolerance: float, speed: str = FINAL) -> bool:
     """Whether `a` generates faster than `b` beyond the tolerance (a fraction of the faster's speed)."""
-    return a["tg_tps"] - b["tg_tps"] > tolerance * max(a["tg_tps"], b["tg_tps"])
+    return a[speed] - b[speed] > tolerance * max(a[speed], b[speed])
 
 
-def dominates(b: dict, a: dict) -> bool:
+def dominates(b: dict, a: dict, speed: str = FINAL) -> bool:
     """Whether the passing candidate `b` beats `a`: no larger and no slower, and smaller or faster."""
-    if b is a or not b.get("passed") or b["size_bytes"] > a["size_bytes"] or b["tg_tps"] < a["tg_tps"]:
+    if b is a or not b.get("passed") or b["size_bytes"] > a["size_bytes"] or b[speed] < a[speed]:
         return False
-    return b["size_bytes"] < a["size_bytes"] or b["tg_tps"] > a["tg_tps"]
+    return b["size_bytes"] < a["size_bytes"] or b[speed] > a[speed]
 
 
-def choose(candidates: list[dict], objective: str, tolerance: float) -> dict | None:
+def choose(candidates: list[dict], objective: str, tolerance: float, speed: str = FINAL) -> dict | None:
     """The candidate to ship (None when none passes)."""
     passing = [c for c in candidates if c.get("passed")]
-    front = [c for c in passing if not any(dominates(b, c) for b in passing)]
+    front = [c for c in passing if not any(dominates(b, c, speed) for b in passing)]
     if not front:
         return None
     if objective == "speed":
-        fastest = max(front, key=lambda c: c["tg_tps"])
-        front = [c for c in front if not faster(fastest, c, tolerance)]
-    return min(front, key=lambda c: (c["size_bytes"], -c["tg_tps"], c["kl_divergence"]))
+        fastest = max(front, key=lambda c: c[speed])
+        front = [c for c in front if not faster(fastest, c, tolerance, speed)]
+    return min(front, key=lambda c: (c["size_bytes"], -c[speed], c["kl_divergence"]))
 
 
-def order(candidates: list[dict], objective: str) -> list[dict]:
+def order(candidates: list[dict], objective: str, speed: str = FINAL) -> list[dict]:
     """The order to verify candidates in: the objective's best first, so the rest can be pruned."""
     if objective == "size":
-        return sorted(candidates, key=lambda c: (c["size_bytes"], -c["tg_tps"]))
-    return sorted(candidates, key=lambda c: (-c["tg_tps"], c["size_bytes"]))
+        return sorted(candidates, key=lambda c: (c["size_bytes"], -c[speed]))
+    return sorted(candidates, key=lambda c: (-c[speed], c["size_bytes"]))
 
 
-def beaten_by(candidate: dict, verified: list[dict], objective: str, tolerance: float) -> dict | None:
+def beaten_by(candidate: dict, verified: list[dict], objective: str, tolerance: float,
+              speed: str = FINAL) -> dict | None:  # fmt: skip
     """A passing candidate that `candidate` cannot be chosen over, whatever it measures: one that dominates it
     or, for speed, one faster beyond the tolerance; for size, one smaller. Such a candidate need not be
     verified."""
     for p in verified:
         if not p.get("passed") or p is candidate:
             continue
-        if dominates(p, candidate):
+        if dominates(p, candidate, speed):
             return p
-        if objective == "speed" and faster(p, candidate, tolerance):
+        if objective == "speed" and faster(p, candidate, tolerance, speed):
             return p
         if objective == "size" and p["size_bytes"] < candidate["size_bytes"]:
             return p
     return None
 
 
+def shared_run(a: dict, b: dict) -> str | None:
+    """The speed key of the last llama-bench run both `a` and `b` took part in (None: no run holds both)."""
+    return next((k for k in (FINAL, SCREEN) if a.get(k) is not None and b.get(k) is not None), None)
+
+
 def mark_dominated(candidates: list[dict]) -> None:
-    """Each candidate's `dominated_by`: the name of a passing candidate that dominates it, else None."""
+    """Each candidate's `dominated_by`: the name of a passing candidate that dominates it in a run both took
+    part in, else None (a failing mix is in no run)."""
     for c in candidates:
-        if c.get("tg_tps") is None:  # not benched: a mix that failed
-            c["dominated_by"] = None
-            continue
-        by = next((b for b in candidates if dominates(b, c)), None)
+        by = next((b for b in candidates if (run := shared_run(b, c)) and dominates(b, c, run)), None)
         c["dominated_by"] = by["name"] if by else None

@@ -1,5 +1,6 @@
-"""The search run for real: the candidates made, their speed measured side by side, each verified end to end
-in the objective's order until the rest cannot be chosen, searched mixes below the best, and the choice.
+"""The search run for real: the candidates' speed screened side by side (screen.py), each made and verified end
+to end in the objective's order until the rest cannot be chosen, searched mixes below the best, the passing files
+benched again side by side, whole, and the choice.
 
 The candidates:
 - every ladder type as a uniform file: llama-quantize --pure with the importance matrix, every matrix in the
@@ -12,8 +13,8 @@ The candidates:
 A candidate is verified as the report measures a quant: KL divergence and perplexity against the f16 GGUF on
 the held-out text (a clear miss stopped early), then, where those pass, its answers against the f16 GGUF's on
 the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the gate (cpuforge.evaluate.gate)
-judges the figures. Files are written beside the output under its partial name and deleted when the search
-ends; mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a copy.
+judges the figures. A candidate's file is made only when it is verified, so a pruned one costs its screen
+file alone. Files are written beside the output under its partial name and deleted when the search ends; mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a copy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from cpuforge.autoquant import decide
 from cpuforge.autoquant.frontier import Frontier, sweep
+from cpuforge.autoquant.screen import cut_layers, n_layers, write_screen
 from cpuforge.autoquant.search import chosen, clear_miss, first_probe, search
 from cpuforge.autoquant.sensitivity import Option, quantizable
 from cpuforge.autoquant.tensors import Tensors
@@ -40,8 +42,8 @@ from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import kl_divergence
 from cpuforge.evaluate.task import fidelity_gguf, reference_gguf
 from cpuforge.io.gguf import read_header
-from cpuforge.llama.ggml import ggml_type, type_name
-from cpuforge.llama.quant import candidate_files, run_quantize
+from cpuforge.llama.ggml import ggml_type, row_bytes, type_name
+from cpuforge.llama.quant import candidate_files, planned_types, run_quantize
 from cpuforge.sizing.costs import MIB
 
 log = logging.getLogger(__name__)
@@ -69,41 +71,79 @@ class Inputs:
     repetitions: int
     reference: dict | None = None  # the f16 GGUF's answers (reference_gguf)
     files: dict[str, Path] = field(default_factory=dict)  # candidate name -> its file while the search lasts
+    plans: dict[str, dict] = field(default_factory=dict)  # candidate name -> each tensor's type (planned_types)
 
     def path(self, name: str) -> Path:
         return self.scratch.with_name(f"{self.scratch.name}.{re.sub(r'[^A-Za-z0-9_]+', '-', name)}.gguf")
 
 
+def figures(tensors: dict, types: dict[str, str], size_bytes: int) -> dict:
+    """A candidate's size, its matrices' bits per weight and bytes, and their types (a recipe): `tensors` the
+    f16 GGUF's header, `types` each matrix's ggml type, `size_bytes` the file's."""
+    matrices = {n: t for n, t in tensors.items() if quantizable(n, t.shape)}
+    matrix_bytes = sum(t.n_elements // t.shape[0] * row_bytes(ggml_type(types[n]), t.shape[0])
+                       for n, t in matrices.items())  # fmt: skip
+    return {"size_bytes": size_bytes, "tensor_bytes": matrix_bytes,
+            "bpw": 8 * matrix_bytes / sum(t.n_elements for t in matrices.values()),
+            "types": {n: types[n] for n in matrices}}  # fmt: skip
+
+
 def file_figures(gguf: Path) -> dict:
-    """A candidate file's size, its matrices' bits per weight and bytes, and its types (a recipe)."""
-    tensors = [t for t in read_header(gguf).tensors.values() if quantizable(t.name, t.shape)]
-    matrix_bytes = sum(t.n_bytes for t in tensors)
-    return {"size_bytes": gguf.stat().st_size, "tensor_bytes": matrix_bytes,
-            "bpw": 8 * matrix_bytes / sum(t.n_elements for t in tensors),
-            "types": {t.name: type_name(ggml_type(t.type)) for t in tensors}}  # fmt: skip
+    """A written candidate's figures (figures), from its header."""
+    tensors = read_header(gguf).tensors
+    return figures(tensors, {n: type_name(ggml_type(t.type)) for n, t in tensors.items()}, gguf.stat().st_size)
 
 
-def make_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
-    """The uniform and listed candidates, each written by llama-quantize."""
-    made = candidate_files(ladder, listed, inp.imatrix is not None)
+def plan_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
+    """The uniform and listed candidates, each with the types llama-quantize would give its tensors and the
+    size they make (llama-quantize --dry-run: nothing written yet)."""
+    tensors = read_header(inp.f16).tensors
+    fixed = inp.f16.stat().st_size - sum(t.n_bytes for n, t in tensors.items() if quantizable(n, t.shape))
     candidates = []
-    for i, (name, kind, qtype, imatrix, pure) in enumerate(made, 1):
-        started = time.monotonic()
-        out = inp.path(name)
-        run_quantize(inp.llama_bin, inp.f16, out, qtype, inp.threads, inp.imatrix if imatrix else None, pure=pure)
-        inp.files[name] = out
-        candidates.append({"name": name, "kind": kind, "qtype": qtype, "imatrix": imatrix, **file_figures(out),
-                           "make_seconds": round(time.monotonic() - started, 1)})  # fmt: skip
-        log.info("made %d/%d: %s, %.1f MiB", i, len(made), name, candidates[-1]["size_bytes"] / MIB)
+    for name, kind, qtype, imatrix, pure in candidate_files(ladder, listed, inp.imatrix is not None):
+        plan = planned_types(inp.llama_bin, inp.f16, qtype, inp.imatrix if imatrix else None, pure)
+        inp.plans[name] = plan
+        c = {"name": name, "kind": kind, "qtype": qtype, "imatrix": imatrix, "pure": pure,
+             **figures(tensors, plan, 0)}  # fmt: skip
+        candidates.append({**c, "size_bytes": fixed + c["tensor_bytes"]})
     return candidates
 
 
-def measure_speed(inp: Inputs, candidates: list[dict], run: str) -> None:
-    """Generation tokens/s of `candidates`, side by side in one llama-bench run (`run` names it in the record)."""
-    rows = bench_side_by_side(inp.llama_bin, [inp.files[c["name"]] for c in candidates], inp.threads, inp.gen_tokens,
+def made(inp: Inputs, c: dict) -> Path:
+    """Candidate `c`'s file, written by llama-quantize the first time it is asked for."""
+    if c["name"] not in inp.files:
+        started, out = time.monotonic(), inp.path(c["name"])
+        run_quantize(inp.llama_bin, inp.f16, out, c["qtype"], inp.threads, inp.imatrix if c["imatrix"] else None,
+                     pure=c["pure"])  # fmt: skip
+        inp.files[c["name"]] = out
+        c.update(file_figures(out), make_seconds=round(time.monotonic() - started, 1))
+        log.info("made %s: %.1f MiB in %.0f s", c["name"], c["size_bytes"] / MIB, c["make_seconds"])
+    return inp.files[c["name"]]
+
+
+def measure_screen(inp: Inputs, candidates: list[dict]) -> None:
+    """Every candidate's generation tokens/s on its screen file (screen.py), side by side in one llama-bench run."""
+    tensors = read_header(inp.f16).tensors
+    layers = cut_layers({n: t.shape for n, t in tensors.items()}, n_layers(tensors))
+    log.info("screen: %d candidates on %d of the %d layers", len(candidates), len(layers), n_layers(tensors))
+    files = [inp.path(f"screen {c['name']}") for c in candidates]
+    try:
+        for c, path in zip(candidates, files, strict=True):
+            write_screen(inp.f16, path, inp.plans[c["name"]], layers)
+        rows = bench_side_by_side(inp.llama_bin, files, inp.threads, inp.gen_tokens, inp.repetitions)
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+    for c, row in zip(candidates, rows, strict=True):
+        c.update(screen_tg_tps=row["tg_tps"], screen_tg_tps_std=row["tg_tps_std"], screen_layers=len(layers))
+
+
+def measure_speed(inp: Inputs, candidates: list[dict]) -> None:
+    """Generation tokens/s of `candidates`' whole files, side by side in one llama-bench run."""
+    rows = bench_side_by_side(inp.llama_bin, [made(inp, c) for c in candidates], inp.threads, inp.gen_tokens,
                               inp.repetitions)  # fmt: skip
     for c, row in zip(candidates, rows, strict=True):
-        c.update(row, speed_run=run)
+        c.update(row)
 
 
 def measure_kl(inp: Inputs, gguf: Path, stop: Callable[[dict], bool] | None) -> dict:
@@ -127,7 +167,7 @@ def verify(inp: Inputs, c: dict, whole: bool = False) -> None:
     passes; `whole`, every figure measured whatever the first ones say (a size limit's one candidate, which the
     report judges)."""
     started = time.monotonic()
-    gguf = inp.files[c["name"]]
+    gguf = made(inp, c)
     c.update(measure_kl(inp, gguf, None if whole else partial(clear_miss, inp.gate)))
     if inp.rows and (whole or not inp.gate.misses(c)):
         c.update(measure_fidelity(inp, gguf))
@@ -143,8 +183,8 @@ def verify(inp: Inputs, c: dict, whole: bool = False) -> None:
 def verify_in_order(inp: Inputs, candidates: list[dict]) -> None:
     """Every candidate verified, the objective's best first, except those a passing one already beats."""
     done: list[dict] = []
-    for c in decide.order(candidates, inp.objective):
-        by = decide.beaten_by(c, done, inp.objective, inp.tolerance)
+    for c in decide.order(candidates, inp.objective, decide.SCREEN):
+        by = decide.beaten_by(c, done, inp.objective, inp.tolerance, decide.SCREEN)
         if by is not None:
             c.update(verified=False, passed=None, pruned_by=by["name"])
             continue
@@ -170,13 +210,13 @@ def make_mix(inp: Inputs, frontier: Frontier, k: int, point: int) -> dict:
 def search_mixes(inp: Inputs, table: dict[str, list[Option]], candidates: list[dict], budget: int) -> list[dict]:
     """Mixes below the best passing file, searched on the frontier of the types the objective allows; every mix
     measured, as candidates."""
-    best = decide.choose(candidates, inp.objective, inp.tolerance)
+    best = decide.choose(candidates, inp.objective, inp.tolerance, decide.SCREEN)
     if best is None or budget < 1:
         return []
     allowed = set(table_types(table))
     if inp.objective == "speed":
         allowed = {c["name"].removeprefix("uniform ") for c in candidates if c["kind"] == "uniform"
-                   and not decide.faster(best, c, inp.tolerance)}  # fmt: skip
+                   and not decide.faster(best, c, inp.tolerance, decide.SCREEN)}  # fmt: skip
     frontier = sweep(restricted(table, allowed))
     start = next((k for k in range(len(frontier)) if frontier.bytes(k) < best["tensor_bytes"]), None)
     if start is None:
@@ -216,16 +256,14 @@ def table_types(table: dict[str, list[Option]]) -> list[str]:
 def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], listed: list[str],
                 budget: int) -> tuple[dict, list[dict]]:  # fmt: skip
     """The candidate to ship and every candidate measured (GateError when none passes)."""
-    candidates = make_files(inp, ladder, listed)
-    measure_speed(inp, candidates, "screen")
+    candidates = plan_files(inp, ladder, listed)
+    measure_screen(inp, candidates)
     verify_in_order(inp, candidates)
     mixes = search_mixes(inp, table, candidates, budget)
-    finalists = [c for c in candidates + mixes if c.get("passed")]
-    if len(finalists) > 1:  # the passing ones side by side again, the mixes among them: the choice is made there
-        measure_speed(inp, finalists, "final")
-    for m in mixes:
-        m.setdefault("tg_tps", None)  # only a passing mix is benched
     candidates += mixes
+    finalists = [c for c in candidates if c.get("passed")]
+    if finalists:  # the passing files side by side again, whole: the choice is made there
+        measure_speed(inp, finalists)
     best = decide.choose(candidates, inp.objective, inp.tolerance)
     decide.mark_dominated(candidates)
     if best is None:
@@ -253,7 +291,7 @@ def within_size(inp: Inputs, frontier: Frontier, max_bytes: int) -> tuple[dict, 
                         f"of tensors) is larger than the size asked for ({max_bytes / MIB:.1f} MiB).")  # fmt: skip
     c = make_mix(inp, frontier, k, k)
     verify(inp, c, whole=True)
-    measure_speed(inp, [c], "final")
+    measure_speed(inp, [c])
     c["dominated_by"] = None
     return c, [c]
 

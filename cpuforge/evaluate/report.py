@@ -135,7 +135,8 @@ def auto_quant_html(auto: dict | None) -> str:
 
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in (
-            c["name"], f"{c['size_bytes'] / 2**20:.1f}", f"{c['bpw']:.2f}", speed(c.get("tg_tps")),
+            c["name"], f"{c['size_bytes'] / 2**20:.1f}", f"{c['bpw']:.2f}", speed(c.get("screen_tg_tps")),
+            speed(c.get("tg_tps")),
             "–" if "kl_divergence" not in c else f"{c['kl_divergence']:.4g} ± {c.get('kl_divergence_err', 0):.2g}",
             *fidelity_cells(c.get("fidelity")), verdict(c))) + "</tr>"
         for c in auto["candidates"]
@@ -143,10 +144,12 @@ def auto_quant_html(auto: dict | None) -> str:
     b = auto["bench"]
     return (f"<p>Objective: {html.escape(auto['objective'])}; speeds from llama-bench on {html.escape(b['cpu'])} "
             f"({html.escape(b['backend'])}), {b['threads']} threads, {b['gen_tokens']} tokens × {b['repetitions']}, "
-            f"side by side; speeds within {auto['tolerance'] * 100:g} % are a tie. {len(auto['candidates'])} "
+            f"side by side: every candidate on its screen file (its types on an evenly spaced cut of the layers, "
+            f"nothing quantized), the passing ones again whole; speeds within {auto['tolerance'] * 100:g} % of one "
+            f"run are a tie. {len(auto['candidates'])} "
             f"candidates, {auto['seconds']:.0f} s; the recipe is <code>auto/recipe.txt</code>. The chosen file, "
             f"measured again as the stage auto above, {'passes' if auto['passes'] else 'fails'} the gate.</p>"
-            "<table><tr><th>candidate</th><th>MiB</th><th>bpw</th><th>tg t/s</th><th>KL ±</th><th>answers as f16's</th>"
+            "<table><tr><th>candidate</th><th>MiB</th><th>bpw</th><th>screen tg t/s</th><th>tg t/s</th><th>KL ±</th><th>answers as f16's</th>"
             f"<th>right→wrong</th><th>wrong→right</th><th>gate</th></tr>{rows}</table>")  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -116,18 +117,42 @@ def check_imatrix(qtype: str, imatrix: Path | None) -> None:
         check_gguf(imatrix)
 
 
-def run_quantize(llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None,
-                 recipe: Path | None = None, pure: bool = False) -> None:  # fmt: skip
-    """The pinned llama-quantize, as it is: `src` to `out` in `qtype`, the types of `recipe`'s tensors (a
+def quantize_command(llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None,
+                     recipe: Path | None = None, pure: bool = False) -> list[str]:  # fmt: skip
+    """The pinned llama-quantize's command: `src` to `out` in `qtype`, the types of `recipe`'s tensors (a
     --tensor-type-file, cpuforge.autoquant.recipe) overriding it; with `pure`, every matrix in `qtype`'s tensor
     type as far as its rows allow (--pure), not llama-quantize's mix for the type."""
     weights = ["--imatrix", str(imatrix)] if imatrix else []
     types = ["--tensor-type-file", str(recipe)] if recipe else []
     flags = ["--pure"] if pure else []
-    cmd = [str(llama_bin / "llama-quantize"), *flags, *weights, *types, str(src), str(out), qtype.upper(),
-           str(threads)]  # fmt: skip
+    return [str(llama_bin / "llama-quantize"), *flags, *weights, *types, str(src), str(out), qtype.upper(),
+            str(threads)]  # fmt: skip
+
+
+def run_quantize(llama_bin: Path, src: Path, out: Path, qtype: str, threads: int, imatrix: Path | None = None,
+                 recipe: Path | None = None, pure: bool = False) -> None:  # fmt: skip
+    """The pinned llama-quantize, as it is (quantize_command)."""
+    cmd = quantize_command(llama_bin, src, out, qtype, threads, imatrix, recipe, pure)
     log.info("running %s", " ".join(cmd))
     subprocess.run(cmd, check=True, stdout=sys.stderr)
+
+
+# llama-quantize --dry-run's line per tensor: "[  2/272] token_embd.weight - [576, 49152, 1, 1], type = f16,
+# size = 54.00 MiB -> 28.69 MiB (q8_0)"; a tensor it keeps has no arrow
+PLANNED = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^]]*\], type =\s*(\w+), size =[^(]*(?:\((\w+)\))?\s*$")
+
+
+def planned_types(llama_bin: Path, src: Path, qtype: str, imatrix: Path | None = None, pure: bool = False) -> dict:
+    """Each tensor's ggml type in the file llama-quantize would write (its --dry-run: nothing quantized)."""
+    cmd = [*quantize_command(llama_bin, src, src.with_name("dry-run.gguf"), qtype, 1, imatrix, pure=pure)]
+    cmd.insert(1, "--dry-run")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"llama-quantize --dry-run {qtype} failed:\n{result.stderr[-2000:]}")
+    types = {m[1]: m[3] or m[2] for line in (result.stdout + result.stderr).splitlines() if (m := PLANNED.match(line))}
+    if not types:
+        raise RuntimeError(f"llama-quantize --dry-run {qtype}: no tensor listed in its output.")
+    return types
 
 
 def quantize(
