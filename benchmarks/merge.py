@@ -1,6 +1,6 @@
 """Peak memory and wall time of cpuforge's merge vs. peft's merge_and_unload, on the same inputs.
 
-    python benchmarks/merge.py [--workdir /tmp/merge-bench] [--layers 22]
+    python -m benchmarks.merge [--workdir DIR] [--layers 22]
 
 Builds a synthetic sharded Llama (random weights, TinyLlama-1.1B shape: ~4.4 GB in
 f32 at 22 layers) and a LoRA on every projection, then runs each merge in its own

@@ -1,6 +1,6 @@
 """Peak memory of cpuforge's streamed merge for each peft tuner at the 7B widths, against the plan's figure.
 
-    python -m benchmarks.merge_tuners [--workdir /tmp/cpuforge-merge-tuners] [--layers 1] [--tuner DORA ...]
+    python -m benchmarks.merge_tuners [--workdir DIR] [--layers 1] [--tuner DORA ...] [--again]
 
 Writes a LLaMA base of LLaMA-7B's widths (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000) but
 `--layers` layers, in f32 with random weights, then for each tuner an adapter made by peft's get_peft_model on
@@ -9,8 +9,9 @@ process of its own. Then it merges each adapter with scripts.merge in a process 
 peak RSS from the kernel, and prints it beside the plan's figure for the merge (the sizing's Need, mem_mb)
 and their ratio, measured / plan.
 The merge streams one tensor at a time, so its peak is set by the costliest tensor (the plan names it), not by
-the number of layers: one layer measures what 32 would. Run by hand; a tuner takes a minute or two
-(PiSSA's SVDs longer) and the work folder ~4 GB.
+the number of layers: one layer measures what 32 would. A merge measured once is kept in the work folder;
+--again measures it again. Run by hand; a tuner takes a minute or two (PiSSA's SVDs longer) and the work
+folder ~4 GB.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """The chain at real model sizes: each rule's wall time, peak memory and disk beside what the plan predicted.
 
-    python -m benchmarks.scale --shape 1b [--target q4_model] [--workdir /tmp/cpuforge-scale] [--keep]
+    python -m benchmarks.scale --shape 1b [--target q4_model] [--workdir DIR] [--keep]
     python -m benchmarks.scale --shape llama-7b --target q4_model
     python -m benchmarks.scale --shape chinese-llama-plus-7b --target all
     python -m benchmarks.scale --shape 1b --auto --keep --target results/scale/ggml-model-auto.gguf \

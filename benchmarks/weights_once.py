@@ -1,5 +1,5 @@
 """The weights held once: peak RSS, load time and speed of the llama.cpp runtimes with the GGUF mapped
-(llama.cpp's default, as before) and read (cpuforge.llama.runtime.LOAD_MODE, as now), side by side in one run.
+(llama.cpp's default) and read (cpuforge.llama.runtime.LOAD_MODE, as cpuforge runs it), side by side in one run.
 
     python -m benchmarks.weights_once results/demo/ggml-model-q4_0.gguf --logits F16_LOGITS [--threads 2]
     python -m benchmarks.weights_once results/scale/ggml-model-q4_0.gguf --rounds 1 --no-bench   # the 7B shape
