@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def planned(base: Path, adapter: Path, dtype: str, threads: int) -> tuple[int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpuforge-merge-tuners"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpuforge-merge-tuners")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--tuner", action="append", choices=sorted(TUNERS), help="repeat; all when none given")
     parser.add_argument("--dtype", default="f16", help="the merged matrices' dtype (scripts.merge --dtype)")

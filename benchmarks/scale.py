@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -389,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--target", nargs="+", default=["q4_model"], help="what to make: q4_model, all, files, …")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpuforge-scale"))
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cpuforge-scale")
     parser.add_argument("--keep", action="store_true", help="keep the inputs and results")
     parser.add_argument("--no-peft", action="store_true", help="skip peft's merge")
     parser.add_argument("--auto", action="store_true", help="quant_types q4_0 and auto (the quant search)")
