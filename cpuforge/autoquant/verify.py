@@ -42,7 +42,7 @@ from cpuforge.evaluate.task import fidelity_gguf, reference_gguf
 from cpuforge.io.gguf import read_header
 from cpuforge.llama.ggml import ggml_type, type_name
 from cpuforge.llama.quant import candidate_files, run_quantize
-from cpuforge.sizing.costs import MIB
+from cpuforge.constants import MIB
 
 log = logging.getLogger(__name__)
 

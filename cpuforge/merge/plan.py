@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.io.safetensors import weights_header
@@ -35,9 +36,6 @@ DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 PREFIX = "base_model.model."
-
-
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 @dataclass

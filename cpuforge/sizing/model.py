@@ -9,9 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
 from cpuforge.io.safetensors import ITEMSIZE
-from cpuforge.merge.plan import EMBED, LM_HEAD
 from cpuforge.sizing.costs import utf8_tokens
 
 if TYPE_CHECKING:

@@ -8,12 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from cpuforge.autoquant.sensitivity import rows_for
+from cpuforge.constants import MIB
 from cpuforge.sizing.costs import (
     BYTES_PER_SECOND,
     DISK_BYTES_PER_SECOND,
     SENSITIVITY_WEIGHTS_PER_SECOND,
     FLOPS_PER_THREAD,
-    MIB,
     TRANSFORMERS_MB,
     Cost,
     Need,
