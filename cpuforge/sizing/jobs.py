@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
-from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
+from cpuforge.serve.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
 from cpuforge.llama.quant import candidate_files
 from cpuforge.merge.plan import Plan, check_inputs
