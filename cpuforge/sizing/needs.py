@@ -119,7 +119,7 @@ def compare_imatrix_need(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: i
                    *[perplexity(rule, quant, ctx, chunks, threads, False)] * 2]  # fmt: skip
     return one_after_another(
         *[replace(c, mem=c.mem + tokenizer) for c in llama_steps],
-        *[answers(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.llama.imatrix.task_accuracy; counts it
+        *[answers(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.evaluate.imatrix.task_accuracy; counts it
         kept=0,  # its quant, logits and text are scratch
     ).need()
 
