@@ -1,5 +1,6 @@
 """A model's figures before anything is made: its architecture and tensors from the base's and the adapters'
-headers (or, for the demo, from the GGUF its base comes from), what merging them costs, and a task's lengths."""
+headers (the demo's from the GGUF its base comes from: cpuforge.sizing.gguf_size.demo_model), what merging
+them costs, and a task's lengths."""
 
 from __future__ import annotations
 
@@ -7,15 +8,11 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
 from cpuforge.io.safetensors import ITEMSIZE
 from cpuforge.sizing.costs import utf8_tokens
-
-if TYPE_CHECKING:
-    from cpuforge.sizing.gguf_size import Gguf
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 NORM = "model.norm.weight"
@@ -215,15 +212,6 @@ def plan_model(plan, dtype: str) -> Model:
     arch = arch_from_config(read_json(config), base[EMBED].shape[0], config)
     adapters = [adapter_spec(a) for a in plan.adapters]
     return merged_model(arch, base, adapters, plan.shapes, dtype)
-
-
-def demo_model(g: Gguf, rank: int, targets: list[str], dtype: str) -> Model:
-    """The demo's Model before its base exists: the architecture of `g`, the GGUF it is made from, the base
-    in f32 (cpuforge.demo), its LoRA of rank `rank` on `targets` in every layer."""
-    shapes = llama_shapes(g.arch, tied="output.weight" not in g.tensors)
-    base = {n: Tensor(s, "F32") for n, s in shapes.items()}
-    lora = AdapterSpec(loras={n: [rank] for n in shapes if n.split(".")[-2] in targets})
-    return merged_model(g.arch, base, [lora], shapes, dtype)
 
 
 def task_figures(rows: list[dict]) -> Task:
