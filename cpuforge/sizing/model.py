@@ -180,7 +180,7 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
 
 
 def adapter_spec(adapter) -> AdapterSpec:
-    """An AdapterSpec of a cpuforge.merge.plan.Adapter, from its safetensors header (a .bin file is read)."""
+    """An AdapterSpec of a cpuforge.merge.adapter.Adapter, from its safetensors header (a .bin file is read)."""
     from cpuforge.io.safetensors import weights_header
 
     header = weights_header(adapter.weights)
