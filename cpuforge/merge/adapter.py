@@ -12,7 +12,6 @@ from pathlib import Path
 from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
 
-
 PREFIX = "base_model.model."
 
 

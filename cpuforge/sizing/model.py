@@ -11,8 +11,12 @@ from pathlib import Path
 
 from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
-from cpuforge.io.safetensors import ITEMSIZE
+from cpuforge.io.files import read_json
+from cpuforge.io.safetensors import ITEMSIZE, weights_header
+from cpuforge.merge.merge import output_dtype
 from cpuforge.sizing.costs import utf8_tokens
+from cpuforge.sizing.tuners import Module, f32, working_set
+from cpuforge.text.task import answer, messages
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 NORM = "model.norm.weight"
@@ -130,9 +134,6 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
     are f32, cpuforge.merge.merge.output_dtype). cpuforge.merge.merge.merged_tensor holds, for each tensor, the base's
     as read and every replacement an adapter brings; a LoRA target also its f32 copy, the f32 delta and
     their sum at once; any other tensor not in the output dtype yet, one copy in it."""
-    from cpuforge.merge.merge import output_dtype
-
-    from cpuforge.sizing.tuners import Module, f32, working_set
 
     def stored(name: str) -> tuple[Tensor, list[Tensor]]:
         source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
@@ -181,8 +182,6 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
 
 def adapter_spec(adapter) -> AdapterSpec:
     """An AdapterSpec of a cpuforge.merge.adapter.Adapter, from its safetensors header (a .bin file is read)."""
-    from cpuforge.io.safetensors import weights_header
-
     header = weights_header(adapter.weights)
     tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
     whole = 0 if adapter.weights.suffix == ".safetensors" else adapter.weights.stat().st_size
@@ -202,9 +201,6 @@ def adapter_spec(adapter) -> AdapterSpec:
 def plan_model(plan, dtype: str) -> Model:
     """The Model of a checked merge (cpuforge.merge.plan.check_inputs' Plan): the base's headers and config.json,
     and the adapters' headers."""
-    from cpuforge.io.files import read_json
-    from cpuforge.io.safetensors import weights_header
-
     base = {}
     for shard in sorted(set(plan.base_files.values())):
         base |= {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in weights_header(shard).items()}
@@ -217,8 +213,6 @@ def plan_model(plan, dtype: str) -> Model:
 def task_figures(rows: list[dict]) -> Task:
     """A Task of held-out rows: their prompts' turns and answers, in estimated tokens (with 8 a turn for
     the chat template's markers)."""
-    from cpuforge.text.task import answer, messages
-
     prompts = [sum(utf8_tokens(m["content"]) + 8 for m in messages(r)) for r in rows]
     answers = [utf8_tokens(answer(r) or "") for r in rows]
     return Task(len(rows), max(prompts, default=0), max(answers, default=0))
