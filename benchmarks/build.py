@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from cpuforge.evaluate.bench import bench
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json, write_json
-from cpuforge.llama.runtime import cpu_backend, describe_cpu_backend
+from cpuforge.llama.runtime import check_threads, cpu_backend, describe_cpu_backend
 from cpuforge.llama.build import FLAVOURS, build
 from cpuforge.paths import BUILD_DIR, LLAMA_TOOLS, llama_bin, llama_source
 

@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cpuforge.serve.chat import Generation, GGUFChat
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
-from cpuforge.llama.runtime import LOAD_MODE, llama_cpp_env
+from cpuforge.llama.runtime import LOAD_MODE, check_threads, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.text.task import load_split, messages
 

@@ -36,10 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import gguf_context_length
-from cpuforge.llama.runtime import MAX_DEFAULT_CTX, llama_cpp_env
+from cpuforge.llama.runtime import MAX_DEFAULT_CTX, check_threads, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.serve.engine import llama_server_command
 

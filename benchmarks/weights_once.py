@@ -35,11 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
-from cpuforge.llama.runtime import LOAD_MODE, llama_cpp_env
+from cpuforge.cli import run
+from cpuforge.llama.runtime import LOAD_MODE, check_threads, llama_cpp_env
 from cpuforge.paths import default_llama_bin
 from cpuforge.serve.engine import llama_server_command
-from cpuforge.sizing.costs import BASE_MB, MIB
+from cpuforge.constants import MIB
+from cpuforge.sizing.costs import BASE_MB
 from cpuforge.sizing.gguf_size import read_gguf
 from cpuforge.sizing.needs import eval_kl_divergence_need
 from cpuforge.sizing.parts import llama_run

@@ -51,12 +51,6 @@ def run(main) -> None:
         sys.exit(1)
 
 
-def check_threads(threads: int) -> int:
-    if threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}.")
-    return threads
-
-
 # One flag per concept, meaning the same in every CLI (as mergekit's add_merge_options does).
 FLAGS = {
     "gguf": {"type": Path, "required": True, "metavar": "FILE", "help": "GGUF file"},

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from cpuforge.autoquant.decide import OBJECTIVES
 from cpuforge.autoquant.ship import Request, auto_quant
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.evaluate.gate import Gate
 from cpuforge.text.task import read_heldout
 

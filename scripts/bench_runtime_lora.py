@@ -4,7 +4,7 @@
         --base results/demo/base-q4_0.gguf --lora results/demo/adapters/1-demo.gguf \
         --llama-bin BIN --threads 2 --out results/demo/report/runtime_lora/q4_0-speed.json
 
-llama-bench cannot load a LoRA, so both go through the same code (cpuforge.merge.runtime_lora.speed_side_by_side:
+llama-bench cannot load a LoRA, so both go through the same code (cpuforge.evaluate.lora_speed.speed_side_by_side:
 llama-cpp-python on the pinned libllama, llama-bench's pp and tg tests), in turns, each its best round.
 """
 
@@ -14,9 +14,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import write_json
-from cpuforge.merge.runtime_lora import speed_side_by_side
+from cpuforge.evaluate.lora_speed import speed_side_by_side
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.llama.build import FLAVOURS, build
 from cpuforge.paths import DEFAULT_FLAVOUR
 

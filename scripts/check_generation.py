@@ -23,7 +23,8 @@ import argparse
 import json
 import logging
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
 from cpuforge.checks.generation import check_generation

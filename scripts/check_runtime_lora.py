@@ -18,9 +18,10 @@ import json
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import atomic_output
-from cpuforge.merge.runtime_lora import check_runtime_lora
+from cpuforge.checks.runtime_lora import check_runtime_lora
 
 log = logging.getLogger(__name__)
 

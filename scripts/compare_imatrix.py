@@ -22,8 +22,9 @@ import json
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
-from cpuforge.llama.imatrix import compare
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
+from cpuforge.evaluate.imatrix import compare
 from cpuforge.io.provenance import provenance, write_provenance
 from cpuforge.llama.quant import check_quant_type
 

@@ -19,7 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.llama.convert import OUTTYPES, convert
 from cpuforge.io.files import read_json
 from cpuforge.io.provenance import provenance, write_provenance

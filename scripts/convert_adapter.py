@@ -16,10 +16,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import read_json
 from cpuforge.io.provenance import provenance, write_provenance
-from cpuforge.merge.runtime_lora import convert_adapter
+from cpuforge.llama.convert_adapter import convert_adapter
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import write_json
 from cpuforge.evaluate.perplexity import kl_divergence
 

@@ -19,7 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import sha256_file, write_json
 from cpuforge.evaluate.perplexity import perplexity_gguf, perplexity_hf
 

@@ -25,7 +25,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.evaluate.task import answers_gguf, answers_hf
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import write_json
 from cpuforge.text.task import answer, read_heldout
 

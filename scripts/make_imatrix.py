@@ -19,7 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.errors import InputError
 from cpuforge.llama.imatrix import calibration_text, make_imatrix
 from cpuforge.io.provenance import provenance, write_provenance

@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 
 from cpuforge.autoquant.sensitivity import measure, write_table
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.gguf import check_gguf
 from cpuforge.io.provenance import provenance, write_provenance
 

@@ -21,7 +21,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import read_json
 from cpuforge.merge.formats import describe
 from cpuforge.merge.plan import DTYPES

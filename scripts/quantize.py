@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cpuforge.cli import add_flags, check_threads, run
+from cpuforge.cli import add_flags, run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.io.files import read_json
 from cpuforge.io.gguf import check_gguf
 from cpuforge.paths import source_record

@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.evaluate.speculation import AUTO, SETTINGS
+from cpuforge.serve.speculation import AUTO, SETTINGS
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX
 from cpuforge.serve.engine import RESTARTS, EngineFailed
 from cpuforge.serve.server import DRAIN_TIMEOUT, Settings, serve

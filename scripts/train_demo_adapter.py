@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cpuforge.cli import check_threads, run
+from cpuforge.cli import run
+from cpuforge.llama.runtime import check_threads
 from cpuforge.demo import train
 
 

@@ -25,7 +25,7 @@ from helpers.serve import client, start_server, wait_for_url
 from helpers.workflow import snakemake, write_config
 
 from cpuforge.errors import InputError
-from cpuforge.merge.runtime_lora import check_runtime_lora
+from cpuforge.checks.runtime_lora import check_runtime_lora
 
 log = logging.getLogger(__name__)
 

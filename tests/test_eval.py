@@ -16,7 +16,7 @@ from helpers.workflow import planned_jobs, snakemake, write_config
 
 from cpuforge.evaluate.bandwidth import bytes_per_token
 from cpuforge.evaluate.bench import recommended_threads
-from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
+from cpuforge.serve.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.evaluate.speculation import verdict
 from cpuforge.llama.runtime import cpu_backend
 from cpuforge.evaluate.perplexity import parse_kl_output, perplexity_from_nll

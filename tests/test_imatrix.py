@@ -122,7 +122,7 @@ def test_report_shows_each_quant_with_and_without_the_matrix(k_run):
 def test_uniform_imatrix_weighs_every_column_alike(k_run, tmp_path):
     from gguf import GGUFReader
 
-    from cpuforge.llama.imatrix import uniform_imatrix
+    from cpuforge.evaluate.imatrix import uniform_imatrix
 
     real = k_run / "results" / "k" / "imatrix.gguf"
     uniform_imatrix(real, tmp_path / "uniform.gguf")

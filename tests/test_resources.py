@@ -156,8 +156,7 @@ def tuner_tensors(kind: str, out: int, inp: int) -> tuple[dict, dict]:
 def traced_tuner(kind: str, weight) -> tuple[int, Module]:
     """Torch's peak bytes beside `weight` while a tuner merges one module into it, and the sizing's Module of it."""
     from cpuforge.merge.merge import tuned_weight
-    from cpuforge.merge.plan import Adapter
-    from cpuforge.merge.tuned import Tuned
+    from cpuforge.merge.adapter import Adapter, Tuned
 
     out, inp = weight.shape
     tensors, config = tuner_tensors(kind, out, inp)
@@ -181,7 +180,7 @@ def traced_tuner(kind: str, weight) -> tuple[int, Module]:
 def traced_lora(kind: str, weight) -> int:
     """Torch's peak bytes beside `weight` while a LoRA of `kind` (LORA, LORA+dora, +pissa, +olora) merges into it."""
     from cpuforge.merge.merge import lora_weight
-    from cpuforge.merge.plan import Lora
+    from cpuforge.merge.adapter import Lora
 
     out, inp = weight.shape
     init = kind.partition("+")[2]

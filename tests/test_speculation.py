@@ -1,5 +1,5 @@
-"""Draftless speculative decoding's verdict, and what scripts.serve takes from it (cpuforge.evaluate.speculation);
-measured for real on the tiny model in tests/test_eval.py."""
+"""Draftless speculative decoding's verdict (cpuforge.evaluate.speculation), and what scripts.serve takes from it
+(cpuforge.serve.speculation); measured for real on the tiny model in tests/test_eval.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 from helpers.llama import SOURCE
 
-from cpuforge.evaluate.speculation import AUTO, SETTINGS, serving_flags, verdict
+from cpuforge.evaluate.speculation import verdict
+from cpuforge.serve.speculation import AUTO, SETTINGS, serving_flags
 
 
 def setting(tps: float, same: bool = True, acceptance: float | None = 0.5) -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cpuforge.io.gguf import open_gguf
-from cpuforge.llama.ggml import ggml_type, row_bytes
+from cpuforge.io.gguf import open_gguf, row_bytes
+from cpuforge.llama.ggml import ggml_type
 
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 

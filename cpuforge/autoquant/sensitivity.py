@@ -30,8 +30,8 @@ from gguf.quants import dequantize
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
-from cpuforge.io.gguf import TensorInfo, open_gguf, read_header
-from cpuforge.llama.ggml import fits, ggml_type, requires_imatrix, round_trip, row_bytes, type_name
+from cpuforge.io.gguf import TensorInfo, open_gguf, read_header, row_bytes
+from cpuforge.llama.ggml import fits, ggml_type, requires_imatrix, round_trip, type_name
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from cpuforge.io.gguf import check_gguf, read_header
 from cpuforge.io.provenance import copy_gguf_with_provenance, provenance, write_provenance
 from cpuforge.llama.runtime import cpu_backend, cpu_name, describe_cpu_backend
 from cpuforge.paths import source_record
-from cpuforge.sizing.costs import MIB
+from cpuforge.constants import MIB
 
 log = logging.getLogger(__name__)
 

@@ -35,16 +35,16 @@ from cpuforge.autoquant.screen import cut_layers, n_layers, write_screen
 from cpuforge.autoquant.search import chosen, clear_miss, first_probe, search
 from cpuforge.autoquant.sensitivity import Option, quantizable
 from cpuforge.autoquant.tensors import Tensors
+from cpuforge.constants import MIB
 from cpuforge.errors import GateError
 from cpuforge.evaluate.bench import bench_side_by_side
 from cpuforge.evaluate.fidelity import compare
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import kl_divergence
 from cpuforge.evaluate.task import fidelity_gguf, reference_gguf
-from cpuforge.io.gguf import read_header
-from cpuforge.llama.ggml import ggml_type, row_bytes, type_name
+from cpuforge.io.gguf import read_header, row_bytes
+from cpuforge.llama.ggml import ggml_type, type_name
 from cpuforge.llama.quant import candidate_files, planned_types, run_quantize
-from cpuforge.sizing.costs import MIB
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from cpuforge.io.files import atomic_output
-from cpuforge.sizing.gguf_size import read_gguf
+from cpuforge.io.gguf import read_header
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ def bytes_per_token(gguf: Path, gen_tokens: int) -> dict[str, float]:
     """The bytes one generated token reads, on average over llama-bench's `gen_tokens` tokens from an empty
     cache: every tensor (the embeddings only when tied to the output), and the f16 K and V of the positions
     before it."""
-    g = read_gguf(gguf)
-    tied = "output.weight" not in g.tensors
-    weights = sum(t[1] for name, t in g.tensors.items() if tied or name != "token_embd.weight")
-    kv_per_position = g.arch.layers * g.arch.kv_heads * g.arch.head_dim * 2 * 2
+    header = read_header(gguf)
+    arch = header.fields["general.architecture"]
+    layers, hidden, heads = (header.fields[f"{arch}.{key}"] for key in ("block_count", "embedding_length",
+                                                                         "attention.head_count"))  # fmt: skip
+    kv_heads = header.fields.get(f"{arch}.attention.head_count_kv") or heads
+    tied = "output.weight" not in header.tensors
+    weights = sum(t.n_bytes for name, t in header.tensors.items() if tied or name != "token_embd.weight")
+    kv_per_position = layers * kv_heads * (hidden // heads) * 2 * 2
     kv = kv_per_position * (gen_tokens - 1) / 2
     return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 

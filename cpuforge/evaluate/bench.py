@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
-from cpuforge.llama.runtime import LOAD_MODE
+from cpuforge.llama.runtime import LOAD_MODE, check_threads
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from cpuforge.evaluate.fidelity import certifies, compare
 from cpuforge.evaluate.gate import Gate, judge, stage_figures
 from cpuforge.evaluate.stages import AUTO, HF_STAGES, REFERENCE, label
 from cpuforge.io.files import read_json, size_on_disk
-from cpuforge.sizing.costs import MIB
+from cpuforge.constants import MIB
 
 
 def read_provenance(artifact: Path) -> dict | None:

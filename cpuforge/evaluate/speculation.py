@@ -21,21 +21,10 @@ import tempfile
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import read_json
-from cpuforge.paths import report_metrics
 from cpuforge.serve.engine import Engine, EngineFailed, llama_server_command, upstream_session
+from cpuforge.serve.speculation import PLAIN, SETTINGS
 
 log = logging.getLogger(__name__)
-
-PLAIN = "none"
-AUTO = "auto"
-# each draftless type of the pinned llama-server with its own defaults
-SETTINGS: dict[str, list[str]] = {
-    PLAIN: [],
-    "ngram-simple": ["--spec-type", "ngram-simple"],
-    "ngram-map-k": ["--spec-type", "ngram-map-k"],
-    "ngram-mod": ["--spec-type", "ngram-mod"],
-}
 
 
 async def serve_answers(bin_dir: Path, gguf: Path, prompts: list[list[int]], max_new_tokens: int, threads: int,
@@ -117,17 +106,3 @@ def verdict(results: dict[str, dict], tolerance_pct: float) -> dict:
         why += f"; {', '.join(idle)} had no draft accepted (the task's answers do not repeat its text)"
     return {"setting": None, "flags": [],
             "sentence": f"No draftless speculation wins on this model here: {why}; scripts.serve decodes plainly."}
-
-
-def serving_flags(model: Path, choice: str) -> list[str]:
-    """llama-server's speculation flags for scripts.serve: `choice` a setting by name, or AUTO for the eval
-    report's verdict on this model (results/{model}/report/metrics.json), plain decoding where it has none."""
-    if choice != AUTO:
-        return SETTINGS[choice]
-    metrics = report_metrics(model)
-    spec = read_json(metrics).get("speculation") if metrics.is_file() else None
-    if not spec or not spec.get("setting"):
-        log.info("speculation: none (%s)", "the report found no setting that wins" if spec else f"none in {metrics}")
-        return []
-    log.info("speculation: %s, which won in %s", spec["setting"], metrics)
-    return spec["flags"]

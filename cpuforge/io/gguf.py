@@ -21,11 +21,20 @@ from cpuforge.errors import InputError
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 # the GGUF value types (gguf-py's GGUFValueType) that are one fixed-size number
 NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
+
+
+def row_bytes(kind: GGMLQuantizationType, n_per_row: int) -> int:
+    """The bytes `n_per_row` weights of ggml type `kind` take: whole blocks of the type."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[kind]
+    return n_per_row // block * size
 
 
 def check_gguf(path: str | os.PathLike) -> None:
@@ -118,7 +127,7 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
     """The metadata and tensor infos of a GGUF file, without its tensor data; the array fields named in
     `arrays` decoded (all of them when None), the others skipped. A file whose tensor data is cut short
     is refused here too, as a loader would refuse it."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGMLQuantizationType
 
     check_gguf(path)
     wanted = None if arrays is None else set(arrays)
@@ -146,9 +155,8 @@ def read_header(path: str | os.PathLike, arrays: Iterable[str] | None = ()) -> H
                 name, dims = cursor.string(), cursor.unpack("<I")
                 shape = tuple(cursor.unpack("<Q") for _ in range(dims))
                 kind, offset = GGMLQuantizationType(cursor.unpack("<I")), cursor.unpack("<Q")
-                block, size = GGML_QUANT_SIZES[kind]
                 n = math.prod(shape)
-                infos.append((name, shape, kind.name.lower(), n, n // block * size, offset))
+                infos.append((name, shape, kind.name.lower(), n, row_bytes(kind, n), offset))
             alignment = fields.get("general.alignment", 32)
             start = -(-cursor.at // alignment) * alignment
             tensors = {i[0]: TensorInfo(*i[:5], start + i[5]) for i in infos}

@@ -12,8 +12,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 
 from cpuforge.io.files import atomic_output, sha256_tree
-from cpuforge.io.gguf import field_values, open_gguf
-from cpuforge.llama.ggml import row_bytes
+from cpuforge.io.gguf import field_values, open_gguf, row_bytes
 
 
 PACKAGES = ("torch", "transformers", "peft", "safetensors", "sentencepiece", "gguf", "snakemake", "llama_cpp_python")

@@ -1,1 +1,2 @@
-"""The pinned llama.cpp: its build, its runtime and tools, the quant types, and the steps that run them (convert, quantize, imatrix)."""
+"""The pinned llama.cpp: its build, its runtime and tools, the quant types, and the steps that run them
+(convert, convert_adapter, quantize, imatrix)."""

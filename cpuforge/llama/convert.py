@@ -30,6 +30,8 @@ from cpuforge.io.files import atomic_output, read_json
 from cpuforge.io.gguf import read_metadata
 from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.io.safetensors import safetensors_header
+from cpuforge.merge.merge import write_model_files
+from cpuforge.merge.plan import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +158,6 @@ def check_converter_vocab(source: Path, base: Path, adapters: list[Path], work: 
     A tokenizer the converter cannot read (a BPE pre-tokenizer it does not know, llama.cpp #8649)
     then fails here in seconds, in one sentence, not after the merge as a traceback. Returns what
     the converter made of it: tokenizer model, pre-tokenizer and number of tokens."""
-    from cpuforge.merge.plan import check_inputs
-    from cpuforge.merge.merge import write_model_files
-
     plan = check_inputs(base, adapters)
     folder, stage, vocab = work / "merged", work / "stage", work / "vocab.gguf"
     folder.mkdir(parents=True)

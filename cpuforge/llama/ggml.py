@@ -15,6 +15,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from cpuforge.errors import InputError
+from cpuforge.io.gguf import row_bytes
 
 _FLOATS = ctypes.POINTER(ctypes.c_float)
 
@@ -31,11 +32,6 @@ def type_name(kind: GGMLQuantizationType) -> str:
     """ggml's own spelling, as llama-quantize --tensor-type and the GGUF header name it: q4_K, iq2_xxs, f16."""
     name = kind.name.lower()
     return name[:-1] + "K" if name.endswith("_k") else name
-
-
-def row_bytes(kind: GGMLQuantizationType, n_per_row: int) -> int:
-    block, size = GGML_QUANT_SIZES[kind]
-    return n_per_row // block * size
 
 
 def fits(kind: GGMLQuantizationType, n_per_row: int) -> bool:

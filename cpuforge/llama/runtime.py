@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cpuforge.cli import check_threads
 from cpuforge.errors import InputError
 from cpuforge.io.files import read_json
 from cpuforge.paths import report_metrics
@@ -223,6 +222,13 @@ def apply_loras(llama_cpp, llm, loras: list[tuple[Path, float]]) -> list:
             raise InputError(f"{loras[0][0]}: llama.cpp could not apply the LoRA adapters.")
         log.info("applied %s", ", ".join(f"{p} (scale {s:g})" for p, s in loras))
     return adapters
+
+
+def check_threads(threads: int) -> int:
+    """A thread count given on the command line or in the config: at least 1."""
+    if threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}.")
+    return threads
 
 
 def default_thread_counts(model: str | os.PathLike, threads: int | None, threads_batch: int | None) -> tuple[int, int]:

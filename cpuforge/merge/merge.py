@@ -20,13 +20,14 @@ import logging
 import shutil
 from pathlib import Path
 
+from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output, read_json
-from cpuforge.merge.plan import DTYPES, EMBED, LM_HEAD, Adapter, Lora, Plan, adapter_embedding_rows, check_inputs, lora_delta
+from cpuforge.merge.adapter import Adapter, Lora, Tuned
+from cpuforge.merge.plan import DTYPES, Plan, adapter_embedding_rows, check_inputs, lora_delta
 from cpuforge.merge.folders import TOKENIZER_FILES, merged_shard_name
 from cpuforge.merge.formats import MLX, check_with_peft
 from cpuforge.merge.lora import dora_weight, residual_base
-from cpuforge.merge.tuned import Tuned
 from cpuforge.io.safetensors import SAFETENSORS_DTYPES, SafetensorsReader, SafetensorsWriter, open_weights
 
 log = logging.getLogger(__name__)

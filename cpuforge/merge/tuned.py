@@ -4,24 +4,11 @@ module's merge tried on shapes alone, all before any weight is read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.merge.plan import PREFIX, Adapter, check_selected, check_shape, layer_linears, plan_whole_tensor
+from cpuforge.merge.adapter import PREFIX, Adapter, Tuned, check_selected, check_shape, layer_linears, plan_whole_tensor
 from cpuforge.merge.folders import adapter_shapes, adapter_weights_file
-
-
-@dataclass
-class Tuned:
-    """One module's tensors of a tuner other than LoRA (cpuforge.merge.tuners), merged into `target`, its weight
-    or (where the tuner changes biases, as IA3 does) its bias."""
-
-    target: str
-    module: str
-    tensors: dict[str, str]  # suffix -> adapter tensor
-    bias: bool = False
-
 
 
 def plan_tuned(folder: Path, config: dict, shapes: dict[str, list[int]], files: dict[str, Path]) -> Adapter:

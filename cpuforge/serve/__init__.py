@@ -4,5 +4,6 @@ chat: the terminal chat. The server, split by role as llama.cpp's is: `server` w
 the port, running until a signal, draining); `engine` is the llama-server child (started, supervised,
 restarted); `app` the HTTP routes and the checks made before llama-server; `relay` streams llama-server's
 answers back; `completions` answers chat requests from token ids; `adapters` maps served names to LoRAs;
-`metrics` and `errors` are the Prometheus counters and the OpenAI error shapes.
+`speculation` the draftless speculation the server turns on; `metrics` and `errors` are the Prometheus
+counters and the OpenAI error shapes.
 """

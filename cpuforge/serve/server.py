@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.evaluate.speculation import AUTO, SETTINGS, serving_flags
 from cpuforge.io.gguf import gguf_context_length
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
 from cpuforge.llama.webui import PAGE
 from cpuforge.paths import default_llama_bin, model_name, webui_of
 from cpuforge.serve.adapters import ModelTable, parse_named_lora
 from cpuforge.serve.engine import RESTARTS, Engine, EngineFailed, llama_server_command, upstream_session
+from cpuforge.serve.speculation import AUTO, SETTINGS, serving_flags
 from cpuforge.text.prompt import chat_prompt_for
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Settings:
     restarts: int = RESTARTS
     drain_timeout: float = DRAIN_TIMEOUT
     tokenizer: Path | None = None  # results/{model}/merged
-    speculation: str = AUTO  # the eval report's verdict; or a setting of cpuforge.evaluate.speculation.SETTINGS
+    speculation: str = AUTO  # the eval report's verdict; or a setting of cpuforge.serve.speculation.SETTINGS
 
 
 def bind(host: str, port: int) -> socket.socket:

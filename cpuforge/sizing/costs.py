@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-MIB = 1 << 20
+from cpuforge.constants import MIB
+
 # resident MiB of each step's processes before any work, measured on the `tiny` shape of
 # benchmarks/scale.py (2 layers, hidden 256, LLaMA's tokenizer; the tokenizer's share taken out, see
 # TOKENIZER_BYTES): the interpreters, torch and transformers where imported, the ggml backends

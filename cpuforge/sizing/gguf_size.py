@@ -1,4 +1,5 @@
-"""A GGUF file's figures: predicted from the merged model before it exists, or read from its header after.
+"""A GGUF file's figures: predicted from the merged model before it exists, or read from its header after; and
+the demo's model, predicted from the GGUF its base is made from.
 
 The converter's tensor names come from gguf-py, each quant type's bits per weight from the quant table
 (cpuforge.llama.quant.QUANTS, held against gguf-py's block sizes by tests/test_quant.py)."""
@@ -15,7 +16,7 @@ from gguf.tensor_mapping import get_tensor_name_map
 
 from cpuforge.io.gguf import read_header
 from cpuforge.llama.quant import QUANTS
-from cpuforge.sizing.model import Arch, Model
+from cpuforge.sizing.model import AdapterSpec, Arch, Model, Tensor, llama_shapes, merged_model
 
 def matrix_type(qtype: str) -> tuple[float, str]:
     """Bits per weight of a llama-quantize type's matrices and the ggml type most of them get (the quant
@@ -83,3 +84,12 @@ def read_gguf(path: str | Path) -> Gguf:
                 value("feed_forward_length"), vocab)  # fmt: skip
     tensors = {t.name: (t.n_elements, t.n_bytes, t.shape[0], t.type) for t in header.tensors.values()}
     return Gguf(arch, Path(path).stat().st_size, tensors)
+
+
+def demo_model(g: Gguf, rank: int, targets: list[str], dtype: str) -> Model:
+    """The demo's Model before its base exists: the architecture of `g`, the GGUF it is made from, the base
+    in f32 (cpuforge.demo), its LoRA of rank `rank` on `targets` in every layer."""
+    shapes = llama_shapes(g.arch, tied="output.weight" not in g.tensors)
+    base = {n: Tensor(s, "F32") for n, s in shapes.items()}
+    lora = AdapterSpec(loras={n: [rank] for n in shapes if n.split(".")[-2] in targets})
+    return merged_model(g.arch, base, [lora], shapes, dtype)

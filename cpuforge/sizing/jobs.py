@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
-from cpuforge.evaluate.speculation import SETTINGS as SPECULATION_SETTINGS
+from cpuforge.serve.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
 from cpuforge.llama.quant import candidate_files
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.sizing import needs
 from cpuforge.sizing.costs import Need, estimated_tokens, utf8_tokens
-from cpuforge.sizing.gguf_size import Gguf, predicted_gguf, read_gguf
-from cpuforge.sizing.model import Arch, Model, Task, Tensor, base_arch, demo_model, lora_gguf_bytes, plan_model
+from cpuforge.sizing.gguf_size import Gguf, demo_model, predicted_gguf, read_gguf
+from cpuforge.sizing.model import Arch, Model, Task, Tensor, base_arch, lora_gguf_bytes, plan_model
 from cpuforge.sizing.model import task_figures, unmerged_base
 from cpuforge.sizing.plan import Job, machine_memory_mb
 from cpuforge.spec import AUTO, DEMO_ADAPTER, DEMO_BASE, HF_STAGES, Spec

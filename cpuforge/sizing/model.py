@@ -1,5 +1,6 @@
 """A model's figures before anything is made: its architecture and tensors from the base's and the adapters'
-headers (or, for the demo, from the GGUF its base comes from), what merging them costs, and a task's lengths."""
+headers (the demo's from the GGUF its base comes from: cpuforge.sizing.gguf_size.demo_model), what merging
+them costs, and a task's lengths."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
-from cpuforge.io.safetensors import ITEMSIZE
-from cpuforge.merge.plan import EMBED, LM_HEAD
+from cpuforge.io.files import read_json
+from cpuforge.io.safetensors import ITEMSIZE, weights_header
+from cpuforge.merge.merge import output_dtype
 from cpuforge.sizing.costs import utf8_tokens
-
-if TYPE_CHECKING:
-    from cpuforge.sizing.gguf_size import Gguf
+from cpuforge.sizing.tuners import Module, f32, working_set
+from cpuforge.text.task import answer, messages
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 NORM = "model.norm.weight"
@@ -133,9 +134,6 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
     are f32, cpuforge.merge.merge.output_dtype). cpuforge.merge.merge.merged_tensor holds, for each tensor, the base's
     as read and every replacement an adapter brings; a LoRA target also its f32 copy, the f32 delta and
     their sum at once; any other tensor not in the output dtype yet, one copy in it."""
-    from cpuforge.merge.merge import output_dtype
-
-    from cpuforge.sizing.tuners import Module, f32, working_set
 
     def stored(name: str) -> tuple[Tensor, list[Tensor]]:
         source = base.get(name) or base[EMBED]  # an lm_head untied from the embeddings starts as their copy
@@ -183,9 +181,7 @@ def merged_model(arch: Arch, base: dict[str, Tensor], adapters: list[AdapterSpec
 
 
 def adapter_spec(adapter) -> AdapterSpec:
-    """An AdapterSpec of a cpuforge.merge.plan.Adapter, from its safetensors header (a .bin file is read)."""
-    from cpuforge.io.safetensors import weights_header
-
+    """An AdapterSpec of a cpuforge.merge.adapter.Adapter, from its safetensors header (a .bin file is read)."""
     header = weights_header(adapter.weights)
     tensors = {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in header.items()}
     whole = 0 if adapter.weights.suffix == ".safetensors" else adapter.weights.stat().st_size
@@ -205,9 +201,6 @@ def adapter_spec(adapter) -> AdapterSpec:
 def plan_model(plan, dtype: str) -> Model:
     """The Model of a checked merge (cpuforge.merge.plan.check_inputs' Plan): the base's headers and config.json,
     and the adapters' headers."""
-    from cpuforge.io.files import read_json
-    from cpuforge.io.safetensors import weights_header
-
     base = {}
     for shard in sorted(set(plan.base_files.values())):
         base |= {n: Tensor(tuple(h["shape"]), h["dtype"]) for n, h in weights_header(shard).items()}
@@ -217,20 +210,9 @@ def plan_model(plan, dtype: str) -> Model:
     return merged_model(arch, base, adapters, plan.shapes, dtype)
 
 
-def demo_model(g: Gguf, rank: int, targets: list[str], dtype: str) -> Model:
-    """The demo's Model before its base exists: the architecture of `g`, the GGUF it is made from, the base
-    in f32 (cpuforge.demo), its LoRA of rank `rank` on `targets` in every layer."""
-    shapes = llama_shapes(g.arch, tied="output.weight" not in g.tensors)
-    base = {n: Tensor(s, "F32") for n, s in shapes.items()}
-    lora = AdapterSpec(loras={n: [rank] for n in shapes if n.split(".")[-2] in targets})
-    return merged_model(g.arch, base, [lora], shapes, dtype)
-
-
 def task_figures(rows: list[dict]) -> Task:
     """A Task of held-out rows: their prompts' turns and answers, in estimated tokens (with 8 a turn for
     the chat template's markers)."""
-    from cpuforge.text.task import answer, messages
-
     prompts = [sum(utf8_tokens(m["content"]) + 8 for m in messages(r)) for r in rows]
     answers = [utf8_tokens(answer(r) or "") for r in rows]
     return Task(len(rows), max(prompts, default=0), max(answers, default=0))

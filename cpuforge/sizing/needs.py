@@ -8,12 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from cpuforge.autoquant.sensitivity import rows_for
+from cpuforge.constants import MIB
 from cpuforge.sizing.costs import (
     BYTES_PER_SECOND,
     DISK_BYTES_PER_SECOND,
     SENSITIVITY_WEIGHTS_PER_SECOND,
     FLOPS_PER_THREAD,
-    MIB,
     TRANSFORMERS_MB,
     Cost,
     Need,
@@ -119,7 +119,7 @@ def compare_imatrix_need(f16: Gguf, quant: Gguf, qtype: str, ctx: int, chunks: i
                    *[perplexity(rule, quant, ctx, chunks, threads, False)] * 2]  # fmt: skip
     return one_after_another(
         *[replace(c, mem=c.mem + tokenizer) for c in llama_steps],
-        *[answers(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.llama.imatrix.task_accuracy; counts it
+        *[answers(rule, quant, task, 48, threads, n_ctx=1024)] * 2,  # cpuforge.evaluate.imatrix.task_accuracy; counts it
         kept=0,  # its quant, logits and text are scratch
     ).need()
 
@@ -222,7 +222,7 @@ def eval_task_lora_need(base: Gguf, loras: list[int], task: Task, max_new_tokens
 def check_runtime_lora_need(merged: Gguf, base: Gguf, loras: list[int], task: Task, max_new_tokens: int,
                        threads: int) -> Need:  # fmt: skip
     """Greedy answers of the merged GGUF, then of the base with the LoRAs; the first context is not freed
-    before the second is made (cpuforge.merge.runtime_lora.check_runtime_lora), so both count."""
+    before the second is made (cpuforge.checks.runtime_lora.check_runtime_lora), so both count."""
     rule, tokens = "check_runtime_lora", task.rows * (task.longest_prompt + max_new_tokens)
     merged_run = answers(rule, merged, task, max_new_tokens, threads)
     base_run = with_loras(answers(rule, base, task, max_new_tokens, threads), loras, tokens, threads)
@@ -231,7 +231,7 @@ def check_runtime_lora_need(merged: Gguf, base: Gguf, loras: list[int], task: Ta
 
 def bench_runtime_lora_need(merged: Gguf, base: Gguf, loras: list[int], prompt_tokens: int, gen_tokens: int,
                        rounds: int, threads: int) -> Need:  # fmt: skip
-    """Both sides' contexts alive at once (cpuforge.merge.runtime_lora.speed_side_by_side), a warm-up and
+    """Both sides' contexts alive at once (cpuforge.evaluate.lora_speed.speed_side_by_side), a warm-up and
     `rounds` runs of each."""
     rule, n_ctx = "bench_runtime_lora", max(prompt_tokens, gen_tokens) + 16
     sides = [llama_run(rule, merged, n_ctx, 1, threads, prompt_tokens, gen_tokens),

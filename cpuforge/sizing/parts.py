@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from cpuforge.merge.plan import EMBED, LM_HEAD
+from cpuforge.constants import EMBED, LM_HEAD, MIB
 from cpuforge.sizing.costs import (
     BYTES_PER_SECOND,
     DISK_BYTES_PER_SECOND,
     FLOPS_PER_THREAD,
-    MIB,
     QUANTIZE_WEIGHTS_PER_SECOND,
     SLOW_QUANTIZE,
     TOKENIZER_BYTES,

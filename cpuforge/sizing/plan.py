@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuforge.io.files import atomic_output
-from cpuforge.sizing.costs import MIB, Need
+from cpuforge.constants import MIB
+from cpuforge.sizing.costs import Need
 
 
 def machine_memory_mb() -> int:

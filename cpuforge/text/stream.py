@@ -21,8 +21,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
-from cpuforge.merge.plan import EMBED, LM_HEAD
 from cpuforge.merge.folders import base_shards
 from cpuforge.io.safetensors import open_weights
 
