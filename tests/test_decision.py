@@ -194,3 +194,11 @@ def test_two_candidates_are_compared_in_the_last_run_both_took_part_in():
     mark_dominated([a, b, c, m])
     assert [x["dominated_by"] for x in (a, b, c, m)] == [None, "a", None, None]  # c is faster than a when whole
     assert order([a, b, c], "speed", SCREEN) == [a, b, c] and choose([a, b, c], "speed", 0.05) is c
+
+
+def test_a_difference_inside_the_runs_noise_is_a_tie():
+    a, b = cand("a", 80, 100.0), cand("b", 70, 80.0)
+    assert faster(a, b, 0.05)
+    a["tg_tps_std"], b["tg_tps_std"] = 12.0, 16.0  # combined 20: the difference is inside the noise
+    assert not faster(a, b, 0.05) and choose([a, b], "speed", 0.05) is b
+    assert faster({**a, "tg_tps": 101.0}, b, 0.05)

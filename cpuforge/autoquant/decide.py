@@ -4,7 +4,7 @@ A candidate is a record with its size (`size_bytes`), its generation speed measu
 others (`tg_tps`) and, once verified, whether it passes the gate (`passed`). A passing candidate dominates
 another when it is no larger and no slower, and smaller or faster. The objective chooses among the passing
 candidates that no other passing candidate dominates (the front), where two speeds within the bench's
-tolerance (a fraction of the faster) are a tie:
+tolerance (a fraction of the faster), or within the run's noise, are a tie:
 
 - `speed` (the default): of the front's candidates tied with its fastest, the smallest; then the faster; then
   the lower KL divergence;
@@ -20,13 +20,17 @@ by which it chooses; two candidates are judged by the last run both took part in
 
 from __future__ import annotations
 
+import math
+
 OBJECTIVES = ("speed", "size")
 FINAL, SCREEN = "tg_tps", "screen_tg_tps"
 
 
 def faster(a: dict, b: dict, tolerance: float, speed: str = FINAL) -> bool:
-    """Whether `a` generates faster than `b` beyond the tolerance (a fraction of the faster's speed)."""
-    return a[speed] - b[speed] > tolerance * max(a[speed], b[speed])
+    """Whether `a` generates faster than `b` beyond the tolerance (a fraction of the faster's speed) and beyond
+    the noise of the run (their standard deviations over the repetitions, combined)."""
+    noise = math.hypot(a.get(f"{speed}_std") or 0.0, b.get(f"{speed}_std") or 0.0)
+    return a[speed] - b[speed] > max(tolerance * max(a[speed], b[speed]), noise)
 
 
 def dominates(b: dict, a: dict, speed: str = FINAL) -> bool:
