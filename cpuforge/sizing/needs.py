@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from cpuforge.autoquant.screen import cut_layers
 from cpuforge.autoquant.sensitivity import rows_for
 from cpuforge.constants import MIB
 from cpuforge.sizing.costs import (
@@ -134,27 +135,38 @@ def measure_sensitivity_need(f16: Gguf, sample_weights: int, types: int, threads
     return cost("measure_sensitivity", threads * 4 * 4 * max(sampled) + imatrix, 1 << 20, seconds).need()
 
 
+def screen_fraction(f16: Gguf) -> float:
+    """The share of a candidate's bytes its screen file holds (cpuforge.autoquant.screen): the cut's layers and
+    every tensor outside the layers."""
+    shapes = {name: (row, elements // row) for name, (elements, _, row, _) in f16.tensors.items()}
+    layer = sum(e for name, (e, *_) in f16.tensors.items() if name.startswith("blk."))
+    kept = len(cut_layers(shapes, f16.arch.layers)) / f16.arch.layers
+    return (f16.params - layer * (1 - kept)) / f16.params
+
+
 def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf]], largest: Gguf, typical: Gguf, ctx: int,
                            chunks: int, task: Task, max_new_tokens: int, budget: int, gen_tokens: int,
                            repetitions: int, threads: int) -> Need:  # fmt: skip
-    """Every uniform and listed candidate written by llama-quantize (`candidates`: its type and figures) and
-    kept until the search ends; all of them benched side by side; a third of them verified (the objective's
-    order prunes the rest) and `budget` mixes (written from tensors quantized once), each a llama-perplexity
-    run and its answers teacher-forced, after the f16 GGUF's own answers: memory as for the `largest` file,
-    time as for `typical` ones."""
+    """Every uniform and listed candidate (`candidates`: its type and figures) benched on its screen file, all
+    of them side by side; a third of them made by llama-quantize and verified (the objective's order prunes the
+    rest, which are never made) and `budget` mixes (written from tensors quantized once), each a
+    llama-perplexity run and its answers teacher-forced, after the f16 GGUF's own answers; the passing ones
+    benched again whole: memory as for the `largest` file, time as for `typical` ones."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
     made = [quantizer(rule, f16, g, q, threads) for q, g in candidates]
     peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
             *made]  # fmt: skip
-    files = sum(g.nbytes for _, g in candidates)
-    seconds = sum(c.seconds for c in made)
-    seconds += 2 * repetitions * gen_tokens * files / BYTES_PER_SECOND  # the screen and the finalists
-    verified = len(candidates) // 3 + 1 + budget
-    seconds += verified * perplexity(rule, typical, ctx, chunks, threads, False).seconds
-    seconds += (verified + 1) * answers(rule, typical, task, max_new_tokens, threads).seconds
+    verified = len(candidates) // 3 + 1
+    screens = screen_fraction(f16) * sum(g.nbytes for _, g in candidates)
+    seconds = verified * sum(c.seconds for c in made) / max(1, len(made))
+    seconds += repetitions * gen_tokens * (screens + (verified + 1) * typical.nbytes) / BYTES_PER_SECOND
+    seconds += (screens + verified * typical.nbytes) / DISK_BYTES_PER_SECOND  # the screen and made files written
+    seconds += (verified + budget) * perplexity(rule, typical, ctx, chunks, threads, False).seconds
+    seconds += (verified + budget + 1) * answers(rule, typical, task, max_new_tokens, threads).seconds
     seconds += quantizer(rule, f16, typical, "q4_k_m", threads).seconds * 4 / 3  # the mixes' tensors
     seconds += (budget + 2) * typical.nbytes / DISK_BYTES_PER_SECOND  # the mixes and the chosen file written
-    return Cost(max(c.mem for c in peak) + tokenizer, files + 3 * typical.nbytes, seconds, typical.nbytes).need()
+    disk = max(screens, (verified + 3) * typical.nbytes)
+    return Cost(max(c.mem for c in peak) + tokenizer, disk, seconds, typical.nbytes).need()
 
 
 def check_tokenizer_need(arch: Arch, text_bytes: int) -> Need:
