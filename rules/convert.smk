@@ -1,9 +1,9 @@
 rule convert:
     input:
-        model="results/{model}/merged",
+        model=catalogue.merged("{model}"),
         source=SPEC.llama_source,
     output:
-        "results/{model}/ggml-model-f16.gguf",
+        catalogue.gguf("{model}", "f16"),
     log:
         "logs/{model}/convert.log",
     benchmark:
@@ -23,10 +23,10 @@ rule convert:
 # the unmerged base (for runtime LoRA) through the same step: its weights, the merged model's tokenizer
 use rule convert as convert_base with:
     input:
-        model="results/{model}/base",
+        model=catalogue.unmerged("{model}"),
         source=SPEC.llama_source,
     output:
-        "results/{model}/base-f16.gguf",
+        catalogue.gguf("{model}", "f16", catalogue.BASE),
     log:
         "logs/{model}/convert_base.log",
     benchmark:

@@ -35,7 +35,7 @@ rule train_demo_adapter:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        **config["demo"],
+        **SPEC.demo,
     shell:
         "python -m scripts.train_demo_adapter --base {input.base:q} --out {output:q} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --rank {params.rank} --alpha {params.alpha}"

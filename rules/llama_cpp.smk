@@ -13,8 +13,8 @@ rule fetch_llama_cpp:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        kind=LLAMA["source"],
-        commit=COMMIT,
+        kind=SPEC.llama["source"],
+        commit=SPEC.commit,
         args=SPEC.fetch_args,
     shell:
         "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args:q}"
@@ -38,7 +38,7 @@ rule build_llama_cpp:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        flavour=LLAMA["cpu"],
+        flavour=SPEC.llama["cpu"],
     shell:
         "python -m scripts.build_llama_cpp --source {input:q} --flavour {params.flavour} --threads {threads}"
         " > {log:q} 2>&1"

@@ -1,11 +1,11 @@
 rule make_imatrix:
     input:
-        gguf="results/{model}/ggml-model-f16.gguf",
-        merged="results/{model}/merged",
+        gguf=catalogue.gguf("{model}", "f16"),
+        merged=catalogue.merged("{model}"),
         task=get_calibration_files,
         tool=f"{SPEC.llama_bin}/llama-imatrix",
     output:
-        "results/{model}/imatrix.gguf",
+        catalogue.imatrix("{model}"),
     log:
         "logs/{model}/make_imatrix.log",
     benchmark:
@@ -19,9 +19,9 @@ rule make_imatrix:
         runtime=SIZING.runtime,
     params:
         args=get_calibration_args,
-        ctx_size=IMATRIX["ctx_size"],
-        chunks=IMATRIX["chunks"],
-        prose_chars=IMATRIX["prose_chars"],
+        ctx_size=SPEC.imatrix["ctx_size"],
+        chunks=SPEC.imatrix["chunks"],
+        prose_chars=SPEC.imatrix["prose_chars"],
     shell:
         'python -m scripts.make_imatrix --llama-bin "$(dirname {input.tool:q})" --gguf {input.gguf:q} --merged {input.merged:q}'
         " {params.args:q} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
@@ -32,7 +32,7 @@ rule quantize:
     input:
         unpack(get_quantize_input),
     output:
-        "results/{model}/ggml-model-{qtype}.gguf",
+        catalogue.gguf("{model}", "{qtype}"),
     log:
         "logs/{model}/quantize_{qtype}.log",
     benchmark:
@@ -56,7 +56,7 @@ use rule quantize as quantize_base with:
     input:
         unpack(get_base_quantize_input),
     output:
-        "results/{model}/base-{qtype}.gguf",
+        catalogue.gguf("{model}", "{qtype}", catalogue.BASE),
     log:
         "logs/{model}/quantize_base_{qtype}.log",
     benchmark:
