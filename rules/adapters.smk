@@ -10,7 +10,7 @@ rule make_unmerged_base:
     log:
         "logs/{model}/make_unmerged_base.log",
     benchmark:
-        "benchmarks/{model}/make_unmerged_base.tsv"
+        "logs/benchmarks/{model}/make_unmerged_base.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -35,7 +35,7 @@ rule convert_adapter:
     log:
         "logs/{model}/convert_adapter_{adapter}.log",
     benchmark:
-        "benchmarks/{model}/convert_adapter_{adapter}.tsv"
+        "logs/benchmarks/{model}/convert_adapter_{adapter}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -64,7 +64,7 @@ rule check_runtime_lora:
     log:
         "logs/{model}/check_runtime_lora_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_runtime_lora_{stage}.tsv"
+        "logs/benchmarks/{model}/check_runtime_lora_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -97,7 +97,7 @@ rule eval_kl_divergence_lora:
     log:
         "logs/{model}/eval_kl_divergence_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/eval_kl_divergence_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/eval_kl_divergence_lora_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -126,7 +126,7 @@ rule eval_task_lora:
     log:
         "logs/{model}/eval_task_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/eval_task_lora_{qtype}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -154,7 +154,7 @@ rule bench_runtime_lora:
     log:
         "logs/{model}/bench_runtime_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/bench_runtime_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/bench_runtime_lora_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     # all cores, so no other job runs beside the measurement and skews it

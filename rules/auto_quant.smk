@@ -10,7 +10,7 @@ rule measure_sensitivity:
     log:
         "logs/{model}/measure_sensitivity.log",
     benchmark:
-        "benchmarks/{model}/measure_sensitivity.tsv"
+        "logs/benchmarks/{model}/measure_sensitivity.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -45,7 +45,7 @@ rule auto_quant_search:
     log:
         "logs/{model}/auto_quant_search.log",
     benchmark:
-        "benchmarks/{model}/auto_quant_search.tsv"
+        "logs/benchmarks/{model}/auto_quant_search.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores

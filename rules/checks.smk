@@ -9,7 +9,7 @@ rule check_tokenizer:
     log:
         "logs/{model}/check_tokenizer_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_tokenizer_{stage}.tsv"
+        "logs/benchmarks/{model}/check_tokenizer_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -36,7 +36,7 @@ rule check_chat_template:
     log:
         "logs/{model}/check_chat_template_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_chat_template_{stage}.tsv"
+        "logs/benchmarks/{model}/check_chat_template_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -62,7 +62,7 @@ rule check_generation:
     log:
         "logs/{model}/check_generation.log",
     benchmark:
-        "benchmarks/{model}/check_generation.tsv"
+        "logs/benchmarks/{model}/check_generation.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -93,7 +93,7 @@ rule compare_imatrix:
     log:
         "logs/{model}/compare_imatrix_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/compare_imatrix_{qtype}.tsv"
+        "logs/benchmarks/{model}/compare_imatrix_{qtype}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 16

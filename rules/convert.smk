@@ -7,7 +7,7 @@ rule convert:
     log:
         "logs/{model}/convert.log",
     benchmark:
-        "benchmarks/{model}/convert.tsv"
+        "logs/benchmarks/{model}/convert.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -30,4 +30,4 @@ use rule convert as convert_base with:
     log:
         "logs/{model}/convert_base.log",
     benchmark:
-        "benchmarks/{model}/convert_base.tsv"
+        "logs/benchmarks/{model}/convert_base.tsv"

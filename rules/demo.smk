@@ -4,7 +4,7 @@ rule make_demo_base:
     log:
         "logs/demo/make_demo_base.log",
     benchmark:
-        "benchmarks/demo/make_demo_base.tsv"
+        "logs/benchmarks/demo/make_demo_base.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -26,7 +26,7 @@ rule train_demo_adapter:
     log:
         "logs/demo/train_demo_adapter.log",
     benchmark:
-        "benchmarks/demo/train_demo_adapter.tsv"
+        "logs/benchmarks/demo/train_demo_adapter.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8

@@ -6,7 +6,7 @@ rule make_eval_text:
     log:
         "logs/{model}/make_eval_text.log",
     benchmark:
-        "benchmarks/{model}/make_eval_text.tsv"
+        "logs/benchmarks/{model}/make_eval_text.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -32,7 +32,7 @@ rule eval_perplexity_hf:
     log:
         "logs/{model}/eval_perplexity_{hf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_perplexity_{hf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_perplexity_{hf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -64,7 +64,7 @@ rule eval_perplexity:
     log:
         "logs/{model}/eval_perplexity_f16.log",
     benchmark:
-        "benchmarks/{model}/eval_perplexity_f16.tsv"
+        "logs/benchmarks/{model}/eval_perplexity_f16.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -92,7 +92,7 @@ rule eval_kl_divergence:
     log:
         "logs/{model}/eval_kl_divergence_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_kl_divergence_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_kl_divergence_{gguf_stage}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -118,7 +118,7 @@ rule eval_task_hf:
     log:
         "logs/{model}/eval_task_{hf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_{hf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_task_{hf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -146,7 +146,7 @@ rule eval_task:
     log:
         "logs/{model}/eval_task_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_task_{gguf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -173,7 +173,7 @@ rule bench_threads:
     log:
         "logs/{model}/bench_threads_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/bench_threads_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/bench_threads_{gguf_stage}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     # all cores, so no other job runs beside the sweep and skews it
@@ -210,7 +210,7 @@ rule eval_speculation:
     log:
         "logs/{model}/eval_speculation_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_speculation_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_speculation_{gguf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     # all cores, so no other job runs beside the timing and skews it
@@ -268,7 +268,7 @@ rule make_eval_report:
     log:
         "logs/{model}/make_eval_report.log",
     benchmark:
-        "benchmarks/{model}/make_eval_report.tsv"
+        "logs/benchmarks/{model}/make_eval_report.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -302,7 +302,7 @@ rule check_quality_gate:
     log:
         "logs/{model}/check_quality_gate.log",
     benchmark:
-        "benchmarks/{model}/check_quality_gate.tsv"
+        "logs/benchmarks/{model}/check_quality_gate.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1

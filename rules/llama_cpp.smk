@@ -4,7 +4,7 @@ rule fetch_llama_cpp:
     log:
         "logs/llama_cpp/fetch_llama_cpp.log",
     benchmark:
-        "benchmarks/llama_cpp/fetch_llama_cpp.tsv"
+        "logs/benchmarks/llama_cpp/fetch_llama_cpp.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 1
@@ -29,7 +29,7 @@ rule build_llama_cpp:
     log:
         "logs/llama_cpp/build_llama_cpp.log",
     benchmark:
-        "benchmarks/llama_cpp/build_llama_cpp.tsv"
+        "logs/benchmarks/llama_cpp/build_llama_cpp.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 32
@@ -53,7 +53,7 @@ rule build_webui:
     log:
         "logs/llama_cpp/build_webui.log",
     benchmark:
-        "benchmarks/llama_cpp/build_webui.tsv"
+        "logs/benchmarks/llama_cpp/build_webui.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 2
@@ -74,7 +74,7 @@ rule build_read_bandwidth:
     log:
         "logs/llama_cpp/build_read_bandwidth.log",
     benchmark:
-        "benchmarks/llama_cpp/build_read_bandwidth.tsv"
+        "logs/benchmarks/llama_cpp/build_read_bandwidth.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 1

@@ -8,7 +8,7 @@ rule check_converter_vocab:
     log:
         "logs/{model}/check_converter_vocab.log",
     benchmark:
-        "benchmarks/{model}/check_converter_vocab.tsv"
+        "logs/benchmarks/{model}/check_converter_vocab.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -33,7 +33,7 @@ rule merge:
     log:
         "logs/{model}/merge.log",
     benchmark:
-        "benchmarks/{model}/merge.tsv"
+        "logs/benchmarks/{model}/merge.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8

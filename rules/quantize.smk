@@ -9,7 +9,7 @@ rule make_imatrix:
     log:
         "logs/{model}/make_imatrix.log",
     benchmark:
-        "benchmarks/{model}/make_imatrix.tsv"
+        "logs/benchmarks/{model}/make_imatrix.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 16
@@ -36,7 +36,7 @@ rule quantize:
     log:
         "logs/{model}/quantize_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/quantize_{qtype}.tsv"
+        "logs/benchmarks/{model}/quantize_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 16
@@ -60,4 +60,4 @@ use rule quantize as quantize_base with:
     log:
         "logs/{model}/quantize_base_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/quantize_base_{qtype}.tsv"
+        "logs/benchmarks/{model}/quantize_base_{qtype}.tsv"

@@ -47,6 +47,15 @@ def test_its_rules_are_the_workflows_working_rules():
     assert set(jobs.NEEDS) == set(catalogue.RULE)
 
 
+def test_each_benchmark_record_mirrors_its_log():
+    """Snakemake's timing record of a job goes under logs/benchmarks/, named as the job's log."""
+    for name, text in rule_blocks().items():
+        logs = re.findall(r'log:\s+"logs/([^"]+)\.log"', text)
+        records = re.findall(r'benchmark:\s+"([^"]+)\.tsv"', text)
+        if "resources:" in text:
+            assert records and records[-1] == f"logs/benchmarks/{logs[-1]}", name
+
+
 @pytest.mark.parametrize("path", WORKFLOW, ids=lambda p: p.name)
 def test_the_rules_spell_no_artifact_path_nor_read_raw_config(path):
     """Paths under results/ come from the catalogue, settings from the normalised spec (SPEC)."""
