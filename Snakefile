@@ -55,19 +55,19 @@ rule llama_cpp:
 
 rule merged_model:
     input:
-        expand("results/{model}/merged", model=MODELS),
+        expand(catalogue.merged("{model}"), model=SPEC.models),
 
 
 rule f16_model:
     input:
-        expand("results/{model}/ggml-model-f16.gguf", model=MODELS),
+        expand(catalogue.gguf("{model}", "f16"), model=SPEC.models),
 
 
 # every artifact a target builds comes with its tokenizer and chat-template parity checks, and with the chat
 # page that serves it (`python -m scripts.serve`)
 rule q4_model:
     input:
-        expand("results/{model}/ggml-model-q4_0.gguf", model=MODELS),
+        expand(catalogue.gguf("{model}", "q4_0"), model=SPEC.models),
         SPEC.parity_checks(["q4_0"]),
         SPEC.chat_page(),
 
@@ -75,7 +75,7 @@ rule q4_model:
 rule quantized:
     input:
         SPEC.quantized(),
-        SPEC.parity_checks(QUANT_TYPES),
+        SPEC.parity_checks(SPEC.quant_types),
 
 
 rule checks:
@@ -107,6 +107,6 @@ rule plan:
     log:
         "logs/plan.log",
     params:
-        tsv="results/plan.tsv",
+        tsv=catalogue.PLAN,
     run:
         sizing_dag.show_plan(workflow, SIZING, params.tsv, log[0])

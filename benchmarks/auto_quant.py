@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 
 def snakemake_seconds(workdir: Path, model: str, rule: str) -> float | None:
-    path = workdir / "benchmarks" / model / f"{rule}.tsv"
+    path = workdir / "logs" / "benchmarks" / model / f"{rule}.tsv"
     if not path.is_file():
         return None
     with open(path) as f:

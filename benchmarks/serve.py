@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cpuforge.catalogue import MERGED, parse_gguf
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.cli import run
 from cpuforge.errors import InputError
@@ -266,9 +267,10 @@ def main() -> None:
         args.model, llama_bin, args.threads, load_prompts(args.prompts, args.n_prompts), args.tokens,
         args.repetitions, args.compare_llama_cpp_python, args.concurrency,
     )  # fmt: skip
-    # beside the workflow's own records: benchmarks/demo/serve_q4_0.json for results/demo/ggml-model-q4_0.gguf
-    model = args.model.resolve()
-    out = args.out or Path("benchmarks") / model.parent.name / f"serve_{model.stem.removeprefix('ggml-model-')}.json"
+    # benchmarks/demo/serve_q4_0.json for results/demo/ggml-model-q4_0.gguf
+    model, name = args.model.resolve(), parse_gguf(args.model)
+    stage = name.stage if name and name.weights == MERGED else model.stem
+    out = args.out or Path("benchmarks") / model.parent.name / f"serve_{stage}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")
     log.info("figures written to %s", out)

@@ -1,4 +1,5 @@
-"""Where things are: the build/llama.cpp/<commit>/{source,<flavour>/bin} layout and the results/{model}/ names.
+"""Where things are: the build/llama.cpp/<commit>/{source,<flavour>/bin} layout, and a file of results/{model}/
+(cpuforge.catalogue) read back.
 
 The workflow passes its configured build folder and commit to these functions;
 the CLIs that run without Snakemake (chat, serve) find the build from the
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
+from cpuforge import catalogue
+from cpuforge.catalogue import MERGED
 from cpuforge.io.gguf import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,16 +90,15 @@ def default_llama_bin(model: str | os.PathLike | None = None) -> Path:
 def model_name(model: str | os.PathLike) -> str:
     """`demo-q4_0` for results/demo/ggml-model-q4_0.gguf and for the unmerged base-q4_0.gguf beside it;
     the file's stem for any other GGUF."""
-    model = Path(model)
-    match = re.fullmatch(r"(?:ggml-model|base)-(.+)\.gguf", model.name)
-    return f"{model.resolve().parent.name}-{match[1]}" if match else model.stem
+    name = catalogue.parse_gguf(model)
+    return f"{name.model}-{name.stage}" if name else Path(model).stem
 
 
 def merged_folder(gguf: str | os.PathLike) -> Path | None:
     """results/{model}/merged for results/{model}/ggml-model-{qtype}.gguf, the folder whose tokenizer a
     chat or server on that GGUF builds its prompts with; None for a GGUF outside that layout."""
-    gguf = Path(gguf)
-    return gguf.parent / "merged" if re.fullmatch(r"ggml-model-(.+)\.gguf", gguf.name) else None
+    name = catalogue.parse_gguf(gguf)
+    return Path(gguf).parent / "merged" if name and name.weights == MERGED else None
 
 
 def report_metrics(model: str | os.PathLike) -> Path:

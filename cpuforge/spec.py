@@ -4,16 +4,19 @@ fails before any rule runs and the rules read one object instead of asking "is t
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from cpuforge import paths
+from cpuforge import catalogue, paths
+from cpuforge.catalogue import BASE, PARITY
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import IMATRIX_TENSOR_TYPES, NEEDS_IMATRIX, TENSOR_TYPES, check_quant_type, takes_imatrix
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.stages import AUTO, HF_STAGES
+from cpuforge.merge.folders import TOKENIZER_FILES, tokenizer_source
 from cpuforge.merge.formats import check_with_peft
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.merge.runtime_lora import check_runtime
@@ -24,8 +27,6 @@ DEMO_BASE = "resources/demo/base"
 DEMO_ADAPTER = "resources/demo/adapter"
 # imatrix.use_for's word for every quant type whose rounding reads an importance matrix
 ALL = "all"
-# the parity checks every artifact gets (rules/checks.smk), as their files are named
-PARITY = ("tokenizer", "chat-template")
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,6 +45,16 @@ class ModelSpec:
     def has_task(self) -> bool:
         """Whether the model has a task the report scores: held-out JSONL rows with answers."""
         return str(self.task_data.get("heldout", "")).endswith(".jsonl")
+
+    @property
+    def vocab_check_input(self) -> dict[str, str | list[str]]:
+        """What the converter's vocabulary check reads: the base's config.json and the tokenizer files the
+        merged folder will carry (the last adapter's that has them, else the base's)."""
+        if self.demo:
+            return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
+        tokenizer = tokenizer_source(Path(self.base), [Path(a) for a in self.adapters])
+        files = [str(tokenizer / f) for f in TOKENIZER_FILES if (tokenizer / f).is_file()]
+        return {"config": f"{self.base}/config.json", "tokenizer": files}
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,27 @@ class Spec:
         use_for = [q.lower() for q in self.imatrix["use_for"]]
         wanted = qtype in use_for or (ALL in use_for and qtype != AUTO and takes_imatrix(qtype))
         return self.imatrix["enabled"] and (qtype in NEEDS_IMATRIX or wanted)
+
+    def calibration_files(self, name: str) -> list[str]:
+        """The importance matrix's calibration text: the task's training split (where used) and imatrix.text."""
+        train = self.models[name].task_data.get("train")
+        return [*([train] if train and self.imatrix["task_data"] else []), *self.imatrix["text"]]
+
+    def calibration_args(self, name: str) -> list[str]:
+        """scripts.make_imatrix's flags for the calibration files."""
+        train = self.models[name].task_data.get("train")
+        args = ["--task-data", train] if train and self.imatrix["task_data"] else []
+        return args + [word for t in self.imatrix["text"] for word in ("--text", t)]
+
+    @property
+    def auto_objective_args(self) -> list[str]:
+        """The search's objective: the least lossy mix within a size when one is set, else the configured one."""
+        auto = self.auto_quant
+        if auto["max_size_mib"] is not None:
+            return ["--max-size-mib", str(auto["max_size_mib"])]
+        if auto["max_bpw"] is not None:
+            return ["--max-bpw", str(auto["max_bpw"])]
+        return ["--objective", auto["objective"]]
 
     @property
     def gate(self) -> Gate:
@@ -136,58 +168,57 @@ class Spec:
         return [self.webui] if self.llama["webui"] else []
 
     def quantized(self) -> list[str]:
-        return [f"results/{m}/ggml-model-{q}.gguf" for m in self.models for q in self.quant_types]
+        return [catalogue.gguf(m, q) for m in self.models for q in self.quant_types]
 
     def parity_checks(self, qtypes) -> list[str]:
         """The tokenizer and chat-template checks of the f16 GGUF and each of `qtypes`: part of the chain."""
         stages = ["f16", *[q for q in qtypes if q != "f16"]]
-        return [f"results/{m}/checks/{c}-{s}.json" for m in self.models for c in PARITY for s in stages]
+        return [catalogue.check(m, f"{c}-{s}") for m in self.models for c in PARITY for s in stages]
 
     def model_checks(self, name: str) -> list[str]:
         """The checks of one model: parity of each artifact, generation parity where the task has held-out
         prompts, and each quant made with the importance matrix compared with the same type made without."""
-        checks = [f"results/{name}/checks/{c}-{s}.json" for c in PARITY for s in self.gguf_stages]
-        checks += [f"results/{name}/checks/generation.json"] if self.models[name].has_task else []
-        return checks + [f"results/{name}/checks/imatrix-{q}.json" for q in self.quant_types if self.uses_imatrix(q)]
+        checks = [catalogue.check(name, f"{c}-{s}") for c in PARITY for s in self.gguf_stages]
+        checks += [catalogue.check(name, "generation")] if self.models[name].has_task else []
+        return checks + [catalogue.check(name, f"imatrix-{q}") for q in self.quant_types if self.uses_imatrix(q)]
 
     def auto_quant_files(self) -> list[str]:
         """What the target auto_quant makes: every model's chosen GGUF with its recipe, search record and
         parity checks; and its report, where `auto` is one of quant_types."""
         files = []
         for m in self.models:
-            files += [f"results/{m}/ggml-model-{AUTO}.gguf", f"results/{m}/auto/recipe.txt", f"results/{m}/auto/search.json"]
-            files += [f"results/{m}/checks/{c}-{AUTO}.json" for c in PARITY]
+            files += [catalogue.gguf(m, AUTO), catalogue.auto(m, "recipe.txt"), catalogue.auto(m, "search.json")]
+            files += [catalogue.check(m, f"{c}-{AUTO}") for c in PARITY]
         return files + (self.eval_reports() if AUTO in self.quant_types else [])
 
     def check_files(self) -> list[str]:
         return [check for name in self.models for check in self.model_checks(name)]
 
     def eval_reports(self) -> list[str]:
-        return [
-            f"results/{m}/report/{f}" for m in self.models for f in ("report.html", "metrics.json", "quality_gate.txt")
-        ]
+        files = ("report.html", "metrics.json", "quality_gate.txt")
+        return [catalogue.report(m, f) for m in self.models for f in files]
 
     def report_inputs(self, name: str, runtime_lora: bool) -> dict[str, list[str]]:
         """What the report of a model reads, by kind; with `runtime_lora`, the figures of each quant type's
         unmerged base with the adapters applied at run time."""
-        figures, has_task = f"results/{name}/report", self.models[name].has_task
+        has_task, gguf = self.models[name].has_task, functools.partial(catalogue.gguf, name)
         inputs = {
-            "artifacts": [self.models[name].base, f"results/{name}/merged"]
-            + [f"results/{name}/ggml-model-{s}.gguf" for s in self.gguf_stages],
-            "perplexity": [f"{figures}/perplexity/{s}.json" for s in ("base", "merged", "f16")],
-            "kl_divergence": [f"{figures}/kl_divergence/{q}.json" for q in self.quant_types],
-            "bench": [f"{figures}/bench/{s}.json" for s in self.gguf_stages],
+            "artifacts": [self.models[name].base, catalogue.merged(name), *map(gguf, self.gguf_stages)],
+            "perplexity": [catalogue.figure(name, "perplexity", s) for s in ("base", "merged", "f16")],
+            "kl_divergence": [catalogue.figure(name, "kl_divergence", q) for q in self.quant_types],
+            "bench": [catalogue.figure(name, "bench", s) for s in self.gguf_stages],
             "checks": self.model_checks(name),
-            "task": [f"{figures}/task/{s}.json" for s in self.stages] if has_task else [],
+            "task": [catalogue.figure(name, "task", s) for s in self.stages] if has_task else [],
             "runtime_lora": [],
-            "auto_search": [f"results/{name}/auto/search.json"] if AUTO in self.quant_types else [],
+            "auto_search": [catalogue.auto(name, "search.json")] if AUTO in self.quant_types else [],
             # measured on the stage the report recommends serving (the first quant type), on the task's prompts
-            "speculation": [f"{figures}/speculation/{self.quant_types[0]}.json"] if has_task else [],
+            "speculation": [catalogue.figure(name, "speculation", self.quant_types[0])] if has_task else [],
         }
         if runtime_lora:
             kinds = ("kl", "speed", "task") if has_task else ("kl", "speed")
-            inputs["runtime_lora"] = [f"{figures}/runtime_lora/{q}-{k}.json" for q in self.fixed_types for k in kinds]
-            inputs["runtime_lora"] += [f"results/{name}/base-{q}.gguf" for q in self.fixed_types]
+            figures = [f"{q}-{k}" for q in self.fixed_types for k in kinds]
+            inputs["runtime_lora"] = [catalogue.figure(name, "runtime_lora", f) for f in figures]
+            inputs["runtime_lora"] += [catalogue.gguf(name, q, BASE) for q in self.fixed_types]
         return inputs
 
     def lora_adapters(self) -> list[str]:
@@ -195,9 +226,9 @@ class Spec:
         type, and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
         files = []
         for name, m in self.models.items():
-            files += [f"results/{name}/adapters/{a}.gguf" for a in m.adapter_names]
-            files += [f"results/{name}/base-{q}.gguf" for q in self.fixed_types]
-            files += [f"results/{name}/checks/runtime-lora-{s}.json" for s in self.gguf_stages if m.has_task]
+            files += [catalogue.adapter(name, a) for a in m.adapter_names]
+            files += [catalogue.gguf(name, q, BASE) for q in self.fixed_types]
+            files += [catalogue.check(name, f"runtime-lora-{s}") for s in self.gguf_stages if m.has_task]
         return files
 
 

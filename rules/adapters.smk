@@ -6,11 +6,11 @@ rule make_unmerged_base:
     input:
         unpack(get_unmerged_base_input),
     output:
-        directory("results/{model}/base"),
+        directory(catalogue.unmerged("{model}")),
     log:
         "logs/{model}/make_unmerged_base.log",
     benchmark:
-        "benchmarks/{model}/make_unmerged_base.tsv"
+        "logs/benchmarks/{model}/make_unmerged_base.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -28,14 +28,14 @@ rule make_unmerged_base:
 rule convert_adapter:
     input:
         adapter=get_adapter_input,
-        base="results/{model}/base",
+        base=catalogue.unmerged("{model}"),
         source=SPEC.llama_source,
     output:
-        "results/{model}/adapters/{adapter}.gguf",
+        catalogue.adapter("{model}", "{adapter}"),
     log:
         "logs/{model}/convert_adapter_{adapter}.log",
     benchmark:
-        "benchmarks/{model}/convert_adapter_{adapter}.tsv"
+        "logs/benchmarks/{model}/convert_adapter_{adapter}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -52,19 +52,19 @@ rule convert_adapter:
 
 rule check_runtime_lora:
     input:
-        gguf="results/{model}/base-{stage}.gguf",
-        merged="results/{model}/ggml-model-{stage}.gguf",
+        gguf=catalogue.gguf("{model}", "{stage}", catalogue.BASE),
+        merged=catalogue.gguf("{model}", "{stage}"),
         # its tokenizer and template build the prompts both sides read
-        tokenizer="results/{model}/merged",
+        tokenizer=catalogue.merged("{model}"),
         loras=get_adapter_ggufs,
         heldout=get_heldout,
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/checks/runtime-lora-{stage}.json",
+        catalogue.check("{model}", "runtime-lora-{stage}"),
     log:
         "logs/{model}/check_runtime_lora_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_runtime_lora_{stage}.tsv"
+        "logs/benchmarks/{model}/check_runtime_lora_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -73,7 +73,7 @@ rule check_runtime_lora:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        **config["checks"]["generation"],
+        **SPEC.checks["generation"],
         loras=get_lora_args,
         gate=get_runtime_gate_arg,
     shell:
@@ -88,16 +88,16 @@ rule check_runtime_lora:
 
 rule eval_kl_divergence_lora:
     input:
-        gguf="results/{model}/base-{qtype}.gguf",
+        gguf=catalogue.gguf("{model}", "{qtype}", catalogue.BASE),
         loras=get_adapter_ggufs,
-        logits="results/{model}/report/f16-logits.kld",
+        logits=catalogue.report("{model}", "f16-logits.kld"),
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
-        "results/{model}/report/runtime_lora/{qtype}-kl.json",
+        catalogue.figure("{model}", "runtime_lora", "{qtype}-kl"),
     log:
         "logs/{model}/eval_kl_divergence_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/eval_kl_divergence_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/eval_kl_divergence_lora_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -106,7 +106,7 @@ rule eval_kl_divergence_lora:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        ctx=EVAL["ctx"],
+        ctx=SPEC.eval["ctx"],
         loras=get_lora_args,
     shell:
         "python -m scripts.eval_kl_divergence --gguf {input.gguf:q} {params.loras:q}"
@@ -116,17 +116,17 @@ rule eval_kl_divergence_lora:
 
 rule eval_task_lora:
     input:
-        gguf="results/{model}/base-{qtype}.gguf",
+        gguf=catalogue.gguf("{model}", "{qtype}", catalogue.BASE),
         loras=get_adapter_ggufs,
         task=get_heldout,
-        tokenizer="results/{model}/merged",
+        tokenizer=catalogue.merged("{model}"),
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/report/runtime_lora/{qtype}-task.json",
+        catalogue.figure("{model}", "runtime_lora", "{qtype}-task"),
     log:
         "logs/{model}/eval_task_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/eval_task_lora_{qtype}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -135,7 +135,7 @@ rule eval_task_lora:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        max_new_tokens=EVAL["max_new_tokens"],
+        max_new_tokens=SPEC.eval["max_new_tokens"],
         loras=get_lora_args,
     shell:
         "python -m scripts.eval_task --gguf {input.gguf:q} {params.loras:q} --merged {input.tokenizer:q}"
@@ -145,16 +145,16 @@ rule eval_task_lora:
 
 rule bench_runtime_lora:
     input:
-        gguf="results/{model}/ggml-model-{qtype}.gguf",
-        base="results/{model}/base-{qtype}.gguf",
+        gguf=catalogue.gguf("{model}", "{qtype}"),
+        base=catalogue.gguf("{model}", "{qtype}", catalogue.BASE),
         loras=get_adapter_ggufs,
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/report/runtime_lora/{qtype}-speed.json",
+        catalogue.figure("{model}", "runtime_lora", "{qtype}-speed"),
     log:
         "logs/{model}/bench_runtime_lora_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/bench_runtime_lora_{qtype}.tsv"
+        "logs/benchmarks/{model}/bench_runtime_lora_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     # all cores, so no other job runs beside the measurement and skews it
@@ -165,9 +165,9 @@ rule bench_runtime_lora:
         runtime=SIZING.runtime,
     params:
         threads=max(SIZING.bench_threads()),
-        prompt_tokens=EVAL["bench"]["prompt_tokens"],
-        gen_tokens=EVAL["bench"]["gen_tokens"],
-        rounds=EVAL["bench"]["repetitions"],
+        prompt_tokens=SPEC.eval["bench"]["prompt_tokens"],
+        gen_tokens=SPEC.eval["bench"]["gen_tokens"],
+        rounds=SPEC.eval["bench"]["repetitions"],
         loras=get_lora_args,
     shell:
         "python -m scripts.bench_runtime_lora --gguf {input.gguf:q} --base {input.base:q} {params.loras:q}"

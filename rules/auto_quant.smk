@@ -6,11 +6,11 @@ rule measure_sensitivity:
     input:
         unpack(get_sensitivity_input),
     output:
-        "results/{model}/auto/sensitivity.tsv",
+        catalogue.auto("{model}", "sensitivity.tsv"),
     log:
         "logs/{model}/measure_sensitivity.log",
     benchmark:
-        "benchmarks/{model}/measure_sensitivity.tsv"
+        "logs/benchmarks/{model}/measure_sensitivity.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -21,7 +21,7 @@ rule measure_sensitivity:
     params:
         imatrix=get_auto_imatrix_arg,
         types=SPEC.auto_types,
-        sample_weights=AUTO_QUANT["sample_weights"],
+        sample_weights=SPEC.auto_quant["sample_weights"],
     shell:
         'python -m scripts.measure_sensitivity --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
         " {params.imatrix:q} --types {params.types:q} --sample-weights {params.sample_weights}"
@@ -31,21 +31,21 @@ rule measure_sensitivity:
 rule auto_quant_search:
     input:
         unpack(get_sensitivity_input),
-        sensitivity="results/{model}/auto/sensitivity.tsv",
-        logits="results/{model}/report/f16-logits.kld",
-        merged="results/{model}/merged",
+        sensitivity=catalogue.auto("{model}", "sensitivity.tsv"),
+        logits=catalogue.report("{model}", "f16-logits.kld"),
+        merged=catalogue.merged("{model}"),
         task=get_heldout,
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
         quantize=f"{SPEC.llama_bin}/llama-quantize",
         bench=f"{SPEC.llama_bin}/llama-bench",
     output:
-        gguf="results/{model}/ggml-model-auto.gguf",
-        recipe="results/{model}/auto/recipe.txt",
-        record="results/{model}/auto/search.json",
+        gguf=catalogue.gguf("{model}", AUTO),
+        recipe=catalogue.auto("{model}", "recipe.txt"),
+        record=catalogue.auto("{model}", "search.json"),
     log:
         "logs/{model}/auto_quant_search.log",
     benchmark:
-        "benchmarks/{model}/auto_quant_search.tsv"
+        "logs/benchmarks/{model}/auto_quant_search.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -56,16 +56,16 @@ rule auto_quant_search:
     params:
         imatrix=get_auto_imatrix_arg,
         heldout=get_heldout_arg,
-        objective=get_auto_objective_args,
+        objective=SPEC.auto_objective_args,
         types=SPEC.auto_types,
         listed=SPEC.fixed_types,
         gate=SPEC.gate_words,
-        budget=AUTO_QUANT["budget"],
-        gen_tokens=AUTO_QUANT["gen_tokens"],
-        repetitions=EVAL["bench"]["repetitions"],
-        tolerance=EVAL["bench"]["tolerance_pct"],
-        ctx=EVAL["ctx"],
-        max_new_tokens=EVAL["max_new_tokens"],
+        budget=SPEC.auto_quant["budget"],
+        gen_tokens=SPEC.auto_quant["gen_tokens"],
+        repetitions=SPEC.eval["bench"]["repetitions"],
+        tolerance=SPEC.eval["bench"]["tolerance_pct"],
+        ctx=SPEC.eval["ctx"],
+        max_new_tokens=SPEC.eval["max_new_tokens"],
     shell:
         'python -m scripts.auto_quant --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
         " --sensitivity {input.sensitivity:q} {params.imatrix:q} --logits {input.logits:q} --ctx-size {params.ctx}"

@@ -5,11 +5,11 @@ rule check_tokenizer:
     input:
         unpack(get_check_input),
     output:
-        "results/{model}/checks/tokenizer-{stage}.json",
+        catalogue.check("{model}", "tokenizer-{stage}"),
     log:
         "logs/{model}/check_tokenizer_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_tokenizer_{stage}.tsv"
+        "logs/benchmarks/{model}/check_tokenizer_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -27,16 +27,16 @@ rule check_tokenizer:
 
 rule check_chat_template:
     input:
-        gguf="results/{model}/ggml-model-{stage}.gguf",
-        merged="results/{model}/merged",
+        gguf=catalogue.gguf("{model}", "{stage}"),
+        merged=catalogue.merged("{model}"),
         heldout=get_heldout,
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/checks/chat-template-{stage}.json",
+        catalogue.check("{model}", "chat-template-{stage}"),
     log:
         "logs/{model}/check_chat_template_{stage}.log",
     benchmark:
-        "benchmarks/{model}/check_chat_template_{stage}.tsv"
+        "logs/benchmarks/{model}/check_chat_template_{stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -53,16 +53,16 @@ rule check_chat_template:
 
 rule check_generation:
     input:
-        gguf="results/{model}/ggml-model-f16.gguf",
-        merged="results/{model}/merged",
+        gguf=catalogue.gguf("{model}", "f16"),
+        merged=catalogue.merged("{model}"),
         heldout=get_heldout,
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/checks/generation.json",
+        catalogue.check("{model}", "generation"),
     log:
         "logs/{model}/check_generation.log",
     benchmark:
-        "benchmarks/{model}/check_generation.tsv"
+        "logs/benchmarks/{model}/check_generation.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -71,7 +71,7 @@ rule check_generation:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        **config["checks"]["generation"],
+        **SPEC.checks["generation"],
     shell:
         "python -m scripts.check_generation --gguf {input.gguf:q} --merged {input.merged:q} --heldout {input.heldout:q}"
         ' --llama-bin "$(dirname {input.lib:q})" --min-agreement {params.min_agreement} --max-new-tokens {params.max_new_tokens}'
@@ -80,20 +80,20 @@ rule check_generation:
 
 rule compare_imatrix:
     input:
-        f16="results/{model}/ggml-model-f16.gguf",
-        merged="results/{model}/merged",
-        quant="results/{model}/ggml-model-{qtype}.gguf",
-        imatrix="results/{model}/imatrix.gguf",
+        f16=catalogue.gguf("{model}", "f16"),
+        merged=catalogue.merged("{model}"),
+        quant=catalogue.gguf("{model}", "{qtype}"),
+        imatrix=catalogue.imatrix("{model}"),
         task=get_task_files,
         quantize=f"{SPEC.llama_bin}/llama-quantize",
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/checks/imatrix-{qtype}.json",
+        catalogue.check("{model}", "imatrix-{qtype}"),
     log:
         "logs/{model}/compare_imatrix_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/compare_imatrix_{qtype}.tsv"
+        "logs/benchmarks/{model}/compare_imatrix_{qtype}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 16
@@ -102,7 +102,7 @@ rule compare_imatrix:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        **config["checks"]["imatrix"],
+        **SPEC.checks["imatrix"],
         heldout=get_heldout_arg,
     shell:
         'python -m scripts.compare_imatrix --llama-bin "$(dirname {input.lib:q})" --gguf {input.f16:q}'

@@ -13,9 +13,9 @@ sys.path.insert(0, workflow.basedir)
 # (the prefix is formatted like the command, hence the doubled braces)
 shell.prefix(f"set -euo pipefail; export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
+from cpuforge import catalogue
 from cpuforge.errors import InputError
 from cpuforge.llama.quant import QUANT_TYPES as KNOWN_QUANT_TYPES
-from cpuforge.merge.folders import TOKENIZER_FILES, tokenizer_source
 from cpuforge.sizing import dag as sizing_dag
 from cpuforge.sizing.jobs import Sizing
 from cpuforge.spec import AUTO, DEMO_ADAPTER, DEMO_BASE, HF_STAGES, check_spec, load_spec, runtime_lora_refusal
@@ -34,12 +34,9 @@ try:
 except InputError as e:
     raise WorkflowError(str(e))
 
-MODELS, QUANT_TYPES, COMMIT = SPEC.models, list(SPEC.quant_types), SPEC.commit
-LLAMA, IMATRIX, EVAL, AUTO_QUANT = config["llama_cpp"], config["imatrix"], config["eval"], config["auto_quant"]
-
 
 wildcard_constraints:
-    model="|".join(map(re.escape, MODELS)),
+    model="|".join(map(re.escape, SPEC.models)),
     # every type llama-quantize can make here, so q4_model works whatever quant_types holds
     qtype="|".join(q for q in KNOWN_QUANT_TYPES if q != "f16"),
     # the stages of the report: HF folders through torch, GGUF files through llama.cpp (`auto`: the quant
@@ -52,8 +49,12 @@ wildcard_constraints:
     adapter=r"\d+-[A-Za-z0-9._-]+",
 
 
+def get_model(wildcards):
+    return SPEC.models[wildcards.model]
+
+
 def get_base(wildcards):
-    return MODELS[wildcards.model].base
+    return get_model(wildcards).base
 
 
 def get_folder(folder, demo):
@@ -63,39 +64,32 @@ def get_folder(folder, demo):
 
 
 def get_merge_input(wildcards):
-    m = MODELS[wildcards.model]
+    m = get_model(wildcards)
     adapters = [f for a in m.adapters for f in get_folder(a, m.demo)]
     inputs = {"base": get_folder(m.base, m.demo), "adapters": DEMO_ADAPTER if m.demo else adapters}
-    return inputs | {"vocab": f"results/{m.name}/checks/converter-vocab.json"}
+    return inputs | {"vocab": catalogue.check(m.name, "converter-vocab")}
 
 
 def get_vocab_check_input(wildcards):
-    """What the converter's vocabulary check reads: the base's config.json and the tokenizer files the
-    merged folder will carry (the last adapter's that has them, else the base's)."""
-    m = MODELS[wildcards.model]
-    if m.demo:
-        return {"base": DEMO_BASE, "adapters": DEMO_ADAPTER}
-    tokenizer = tokenizer_source(Path(m.base), [Path(a) for a in m.adapters])
-    files = [str(tokenizer / f) for f in TOKENIZER_FILES if (tokenizer / f).is_file()]
-    return {"config": f"{m.base}/config.json", "tokenizer": files}
+    return get_model(wildcards).vocab_check_input
 
 
 # Flags that carry paths are lists of words, each quoted by the rule's `:q`, so a path may hold
 # spaces, quotes or any letter.
 def get_adapter_args(wildcards):
-    return [word for a in MODELS[wildcards.model].adapters for word in ("--adapter", a)]
+    return [word for a in get_model(wildcards).adapters for word in ("--adapter", a)]
 
 
 def get_adapter_ggufs(wildcards):
-    return [f"results/{wildcards.model}/adapters/{a}.gguf" for a in MODELS[wildcards.model].adapter_names]
+    return [catalogue.adapter(wildcards.model, a) for a in get_model(wildcards).adapter_names]
 
 
 def get_runtime_adapters(wildcards):
     """The model's adapters, once each has been checked to run as a GGUF LoRA; one that cannot stops the
     run as the DAG is built, before any job, naming the adapter and why (merging it still works)."""
-    if refusal := runtime_lora_refusal(MODELS[wildcards.model]):
+    if refusal := runtime_lora_refusal(get_model(wildcards)):
         raise WorkflowError(refusal)
-    return list(MODELS[wildcards.model].adapters)
+    return list(get_model(wildcards).adapters)
 
 
 @functools.cache
@@ -103,7 +97,7 @@ def has_runtime_lora(model):
     """Whether the report sets each quant merged beside its unmerged base + the adapters applied at run
     time: when the adapters can run as GGUF LoRAs. One that cannot is left out of the report, said once,
     and is merged as ever."""
-    if refusal := runtime_lora_refusal(MODELS[model]):
+    if refusal := runtime_lora_refusal(SPEC.models[model]):
         print(f"The report of {model} has no runtime-LoRA stages: {refusal}", file=sys.stderr)
     return refusal is None
 
@@ -112,7 +106,7 @@ def get_runtime_lora_args(wildcards):
     """scripts.make_eval_report's --runtime-lora QTYPE=BASE for each quant type, and the adapters' files."""
     if not has_runtime_lora(wildcards.model):
         return []
-    bases = [f"--runtime-lora={q}=results/{wildcards.model}/base-{q}.gguf" for q in SPEC.fixed_types]
+    bases = [f"--runtime-lora={q}={catalogue.gguf(wildcards.model, q, catalogue.BASE)}" for q in SPEC.fixed_types]
     return [*bases, "--adapters", *get_adapter_ggufs(wildcards)]
 
 
@@ -123,16 +117,15 @@ def get_unmerged_base_input(wildcards):
 
 def get_adapter_folder(wildcards):
     """The adapter folder behind results/{model}/adapters/{adapter}.gguf."""
-    names = MODELS[wildcards.model].adapter_names
+    names = get_model(wildcards).adapter_names
     if wildcards.adapter not in names:
-        raise WorkflowError(
-            f"results/{wildcards.model}/adapters/{wildcards.adapter}.gguf: the model's adapters are {list(names)}."
-        )
+        path = catalogue.adapter(wildcards.model, wildcards.adapter)
+        raise WorkflowError(f"{path}: the model's adapters are {list(names)}.")
     return get_runtime_adapters(wildcards)[names.index(wildcards.adapter)]
 
 
 def get_adapter_input(wildcards):
-    return get_folder(get_adapter_folder(wildcards), MODELS[wildcards.model].demo)
+    return get_folder(get_adapter_folder(wildcards), get_model(wildcards).demo)
 
 
 def get_lora_args(wildcards):
@@ -146,7 +139,7 @@ def get_runtime_gate_arg(wildcards):
 
 
 def get_task_files(wildcards):
-    return list(MODELS[wildcards.model].task_data.values())
+    return list(get_model(wildcards).task_data.values())
 
 
 def get_task_args(wildcards):
@@ -154,7 +147,7 @@ def get_task_args(wildcards):
 
 
 def get_heldout(wildcards):
-    return MODELS[wildcards.model].task_data.get("heldout", [])
+    return get_model(wildcards).task_data.get("heldout", [])
 
 
 def get_heldout_arg(wildcards):
@@ -163,62 +156,49 @@ def get_heldout_arg(wildcards):
 
 
 def get_task_arg(wildcards):
-    return ["--heldout", get_heldout(wildcards)] if MODELS[wildcards.model].has_task else []
+    return ["--heldout", get_heldout(wildcards)] if get_model(wildcards).has_task else []
 
 
 def get_calibration_files(wildcards):
-    return SIZING.calibration_files(wildcards.model)
+    return SPEC.calibration_files(wildcards.model)
 
 
 def get_calibration_args(wildcards):
-    train = MODELS[wildcards.model].task_data.get("train")
-    args = ["--task-data", train] if train and IMATRIX["task_data"] else []
-    return args + [word for t in IMATRIX["text"] for word in ("--text", t)]
+    return SPEC.calibration_args(wildcards.model)
 
 
-def get_quantize_input(wildcards, weights="ggml-model"):
-    """What quantize reads: the f16 GGUF (`weights`: ggml-model, the merged one, or base, the unmerged one),
-    and the importance matrix where the type uses one (the merged model's for both: base + LoRA is that model)."""
-    files = {"gguf": f"results/{wildcards.model}/{weights}-f16.gguf", "quantize": f"{SPEC.llama_bin}/llama-quantize"}
-    if SPEC.uses_imatrix(wildcards.qtype):
-        files["imatrix"] = f"results/{wildcards.model}/imatrix.gguf"
-    return files
+def get_quantize_input(wildcards, weights=catalogue.MERGED):
+    """What quantize reads: the f16 GGUF (`weights`: MERGED or BASE, the unmerged one), and the importance
+    matrix where the type uses one (the merged model's for both: base + LoRA is that model)."""
+    files = {"gguf": catalogue.gguf(wildcards.model, "f16", weights), "quantize": f"{SPEC.llama_bin}/llama-quantize"}
+    return files | ({"imatrix": catalogue.imatrix(wildcards.model)} if SPEC.uses_imatrix(wildcards.qtype) else {})
 
 
 def get_base_quantize_input(wildcards):
-    return get_quantize_input(wildcards, "base")
+    return get_quantize_input(wildcards, catalogue.BASE)
 
 
 def get_imatrix_arg(wildcards):
-    return ["--imatrix", f"results/{wildcards.model}/imatrix.gguf"] if SPEC.uses_imatrix(wildcards.qtype) else []
+    return ["--imatrix", catalogue.imatrix(wildcards.model)] if SPEC.uses_imatrix(wildcards.qtype) else []
 
 
 def get_sensitivity_input(wildcards):
     """The f16 GGUF, the importance matrix (while it is on), and the build whose ggml rounds the weights."""
-    files = {"gguf": f"results/{wildcards.model}/ggml-model-f16.gguf", "lib": f"{SPEC.llama_bin}/libllama.so"}
-    return files | ({"imatrix": f"results/{wildcards.model}/imatrix.gguf"} if IMATRIX["enabled"] else {})
+    files = {"gguf": catalogue.gguf(wildcards.model, "f16"), "lib": f"{SPEC.llama_bin}/libllama.so"}
+    return files | ({"imatrix": catalogue.imatrix(wildcards.model)} if SPEC.imatrix["enabled"] else {})
 
 
 def get_auto_imatrix_arg(wildcards):
-    return ["--imatrix", f"results/{wildcards.model}/imatrix.gguf"] if IMATRIX["enabled"] else []
-
-
-def get_auto_objective_args(wildcards):
-    """The search's objective: the least lossy mix within a size when one is set, else the configured one."""
-    if AUTO_QUANT["max_size_mib"] is not None:
-        return ["--max-size-mib", str(AUTO_QUANT["max_size_mib"])]
-    if AUTO_QUANT["max_bpw"] is not None:
-        return ["--max-bpw", str(AUTO_QUANT["max_bpw"])]
-    return ["--objective", AUTO_QUANT["objective"]]
+    return ["--imatrix", catalogue.imatrix(wildcards.model)] if SPEC.imatrix["enabled"] else []
 
 
 def get_check_input(wildcards):
     """What the tokenizer and chat-template checks read: the artifact, the merged model (the reference),
     the base (to tell the words an adapter added), the task data and the pinned libllama."""
-    m, results = MODELS[wildcards.model], f"results/{wildcards.model}"
+    m = get_model(wildcards)
     return {
-        "gguf": f"{results}/ggml-model-{wildcards.stage}.gguf",
-        "merged": f"{results}/merged",
+        "gguf": catalogue.gguf(m.name, wildcards.stage),
+        "merged": catalogue.merged(m.name),
         "base": get_folder(m.base, m.demo),
         "task": get_task_files(wildcards),
         "lib": f"{SPEC.llama_bin}/libllama.so",
@@ -226,18 +206,18 @@ def get_check_input(wildcards):
 
 
 def get_eval_text_input(wildcards):
-    inputs = {"task": get_heldout(wildcards)} if MODELS[wildcards.model].has_task else {}
-    return inputs | ({"text": EVAL["text"]} if EVAL["text"] != "pydoc_topics" else {})
+    inputs = {"task": get_heldout(wildcards)} if get_model(wildcards).has_task else {}
+    return inputs | ({"text": SPEC.eval["text"]} if SPEC.eval["text"] != "pydoc_topics" else {})
 
 
 def get_hf_stage_model(wildcards):
-    return get_base(wildcards) if wildcards.hf_stage == "base" else f"results/{wildcards.model}/merged"
+    return get_base(wildcards) if wildcards.hf_stage == "base" else catalogue.merged(wildcards.model)
 
 
 def get_hf_stage_input(wildcards):
     """The stage's folder, or a user's base folder's files, so a changed file reruns the stage."""
-    m = MODELS[wildcards.model]
-    return {"model": get_folder(m.base, m.demo) if wildcards.hf_stage == "base" else f"results/{m.name}/merged"}
+    m = get_model(wildcards)
+    return {"model": get_folder(m.base, m.demo) if wildcards.hf_stage == "base" else catalogue.merged(m.name)}
 
 
 def get_report_input(wildcards):
@@ -255,7 +235,7 @@ def get_auto_search_arg(wildcards):
 
 
 def get_report_task_flag(wildcards):
-    return "--task" if MODELS[wildcards.model].has_task else ""
+    return "--task" if get_model(wildcards).has_task else ""
 
 
 onstart:

@@ -1,13 +1,13 @@
 rule convert:
     input:
-        model="results/{model}/merged",
+        model=catalogue.merged("{model}"),
         source=SPEC.llama_source,
     output:
-        "results/{model}/ggml-model-f16.gguf",
+        catalogue.gguf("{model}", "f16"),
     log:
         "logs/{model}/convert.log",
     benchmark:
-        "benchmarks/{model}/convert.tsv"
+        "logs/benchmarks/{model}/convert.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -23,11 +23,11 @@ rule convert:
 # the unmerged base (for runtime LoRA) through the same step: its weights, the merged model's tokenizer
 use rule convert as convert_base with:
     input:
-        model="results/{model}/base",
+        model=catalogue.unmerged("{model}"),
         source=SPEC.llama_source,
     output:
-        "results/{model}/base-f16.gguf",
+        catalogue.gguf("{model}", "f16", catalogue.BASE),
     log:
         "logs/{model}/convert_base.log",
     benchmark:
-        "benchmarks/{model}/convert_base.tsv"
+        "logs/benchmarks/{model}/convert_base.tsv"

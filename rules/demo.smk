@@ -4,7 +4,7 @@ rule make_demo_base:
     log:
         "logs/demo/make_demo_base.log",
     benchmark:
-        "benchmarks/demo/make_demo_base.tsv"
+        "logs/benchmarks/demo/make_demo_base.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 2
@@ -26,7 +26,7 @@ rule train_demo_adapter:
     log:
         "logs/demo/train_demo_adapter.log",
     benchmark:
-        "benchmarks/demo/train_demo_adapter.tsv"
+        "logs/benchmarks/demo/train_demo_adapter.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -35,7 +35,7 @@ rule train_demo_adapter:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        **config["demo"],
+        **SPEC.demo,
     shell:
         "python -m scripts.train_demo_adapter --base {input.base:q} --out {output:q} --steps {params.steps}"
         " --batch-size {params.batch_size} --lr {params.lr} --rank {params.rank} --alpha {params.alpha}"

@@ -2,11 +2,11 @@ rule make_eval_text:
     input:
         unpack(get_eval_text_input),
     output:
-        "results/{model}/report/eval_text.txt",
+        catalogue.report("{model}", "eval_text.txt"),
     log:
         "logs/{model}/make_eval_text.log",
     benchmark:
-        "benchmarks/{model}/make_eval_text.tsv"
+        "logs/benchmarks/{model}/make_eval_text.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -15,7 +15,7 @@ rule make_eval_text:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        text=EVAL["text"],
+        text=SPEC.eval["text"],
         task=get_task_arg,
     shell:
         "python -m scripts.make_eval_text --text {params.text:q} {params.task:q} --out {output:q} > {log:q} 2>&1"
@@ -24,15 +24,15 @@ rule make_eval_text:
 rule eval_perplexity_hf:
     input:
         unpack(get_hf_stage_input),
-        text="results/{model}/report/eval_text.txt",
-        vocab="results/{model}/ggml-model-f16.gguf",
+        text=catalogue.report("{model}", "eval_text.txt"),
+        vocab=catalogue.gguf("{model}", "f16"),
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/report/perplexity/{hf_stage}.json",
+        catalogue.figure("{model}", "perplexity", "{hf_stage}"),
     log:
         "logs/{model}/eval_perplexity_{hf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_perplexity_{hf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_perplexity_{hf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -42,8 +42,8 @@ rule eval_perplexity_hf:
         runtime=SIZING.runtime,
     params:
         model=get_hf_stage_model,
-        ctx=EVAL["ctx"],
-        chunks=EVAL["chunks"],
+        ctx=SPEC.eval["ctx"],
+        chunks=SPEC.eval["chunks"],
     shell:
         "python -m scripts.eval_perplexity --hf {params.model:q} --vocab {input.vocab:q} --text {input.text:q}"
         ' --llama-bin "$(dirname {input.lib:q})" --ctx-size {params.ctx} --chunks {params.chunks}'
@@ -54,17 +54,17 @@ rule eval_perplexity_hf:
 
 rule eval_perplexity:
     input:
-        gguf="results/{model}/ggml-model-f16.gguf",
-        text="results/{model}/report/eval_text.txt",
+        gguf=catalogue.gguf("{model}", "f16"),
+        text=catalogue.report("{model}", "eval_text.txt"),
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
-        json="results/{model}/report/perplexity/f16.json",
+        json=catalogue.figure("{model}", "perplexity", "f16"),
         # f16's log-probabilities, which every quant is compared with; large (windows x vocab)
-        logits=temp("results/{model}/report/f16-logits.kld"),
+        logits=temp(catalogue.report("{model}", "f16-logits.kld")),
     log:
         "logs/{model}/eval_perplexity_f16.log",
     benchmark:
-        "benchmarks/{model}/eval_perplexity_f16.tsv"
+        "logs/benchmarks/{model}/eval_perplexity_f16.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -73,8 +73,8 @@ rule eval_perplexity:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        ctx=EVAL["ctx"],
-        chunks=EVAL["chunks"],
+        ctx=SPEC.eval["ctx"],
+        chunks=SPEC.eval["chunks"],
     shell:
         'python -m scripts.eval_perplexity --gguf {input.gguf:q} --llama-bin "$(dirname {input.perplexity:q})"'
         " --text {input.text:q} --ctx-size {params.ctx} --chunks {params.chunks} --stage f16"
@@ -84,15 +84,15 @@ rule eval_perplexity:
 
 rule eval_kl_divergence:
     input:
-        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
-        logits="results/{model}/report/f16-logits.kld",
+        gguf=catalogue.gguf("{model}", "{gguf_stage}"),
+        logits=catalogue.report("{model}", "f16-logits.kld"),
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
     output:
-        "results/{model}/report/kl_divergence/{gguf_stage}.json",
+        catalogue.figure("{model}", "kl_divergence", "{gguf_stage}"),
     log:
         "logs/{model}/eval_kl_divergence_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_kl_divergence_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_kl_divergence_{gguf_stage}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: workflow.cores
@@ -101,7 +101,7 @@ rule eval_kl_divergence:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        ctx=EVAL["ctx"],
+        ctx=SPEC.eval["ctx"],
     shell:
         'python -m scripts.eval_kl_divergence --gguf {input.gguf:q} --llama-bin "$(dirname {input.perplexity:q})"'
         " --logits {input.logits:q} --ctx-size {params.ctx} --stage {wildcards.gguf_stage} --out {output:q}"
@@ -112,13 +112,13 @@ rule eval_task_hf:
     input:
         unpack(get_hf_stage_input),
         task=get_heldout,
-        tokenizer="results/{model}/merged",
+        tokenizer=catalogue.merged("{model}"),
     output:
-        "results/{model}/report/task/{hf_stage}.json",
+        catalogue.figure("{model}", "task", "{hf_stage}"),
     log:
         "logs/{model}/eval_task_{hf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_{hf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_task_{hf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -128,7 +128,7 @@ rule eval_task_hf:
         runtime=SIZING.runtime,
     params:
         model=get_hf_stage_model,
-        max_new_tokens=EVAL["max_new_tokens"],
+        max_new_tokens=SPEC.eval["max_new_tokens"],
     shell:
         "python -m scripts.eval_task --hf {params.model:q} --merged {input.tokenizer:q} --heldout {input.task:q}"
         " --max-new-tokens {params.max_new_tokens} --stage {wildcards.hf_stage} --out {output:q}"
@@ -137,16 +137,16 @@ rule eval_task_hf:
 
 rule eval_task:
     input:
-        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        gguf=catalogue.gguf("{model}", "{gguf_stage}"),
         task=get_heldout,
-        tokenizer="results/{model}/merged",
+        tokenizer=catalogue.merged("{model}"),
         lib=f"{SPEC.llama_bin}/libllama.so",
     output:
-        "results/{model}/report/task/{gguf_stage}.json",
+        catalogue.figure("{model}", "task", "{gguf_stage}"),
     log:
         "logs/{model}/eval_task_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_task_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_task_{gguf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: workflow.cores
@@ -155,7 +155,7 @@ rule eval_task:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        max_new_tokens=EVAL["max_new_tokens"],
+        max_new_tokens=SPEC.eval["max_new_tokens"],
     shell:
         "python -m scripts.eval_task --gguf {input.gguf:q} --merged {input.tokenizer:q} --heldout {input.task:q}"
         ' --llama-bin "$(dirname {input.lib:q})" --max-new-tokens {params.max_new_tokens} --stage {wildcards.gguf_stage}'
@@ -165,15 +165,15 @@ rule eval_task:
 
 rule bench_threads:
     input:
-        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        gguf=catalogue.gguf("{model}", "{gguf_stage}"),
         bench=f"{SPEC.llama_bin}/llama-bench",
         read_bandwidth=SPEC.read_bandwidth,
     output:
-        "results/{model}/report/bench/{gguf_stage}.json",
+        catalogue.figure("{model}", "bench", "{gguf_stage}"),
     log:
         "logs/{model}/bench_threads_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/bench_threads_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/bench_threads_{gguf_stage}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     # all cores, so no other job runs beside the sweep and skews it
@@ -184,11 +184,11 @@ rule bench_threads:
         runtime=SIZING.runtime,
     params:
         threads=",".join(map(str, SIZING.bench_threads())),
-        prompt_tokens=EVAL["bench"]["prompt_tokens"],
-        gen_tokens=EVAL["bench"]["gen_tokens"],
-        repetitions=EVAL["bench"]["repetitions"],
-        tolerance=EVAL["bench"]["tolerance_pct"],
-        read_mib=EVAL["bench"]["read_mib"],
+        prompt_tokens=SPEC.eval["bench"]["prompt_tokens"],
+        gen_tokens=SPEC.eval["bench"]["gen_tokens"],
+        repetitions=SPEC.eval["bench"]["repetitions"],
+        tolerance=SPEC.eval["bench"]["tolerance_pct"],
+        read_mib=SPEC.eval["bench"]["read_mib"],
     shell:
         'python -m scripts.bench_threads --llama-bin "$(dirname {input.bench:q})" --gguf {input.gguf:q}'
         " --sweep {params.threads} --read-bandwidth {input.read_bandwidth:q} --read-mib {params.read_mib}"
@@ -200,17 +200,17 @@ rule bench_threads:
 # draftless speculative decoding against plain decoding, on the task's prompts (cpuforge.evaluate.speculation)
 rule eval_speculation:
     input:
-        gguf="results/{model}/ggml-model-{gguf_stage}.gguf",
+        gguf=catalogue.gguf("{model}", "{gguf_stage}"),
         task=get_heldout,
-        tokenizer="results/{model}/merged",
-        bench="results/{model}/report/bench/{gguf_stage}.json",
+        tokenizer=catalogue.merged("{model}"),
+        bench=catalogue.figure("{model}", "bench", "{gguf_stage}"),
         server=f"{SPEC.llama_bin}/llama-server",
     output:
-        "results/{model}/report/speculation/{gguf_stage}.json",
+        catalogue.figure("{model}", "speculation", "{gguf_stage}"),
     log:
         "logs/{model}/eval_speculation_{gguf_stage}.log",
     benchmark:
-        "benchmarks/{model}/eval_speculation_{gguf_stage}.tsv"
+        "logs/benchmarks/{model}/eval_speculation_{gguf_stage}.tsv"
     conda:
         "../envs/torch.yaml"
     # all cores, so no other job runs beside the timing and skews it
@@ -220,9 +220,9 @@ rule eval_speculation:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        max_new_tokens=EVAL["max_new_tokens"],
-        rounds=EVAL["speculation"]["rounds"],
-        tolerance=EVAL["bench"]["tolerance_pct"],
+        max_new_tokens=SPEC.eval["max_new_tokens"],
+        rounds=SPEC.eval["speculation"]["rounds"],
+        tolerance=SPEC.eval["bench"]["tolerance_pct"],
     shell:
         'python -m scripts.eval_speculation --llama-bin "$(dirname {input.server:q})" --gguf {input.gguf:q}'
         " --merged {input.tokenizer:q} --heldout {input.task:q} --bench {input.bench:q}"
@@ -235,32 +235,32 @@ rule make_eval_report:
         unpack(get_report_input),
     output:
         html=report(
-            "results/{model}/report/report.html",
+            catalogue.report("{model}", "report.html"),
             caption="../report/report.rst",
             category="Evaluation",
             labels={"model": "{model}", "figure": "report"},
         ),
-        metrics="results/{model}/report/metrics.json",
+        metrics=catalogue.report("{model}", "metrics.json"),
         throughput=report(
-            "results/{model}/report/plots/throughput.png",
+            catalogue.report("{model}", "plots/throughput.png"),
             caption="../report/throughput.rst",
             category="Evaluation",
             labels={"model": "{model}", "figure": "tokens/s vs threads"},
         ),
         size=report(
-            "results/{model}/report/plots/size_vs_perplexity.png",
+            catalogue.report("{model}", "plots/size_vs_perplexity.png"),
             caption="../report/size_vs_perplexity.rst",
             category="Evaluation",
             labels={"model": "{model}", "figure": "size vs perplexity"},
         ),
         accuracy=report(
-            "results/{model}/report/plots/accuracy.png",
+            catalogue.report("{model}", "plots/accuracy.png"),
             caption="../report/accuracy.rst",
             category="Evaluation",
             labels={"model": "{model}", "figure": "task accuracy"},
         ),
         frontier=report(
-            "results/{model}/report/plots/frontier.png",
+            catalogue.report("{model}", "plots/frontier.png"),
             caption="../report/frontier.rst",
             category="Evaluation",
             labels={"model": "{model}", "figure": "quant search frontier"},
@@ -268,7 +268,7 @@ rule make_eval_report:
     log:
         "logs/{model}/make_eval_report.log",
     benchmark:
-        "benchmarks/{model}/make_eval_report.tsv"
+        "logs/benchmarks/{model}/make_eval_report.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -280,10 +280,10 @@ rule make_eval_report:
         stages=get_report_args,
         runtime_lora=get_runtime_lora_args,
         auto_search=get_auto_search_arg,
-        figures="results/{model}/report",
+        figures=catalogue.report("{model}"),
         task=get_report_task_flag,
-        serve=QUANT_TYPES[0],
-        commit=COMMIT,
+        serve=SPEC.quant_types[0],
+        commit=SPEC.commit,
         gate=SPEC.gate_words,
     shell:
         "python -m scripts.make_eval_report --model-name {wildcards.model} {params.stages:q} {params.runtime_lora:q}"
@@ -296,13 +296,13 @@ rule make_eval_report:
 
 rule check_quality_gate:
     input:
-        "results/{model}/report/metrics.json",
+        catalogue.report("{model}", "metrics.json"),
     output:
-        "results/{model}/report/quality_gate.txt",
+        catalogue.report("{model}", "quality_gate.txt"),
     log:
         "logs/{model}/check_quality_gate.log",
     benchmark:
-        "benchmarks/{model}/check_quality_gate.tsv"
+        "logs/benchmarks/{model}/check_quality_gate.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1

@@ -4,7 +4,7 @@ rule fetch_llama_cpp:
     log:
         "logs/llama_cpp/fetch_llama_cpp.log",
     benchmark:
-        "benchmarks/llama_cpp/fetch_llama_cpp.tsv"
+        "logs/benchmarks/llama_cpp/fetch_llama_cpp.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 1
@@ -13,8 +13,8 @@ rule fetch_llama_cpp:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        kind=LLAMA["source"],
-        commit=COMMIT,
+        kind=SPEC.llama["source"],
+        commit=SPEC.commit,
         args=SPEC.fetch_args,
     shell:
         "python -m scripts.fetch_llama_cpp --kind {params.kind} --commit {params.commit} {params.args:q}"
@@ -29,7 +29,7 @@ rule build_llama_cpp:
     log:
         "logs/llama_cpp/build_llama_cpp.log",
     benchmark:
-        "benchmarks/llama_cpp/build_llama_cpp.tsv"
+        "logs/benchmarks/llama_cpp/build_llama_cpp.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 32
@@ -38,7 +38,7 @@ rule build_llama_cpp:
         disk_mb=SIZING.disk_mb,
         runtime=SIZING.runtime,
     params:
-        flavour=LLAMA["cpu"],
+        flavour=SPEC.llama["cpu"],
     shell:
         "python -m scripts.build_llama_cpp --source {input:q} --flavour {params.flavour} --threads {threads}"
         " > {log:q} 2>&1"
@@ -53,7 +53,7 @@ rule build_webui:
     log:
         "logs/llama_cpp/build_webui.log",
     benchmark:
-        "benchmarks/llama_cpp/build_webui.tsv"
+        "logs/benchmarks/llama_cpp/build_webui.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 2
@@ -74,7 +74,7 @@ rule build_read_bandwidth:
     log:
         "logs/llama_cpp/build_read_bandwidth.log",
     benchmark:
-        "benchmarks/llama_cpp/build_read_bandwidth.tsv"
+        "logs/benchmarks/llama_cpp/build_read_bandwidth.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 1

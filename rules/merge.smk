@@ -4,11 +4,11 @@ rule check_converter_vocab:
         unpack(get_vocab_check_input),
         source=SPEC.llama_source,
     output:
-        "results/{model}/checks/converter-vocab.json",
+        catalogue.check("{model}", "converter-vocab"),
     log:
         "logs/{model}/check_converter_vocab.log",
     benchmark:
-        "benchmarks/{model}/check_converter_vocab.tsv"
+        "logs/benchmarks/{model}/check_converter_vocab.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 1
@@ -29,11 +29,11 @@ rule merge:
     input:
         unpack(get_merge_input),
     output:
-        directory("results/{model}/merged"),
+        directory(catalogue.merged("{model}")),
     log:
         "logs/{model}/merge.log",
     benchmark:
-        "benchmarks/{model}/merge.tsv"
+        "logs/benchmarks/{model}/merge.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 8
@@ -44,8 +44,8 @@ rule merge:
     params:
         base=get_base,
         adapters=get_adapter_args,
-        dtype=config["merge"]["dtype"],
-        verify="--verify" if config["merge"]["verify"] else "",
+        dtype=SPEC.merge["dtype"],
+        verify="--verify" if SPEC.merge["verify"] else "",
     shell:
         "python -m scripts.merge --base {params.base:q} {params.adapters:q} --out {output:q}"
         " --dtype {params.dtype} {params.verify} --threads {threads} > {log:q} 2>&1"

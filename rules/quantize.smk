@@ -1,15 +1,15 @@
 rule make_imatrix:
     input:
-        gguf="results/{model}/ggml-model-f16.gguf",
-        merged="results/{model}/merged",
+        gguf=catalogue.gguf("{model}", "f16"),
+        merged=catalogue.merged("{model}"),
         task=get_calibration_files,
         tool=f"{SPEC.llama_bin}/llama-imatrix",
     output:
-        "results/{model}/imatrix.gguf",
+        catalogue.imatrix("{model}"),
     log:
         "logs/{model}/make_imatrix.log",
     benchmark:
-        "benchmarks/{model}/make_imatrix.tsv"
+        "logs/benchmarks/{model}/make_imatrix.tsv"
     conda:
         "../envs/torch.yaml"
     threads: 16
@@ -19,9 +19,9 @@ rule make_imatrix:
         runtime=SIZING.runtime,
     params:
         args=get_calibration_args,
-        ctx_size=IMATRIX["ctx_size"],
-        chunks=IMATRIX["chunks"],
-        prose_chars=IMATRIX["prose_chars"],
+        ctx_size=SPEC.imatrix["ctx_size"],
+        chunks=SPEC.imatrix["chunks"],
+        prose_chars=SPEC.imatrix["prose_chars"],
     shell:
         'python -m scripts.make_imatrix --llama-bin "$(dirname {input.tool:q})" --gguf {input.gguf:q} --merged {input.merged:q}'
         " {params.args:q} --prose-chars {params.prose_chars} --ctx-size {params.ctx_size} --chunks {params.chunks}"
@@ -32,11 +32,11 @@ rule quantize:
     input:
         unpack(get_quantize_input),
     output:
-        "results/{model}/ggml-model-{qtype}.gguf",
+        catalogue.gguf("{model}", "{qtype}"),
     log:
         "logs/{model}/quantize_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/quantize_{qtype}.tsv"
+        "logs/benchmarks/{model}/quantize_{qtype}.tsv"
     conda:
         "../envs/llama_cpp.yaml"
     threads: 16
@@ -56,8 +56,8 @@ use rule quantize as quantize_base with:
     input:
         unpack(get_base_quantize_input),
     output:
-        "results/{model}/base-{qtype}.gguf",
+        catalogue.gguf("{model}", "{qtype}", catalogue.BASE),
     log:
         "logs/{model}/quantize_base_{qtype}.log",
     benchmark:
-        "benchmarks/{model}/quantize_base_{qtype}.tsv"
+        "logs/benchmarks/{model}/quantize_base_{qtype}.tsv"

@@ -147,7 +147,7 @@ def test_every_metric_is_present_and_sane(eval_run):
     assert metrics["provenance"]["f16"]["llama_cpp"]["commit"] == metrics["llama_cpp_commit"]
     for log in ("eval_perplexity_f16", "eval_kl_divergence_q4_0", "eval_task_q4_0", "bench_threads_q4_0"):
         assert (workdir / "logs" / "tiny" / f"{log}.log").stat().st_size > 0
-        assert (workdir / "benchmarks" / "tiny" / f"{log}.tsv").is_file()
+        assert (workdir / "logs" / "benchmarks" / "tiny" / f"{log}.tsv").is_file()
     assert not list((workdir / "results").rglob("*.partial"))
     assert not (report_dir(workdir) / "f16-logits.kld").exists()  # temporary: gone once every quant is scored
 

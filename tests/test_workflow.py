@@ -46,8 +46,8 @@ def restored_adapter(tiny_run):
 
 
 def modes(workdir):
-    """Permission bits of every file and folder a run made (results, logs, benchmarks), by path."""
-    made = [p for d in ("results", "logs", "benchmarks") for p in [workdir / d, *(workdir / d).rglob("*")]]
+    """Permission bits of every file and folder a run made (results, logs with the benchmark records), by path."""
+    made = [p for d in ("results", "logs") for p in [workdir / d, *(workdir / d).rglob("*")]]
     return {str(p.relative_to(workdir)): p.stat().st_mode & 0o777 for p in made if not p.is_symlink()}
 
 

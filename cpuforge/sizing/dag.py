@@ -8,11 +8,12 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cpuforge.catalogue import RULES
 from cpuforge.sizing.jobs import Sizing
 from cpuforge.sizing.plan import Job, free_disk_mb, plan_table, preflight_refusal, refusal, write_plan
 
 # one llama.cpp build serves every run: the plan counts its jobs only where their outputs are missing
-SHARED = ("fetch_llama_cpp", "build_llama_cpp", "build_webui", "build_read_bandwidth")
+SHARED = tuple(r.name for r in RULES if r.group == "llama_cpp")
 
 
 def row(sizing: Sizing, job) -> Job | None:
@@ -42,7 +43,7 @@ def target_jobs(workflow, target: str) -> list:
 
 
 def plan(workflow, sizing: Sizing, target: str = "all") -> list[Job]:
-    """The plan's rows: every job of `target`, in the plan's reading order (cpuforge.sizing.jobs.PLAN_ORDER)."""
+    """The plan's rows: every job of `target`, in the plan's reading order (cpuforge.catalogue.RULES)."""
     jobs = sorted(
         target_jobs(workflow, target), key=lambda j: sizing.plan_order(j.rule.name, dict(j.wildcards.items()))
     )

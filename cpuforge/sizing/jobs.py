@@ -1,6 +1,6 @@
 """A workflow job's figures: the facts its rule's formula needs (cpuforge.sizing.needs), gathered from the
-model spec and the headers of what exists (NEEDS, one function per rule, keyed by rule name), and the order
-of the plan's rows.
+model spec and the headers of what exists (one function per working rule, named by cpuforge.catalogue.RULES),
+and the order of the plan's rows.
 
 Before anything is made, a model's figures come from its base's and adapters' headers (the merge's plan,
 the merged model it gives), the demo's from the GGUF its base comes from; a GGUF's from its own header once
@@ -9,9 +9,10 @@ it exists, else as the merged model predicts it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
+from cpuforge import catalogue
+from cpuforge.catalogue import BASE, MERGED, RULE, RULES
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
 from cpuforge.serve.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
@@ -57,10 +58,10 @@ class Sizing:
         self.model(name)
         return self.plans[name].tokenizer if name in self.plans else None
 
-    def gguf(self, name: str, stage: str, weights: str = "ggml-model") -> Gguf:
-        """A GGUF's figures (`weights`: ggml-model, the merged one, or base, the unmerged one of runtime
-        LoRA): its header once it is made, else as the merged model (or the base) predicts it."""
-        path = Path(f"results/{name}/{weights}-{stage}.gguf")
+    def gguf(self, name: str, stage: str, weights: str = MERGED) -> Gguf:
+        """A GGUF's figures (`weights`: MERGED or BASE, the unmerged one of runtime LoRA): its header once it
+        is made, else as the merged model (or the base) predicts it."""
+        path = Path(catalogue.gguf(name, stage, weights))
         if path.is_file():
             key = (str(path), path.stat().st_mtime)
             if key not in self._headers:
@@ -69,7 +70,7 @@ class Sizing:
         facts = self.model(name)
         # the quant search's file is at most every matrix in q8_0 (the largest type it offers by default)
         stage = "q8_0" if stage == AUTO else stage
-        return predicted_gguf(facts if weights == "ggml-model" else unmerged_base(facts), stage)
+        return predicted_gguf(facts if weights == MERGED else unmerged_base(facts), stage)
 
     def lora_bytes(self, name: str) -> list[int]:
         """The model's GGUF LoRAs, as they load beside the unmerged base."""
@@ -82,17 +83,12 @@ class Sizing:
             self._tasks[name, limit] = task_figures(rows[:limit] if limit else rows)
         return self._tasks[name, limit]
 
-    def calibration_files(self, name: str) -> list[str]:
-        """The importance matrix's calibration text: the task's training split (where used) and imatrix.text."""
-        train = self.spec.models[name].task_data.get("train")
-        return [*([train] if train and self.spec.imatrix["task_data"] else []), *self.spec.imatrix["text"]]
-
     def imatrix_chunks(self, name: str) -> int:
         """Chunks of llama-imatrix: imatrix.chunks, else as many as the calibration text holds."""
         imatrix = self.spec.imatrix
         if imatrix["chunks"]:
             return imatrix["chunks"]
-        text = text_bytes(self.calibration_files(name)) + imatrix["prose_chars"]
+        text = text_bytes(self.spec.calibration_files(name)) + imatrix["prose_chars"]
         return max(1, estimated_tokens(text) // imatrix["ctx_size"])
 
     def compare_chunks(self) -> int:
@@ -118,10 +114,7 @@ class Sizing:
         """One job's figures; None for a target rule, which only names files."""
         key = (rule, tuple(sorted(wildcards.items())), threads)
         if key not in self._needs:
-            if rule in needs.SMALL:
-                self._needs[key] = needs.SMALL[rule]
-            else:
-                self._needs[key] = NEEDS[rule](self, wildcards, threads) if rule in NEEDS else None
+            self._needs[key] = NEEDS[rule](self, wildcards, threads) if rule in NEEDS else None
         return self._needs[key]
 
     # a rule's `resources:` (Snakemake passes the job's wildcards, its threads and its rule's name)
@@ -145,18 +138,17 @@ class Sizing:
         need = self.need(rule, wildcards, threads)
         if need is None:
             return None
-        model = wildcards.get("model", "demo" if rule in ("make_demo_base", "train_demo_adapter") else "-")
+        model = wildcards.get("model", "demo" if rule in RULE and RULE[rule].group == "demo" else "-")
         job = ",".join(f"{k}={v}" for k, v in sorted(wildcards.items()) if k != "model")
         return Job(rule, model, job, str(output), need)
 
     def plan_order(self, rule: str, wildcards: dict[str, str]) -> tuple:
         """Where a job's row goes in the plan: the llama.cpp build and the demo's making first, then each model
-        in config order, its rules in PLAN_ORDER, a group's rules taking turns over their wildcard's values
-        (the quant types, stages and adapters in config order)."""
-        group = next((i for i, g in enumerate(PLAN_ORDER) if rule in g), len(PLAN_ORDER))
-        within = PLAN_ORDER[group].index(rule) if group < len(PLAN_ORDER) else 0
+        in config order, its rules in the order of catalogue.RULES, a group's rules taking turns over their
+        wildcard's values (the quant types, stages and adapters in config order); a target rule last."""
+        group, within = catalogue.place(rule)
         if "model" not in wildcards:
-            return (0, group, rule)
+            return (0, group, within, rule)
         model = self.spec.models[wildcards["model"]]
         values = [*HF_STAGES, *self.spec.gguf_stages, *model.adapter_names]
         value = next((v for k, v in sorted(wildcards.items()) if k != "model"), None)
@@ -168,79 +160,46 @@ def text_bytes(files) -> int:
     return sum(Path(f).stat().st_size for f in files)
 
 
-# The plan's rows in reading order: the chain from the inputs to the quants (the quant search's after the f16's
-# log-probabilities it needs), the report's figures, the checks, runtime LoRA; the rules of a group take turns
-# over their wildcard (each stage's tokenizer check, then its chat-template check). A rule missing here goes last,
-# sorted by name.
-PLAN_ORDER = (
-    ("fetch_llama_cpp",), ("build_llama_cpp",), ("build_webui",), ("build_read_bandwidth",), ("make_demo_base",),
-    ("train_demo_adapter",), ("check_converter_vocab",), ("merge",), ("convert",), ("quantize",), ("make_imatrix",), ("make_eval_text",),
-    ("eval_perplexity",), ("measure_sensitivity",), ("auto_quant_search",), ("eval_perplexity_hf",),
-    ("eval_kl_divergence",), ("eval_task_hf",), ("eval_task",),
-    ("check_generation",), ("bench_threads",), ("eval_speculation",), ("make_eval_report",), ("check_quality_gate",),
-    ("check_tokenizer", "check_chat_template"), ("compare_imatrix",), ("make_unmerged_base",), ("convert_base",),
-    ("quantize_base",), ("convert_adapter",), ("eval_kl_divergence_lora", "bench_runtime_lora", "eval_task_lora"),
-    ("check_runtime_lora",),
-)  # fmt: skip
+# One function per working rule (catalogue.RULES names it): its job's Need from the facts of its wildcards
+# (`w`) and its threads (`t`).
 
 
-# One function per working rule: its job's Need from the facts of its wildcards (`w`) and its threads (`t`).
-NEEDS: dict[str, Callable[[Sizing, dict[str, str], int], Need]] = {}
-
-
-def needs_of(rule: str):
-    def register(f):
-        NEEDS[rule] = f
-        return f
-
-    return register
-
-
-@needs_of("merge")
 def merge_job(s: Sizing, w, t):
     return needs.merge_need(s.model(w["model"]), t)
 
 
-@needs_of("convert")
 def convert_job(s: Sizing, w, t):
     return needs.convert_need(s.model(w["model"]), s.gguf(w["model"], "f16"))
 
 
-@needs_of("quantize")
 def quantize_job(s: Sizing, w, t):
     return needs.quantize_need(s.gguf(w["model"], "f16"), s.gguf(w["model"], w["qtype"]), w["qtype"], t)
 
 
-@needs_of("make_imatrix")
 def make_imatrix_job(s: Sizing, w, t):
     f16 = s.gguf(w["model"], "f16")
     return needs.make_imatrix_need(f16, s.spec.imatrix["ctx_size"], s.imatrix_chunks(w["model"]), t)
 
 
-@needs_of("eval_perplexity")
 def eval_perplexity_job(s: Sizing, w, t):
     return needs.eval_perplexity_need(s.gguf(w["model"], "f16"), s.spec.eval["ctx"], s.spec.eval["chunks"], t)
 
 
-@needs_of("eval_kl_divergence")
 def eval_kl_divergence_job(s: Sizing, w, t):
     quant = s.gguf(w["model"], w["gguf_stage"])
     return needs.eval_kl_divergence_need(quant, s.spec.eval["ctx"], s.spec.eval["chunks"], t)
 
 
-@needs_of("eval_perplexity_hf")
 def eval_perplexity_hf_job(s: Sizing, w, t):
     tensors, arch = s.stage(w["model"], w["hf_stage"])
     return needs.eval_perplexity_hf_need(tensors, arch, s.spec.eval["ctx"], s.spec.eval["chunks"], t)
 
 
-@needs_of("eval_task_hf")
 def eval_task_hf_job(s: Sizing, w, t):
     tensors, arch = s.stage(w["model"], w["hf_stage"])
     return needs.eval_task_hf_need(tensors, arch, s.task(w["model"]), s.spec.eval["max_new_tokens"], t)
 
 
-@needs_of("eval_speculation")
 def eval_speculation_job(s: Sizing, w, t):
     gguf = s.gguf(w["model"], w["gguf_stage"])
     ev = s.spec.eval
@@ -248,13 +207,11 @@ def eval_speculation_job(s: Sizing, w, t):
                                        ev["speculation"]["rounds"])  # fmt: skip
 
 
-@needs_of("eval_task")
 def eval_task_job(s: Sizing, w, t):
     gguf = s.gguf(w["model"], w["gguf_stage"])
     return needs.eval_task_need(gguf, s.task(w["model"]), s.spec.eval["max_new_tokens"], t)
 
 
-@needs_of("bench_threads")
 def bench_threads_job(s: Sizing, w, t):
     bench = s.spec.eval["bench"]
     return needs.bench_threads_need(
@@ -267,13 +224,11 @@ def bench_threads_job(s: Sizing, w, t):
     )
 
 
-@needs_of("measure_sensitivity")
 def measure_sensitivity_job(s: Sizing, w, t):
     auto = s.spec.auto_quant
     return needs.measure_sensitivity_need(s.gguf(w["model"], "f16"), auto["sample_weights"], len(s.spec.auto_types), t)
 
 
-@needs_of("auto_quant_search")
 def auto_quant_search_job(s: Sizing, w, t):
     model, ev, auto = w["model"], s.spec.eval, s.spec.auto_quant
     typical = s.gguf(model, "q4_0")
@@ -285,7 +240,6 @@ def auto_quant_search_job(s: Sizing, w, t):
                                         ev["bench"]["repetitions"], t)  # fmt: skip
 
 
-@needs_of("check_generation")
 def check_generation_job(s: Sizing, w, t):
     generation = s.spec.checks["generation"]
     task = s.task(w["model"], generation["prompts"])
@@ -293,7 +247,6 @@ def check_generation_job(s: Sizing, w, t):
     return needs.check_generation_need(s.model(w["model"]), f16, task, generation["max_new_tokens"], t)
 
 
-@needs_of("compare_imatrix")
 def compare_imatrix_job(s: Sizing, w, t):
     compare = s.spec.checks["imatrix"]
     return needs.compare_imatrix_need(
@@ -307,51 +260,43 @@ def compare_imatrix_job(s: Sizing, w, t):
     )
 
 
-@needs_of("check_tokenizer")
 def check_tokenizer_job(s: Sizing, w, t):
     task_data = s.spec.models[w["model"]].task_data.values()
     return needs.check_tokenizer_need(s.model(w["model"]).arch, text_bytes(task_data))
 
 
-@needs_of("check_chat_template")
 def check_chat_template_job(s: Sizing, w, t):
     return needs.check_chat_template_need(s.model(w["model"]).arch)
 
 
-@needs_of("check_converter_vocab")
 def check_converter_vocab_job(s: Sizing, w, t):
     return needs.check_converter_vocab_need(s.model(w["model"]).arch)
 
 
 # runtime LoRA (rules/adapters.smk): the unmerged base through the same converter and llama-quantize
-@needs_of("make_unmerged_base")
 def make_unmerged_base_job(s: Sizing, w, t):
     return needs.make_unmerged_base_need(s.model(w["model"]), s.tokenizer_source(w["model"]))
 
 
-@needs_of("convert_base")
 def convert_base_job(s: Sizing, w, t):
-    return needs.convert_need(unmerged_base(s.model(w["model"])), s.gguf(w["model"], "f16", "base"))
+    return needs.convert_need(unmerged_base(s.model(w["model"])), s.gguf(w["model"], "f16", BASE))
 
 
-@needs_of("quantize_base")
 def quantize_base_job(s: Sizing, w, t):
-    f16, quant = s.gguf(w["model"], "f16", "base"), s.gguf(w["model"], w["qtype"], "base")
+    f16, quant = s.gguf(w["model"], "f16", BASE), s.gguf(w["model"], w["qtype"], BASE)
     return needs.quantize_need(f16, quant, w["qtype"], t)
 
 
-@needs_of("convert_adapter")
 def convert_adapter_job(s: Sizing, w, t):
     index = s.spec.models[w["model"]].adapter_names.index(w["adapter"])
     return needs.convert_adapter_need(s.model(w["model"]), index)
 
 
-@needs_of("check_runtime_lora")
 def check_runtime_lora_job(s: Sizing, w, t):
     generation = s.spec.checks["generation"]
     return needs.check_runtime_lora_need(
         s.gguf(w["model"], w["stage"]),
-        s.gguf(w["model"], w["stage"], "base"),
+        s.gguf(w["model"], w["stage"], BASE),
         s.lora_bytes(w["model"]),
         s.task(w["model"], generation["prompts"]),
         generation["max_new_tokens"],
@@ -359,26 +304,23 @@ def check_runtime_lora_job(s: Sizing, w, t):
     )
 
 
-@needs_of("eval_kl_divergence_lora")
 def eval_kl_divergence_lora_job(s: Sizing, w, t):
-    base = s.gguf(w["model"], w["qtype"], "base")
+    base = s.gguf(w["model"], w["qtype"], BASE)
     ctx, chunks = s.spec.eval["ctx"], s.spec.eval["chunks"]
     return needs.eval_kl_divergence_lora_need(base, s.lora_bytes(w["model"]), ctx, chunks, t)
 
 
-@needs_of("eval_task_lora")
 def eval_task_lora_job(s: Sizing, w, t):
-    base = s.gguf(w["model"], w["qtype"], "base")
+    base = s.gguf(w["model"], w["qtype"], BASE)
     task, max_new_tokens = s.task(w["model"]), s.spec.eval["max_new_tokens"]
     return needs.eval_task_lora_need(base, s.lora_bytes(w["model"]), task, max_new_tokens, t)
 
 
-@needs_of("bench_runtime_lora")
 def bench_runtime_lora_job(s: Sizing, w, t):
     bench = s.spec.eval["bench"]
     return needs.bench_runtime_lora_need(
         s.gguf(w["model"], w["qtype"]),
-        s.gguf(w["model"], w["qtype"], "base"),
+        s.gguf(w["model"], w["qtype"], BASE),
         s.lora_bytes(w["model"]),
         bench["prompt_tokens"],
         bench["gen_tokens"],
@@ -387,17 +329,30 @@ def bench_runtime_lora_job(s: Sizing, w, t):
     )
 
 
-@needs_of("build_llama_cpp")
 def build_llama_cpp_job(s: Sizing, w, t):
     return needs.build_llama_cpp_need(t)
 
 
-@needs_of("make_demo_base")
 def make_demo_base_job(s: Sizing, w, t):
     return needs.make_demo_base_need(s.model("demo"))
 
 
-@needs_of("train_demo_adapter")
 def train_demo_adapter_job(s: Sizing, w, t):
     demo = s.spec.demo
     return needs.train_demo_adapter_need(s.model("demo"), demo["batch_size"], demo["steps"], t, s.demo_example_tokens())
+
+
+def small_job(step: str, *figures, **named):
+    """A job whose cost does not grow with the model (needs.small), as `step`'s."""
+    return lambda s, w, t: needs.small(step, *figures, **named)
+
+
+fetch_llama_cpp_job = small_job("fetch_llama_cpp", disk=200 << 20, seconds=5 * 60)
+make_eval_text_job = small_job("make_eval_text")
+make_eval_report_job = small_job("make_eval_report", 10 << 20, 10 << 20)
+check_quality_gate_job = small_job("check_quality_gate")
+build_read_bandwidth_job = small_job("build_read_bandwidth")
+# npm ci's node_modules are scratch, deleted after the build; the page is a few MB
+build_webui_job = small_job("build_webui", 1 << 30, 800 << 20, 10 * 60)
+
+NEEDS = {r.name: globals()[r.need] for r in RULES}

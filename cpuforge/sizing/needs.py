@@ -1,5 +1,5 @@
 """One formula per rule: what a job of the rule needs (a Need: peak memory, disk, runtime), from the figures
-of its inputs (a Model, a Gguf, a Task) and its settings; named `<rule>_need`, and SMALL for the rules whose
+of its inputs (a Model, a Gguf, a Task) and its settings; named `<rule>_need`, and `small` for the rules whose
 cost does not grow with the model."""
 
 from __future__ import annotations
@@ -256,14 +256,3 @@ def bench_runtime_lora_need(merged: Gguf, base: Gguf, loras: list[int], prompt_t
 def small(rule: str, work: int = 0, disk: int = 1 << 20, seconds: float = 60) -> Need:
     """A step whose cost does not grow with the model."""
     return cost(rule, work, disk, seconds).need()
-
-
-SMALL = {
-    "fetch_llama_cpp": small("fetch_llama_cpp", disk=200 << 20, seconds=5 * 60),
-    "make_eval_text": small("make_eval_text"),
-    "make_eval_report": small("make_eval_report", 10 << 20, 10 << 20),
-    "check_quality_gate": small("check_quality_gate"),
-    "build_read_bandwidth": small("build_read_bandwidth"),
-    # npm ci's node_modules are scratch, deleted after the build; the page is a few MB
-    "build_webui": small("build_webui", 1 << 30, 800 << 20, 10 * 60),
-}
