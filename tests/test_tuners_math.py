@@ -196,7 +196,7 @@ def test_every_config_field_is_classified(peft_type):
         if kind == REFUSE:
             f = next(f for f in dataclasses.fields(config_class) if f.name == name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            assert tuner.accepted[name][0] == default, name
+            assert tuner.accepts(name)[0] == default, name
 
 
 @pytest.mark.unit
