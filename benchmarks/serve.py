@@ -36,6 +36,7 @@ from pathlib import Path
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.cli import check_threads, run
 from cpuforge.errors import InputError
+from cpuforge.io.files import write_json
 from cpuforge.llama.runtime import LOAD_MODE, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.text.task import load_split, messages
@@ -269,8 +270,7 @@ def main() -> None:
     # beside the workflow's own records: benchmarks/demo/serve_q4_0.json for results/demo/ggml-model-q4_0.gguf
     model = args.model.resolve()
     out = args.out or Path("benchmarks") / model.parent.name / f"serve_{model.stem.removeprefix('ggml-model-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(out, figures)
     log.info("figures written to %s", out)
 
 

@@ -10,13 +10,12 @@ The step is described once, in cpuforge.checks.tokenizer's docstring, which --he
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import write_json
 from cpuforge.checks.tokenizer import check_tokenizer
 import cpuforge.checks.tokenizer as library
 
@@ -35,8 +34,7 @@ def main() -> None:
         if not path.exists():
             raise InputError(f"{path}: not found.")
     record = check_tokenizer(args.gguf, args.merged, args.base, args.task_data, args.llama_bin)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out, record, ensure_ascii=False)
     log.info("tokenizer parity of %s written to %s", args.gguf, args.out)
 
 

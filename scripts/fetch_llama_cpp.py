@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 from cpuforge.llama.build import fetch_git, fetch_path, fetch_sdist
 import cpuforge.llama.build as library
 
@@ -33,7 +32,7 @@ def main() -> None:
             record = fetch_git(args.url, args.commit, tmp)
         else:
             record = fetch_path(args.path, args.commit, tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp / "SOURCE.json", record)
     log.info("llama.cpp %s source verified in %s", args.commit, args.out)
 
 

@@ -11,7 +11,6 @@ becomes the output only when complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 from cpuforge.io.gguf import open_gguf
 from cpuforge.text.generate import gguf_greedy_answers
 from cpuforge.llama.runtime import LOAD_MODE, load_gguf_vocab, load_llama_cpp, load_model, run_llama_tool
@@ -159,5 +158,5 @@ def compare(bin_dir, f16, merged, quant, imatrix, qtype, heldout, out, threads, 
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
         # both runs score against the same saved f16 logits, so either states the f16 perplexity
         record["f16"] = {"perplexity": kl["f16_perplexity"]}
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp, record)
     return record
