@@ -45,10 +45,11 @@ TUNERS = {
 }
 
 MAKE_BASE = """
-import sys, json, torch
+import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
+from cpuforge.io.files import write_json
 from cpuforge.sizing.model import Arch, llama_shapes
 out, layers = Path(sys.argv[1]), int(sys.argv[2])
 arch = Arch(layers, 4096, 32, 32, 11008, 32000)
@@ -60,7 +61,7 @@ config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size
               intermediate_size=arch.ffn, num_hidden_layers=layers, num_attention_heads=arch.heads,
               num_key_value_heads=arch.kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-6,
               tie_word_embeddings=False, torch_dtype="float32")
-(out / "config.json").write_text(json.dumps(config, indent=2))
+write_json(out / "config.json", config)
 # a word-level tokenizer of the model's vocabulary size: the merge checks that they agree
 Tokenizer(models.WordLevel({f"t{i}": i for i in range(arch.vocab)}, unk_token="t0")).save(str(out / "tokenizer.json"))
 """

@@ -140,6 +140,8 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], see
 
 def write_sharded(folder: Path, shapes: dict[str, list[int]], sparse: bool, max_shard: int = 10 * 10**9) -> None:
     """f16 shards of at most `max_shard` bytes, in HF's order, with HF's names and index."""
+    from cpuforge.io.files import write_json
+
     shards, size = [[]], 0
     for name, shape in shapes.items():
         nbytes = 2 * math.prod(shape)
@@ -159,7 +161,7 @@ def write_sharded(folder: Path, shapes: dict[str, list[int]], sparse: bool, max_
         print(f"base shard {i}/{len(shards)} written", file=sys.stderr)
     total = sum(2 * math.prod(s) for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_json(folder / "model.safetensors.index.json", index)
 
 
 def llama_tokenizer(out: Path, extended: int | None = None) -> None:
@@ -195,6 +197,8 @@ def llama_tokenizer(out: Path, extended: int | None = None) -> None:
 def write_lora(folder: Path, s: dict, rank: int, targets: list[str], seed: int, whole: dict | None = None) -> None:
     """A PEFT LoRA adapter: A and B random (so the merge changes every target), f32 as peft trains them;
     `whole` maps module names (embed_tokens, lm_head) to rows saved whole in f16 (modules_to_save)."""
+    from cpuforge.io.files import write_json
+
     folder.mkdir(parents=True)
     shapes = hf_shapes(s, s["vocab"])
     tensors = {}
@@ -211,7 +215,7 @@ def write_lora(folder: Path, s: dict, rank: int, targets: list[str], seed: int, 
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.05,
               "target_modules": targets, "modules_to_save": sorted(whole or {}) or None, "bias": "none",
               "fan_in_fan_out": False, "base_model_name_or_path": "base"}  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_json(folder / "adapter_config.json", config)
 
 
 def make_inputs(shape: str, inputs: Path, sparse: bool) -> None:

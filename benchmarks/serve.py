@@ -37,6 +37,7 @@ from cpuforge.catalogue import MERGED, parse_gguf
 from cpuforge.serve.chat import Generation, GGUFChat
 from cpuforge.cli import run
 from cpuforge.errors import InputError
+from cpuforge.io.files import write_json
 from cpuforge.llama.runtime import LOAD_MODE, check_threads, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.text.task import load_split, messages
@@ -271,8 +272,7 @@ def main() -> None:
     model, name = args.model.resolve(), parse_gguf(args.model)
     stage = name.stage if name and name.weights == MERGED else model.stem
     out = args.out or Path("benchmarks") / model.parent.name / f"serve_{stage}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(out, figures)
     log.info("figures written to %s", out)
 
 

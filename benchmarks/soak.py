@@ -39,6 +39,7 @@ from pathlib import Path
 from cpuforge.cli import run
 from cpuforge.errors import InputError
 from cpuforge.io.gguf import gguf_context_length
+from cpuforge.io.files import write_json
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, check_threads, llama_cpp_env
 from cpuforge.paths import default_llama_bin, model_name
 from cpuforge.serve.engine import llama_server_command
@@ -336,8 +337,7 @@ def main() -> None:
     figures = soak(args.model, args.llama_bin or default_llama_bin(), args.clients, args.minutes,
                    check_threads(args.threads), args.parallel)  # fmt: skip
     out = args.out or Path("benchmarks") / args.model.resolve().parent.name / f"soak_{model_name(args.model)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(out, figures)
     print(table(figures))
     log.info("figures written to %s", out)
     unexpected = sum(n for k, n in figures["ours"]["errors"].items() if k.startswith("unexpected"))

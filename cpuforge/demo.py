@@ -8,13 +8,12 @@ model, so the weights go into a fresh model built from the same config.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import random
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 from cpuforge.text.generate import greedy_answers
 from cpuforge.text.prompt import prompt_ids
 from cpuforge.io.provenance import provenance, write_provenance
@@ -112,6 +111,6 @@ def train(base: Path, out: Path, steps: int, batch_size: int, lr: float, rank: i
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         figures = {"heldout_exact_match": {"base": base_em, "base+adapter": tuned_em}, "heldout_size": len(heldout)}
-        (tmp / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(tmp / "eval.json", figures)
     facts = {"step": "train_demo_adapter", "seed": seed, "steps": steps}
     write_provenance(out, provenance(out, {"base": base, "task": TASK_DIR}, **facts))

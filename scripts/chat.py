@@ -1,22 +1,11 @@
-"""Chat with a model in the terminal, on CPU: a GGUF the workflow made, or the merged HF model.
+"""Example:
 
     python -m scripts.chat results/demo/ggml-model-q4_0.gguf
     python -m scripts.chat results/demo/ggml-model-q4_0.gguf --prompt "..."   # one answer, then exit
     python -m scripts.chat --hf results/demo/merged --num-beams 4             # before converting
     python -m scripts.chat results/demo/base-q4_0.gguf --lora results/demo/adapters/1-demo.gguf   # runtime LoRA
 
-A GGUF runs through llama-cpp-python on the pinned libllama (--llama-bin, default: the
-workflow's build); a HF folder runs through transformers' generate on the CPU. Both format
-the conversation with the model's own chat template and stream the answer (beam search
-prints it when the search ends). A GGUF is fed the token ids transformers gives for that
-prompt, from the merged model's tokenizer (results/{model}/merged beside the GGUF, or
---tokenizer FOLDER); without one, the GGUF's own template tokenized by llama.cpp.
-Generation is greedy, up to 1024 new tokens, unless a generation config
-(--generation-config, HF generation_config.json keys) or the flags say otherwise; flags win.
---threads (generation) and --threads-batch (prompt processing) default to
-`recommended_threads` and `recommended_threads_batch` in the eval report
-(results/{model}/report/metrics.json) when there is one, else the physical core count.
-Type /reset to start a new conversation; Ctrl-D or Ctrl-C ends the chat.
+The step is described once, in cpuforge.serve.chat's docstring, which --help shows first.
 """
 
 from __future__ import annotations
@@ -31,10 +20,13 @@ from cpuforge.cli import run
 from cpuforge.errors import InputError
 from cpuforge.llama.runtime import MAX_DEFAULT_CTX, default_thread_counts
 from cpuforge.serve.adapters import parse_scaled_file
+import cpuforge.serve.chat as library
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=library.__doc__, epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", nargs="?", type=Path, help="GGUF file")
     parser.add_argument("--hf", type=Path, metavar="FOLDER", help="merged HF model folder instead of a GGUF")
     parser.add_argument("--prompt", help="answer this one message and exit")

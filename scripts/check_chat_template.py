@@ -16,12 +16,11 @@ chat on it is plain completion, never a guessed template.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import write_json
 from cpuforge.checks.chat_template import check_chat_template
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ def main() -> None:
         if not path.exists():
             raise InputError(f"{path}: not found.")
     record = check_chat_template(args.gguf, args.merged, args.llama_bin, args.heldout)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out, record, ensure_ascii=False)
     log.info("chat template parity of %s written to %s", args.gguf, args.out)
 
 

@@ -13,13 +13,12 @@ sentence naming the tokenizer folder and what the converter said.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, run
 from cpuforge.llama.convert import check_converter_vocab
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     with atomic_output(args.out) as tmp:
         record = check_converter_vocab(args.source, args.base, args.adapter, tmp.with_name(tmp.name + ".work"))
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp, record)
     log.info("the pinned converter reads %s: %s", record["tokenizer"], record)
 
 

@@ -20,13 +20,12 @@ and the GGUF's exact match against the task's answers.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from cpuforge.cli import add_flags, run
 from cpuforge.llama.runtime import check_threads
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import write_json
 from cpuforge.checks.generation import check_generation
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,7 @@ def main() -> None:
         args.gguf, args.merged, args.heldout, args.llama_bin, args.threads,
         args.max_new_tokens, args.min_agreement, args.prompts,
     )  # fmt: skip
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out, record, ensure_ascii=False)
     log.info("generation parity of %s written to %s", args.gguf, args.out)
 
 

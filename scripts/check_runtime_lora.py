@@ -14,14 +14,13 @@ agreement without a threshold, as for a quantized base against the merged model 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, run
-from cpuforge.llama.runtime import check_threads
-from cpuforge.io.files import atomic_output
 from cpuforge.checks.runtime_lora import check_runtime_lora
+from cpuforge.io.files import write_json
+from cpuforge.llama.runtime import check_threads
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,7 @@ def main() -> None:
         args.gguf, args.lora, args.merged_gguf, args.heldout, args.llama_bin, check_threads(args.threads),
         args.max_new_tokens, args.min_agreement, args.prompts, gated=not args.no_gate,
     )  # fmt: skip
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out, record, ensure_ascii=False)
     log.info("runtime LoRA parity of %s written to %s", args.gguf, args.out)
 
 

@@ -1,41 +1,31 @@
-"""Check that a GGUF tokenizes exactly as the merged HF model's tokenizer does.
+"""Example:
 
     python -m scripts.check_tokenizer --gguf results/demo/ggml-model-q4_0.gguf --merged results/demo/merged \
         --base resources/demo/base --task-data data/demo_task/train.jsonl --task-data data/demo_task/heldout.jsonl \
         --llama-bin BUILD/bin --out results/demo/checks/tokenizer-q4_0.json
 
-Both sides tokenize each sample as their runtime does, special tokens parsed and
-BOS/EOS added by the tokenizer's own rules: transformers' `tokenizer(text)` on the
-merged folder (what training saw), llama-cpp-python's `tokenize(text, add_bos=True,
-special=True)` on the GGUF's vocabulary (what its completion path does), loaded
-vocab-only through the pinned libllama. The id sequences must be equal.
-
-The adapter's task data is the gate: every sample must agree, or the step fails
-with one sentence naming the artifact and the first differing string. The other
-corpora (prose, special-token strings, rendered chat prompts, whitespace runs,
-digits, emoji, CJK) are measured and their first mismatches listed. For an
-extended vocabulary (words the merged vocabulary has and the base's has not),
-each added word alone must tokenize alike on both sides with no byte fallback;
-how many reach their added piece is counted on each side.
+The step is described once, in cpuforge.checks.tokenizer's docstring, which --help shows first.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import add_flags, run
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import write_json
 from cpuforge.checks.tokenizer import check_tokenizer
+import cpuforge.checks.tokenizer as library
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=library.__doc__, epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_flags(parser, "gguf", "merged", "llama-bin", "out")
     parser.add_argument("--base", type=Path, help="base HF model folder, to find the words an adapter added")
     parser.add_argument("--task-data", type=Path, action="append", default=[], help="task data file; repeat")
@@ -44,8 +34,7 @@ def main() -> None:
         if not path.exists():
             raise InputError(f"{path}: not found.")
     record = check_tokenizer(args.gguf, args.merged, args.base, args.task_data, args.llama_bin)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_json(args.out, record, ensure_ascii=False)
     log.info("tokenizer parity of %s written to %s", args.gguf, args.out)
 
 

@@ -1,17 +1,4 @@
-"""Convert a merged HF model folder to a GGUF file with the pinned llama.cpp converter.
-
-Runs `convert_hf_to_gguf.py` and `gguf-py` from the same verified llama.cpp
-source that the quantizer and the runtime were built from. The converter
-writes to its output name directly, so here it writes a scratch file that is
-copied, with cpuforge's provenance added to the GGUF metadata, to a `.partial`
-name, renamed only when all of it succeeded.
-
-The GGUF must tokenize as transformers does with the merged folder, and the
-converter reads tokenizer files its own way. So it reads a staged view of the
-folder whose sentencepiece files state what transformers uses (scores in the
-order of tokenizer.json's merges, tokenizer.json's added tokens), and the copy
-states transformers' BOS/EOS behaviour and chat template in the metadata.
-"""
+"""The CLI of the convert step, described once in cpuforge.llama.convert's docstring (--help shows it)."""
 
 from __future__ import annotations
 
@@ -24,12 +11,13 @@ from cpuforge.llama.runtime import check_threads
 from cpuforge.llama.convert import OUTTYPES, convert
 from cpuforge.io.files import read_json
 from cpuforge.io.provenance import provenance, write_provenance
+import cpuforge.llama.convert as library
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=library.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, required=True, help="verified llama.cpp source folder")
     add_flags(parser, "merged", "out", "threads", merged={"help": "HF model folder (the merged model)"})
     parser.add_argument("--outtype", choices=sorted(OUTTYPES), default="f16")

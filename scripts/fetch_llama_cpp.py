@@ -1,32 +1,21 @@
-"""Fetch the pinned llama.cpp source and verify it before anything is built.
-
-Three kinds of source, all verified:
-  sdist  the llama-cpp-python sdist from the package index (checked by sha256);
-         its vendor/llama.cpp is the source, and the sdist's own git record of
-         the submodule must name the expected commit.
-  git    a clone of `--url` checked out at `--commit` (checked with rev-parse).
-  path   a local git checkout whose HEAD must be `--commit`.
-
-The source lands in `--out` (written as `--out`.partial, renamed when complete),
-with SOURCE.json recording what was fetched and how it was verified.
-"""
+"""The CLI of the fetch_llama_cpp step, described once in cpuforge.llama.build's docstring (--help shows it)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.cli import run
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 from cpuforge.llama.build import fetch_git, fetch_path, fetch_sdist
+import cpuforge.llama.build as library
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=library.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["sdist", "git", "path"], required=True)
     parser.add_argument("--commit", required=True, help="the llama.cpp commit the source must be at")
     parser.add_argument("--package", default="llama-cpp-python", help="sdist: package name")
@@ -43,7 +32,7 @@ def main() -> None:
             record = fetch_git(args.url, args.commit, tmp)
         else:
             record = fetch_path(args.path, args.commit, tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp / "SOURCE.json", record)
     log.info("llama.cpp %s source verified in %s", args.commit, args.out)
 
 

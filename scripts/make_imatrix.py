@@ -1,16 +1,10 @@
-"""Compute an importance matrix from the f16 GGUF on the fine-tune's own data plus general prose.
+"""Example:
 
     python -m scripts.make_imatrix --llama-bin BUILD/bin --gguf results/demo/ggml-model-f16.gguf \
         --merged results/demo/merged --task-data data/demo_task/train.jsonl --prose-chars 100000 \
         --out results/demo/imatrix.gguf --threads 8
 
-The calibration text is each task row as the model saw it in training (its
-prompt rendered by the merged model's chat template, then its answer), followed
-by prose: the calibration half of Python's documentation topics, never the half
-that evaluation scores. The pinned `llama-imatrix` runs over it in chunks of
-`--ctx-size` tokens (special tokens parsed, since the rendered prompts hold
-them), showing progress in the log, and writes its GGUF-format matrix, which
-becomes the output only when complete.
+The step is described once, in cpuforge.llama.imatrix's docstring, which --help shows first.
 """
 
 from __future__ import annotations
@@ -24,12 +18,15 @@ from cpuforge.llama.runtime import check_threads
 from cpuforge.errors import InputError
 from cpuforge.llama.imatrix import calibration_text, make_imatrix
 from cpuforge.io.provenance import provenance, write_provenance
+import cpuforge.llama.imatrix as library
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=library.__doc__, epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_flags(parser, "llama-bin", "gguf", "merged", "ctx-size", "out", "threads", gguf={"help": "the f16 GGUF"},
               merged={"help": "merged HF model folder (its chat template)"})  # fmt: skip
     parser.add_argument("--task-data", type=Path, action="append", default=[], help="training data file; repeat")

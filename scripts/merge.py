@@ -1,18 +1,8 @@
-"""Merge LoRA adapters into their base model, tensor by tensor, straight from safetensors (or the
-PyTorch .bin shards of the seed's era, memory-mapped a shard at a time; the output is safetensors).
+"""Example:
 
     python -m scripts.merge --base BASE --adapter A1 [--adapter A2 ...] --out MERGED [--verify]
 
-Adapters are applied in the order given, each on the result of the ones before.
-Every input is checked from its headers before any weight is read. Then each
-base shard is read one tensor at a time, the adapters' whole tensors
-(`modules_to_save`, resized embeddings) replace it and their LoRA deltas are
-added in f32, and the shard is written out: peak memory is one shard plus one
-tensor, not the model. The merged folder gets the base's config (vocab size
-and embedding tying updated) and the tokenizer files of the last adapter that
-has them, else the base's: no file needs copying by hand. A sentencepiece
-tokenizer.model that comes without tokenizer.json gets one that merges in
-score order, as sentencepiece and llama.cpp do.
+The step is described once, in cpuforge.merge.merge's docstring, which --help shows first.
 """
 
 from __future__ import annotations
@@ -28,12 +18,15 @@ from cpuforge.merge.formats import describe
 from cpuforge.merge.plan import DTYPES
 from cpuforge.merge.merge import VERIFY_PROMPTS, merge
 from cpuforge.io.provenance import provenance, write_provenance
+import cpuforge.merge.merge as library
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=library.__doc__, epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", type=Path, required=True, help="HF model folder")
     parser.add_argument("--adapter", type=Path, action="append", required=True,
                         help="PEFT adapter folder (LoRA, DoRA, IA3, LoHa, …); repeat, in order")

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from helpers.models import make_lora, make_tiny_llama
+from helpers.tuners import CASES, NEEDS_BIAS, peft_config
 from safetensors.torch import load_file
 
 from cpuforge.errors import InputError
@@ -28,15 +29,22 @@ def bias_base(tmp_path_factory):
 
 
 def trained_adapter(base, out, seed=7, **lora):
-    """A peft LoRA adapter on `base`, its every trainable parameter moved off its initial value as training
-    would (B off zero, DoRA's magnitude off the weight norm, trainable tokens off the embeddings), and the
+    """A peft LoRA adapter on `base` and peft's merge of it (trained, as below)."""
+    from peft import LoraConfig
+
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], **lora}
+    return trained(base, out, LoraConfig(task_type="CAUSAL_LM", **settings), seed)
+
+
+def trained(base, out, config, seed):
+    """The adapter `config` on `base`, its every trainable parameter moved off its initial value as training would
+    (B off zero, DoRA's magnitude off the weight norm, trainable tokens off the embeddings), saved in `out`; and the
     reference: peft's merge_and_unload of that same model, as a state dict."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], **lora}
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(task_type="CAUSAL_LM", **settings))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
     with torch.no_grad():
         for _, param in model.named_parameters():
             if param.requires_grad:
@@ -51,6 +59,13 @@ def merged_state(folder):
     for f in folder.glob("*.safetensors"):
         state |= load_file(f)
     return state
+
+
+def refusal(base, adapters, out) -> str:
+    """The sentence the merge of `adapters` into `base` stops with."""
+    with pytest.raises(InputError) as e:
+        merge(base, adapters, out, "f32")
+    return str(e.value)
 
 
 def max_difference(folder, reference) -> float:
@@ -127,9 +142,7 @@ def edit_config(adapter, **fields):
 def test_inits_that_left_an_unknowable_residual_are_refused_with_how_to_convert(tmp_path, tiny_base, init):
     adapter = make_lora(tiny_base, tmp_path / "adapter")
     path = edit_config(adapter, init_lora_weights=init)
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == (
         f"{path}: init_lora_weights is {init!r}, so the adapter was saved for the residual base peft made when it "
         "initialised it (the base minus the initial adapter, which depends on more than the base); save it with "
         "peft's save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>) "
@@ -188,9 +201,8 @@ def test_refused_fields_are_named(tmp_path, tiny_base, tiny_adapter, field):
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     value, why = REFUSALS[field]
     path = edit_config(adapter, **{field: value})
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == f"{path}: {field} is {value!r}; cpuforge will not merge it: {why}."
+    said = f"{path}: {field} is {value!r}; cpuforge will not merge it: {why}."
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == said
 
 
 @pytest.mark.unit
@@ -199,9 +211,7 @@ def test_unknown_field_is_refused_by_name(tmp_path, tiny_base, tiny_adapter):
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     path = edit_config(adapter, lora_flux=0.5)
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == (
         f"{path}: field 'lora_flux' (value 0.5) is not one of peft 0.21.2's LoraConfig, so cpuforge cannot tell what "
         "it does to the merged weights."
     )
@@ -224,9 +234,7 @@ def test_a_config_peft_refuses_is_refused_in_its_words(tmp_path, tiny_adapter, t
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     path = edit_config(adapter, **fields)
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == f"{path}: peft refuses this config: {said}"
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == f"{path}: peft refuses this config: {said}"
 
 
 @pytest.mark.unit
@@ -235,9 +243,7 @@ def test_tuner_tensors_of_a_module_its_config_does_not_select_are_refused(tmp_pa
     drop the others' tensors on loading, so a merge of them would not be peft's."""
     adapter, _ = trained_tuner_adapter(tiny_base, tmp_path / "adapter", "LOHA")
     path = edit_config(adapter, target_modules=["q_proj", "v_proj", "up_proj"])
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == (
         f"{path}: target_modules ['q_proj', 'v_proj', 'up_proj'] (layers_to_transform None) do not select "
         "model.layers.0.mlp.down_proj, but adapter_model.safetensors tensor "
         "base_model.model.model.layers.0.mlp.down_proj.hada_w1_a adapts it; peft would drop that tensor."
@@ -250,9 +256,7 @@ def test_tuner_tensors_of_a_module_its_config_does_not_select_are_refused(tmp_pa
 @pytest.mark.unit
 def test_lora_bias_on_a_base_without_biases_is_refused_as_peft_refuses(tmp_path, tiny_base, bias_base):
     adapter, _ = trained_adapter(bias_base, tmp_path / "adapter", lora_bias=True)
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == (
         f"{adapter / 'adapter_config.json'}: lora_bias is true, but the base {tiny_base} has no bias "
         "model.layers.0.mlp.up_proj.bias for adapter_model.safetensors tensor "
         "base_model.model.model.layers.0.mlp.up_proj.lora_B.bias; peft refuses this merge too (the base layer has "
@@ -294,9 +298,7 @@ def test_quantized_base_is_named_with_what_to_give_instead(tmp_path, tiny_base, 
     config = json.loads((base / "config.json").read_text())
     quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
     (base / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}))
-    with pytest.raises(InputError) as e:
-        merge(base, [tiny_adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(base, [tiny_adapter], tmp_path / "merged") == (
         f"{base / 'config.json'}: this base model is quantized (quantization_config: bitsandbytes 4-bit), and "
         "cpuforge merges into 16- or 32-bit weights; give the 16-bit model it was quantized from."
     )
@@ -311,62 +313,15 @@ def test_qlora_adapter_merges_into_the_16_bit_base(tmp_path, tiny_base):
     assert max_difference(tmp_path / "merged", reference) < TOLERANCE
 
 
-# each tuner other than LoRA, as configured to go through the plan and the streamed merge (the tuners' math over
-# every option is tests/test_tuners_math.py's): on attention and MLP layers unless the tuner adapts others
+# each tuner other than LoRA goes through the plan and the streamed merge on every case of the tuners' table (the
+# module-by-module math of each is tests/test_tuners_math.py's): on attention and MLP layers unless the case names
+# others
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-TUNER_CASES = {
-    "IA3": [dict(feedforward_modules=["down_proj"])],
-    "LOHA": [dict(r=4, alpha=8, rank_pattern={"up_proj": 2})],
-    "LOKR": [dict(r=4, alpha=8, decompose_both=True)],
-    "ADALORA": [dict(init_r=6, lora_alpha=8, total_step=10)],
-    "VERA": [dict(r=8, target_modules=["q_proj", "v_proj"]), dict(r=8, save_projection=False, projection_prng_key=7)],
-    "FOURIERFT": [dict(n_frequency=200, scaling=30.0)],
-    "HIRA": [dict(r=4)],
-    "SHIRA": [dict(r=2, random_seed=3)],
-    "OFT": [dict(oft_block_size=16)],
-    "HRA": [dict(r=4), dict(r=6, apply_GS=True)],
-    "C3A": [dict(block_size=16)],
-    "DELORA": [dict(r=4, delora_lambda=3)],
-    "VBLORA": [dict(r=2, num_vectors=300, vector_length=16, topk=2, save_only_topk_weights=True)],
-    "PVERA": [dict(r=8)],
-    "ROAD": [dict(variant="road_2", group_size=32)],
-    "BOFT": [dict(boft_block_size=8)],
-    "MISS": [dict(r=16, init_weights="mini", mini_r=4)],
-    "SUPERTUNING": [dict(sparsity=0.95, select_top=False, r=4, lora_alpha=8)],
-    "GLORA": [dict(r=4)],
-    "BEFT": [dict()],
-    "LN_TUNING": [dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])],
-    "TRAINABLE_TOKENS": [dict(target_modules=["embed_tokens"], token_indices=[1, 5, 7, 90])],
-    "RANDLORA": [dict(r=24, randlora_alpha=5, sparse=True, projection_prng_key=3)],
-    "GRALORA": [dict(r=8, gralora_k=4, hybrid_r=2, alpha=5)],
-    "PEANUT": [dict(r=4, depth=2, act_fn="gelu", scaling=0.3)],
-    "DEFT": [dict(r=4, decomposition_method="qr", alpha=8)],
-}
-NEEDS_BIAS = {"BEFT"}  # peft refuses to merge it into a layer without a bias
-
-
-def tuner_configs(peft_type: str) -> list:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    assert peft_type in TUNER_CASES, f"{peft_type}: the merge implements it, but this test has no config to try it on"
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    return [config_class(**{"target_modules": TARGETS, **kwargs}) for kwargs in TUNER_CASES[peft_type]]
 
 
 def trained_tuner_adapter(base, out, peft_type, seed=11, case=0):
-    """As trained_adapter, for a tuner other than LoRA."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), tuner_configs(peft_type)[case])
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(out)
-    with torch.no_grad():
-        return out, {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
+    """As trained_adapter, for a tuner other than LoRA: a case of the tuners' table."""
+    return trained(base, out, peft_config(peft_type, case, TARGETS), seed)
 
 
 def implemented_tuners():
@@ -375,18 +330,21 @@ def implemented_tuners():
     return sorted(TUNERS)
 
 
-@pytest.mark.slow  # every variant made and merged by peft, then by us: minutes in all, so not in the fast loop
+# the fast loop checks every case's math (test_tuners_math); this adds the plan, the streamed writer and the sizing
+# on two real bases, every case made and merged by peft, then by us: too long for the fast loop
+@pytest.mark.slow
 @pytest.mark.parametrize("peft_type", implemented_tuners())
 def test_tuner_merges_as_peft_does(tmp_path, tiny_base, bias_base, peft_type):
     """Through the plan and the streamed merge, on a base without biases and on one with them."""
     bases = (bias_base,) if peft_type in NEEDS_BIAS else (tiny_base, bias_base)
-    cases = [(base, case) for case in range(len(tuner_configs(peft_type))) for base in bases]
+    cases = [(base, case) for case in range(len(CASES[peft_type])) for base in bases]
     for base, case in cases:
         folder = tmp_path / f"{base.parent.name}-{case}"
         adapter, reference = trained_tuner_adapter(base, folder / "adapter", peft_type, case=case)
         merge(base, [adapter], folder / "merged", "f32")
         assert max_difference(folder / "merged", reference) < TOLERANCE, (base, case)
-        assert max_difference(base, reference) > 1e-3
+        # the adapter changes the model by more than the tolerance (COFT's by little), so doing nothing would fail
+        assert max_difference(base, reference) > 2 * TOLERANCE
         # the sizing reads the same plan: every tuner's working set has a figure (biases, norms, shared tensors)
         m = plan_model(check_inputs(base, [adapter]), "f32")
         assert m.merge_peak >= max(t.nbytes for t in m.base.values()), (base, case)
@@ -409,9 +367,8 @@ def test_prompt_tuning_is_refused_with_its_reason(tmp_path, tiny_base, tiny_adap
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     path = edit_config(adapter, peft_type="PREFIX_TUNING")
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == f"{path}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED_TUNERS['PREFIX_TUNING']}."
+    said = f"{path}: peft_type 'PREFIX_TUNING' cannot be merged: {REFUSED_TUNERS['PREFIX_TUNING']}."
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == said
 
 
 @pytest.mark.unit
@@ -474,9 +431,7 @@ def test_tuner_adapter_for_another_base_is_named_from_headers(tmp_path, tiny_bas
     """The tuner's merge tried on shapes alone (meta tensors): no weight is read, no merged folder begun."""
     other = make_tiny_llama(tmp_path / "other", hidden_size=96, num_attention_heads=3)
     adapter, _ = trained_tuner_adapter(other, tmp_path / "adapter", "LOHA")
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    message = str(e.value)
+    message = refusal(tiny_base, [adapter], tmp_path / "merged")
     assert message.startswith(f"{adapter / 'adapter_model.safetensors'}: ")
     assert "model.layers.0.mlp.down_proj" in message
     assert message.endswith("this adapter was made for another base model.")
@@ -522,9 +477,7 @@ def test_gguf_of_the_merged_folder_loads_and_answers(tmp_path, tiny_base, llama_
 @pytest.mark.unit
 def test_beft_into_a_base_without_biases_is_refused_as_peft_refuses(tmp_path, tiny_base, bias_base):
     adapter, _ = trained_tuner_adapter(bias_base, tmp_path / "adapter", "BEFT")
-    with pytest.raises(InputError) as e:
-        merge(tiny_base, [adapter], tmp_path / "merged", "f32")
-    assert str(e.value) == (
+    assert refusal(tiny_base, [adapter], tmp_path / "merged") == (
         f"{adapter / 'adapter_model.safetensors'}: the BEFT tensors of model.layers.0.mlp.down_proj change its bias, "
         "but the base has no model.layers.0.mlp.down_proj.bias; peft refuses this merge too."
     )

@@ -9,12 +9,11 @@ match on the held-out task prompts.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from cpuforge.evaluate.perplexity import parse_kl_output
-from cpuforge.io.files import atomic_output
+from cpuforge.io.files import atomic_output, write_json
 from cpuforge.io.gguf import open_gguf
 from cpuforge.llama.quant import NEEDS_IMATRIX, quantize
 from cpuforge.llama.runtime import LOAD_MODE, load_llama_cpp, load_model, run_llama_tool
@@ -103,5 +102,5 @@ def compare(bin_dir, f16, merged, quant, imatrix, qtype, heldout, out, threads, 
             log.info("%s %s the importance matrix: %s", qtype, side, record[side])
         # both runs score against the same saved f16 logits, so either states the f16 perplexity
         record["f16"] = {"perplexity": kl["f16_perplexity"]}
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(tmp, record)
     return record

@@ -100,9 +100,10 @@ def read_json(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: not valid JSON ({e}).") from None
 
 
-def write_json(path: str | os.PathLike, record: dict) -> None:
+def write_json(path: str | os.PathLike, record: dict, *, sort_keys: bool = False, ensure_ascii: bool = True) -> None:
+    """`record` as indented JSON with a final newline, written atomically (the one way cpuforge writes JSON)."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n")
 
 
 def size_on_disk(path: str | os.PathLike) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from cpuforge.io.files import atomic_output, sha256_tree
+from cpuforge.io.files import sha256_tree, write_json
 from cpuforge.io.gguf import field_values, open_gguf, row_bytes
 
 
@@ -41,8 +41,7 @@ def provenance(artifact: str | os.PathLike, inputs: dict[str, str | os.PathLike]
 def write_provenance(artifact: str | os.PathLike, record: dict) -> None:
     """Write a provenance() record beside its artifact as `<artifact>.provenance.json`."""
     artifact = Path(artifact)
-    with atomic_output(artifact.with_name(artifact.name + ".provenance.json")) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(artifact.with_name(artifact.name + ".provenance.json"), record, sort_keys=True)
 
 
 def copy_gguf_with_provenance(

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output, read_json
+from cpuforge.io.files import atomic_output, read_json, write_json
 from cpuforge.io.gguf import read_metadata
 from cpuforge.io.provenance import copy_gguf_with_provenance
 from cpuforge.io.safetensors import safetensors_header
@@ -129,7 +129,7 @@ def stage_for_converter(model: Path, stage: Path) -> list[str]:
         config["added_tokens_decoder"] = {
             str(t["id"]): {k: t[k] for k in fields if k in t} for t in data.get("added_tokens", [])
         }
-        (stage / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+        write_json(stage / "tokenizer_config.json", config, ensure_ascii=False)
         restated = ["tokenizer.model scores from tokenizer.json merges", "added tokens from tokenizer.json"]
     for f in sorted(model.iterdir()):
         if not (stage / f.name).exists() and not f.name.startswith("."):

@@ -13,21 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpuforge.errors import InputError
+from cpuforge.merge.tuners.base import PEFT_CONFIG_FIELDS
 
 EXACT = "exact"
 REFUSED = "refused"
-
-# the fields every peft config inherits from PeftConfig, for every tuner
-PEFT_CONFIG_FIELDS = {
-    "task_type": "ignored: names the head peft wraps (CAUSAL_LM, …); a head that is trained is saved as tensors",
-    "peft_type": EXACT,  # picks the tuner, and so the formula
-    "auto_mapping": "ignored: the class peft loads a model without task_type with",
-    "peft_version": "ignored: the peft that saved the adapter; the tensors and fields say what it does",
-    "base_model_name_or_path": "ignored: a name; the base given is checked against the tensors' shapes, and a "
-    "QLoRA adapter names the quantized repository it trained on, whose 16-bit source is the right base",
-    "revision": "ignored: the revision of base_model_name_or_path, a name as well",
-    "inference_mode": "ignored: whether the adapter's parameters were trainable when saved",
-}
 
 LORA_FIELDS = PEFT_CONFIG_FIELDS | {
     "r": EXACT,  # checked against the tensors' rank

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cpuforge.constants import EMBED, LM_HEAD
 from cpuforge.errors import InputError
-from cpuforge.io.files import atomic_output, read_json
+from cpuforge.io.files import atomic_output, read_json, write_json
 from cpuforge.merge.adapter import Adapter, Lora, Tuned
 from cpuforge.merge.plan import DTYPES, Plan, adapter_embedding_rows, check_inputs, lora_delta
 from cpuforge.merge.folders import TOKENIZER_FILES, merged_shard_name
@@ -60,7 +60,7 @@ def write_sentencepiece_tokenizer_json(folder: Path) -> None:
         return
     scores = {p.piece: p.score for p in proto.pieces}
     data["model"]["merges"] = [list(m) for m in generate_merges(data["model"]["vocab"], scores)]
-    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    write_json(folder / "tokenizer.json", data, ensure_ascii=False)
     log.info("tokenizer.json written from tokenizer.model with its merges in score order")
 
 
@@ -169,7 +169,7 @@ def write_model_files(base: Path, plan: Plan, dtype: str, folder: Path) -> None:
     merged), generation_config.json and the tokenizer files."""
     config = read_json(base / "config.json")
     config |= {"dtype": DTYPES[dtype], "vocab_size": plan.shapes[EMBED][0], "tie_word_embeddings": plan.tied}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(folder / "config.json", config, sort_keys=True)
     if (base / "generation_config.json").is_file():
         shutil.copy2(base / "generation_config.json", folder)
     copy_tokenizer(plan.tokenizer, folder)
@@ -218,7 +218,7 @@ def merge(base: Path, adapters: list[Path], out: Path, dtype: str, verify_prompt
             log.info("merged shard %d/%d: %s (%d tensors)", i, len(shards), merged_shard_name(shard), len(names))
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_json(tmp / "model.safetensors.index.json", index)
         write_model_files(base, plan, dtype, tmp)
         progress.close()
         log.info("tokenizer files taken from %s", plan.tokenizer)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, REFUSE, Tuner, usual_fields
 
 SCHEDULE = "ignored: the rank budget schedule of training; its outcome is in rank_pattern and the saved tensors"
 NOT_READ = "ignored: AdaLoRA's layers never read it (peft's AdaLoraLayer.update_layer and get_delta_weight)"
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="init_weights"),
     "r": "ignored: AdaLoRA starts at init_r and peft warns that r is not used",
     "init_r": "exact",
     "lora_alpha": "exact",
@@ -21,11 +21,6 @@ FIELDS = {
     "use_rslora": NOT_READ,
     "alpha_pattern": NOT_READ,
     "runtime_config": "ignored: where the adapter runs (GPU offload), not what it computes; peft does not save it",
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
-    "modules_to_save": MODULES_TO_SAVE,
     "megatron_core": "ignored: names the package megatron_config would use, and megatron_config is refused",
     "qalora_group_size": "ignored: used only with use_qalora, which is refused",
     **{k: SCHEDULE for k in "target_r tinit tfinal deltaT beta1 beta2 orth_reg_weight total_step".split()},
@@ -33,7 +28,6 @@ FIELDS = {
 ACCEPTED = {
     # a string (pissa, olora, …) is truthy to AdaLoRA, which then starts as with True; refused to be safe
     "init_lora_weights": (True, False),
-    "bias": ("none",),  # other values train the base's biases, saved beside the adapter
     "loftq_config": ({}, None),
     "use_dora": (False,),
     "use_qalora": (False,),

@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     # block size and count are the stored tensor's shape; the factor count too, and it fixes the permutations
     "boft_block_size": "exact",
     "boft_block_num": "exact",
     "boft_n_butterfly_factor": "exact",
     "boft_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -65,4 +58,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return torch.mm(r, weight.t()).t() * tensors["boft_s"].float()
 
 
-TUNER = Tuner("BOFT", FIELDS, ("boft_R", "boft_s"), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("BOFT", FIELDS, ("boft_R", "boft_s"), merged_weight)

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="exclude_modules"),
     "block_size": "exact",  # each module's block size is its kernel's last dimension
     "block_size_pattern": "exact",
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -35,4 +29,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight + circulant(tensors["c3a_kernel"].float()) / weight.shape[-1]
 
 
-TUNER = Tuner("C3A", FIELDS, ("c3a_kernel",), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("C3A", FIELDS, ("c3a_kernel",), merged_weight)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     "r": "exact",  # the saved tensors' shape
     "decomposition_method": "exact",
     "alpha": "exact",
@@ -16,13 +16,6 @@ FIELDS = {
     "init_scale": INIT,
     "deft_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -45,4 +38,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight + q @ (tensors["deft_R"].float() * scaling - factor)
 
 
-TUNER = Tuner("DEFT", FIELDS, ("deft_P", "deft_R"), merged_weight, accepted={"bias": ("none",)}, optional=("deft_R",))
+TUNER = Tuner("DEFT", FIELDS, ("deft_P", "deft_R"), merged_weight, optional=("deft_R",))

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, INIT, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     "r": "exact",
     "rank_pattern": "exact",  # each module's rank is its tensors' rank
     # the starting lambda; the trained one is the tensor delora_lambda
     "delora_lambda": INIT,
     "lambda_pattern": INIT,
     "module_dropout": DROPOUT,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -40,5 +33,4 @@ TUNER = Tuner(
     FIELDS,
     ("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
     merged_weight,
-    accepted={"bias": ("none",)},
 )

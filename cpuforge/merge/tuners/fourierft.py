@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import FAN_IN_FAN_OUT_LINEAR, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     "n_frequency": "exact",  # each module's count is its spectrum's length
     "n_frequency_pattern": "exact",
     "scaling": "exact",
     "random_loc_seed": "exact",
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -38,4 +31,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight + torch.fft.ifft2(dense).real * config.get("scaling", 150.0)
 
 
-TUNER = Tuner("FOURIERFT", FIELDS, ("fourierft_spectrum",), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("FOURIERFT", FIELDS, ("fourierft_spectrum",), merged_weight)

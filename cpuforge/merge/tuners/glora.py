@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="exclude_modules layers_to_transform layers_pattern"),
     # the kind of each path is seen in its saved tensors (Xd/Xu, X or zeros) and r in their shapes
     "r": "exact",
     "config_A_B": "exact",
     "config_C": "exact",
     "config_D_E": "exact",
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
 }
 SUFFIXES = tuple(f"glora_{p}.{t}" for p in "ABCDE" for t in ("Xd", "Xu", "X", "zeros"))
 
@@ -48,5 +44,5 @@ def merged_bias(
     )
 
 
-TUNER = Tuner("GLORA", FIELDS, SUFFIXES, merged_weight, accepted={"bias": ("none",)}, optional=SUFFIXES,
+TUNER = Tuner("GLORA", FIELDS, SUFFIXES, merged_weight, optional=SUFFIXES,
               merged_bias=merged_bias)  # fmt: skip

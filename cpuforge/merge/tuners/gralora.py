@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="exclude_modules"),
     # r, gralora_k and hybrid_r are the saved tensors' shapes
     "r": "exact",
     "hybrid_r": "exact",
@@ -16,12 +16,6 @@ FIELDS = {
     "alpha": "exact",
     "gralora_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 SUFFIXES = ("gralora_A", "gralora_B", "gralora_A_general.weight", "gralora_B_general.weight")
 
@@ -53,6 +47,5 @@ TUNER = Tuner(
     FIELDS,
     SUFFIXES,
     merged_weight,
-    accepted={"bias": ("none",)},
     optional=("gralora_A_general.weight", "gralora_B_general.weight"),
 )

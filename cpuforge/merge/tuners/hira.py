@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, REFUSE, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="bias"),
     "r": "exact",
     "rank_pattern": "exact",  # each module's rank is its tensors' rank
     "hira_dropout": DROPOUT,
     # peft's HiRA passes fan_in_fan_out to nn.Linear layers unchanged, so a true value would transpose the delta
     "fan_in_fan_out": REFUSE,
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 

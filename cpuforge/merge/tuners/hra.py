@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     "r": "exact",  # each module's count of reflections is its hra_u's column count
     "apply_GS": "exact",
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -46,4 +39,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return torch.mm(weight, reflections(tensors["hra_u"].float(), config.get("apply_GS", False)))
 
 
-TUNER = Tuner("HRA", FIELDS, ("hra_u",), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("HRA", FIELDS, ("hra_u",), merged_weight)

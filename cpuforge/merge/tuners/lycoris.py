@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import DROPOUT, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, SELECTION, pattern_value
+from .base import DROPOUT, pattern_value, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="bias"),
     "r": "exact",
     "alpha": "exact",
     "rank_pattern": "exact",
@@ -13,12 +13,6 @@ FIELDS = {
     "rank_dropout": DROPOUT,
     "module_dropout": DROPOUT,
     "use_effective_conv2d": "ignored: it shapes the tensors of convolutions only, and LLaMA's layers are nn.Linear",
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
 }
 
 

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="init_weights"),
     "r": "exact",  # the block's shape
     "mini_r": "exact",
     # not only the start: peft's merge follows it (MissLinear.miss_fn = init_weights)
     "init_weights": "exact",
     "miss_dropout": DROPOUT,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -58,4 +52,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return blockwise(weight, block, mode == "mini")
 
 
-TUNER = Tuner("MISS", FIELDS, ("miss_block",), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("MISS", FIELDS, ("miss_block",), merged_weight)

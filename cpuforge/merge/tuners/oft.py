@@ -7,10 +7,10 @@ import math
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(),
     # r, oft_block_size and block_share fix the blocks' count and size, which the stored tensor's shape gives
     "r": "exact",
     "oft_block_size": "exact",
@@ -21,13 +21,6 @@ FIELDS = {
     "num_cayley_neumann_terms": "exact",
     "module_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 
 
@@ -90,4 +83,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return torch.mm(rotation, weight.t()).t()
 
 
-TUNER = Tuner("OFT", FIELDS, ("oft_R.weight",), merged_weight, accepted={"bias": ("none",)})
+TUNER = Tuner("OFT", FIELDS, ("oft_R.weight",), merged_weight)

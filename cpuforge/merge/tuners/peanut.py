@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import REFUSE, Tuner, usual_fields
 
 MAX_DEPTH = 64  # the tensor names are listed per depth; deeper networks are refused rather than half-read
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="bias"),
     "r": "exact",  # the saved tensors' shape
     "depth": REFUSE,
     "act_fn": "exact",
     "scaling": "exact",
-    "init_weights": INIT,
-    "modules_to_save": MODULES_TO_SAVE,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 LAYERS = tuple(f"peanut_{part}.{i}.weight" for part in ("encoders", "decoders") for i in range(MAX_DEPTH))
 SUFFIXES = ("peanut_A.weight", "peanut_B.weight", *LAYERS)

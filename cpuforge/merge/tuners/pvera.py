@@ -37,6 +37,6 @@ TUNER = Tuner(
     FIELDS,
     ("pvera_lambda_b", "pvera_lambda_d"),
     merged_weight,
-    accepted={"bias": ("none",), "save_projection": (True,)},
+    accepted={"save_projection": (True,)},
     shared=SHARED,
 )

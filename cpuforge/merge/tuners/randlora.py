@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, REFUSE, Tuner, usual_fields
 
 DRAWN = "ignored: they chose the shared random bases, which the adapter file holds (save_projection is required)"
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="exclude_modules"),
     "r": "exact",
     "randlora_alpha": "exact",
     "projection_prng_key": DRAWN,
@@ -19,12 +19,6 @@ FIELDS = {
     "save_projection": REFUSE,
     "randlora_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 SHARED = ("randlora_A", "randlora_B")  # saved once as base_model.randlora_A / _B (some peft versions also per module)
 
@@ -54,7 +48,7 @@ TUNER = Tuner(
     FIELDS,
     ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"),
     merged_weight,
-    accepted={"bias": ("none",), "save_projection": (True,)},
+    accepted={"save_projection": (True,)},
     shared=SHARED,
     optional=("randlora_A", "randlora_B"),
 )

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="init_weights"),
     # r, num_vectors and vector_length are the saved tensors' shapes
     "r": "exact",
     "num_vectors": "exact",
@@ -17,14 +17,8 @@ FIELDS = {
     "save_only_topk_weights": "exact",
     "vblora_dropout": DROPOUT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
     "init_vector_bank_bound": INIT,
     "init_logits_std": INIT,
-    "target_modules": SELECTION,
-    "exclude_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 SHARED = ("vblora_vector_bank",)  # saved once, as base_model.vblora_vector_bank
 SUFFIXES = tuple(
@@ -61,4 +55,4 @@ def merged_weight(weight: torch.Tensor, tensors: dict, config: dict, module: str
     return weight + b @ a
 
 
-TUNER = Tuner("VBLORA", FIELDS, SUFFIXES, merged_weight, accepted={"bias": ("none",)}, shared=SHARED, optional=SUFFIXES)
+TUNER = Tuner("VBLORA", FIELDS, SUFFIXES, merged_weight, shared=SHARED, optional=SUFFIXES)

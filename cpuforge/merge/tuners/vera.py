@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, MODULES_TO_SAVE, PEFT_CONFIG_FIELDS, REFUSE, SELECTION, Tuner
+from .base import DROPOUT, FAN_IN_FAN_OUT_LINEAR, INIT, Tuner, usual_fields
 
 FIELDS = {
-    **PEFT_CONFIG_FIELDS,
+    **usual_fields(lacks="exclude_modules"),
     "r": "exact",
     # the projections come from the file, or are drawn again from this seed when the file does not hold them
     "projection_prng_key": "exact",
@@ -18,12 +18,6 @@ FIELDS = {
     # d_initial only sets lambda_d's starting value; the file holds the trained one
     "d_initial": INIT,
     "fan_in_fan_out": FAN_IN_FAN_OUT_LINEAR,
-    "bias": REFUSE,  # other values train the base's biases, saved beside the adapter
-    "modules_to_save": MODULES_TO_SAVE,
-    "init_weights": INIT,
-    "target_modules": SELECTION,
-    "layers_to_transform": SELECTION,
-    "layers_pattern": SELECTION,
 }
 # peft saves the shared projections once, as base_model.vera_A and base_model.vera_B
 SHARED = ("vera_A", "vera_B")
@@ -56,5 +50,5 @@ def projections(config: dict, shapes: list[tuple[int, int]]) -> dict[str, torch.
     return drawn
 
 
-TUNER = Tuner("VERA", FIELDS, ("vera_lambda_b", "vera_lambda_d"), merged_weight, accepted={"bias": ("none",)},
+TUNER = Tuner("VERA", FIELDS, ("vera_lambda_b", "vera_lambda_d"), merged_weight,
               shared=SHARED, make_shared=projections)  # fmt: skip
