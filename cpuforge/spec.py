@@ -223,12 +223,12 @@ class Spec:
 
     def lora_adapters(self) -> list[str]:
         """What the target lora_adapters makes: every model's GGUF LoRAs, its unmerged base in each quant
-        type, and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
+        type but `auto` (a search's file is chosen for the merged weights), and where the task has held-out prompts, base + runtime LoRA checked against the merged GGUF."""
         files = []
         for name, m in self.models.items():
             files += [catalogue.adapter(name, a) for a in m.adapter_names]
             files += [catalogue.gguf(name, q, BASE) for q in self.fixed_types]
-            files += [catalogue.check(name, f"runtime-lora-{s}") for s in self.gguf_stages if m.has_task]
+            files += [catalogue.check(name, f"runtime-lora-{s}") for s in ("f16", *self.fixed_types) if m.has_task]
         return files
 
 

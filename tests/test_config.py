@@ -87,6 +87,8 @@ def test_auto_is_a_quant_type_and_its_types_are_ggml_types(tmp_path):
     spec = load_spec(config, REPO)
     assert spec.quant_types == ("q4_0", "auto") and spec.fixed_types == ("q4_0",)
     assert "iq2_xxs" in spec.auto_types and "q4_K" in spec.auto_types
+    # the search chooses a file of the merged weights: runtime LoRA has no unmerged base of it to check
+    assert [f for f in spec.lora_adapters() if "auto" in f] == []
     for types, sentence in (
         (["q8_0", "q4_k_m"], r"^config auto_quant\.types: 'q4_k_m' is not a ggml tensor type the search can offer"),
         (["q8_0", "f16"], r"'f16' is not a ggml tensor type the search can offer"),
