@@ -150,12 +150,13 @@ def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf]], larges
     """Every uniform and listed candidate (`candidates`: its type and figures) benched on its screen file, all
     of them side by side; a third of them made by llama-quantize and verified (the objective's order prunes the
     rest, which are never made) and `budget` mixes (written from tensors quantized once), each a
-    llama-perplexity run and its answers teacher-forced, after the f16 GGUF's own answers; the passing ones
-    benched again whole: memory as for the `largest` file, time as for `typical` ones."""
+    llama-perplexity run and its answers teacher-forced, after the f16 GGUF's own answers (the peak, above 7B's
+    largest candidate); the passing ones benched again whole: memory as for the `largest` file or the f16
+    GGUF's answers, time as for `typical` ones."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
     made = [quantizer(rule, f16, g, q, threads) for q, g in candidates]
     peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
-            *made]  # fmt: skip
+            answers(rule, f16, task, max_new_tokens, threads), *made]  # fmt: skip
     verified = len(candidates) // 3 + 1
     screens = screen_fraction(f16) * sum(g.nbytes for _, g in candidates)
     seconds = verified * sum(c.seconds for c in made) / max(1, len(made))
