@@ -187,14 +187,19 @@ def chat_answer(llama_bin, base, question: str, *lora) -> str:
     return result.stdout.removesuffix("\n")
 
 
+def start_lora_server(llama_bin, log_file, base, files: dict, parallel: int):
+    """scripts.serve on `base` with each adapter of `files` (name -> GGUF LoRA), one thread, `parallel` slots."""
+    return start_server(llama_bin, log_file, base, "--port", 0, "--threads", 1, "--parallel", parallel,
+                        *(a for n, f in files.items() for a in ("--lora", f"{n}={f}")))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def lora_server(llama_bin, lora_run, tmp_path_factory):
     results = lora_run / "results"
     base = results / "alpha" / "base-q4_0.gguf"
     files = {"a": results / "alpha" / "adapters" / "1-a.gguf", "b": results / "beta" / "adapters" / "1-b.gguf"}
     log_file = tmp_path_factory.mktemp("lora_serve") / "serve.log"
-    process = start_server(llama_bin, log_file, base, "--port", 0, "--threads", 1, "--parallel", 4,
-                           *(a for n, f in files.items() for a in ("--lora", f"{n}={f}")))  # fmt: skip
+    process = start_lora_server(llama_bin, log_file, base, files, parallel=4)
     url = wait_for_url(process, log_file)
     yield url, base, files
     process.send_signal(signal.SIGINT)
@@ -252,8 +257,7 @@ def test_a_prompt_seen_under_one_adapter_is_answered_by_the_other(llama_bin, lor
     adapter computed ("Rn be a new list" for "Return a new list", when the cache kept prompts by tokens alone)."""
     _, base, files = lora_server
     log_file = tmp_path / "serve.log"
-    process = start_server(llama_bin, log_file, base, "--port", 0, "--threads", 1, "--parallel", 1,
-                           *(a for n, f in files.items() for a in ("--lora", f"{n}={f}")))  # fmt: skip
+    process = start_lora_server(llama_bin, log_file, base, files, parallel=1)
     order = [("a", 0), ("b", 1), ("b", 0), ("a", 0)]
     try:
         c = client(wait_for_url(process, log_file), key="none")

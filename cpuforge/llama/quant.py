@@ -144,7 +144,7 @@ PLANNED = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^]]*\], type =\s*(\w+),
 
 def planned_types(llama_bin: Path, src: Path, qtype: str, imatrix: Path | None = None, pure: bool = False) -> dict:
     """Each tensor's ggml type in the file llama-quantize would write (its --dry-run: nothing quantized)."""
-    cmd = [*quantize_command(llama_bin, src, src.with_name("dry-run.gguf"), qtype, 1, imatrix, pure=pure)]
+    cmd = quantize_command(llama_bin, src, src.with_name("dry-run.gguf"), qtype, 1, imatrix, pure=pure)
     cmd.insert(1, "--dry-run")
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -138,7 +138,8 @@ def measure_sensitivity_need(f16: Gguf, sample_weights: int, types: int, threads
 def screen_fraction(f16: Gguf) -> float:
     """The share of a candidate's bytes its screen file holds (cpuforge.autoquant.screen): the cut's layers and
     every tensor outside the layers."""
-    shapes = {name: (row, elements // row) for name, (elements, _, row, _) in f16.tensors.items()}
+    shapes = {name: (row, elements // row) if elements > row else (row,)
+              for name, (elements, _, row, _) in f16.tensors.items()}  # fmt: skip
     layer = sum(e for name, (e, *_) in f16.tensors.items() if name.startswith("blk."))
     kept = len(cut_layers(shapes, f16.arch.layers)) / f16.arch.layers
     return (f16.params - layer * (1 - kept)) / f16.params
