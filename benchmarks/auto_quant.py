@@ -72,9 +72,11 @@ def main() -> None:
     if ladder is not None and args.listed is not None and "q4_0" not in [*map(str.lower, ladder), *args.listed]:
         parser.error("--types or --listed must hold q4_0: the search's time is a ratio to q4_0's evaluation.")
 
-    from cpuforge.autoquant.verify import Inputs, file_figures, plan_files, reference, verify
+    from cpuforge import catalogue
+    from cpuforge.autoquant.verify import Inputs, file_figures, plan_files, verify
     from cpuforge.evaluate.bench import bench_side_by_side
     from cpuforge.evaluate.gate import Gate
+    from cpuforge.evaluate.task import read_answers
     from cpuforge.text.task import read_heldout
 
     config = run_config(args.configfile and args.workdir / args.configfile)
@@ -96,8 +98,8 @@ def main() -> None:
                         ev["chunks"], args.threads, logits)  # fmt: skip
         inp = Inputs(bin_dir, results / "ggml-model-f16.gguf", results / "imatrix.gguf", None, logits, ev["ctx"],
                      results / "merged", rows, ev["max_new_tokens"], args.threads, Path(tmp) / "c", gate, "speed",
-                     ev["bench"]["tolerance_pct"] / 100, args.gen_tokens, args.repetitions)  # fmt: skip
-        reference(inp)
+                     ev["bench"]["tolerance_pct"] / 100, args.gen_tokens, args.repetitions,
+                     read_answers(args.workdir / catalogue.figure(args.model, "task", "f16"), len(rows)))  # fmt: skip
         candidates = plan_files(inp, ladder, listed)
         inp.files["auto (chosen)"] = results / "ggml-model-auto.gguf"
         candidates.append({"name": "auto (chosen)", **file_figures(inp.files["auto (chosen)"])})
@@ -116,12 +118,14 @@ def main() -> None:
               f"{s['tg_tps']:>6.1f} ± {s['tg_tps_std']:<4.1f}  {'passes' if not c['misses'] else '; '.join(c['misses'])}")  # fmt: skip
     searched = [snakemake_seconds(args.workdir, args.model, r) for r in ("measure_sensitivity", "auto_quant_search")]
     q4 = [snakemake_seconds(args.workdir, args.model, r) for r in ("eval_kl_divergence_q4_0", "eval_task_q4_0")]
+    f16_answers = snakemake_seconds(args.workdir, args.model, "eval_task_f16")
     if None in searched or None in q4:
         print("search time: run `snakemake eval_report` with quant_types [q4_0, auto] for Snakemake's benchmark files")
     else:
         print(f"search: {sum(searched):.0f} s (sensitivity + search), chose {record['chosen']} of "
               f"{len(record['candidates'])} candidates; q4_0's KL + task {sum(q4):.0f} s; ratio "
-              f"{sum(searched) / sum(q4):.2f}")  # fmt: skip
+              f"{sum(searched) / sum(q4):.2f}; the f16 GGUF's answers, which the search reads from the report's "
+              f"eval_task, {f16_answers or 0:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

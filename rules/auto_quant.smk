@@ -35,6 +35,8 @@ rule auto_quant_search:
         logits=catalogue.report("{model}", "f16-logits.kld"),
         merged=catalogue.merged("{model}"),
         task=get_heldout,
+        reference=get_reference_answers,
+        listed=get_listed_ggufs,
         perplexity=f"{SPEC.llama_bin}/llama-perplexity",
         quantize=f"{SPEC.llama_bin}/llama-quantize",
         bench=f"{SPEC.llama_bin}/llama-bench",
@@ -56,9 +58,9 @@ rule auto_quant_search:
     params:
         imatrix=get_auto_imatrix_arg,
         heldout=get_heldout_arg,
+        reference=get_reference_arg,
         objective=SPEC.auto_objective_args,
         types=SPEC.auto_types,
-        listed=SPEC.fixed_types,
         gate=SPEC.gate_words,
         budget=SPEC.auto_quant["budget"],
         gen_tokens=SPEC.auto_quant["gen_tokens"],
@@ -69,8 +71,8 @@ rule auto_quant_search:
     shell:
         'python -m scripts.auto_quant --llama-bin "$(dirname {input.lib:q})" --gguf {input.gguf:q}'
         " --sensitivity {input.sensitivity:q} {params.imatrix:q} --logits {input.logits:q} --ctx-size {params.ctx}"
-        " --merged {input.merged:q} {params.heldout:q} --max-new-tokens {params.max_new_tokens}"
-        " --types {params.types:q} --listed {params.listed:q} --gate {params.gate:q} --budget {params.budget}"
+        " --merged {input.merged:q} {params.heldout:q} {params.reference:q} --max-new-tokens {params.max_new_tokens}"
+        " --types {params.types:q} --listed {input.listed:q} --gate {params.gate:q} --budget {params.budget}"
         " {params.objective:q} --tolerance-pct {params.tolerance} --gen-tokens {params.gen_tokens}"
         " --repetitions {params.repetitions}"
         " --out {output.gguf:q} --recipe {output.recipe:q} --record {output.record:q}"

@@ -155,6 +155,20 @@ def get_heldout_arg(wildcards):
     return ["--heldout", heldout] if heldout else []
 
 
+def get_reference_answers(wildcards):
+    """The f16 GGUF's answers to the held-out rows (eval_task's), which the quant search compares with."""
+    return [catalogue.figure(wildcards.model, "task", "f16")] if get_heldout(wildcards) else []
+
+
+def get_reference_arg(wildcards):
+    return ["--reference", *get_reference_answers(wildcards)] if get_heldout(wildcards) else []
+
+
+def get_listed_ggufs(wildcards):
+    """The workflow's files of quant_types, which the quant search takes as they are."""
+    return [catalogue.gguf(wildcards.model, q) for q in SPEC.fixed_types]
+
+
 def get_task_arg(wildcards):
     return ["--heldout", get_heldout(wildcards)] if get_model(wildcards).has_task else []
 

@@ -3,12 +3,14 @@
     python -m scripts.auto_quant --llama-bin BIN --sensitivity results/m/auto/sensitivity.tsv \
         --gguf results/m/ggml-model-f16.gguf --imatrix results/m/imatrix.gguf \
         --logits results/m/report/f16-logits.kld --merged results/m/merged --heldout heldout.jsonl \
-        --types q8_0 q4_0 iq4_nl --listed q4_0 --objective speed --budget 3 --gate max_kl_divergence=0.4 \
+        --reference results/m/report/task/f16.json --types q8_0 q4_0 iq4_nl \
+        --listed results/m/ggml-model-q4_0.gguf --objective speed --budget 3 --gate max_kl_divergence=0.4 \
         --out results/m/ggml-model-auto.gguf --recipe results/m/auto/recipe.txt \
         --record results/m/auto/search.json --threads 8
 
-Candidates: every --types entry as a uniform file (llama-quantize --pure), every --listed type as
-llama-quantize makes it with and without the importance matrix, and mixes searched below the best passing
+Candidates: every --types entry as a uniform file (llama-quantize --pure), every --listed file's type as
+llama-quantize makes it with and without the importance matrix (the file itself one of the two), and mixes
+searched below the best passing
 file; their generation speed measured side by side in one llama-bench run; each verified in the
 objective's order (KL divergence against the f16 GGUF, then its answers against the f16 GGUF's on the
 held-out rows) and judged by the gate, until the rest cannot be chosen (cpuforge.autoquant). With
@@ -42,7 +44,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gate", nargs="*", default=[], metavar="KEY=VALUE", help="eval.gate's limits")
     parser.add_argument("--types", nargs="+", required=True, help="the ladder: each a uniform candidate")
-    parser.add_argument("--listed", nargs="*", default=[], help="quant_types, each as llama-quantize makes it")
+    parser.add_argument("--listed", nargs="*", type=Path, default=[], metavar="FILE",
+                        help="the workflow's files of quant_types (scripts.quantize's), each a candidate as it is")
+    parser.add_argument("--reference", type=Path, metavar="JSON",
+                        help="the f16 GGUF's answers to the held-out rows (scripts.eval_task's)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="speed")
     parser.add_argument("--budget", type=int, default=3, help="searched mixes measured, at most")
     parser.add_argument("--tolerance-pct", type=float, default=5, help="speeds within this are a tie")
@@ -54,10 +59,14 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, required=True, help="the chosen mix, as a --tensor-type-file")
     parser.add_argument("--record", type=Path, required=True, help="the search record (JSON)")
     args = parser.parse_args()
+    if args.heldout and args.reference is None:
+        parser.error("--heldout needs --reference: the f16 GGUF's answers to those rows, which every candidate's "
+                     "are compared with")  # fmt: skip
     request = Request(args.types, args.listed, args.objective, args.budget, args.max_size_mib, args.max_bpw)
     bench = {"tolerance_pct": args.tolerance_pct, "gen_tokens": args.gen_tokens, "repetitions": args.repetitions}
     auto_quant(args.llama_bin, args.gguf, args.sensitivity, args.imatrix, args.logits, args.ctx_size, args.merged,
-               read_heldout(args.heldout) if args.heldout else [], args.max_new_tokens, Gate.parse(args.gate),
+               read_heldout(args.heldout) if args.heldout else [], args.reference, args.max_new_tokens,
+               Gate.parse(args.gate),
                request, bench, check_threads(args.threads), args.out, args.recipe, args.record)  # fmt: skip
 
 

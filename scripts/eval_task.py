@@ -15,7 +15,8 @@ it, which is greedy decoding's exact match (do_sample=False); its `answers` are
 the task's where right, else written up to the first token that differs. A GGUF
 file answers through llama-cpp-python bound to the pinned libllama, fed those
 ids as they are (never the GGUF's template re-tokenized by llama.cpp, which
-differs for sentencepiece vocabularies), greedily.
+differs for sentencepiece vocabularies), greedily; its answers are kept as token ids
+too (`answer_ids`), which the report and the quant search compare every quant's with.
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ def main() -> None:
     else:
         if args.llama_bin is None:
             parser.error("a GGUF file needs --llama-bin")
-        answers = answers_gguf(args.gguf, args.llama_bin, args.merged, rows, args.max_new_tokens, threads, args.lora)
+        answers, ids = answers_gguf(args.gguf, args.llama_bin, args.merged, rows, args.max_new_tokens, threads,
+                                    args.lora)  # fmt: skip
         right = [a == answer(r) for a, r in zip(answers, rows, strict=True)]
         runtime = "llama-cpp-python" + (" + runtime LoRA" if args.lora else "")
     correct = sum(right)
     write_json(args.out, {"stage": args.stage, "accuracy": correct / len(rows), "correct": correct, "rows": len(rows),
-                          "runtime": runtime, "answers": answers, "right": right})  # fmt: skip
+                          "runtime": runtime, "answers": answers, "right": right,
+                          **({} if args.hf else {"answer_ids": ids})})  # fmt: skip
     log.info("%s: exact match %.3f (%d/%d)", args.stage, correct / len(rows), correct, len(rows))
 
 

@@ -3,6 +3,8 @@ gate's phrases and its refusal of bad values, and the objective's choice, ties a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cpuforge.autoquant.decide import (
@@ -202,3 +204,69 @@ def test_a_difference_inside_the_runs_noise_is_a_tie():
     a["tg_tps_std"], b["tg_tps_std"] = 12.0, 16.0  # combined 20: the difference is inside the noise
     assert not faster(a, b, 0.05) and choose([a, b], "speed", 0.05) is b
     assert faster({**a, "tg_tps": 101.0}, b, 0.05)
+
+
+def test_the_f16_answers_are_read_as_eval_task_keeps_them_and_an_old_or_short_record_is_refused(tmp_path):
+    """The search and the report compare every quant's answers with the f16 GGUF's token ids from eval_task's
+    record; a record without them, or answering another number of rows, is refused naming the file."""
+    from cpuforge.evaluate.task import read_answers
+    from cpuforge.io.files import write_json
+
+    path = tmp_path / "f16.json"
+    write_json(path, {"answers": ["a", "b"], "answer_ids": [[5, 6], [7]], "right": [True, False]})
+    assert read_answers(path, 2) == {"answers": [[5, 6], [7]], "right": [True, False]}
+    with pytest.raises(InputError, match=rf"{path}: answers to 2 rows where the task has 3 held-out rows; delete it"):
+        read_answers(path, 3)
+    write_json(path, {"answers": ["a", "b"], "right": [True, False]})
+    with pytest.raises(InputError, match=rf"{path}: its answers are not kept as token ids .*; delete it"):
+        read_answers(path, 2)
+
+
+def test_the_workflows_listed_files_are_named_by_their_quantize_record_and_a_stranger_is_refused(tmp_path):
+    """A listed file the workflow made is the candidate its quantize record names (with the importance matrix
+    or without); a GGUF without that record, or made with another importance matrix, is refused by name."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from cpuforge.autoquant.ship import listed_files
+    from cpuforge.io.files import sha256_tree
+
+    imatrix, other = tmp_path / "imatrix.gguf", tmp_path / "other.gguf"
+    imatrix.write_bytes(b"one matrix")
+    other.write_bytes(b"another matrix")
+
+    def quantized(name: str, record: dict | None) -> Path:
+        writer = gguf.GGUFWriter(tmp_path / name, "llama")
+        if record is not None:
+            writer.add_string("cpuforge.quantize", json.dumps(record))
+        writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    q4 = quantized("q4_0.gguf", {"type": "q4_0", "inputs": {"gguf": "f", "imatrix": sha256_tree(imatrix)}})
+    q8 = quantized("q8_0.gguf", {"type": "q8_0", "inputs": {"gguf": "f"}})
+    assert listed_files([q4, q8], imatrix) == (["q4_0", "q8_0"], {"q4_0 + imatrix": q4, "q8_0": q8})
+    assert listed_files([], None) == ([], {})
+    with pytest.raises(InputError, match=rf"{q4}: made with another importance matrix than {other}; make it again"):
+        listed_files([q4], other)
+    stranger = quantized("stranger.gguf", None)
+    with pytest.raises(InputError, match=rf"{stranger}: no cpuforge.quantize record in its header"):
+        listed_files([q8, stranger], imatrix)
+
+
+def test_the_search_refuses_held_out_rows_without_the_f16_answers_to_them(tmp_path):
+    """Held-out rows without the f16 GGUF's answers to them: refused before any file is read or written."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "scripts.auto_quant", "--llama-bin", str(tmp_path),
+                             "--gguf", str(tmp_path / "f16.gguf"), "--sensitivity", str(tmp_path / "s.tsv"),
+                             "--logits", str(tmp_path / "f16.kld"), "--merged", str(tmp_path), "--heldout",
+                             str(tmp_path / "heldout.jsonl"), "--types", "q4_0", "--out", str(tmp_path / "a.gguf"),
+                             "--recipe", str(tmp_path / "r.txt"), "--record", str(tmp_path / "s.json")],
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert result.returncode == 2 and "--heldout needs --reference: the f16 GGUF's answers" in result.stderr
+    assert list(tmp_path.iterdir()) == []

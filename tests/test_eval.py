@@ -432,6 +432,13 @@ def test_the_quant_search_chooses_an_undominated_file_that_its_recipe_remakes(ev
     chosen, record = results / "ggml-model-auto.gguf", json.loads((results / "auto" / "search.json").read_text())
     names = [c["name"] for c in record["candidates"]]
     assert names[:6] == ["uniform q8_0", "uniform q4_0", "uniform iq4_nl", "uniform iq2_xxs", "q4_0 + imatrix", "q4_0"]
+    # the workflow's q4_0 (made with the importance matrix) is that candidate as it is, not made again, and the
+    # answers every candidate's are compared with are the f16 GGUF's that the report's eval_task kept
+    listed = record["candidates"][4]
+    assert listed["from_workflow"] and "make_seconds" not in listed
+    assert listed["size_bytes"] == (results / "ggml-model-q4_0.gguf").stat().st_size
+    f16_task = json.loads((report_dir(workdir) / "task" / "f16.json").read_text())
+    assert record["reference"] == {"answers": f16_task["answer_ids"], "right": f16_task["right"]}
     assert record["objective"] == "speed" and record["chosen"] in names
     # every file screened in one run; the passing ones benched again whole, side by side, where the choice is made
     assert all(c["screen_tg_tps"] > 0 for c in record["candidates"][:6])

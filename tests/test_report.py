@@ -51,7 +51,7 @@ def saved_figures(root: Path, q4_perplexity: float) -> dict[str, Path]:
         # q4_0 answers the last row otherwise than f16, wrong as f16 is: one row differs, no flip
         mine = answers[:5] + ["x"] if stage == "q4_0" else answers
         write(figures / "task" / f"{stage}.json", {"accuracy": 5 / 6, "correct": 5, "rows": 6, "answers": mine,
-                                                   "right": right})  # fmt: skip
+                                                   "answer_ids": [[ord(a)] for a in mine], "right": right})  # fmt: skip
     for stage in ("f16", "q4_0"):
         # 5 MB a token: at 2 threads 20 t/s read 0.1 GB/s, a quarter of the kernel's 0.4
         runs = [{"threads": t, "pp_tps": 50.0 * t, "pp_tps_std": 1.0, "tg_tps": 10.0 * t, "tg_tps_std": 0.5,

@@ -42,7 +42,7 @@ from cpuforge.evaluate.bench import bench_side_by_side
 from cpuforge.evaluate.fidelity import compare
 from cpuforge.evaluate.gate import Gate
 from cpuforge.evaluate.perplexity import kl_divergence
-from cpuforge.evaluate.task import fidelity_gguf, reference_gguf
+from cpuforge.evaluate.task import fidelity_gguf
 from cpuforge.io.gguf import read_header, row_bytes
 from cpuforge.llama.ggml import ggml_type, type_name
 from cpuforge.llama.quant import candidate_files, planned_types, run_quantize
@@ -70,7 +70,8 @@ class Inputs:
     tolerance: float  # speeds within this fraction of the faster are a tie
     gen_tokens: int  # llama-bench's generation test
     repetitions: int
-    reference: dict | None = None  # the f16 GGUF's answers (reference_gguf)
+    reference: dict | None  # the f16 GGUF's answers as token ids, and which are right (evaluate.task.read_answers)
+    given: dict[str, Path] = field(default_factory=dict)  # candidate name -> the workflow's file of a listed type
     files: dict[str, Path] = field(default_factory=dict)  # candidate name -> its file while the search lasts
     plans: dict[str, dict] = field(default_factory=dict)  # candidate name -> each tensor's type (planned_types)
 
@@ -97,7 +98,8 @@ def file_figures(gguf: Path) -> dict:
 
 def plan_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
     """The uniform and listed candidates, each with the types llama-quantize would give its tensors and the
-    size they make (llama-quantize --dry-run: nothing written yet)."""
+    size they make (llama-quantize --dry-run: nothing written yet), or a listed type's file's own where the
+    workflow made it."""
     tensors = read_header(inp.f16).tensors
     fixed = inp.f16.stat().st_size - sum(t.n_bytes for n, t in tensors.items() if quantizable(n, t.shape))
     candidates = []
@@ -106,12 +108,18 @@ def plan_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
         inp.plans[name] = plan
         c = {"name": name, "kind": kind, "qtype": qtype, "imatrix": imatrix, "pure": pure,
              **figures(tensors, plan, 0)}  # fmt: skip
-        candidates.append({**c, "size_bytes": fixed + c["tensor_bytes"]})
+        c["size_bytes"] = fixed + c["tensor_bytes"]
+        if name in inp.given:
+            c.update(file_figures(inp.given[name]), from_workflow=True)
+        candidates.append(c)
     return candidates
 
 
 def made(inp: Inputs, c: dict) -> Path:
-    """Candidate `c`'s file, written by llama-quantize the first time it is asked for."""
+    """Candidate `c`'s file: the workflow's where it made it (a listed type), else written by llama-quantize the
+    first time it is asked for."""
+    if c["name"] in inp.given:
+        return inp.given[c["name"]]
     if c["name"] not in inp.files:
         started, out = time.monotonic(), inp.path(c["name"])
         run_quantize(inp.llama_bin, inp.f16, out, c["qtype"], inp.threads, inp.imatrix if c["imatrix"] else None,
@@ -273,14 +281,6 @@ def decide_file(inp: Inputs, table: dict[str, list[Option]], ladder: list[str], 
         raise GateError(f"auto_quant: no candidate passes eval.gate ({len(verified)} measured); the best, {r['name']} "
                         f"({r['size_bytes'] / MIB:.1f} MiB, {r['bpw']:.2f} bpw), misses {'; '.join(r['misses'])}.")  # fmt: skip
     return best, candidates
-
-
-def reference(inp: Inputs) -> None:
-    """The f16 GGUF's answers on the held-out rows, which every candidate's are compared with (none without a
-    task)."""
-    if inp.rows:
-        log.info("the f16 GGUF's answers on %d held-out rows", len(inp.rows))
-        inp.reference = reference_gguf(inp.f16, inp.llama_bin, inp.merged, inp.rows, inp.max_new_tokens, inp.threads)
 
 
 def within_size(inp: Inputs, frontier: Frontier, max_bytes: int) -> tuple[dict, list[dict]]:

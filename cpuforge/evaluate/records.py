@@ -13,6 +13,7 @@ from cpuforge.errors import InputError
 from cpuforge.evaluate.fidelity import certifies, compare
 from cpuforge.evaluate.gate import Gate, judge, stage_figures
 from cpuforge.evaluate.stages import AUTO, HF_STAGES, REFERENCE, label
+from cpuforge.evaluate.task import read_answers
 from cpuforge.io.files import read_json, size_on_disk
 from cpuforge.constants import MIB
 
@@ -50,12 +51,12 @@ def relative_figures(records: list[dict], figures: Path, task: bool, confidence:
     """Size and perplexity of every stage relative to the f16 GGUF, and each quant's answers beside the f16
     GGUF's, row by row (`fidelity`, `per_row`)."""
     f16 = next(r for r in records if r["stage"] == REFERENCE)
-    reference = read_json(figures / "task" / f"{REFERENCE}.json") if task else None
+    reference = read_answers(figures / "task" / f"{REFERENCE}.json") if task else None
     for r in records:
         r["size_vs_f16"] = r["size_bytes"] / f16["size_bytes"]
         r["ppl_increase_vs_f16_pct"] = (r["perplexity"] / f16["perplexity"] - 1) * 100
         if reference and r["kind"] == "gguf" and r["stage"] != REFERENCE:
-            mine = read_json(figures / "task" / f"{r['stage']}.json")
+            mine = read_answers(figures / "task" / f"{r['stage']}.json", len(reference["answers"]))
             agree = [a == b for a, b in zip(mine["answers"], reference["answers"], strict=True)]
             r["per_row"] = {"agree": agree, "right": mine["right"]}
             r["fidelity"] = compare(reference["right"], mine["right"], agree, confidence)

@@ -8,7 +8,7 @@ layer at a time; a GGUF file answers through llama-cpp-python bound to the
 pinned libllama, fed those ids as they are (never the GGUF's template
 re-tokenized by llama.cpp, which differs for sentencepiece vocabularies),
 greedily (answers_gguf), or is checked by teacher forcing too against a reference's
-answers (reference_gguf and fidelity_gguf, the quant search's check of a candidate).
+answers, the f16 GGUF's as eval_task wrote them (fidelity_gguf, the quant search's check of a candidate).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cpuforge.text.generate import (
     decode,
-    gguf_greedy_answers,
+    gguf_decode,
     gguf_greedy_choices,
     gguf_greedy_ids,
     gguf_stop_ids,
@@ -29,6 +29,8 @@ from cpuforge.text.generate import (
     greedy_known,
     stop_ids,
 )
+from cpuforge.errors import InputError
+from cpuforge.io.files import read_json
 from cpuforge.llama.runtime import apply_loras, load_llama_cpp, load_model
 from cpuforge.text.prompt import prompt_ids, prompt_text
 from cpuforge.text.task import answer, messages
@@ -44,15 +46,30 @@ def hf_prompts(tokenizer_dir: Path, rows: list[dict]) -> tuple[object, list[list
 
 
 def answers_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
-                 threads: int, loras: list[Path] = ()) -> list[str]:  # fmt: skip
-    """Greedy answers of `gguf`, with GGUF LoRA adapters applied at run time if given (each at scale 1)."""
+                 threads: int, loras: list[Path] = ()) -> tuple[list[str], list[list[int]]]:  # fmt: skip
+    """Greedy answers of `gguf`, as text and as token ids, with GGUF LoRA adapters applied at run time if given
+    (each at scale 1)."""
     llama_cpp = load_llama_cpp(bin_dir)
     _, hf_ids = hf_prompts(tokenizer_dir, rows)
     n_ctx = max(map(len, hf_ids)) + max_new_tokens
     llm = load_model(llama_cpp, gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     adapters = apply_loras(llama_cpp, llm, [(lora, 1.0) for lora in loras])  # noqa: F841 (they live with llm)
     log.info("the GGUF answers the %d prompts as transformers' token ids from %s", len(rows), tokenizer_dir)
-    return gguf_greedy_answers(llm, hf_ids, max_new_tokens)
+    ids = gguf_greedy_ids(llm, hf_ids, gguf_stop_ids(llm), max_new_tokens)
+    return [gguf_decode(llm, a) for a in ids], ids
+
+
+def read_answers(path: Path, rows: int | None = None) -> dict:
+    """A GGUF's answers as eval_task wrote them (`path`): their token ids and which are right; `rows`, the
+    held-out rows they must answer."""
+    record = read_json(path)
+    if "answer_ids" not in record:
+        raise InputError(f"{path}: its answers are not kept as token ids (written by an older cpuforge); delete it "
+                         "and eval_task writes it again.")  # fmt: skip
+    if rows is not None and len(record["answer_ids"]) != rows:
+        raise InputError(f"{path}: answers to {len(record['answer_ids'])} rows where the task has {rows} held-out "
+                         "rows; delete it and eval_task writes it again.")  # fmt: skip
+    return {"answers": record["answer_ids"], "right": record["right"]}
 
 
 @contextmanager
@@ -72,27 +89,11 @@ def teacher_forced(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[di
         llm.close()
 
 
-def reference_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
-                   threads: int) -> dict:  # fmt: skip
-    """The reference's (the f16 GGUF's) greedy answers as token ids, and which are right: each row teacher-forced
-    on its task answer, and greedy decoding carried on only from where the choice departs from it (the rows it
-    gets right need no pass per token)."""
-    answers, right = [], []
-    with teacher_forced(gguf, bin_dir, tokenizer_dir, rows, max_new_tokens, threads) as (llm, prompts, golds, stop):
-        choices = gguf_greedy_choices(llm, prompts, golds, max_new_tokens)
-        for prompt, gold, chosen in zip(prompts, golds, choices, strict=True):
-            at = greedy_divergence(chosen, gold, stop, max_new_tokens)
-            right.append(at is None)
-            head = gold[:max_new_tokens] if at is None else gold[:at]
-            more = at is not None and at < max_new_tokens  # greedy decoding writes on from where it departs
-            answers.append(head + (gguf_greedy_ids(llm, [prompt + head], stop, max_new_tokens - at)[0] if more else []))
-    return {"answers": answers, "right": right}
-
-
 def fidelity_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
                   threads: int, reference: dict) -> dict:  # fmt: skip
-    """Per row, whether the GGUF's greedy answer equals the reference's (reference_gguf) and whether it is
-    right, by teacher forcing: on the reference's answer, and on the task's answer where the two differ."""
+    """Per row, whether the GGUF's greedy answer equals the reference's and whether it is right, by teacher
+    forcing: on the reference's answer, and on the task's answer where the two differ. `reference`: the f16
+    GGUF's answers as token ids and which are right (eval_task's `answer_ids` and `right`)."""
     with teacher_forced(gguf, bin_dir, tokenizer_dir, rows, max_new_tokens, threads) as (llm, prompts, golds, stop):
         choices = gguf_greedy_choices(llm, prompts, reference["answers"], max_new_tokens)
         agree = [greedy_divergence(c, a, stop, max_new_tokens) is None

@@ -94,10 +94,15 @@ def candidate_files(ladder: list[str], listed: list[str], imatrix: bool) -> list
     files = [(f"uniform {t}", "uniform", q, imatrix and takes_imatrix(q), True) for t in ladder if (q := uniform_type(t))]
     for qtype in listed:
         if imatrix and takes_imatrix(qtype):
-            files.append((f"{qtype} + imatrix", "listed", qtype, True, False))
+            files.append((listed_name(qtype, True), "listed", qtype, True, False))
         if not QUANTS[qtype].needs_imatrix:
-            files.append((qtype, "listed", qtype, False, False))
+            files.append((listed_name(qtype, False), "listed", qtype, False, False))
     return files
+
+
+def listed_name(qtype: str, imatrix: bool) -> str:
+    """A listed type's candidate: `q4_0 + imatrix`, `q4_0`."""
+    return f"{qtype} + imatrix" if imatrix else qtype
 
 
 def check_quant_type(qtype: str) -> str:

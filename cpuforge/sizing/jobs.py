@@ -16,7 +16,7 @@ from cpuforge.catalogue import BASE, MERGED, RULE, RULES
 from cpuforge.demo import TARGET_MODULES as DEMO_TARGETS
 from cpuforge.serve.speculation import SETTINGS as SPECULATION_SETTINGS
 from cpuforge.demo import demo_gguf
-from cpuforge.llama.quant import candidate_files
+from cpuforge.llama.quant import candidate_files, listed_name
 from cpuforge.merge.plan import Plan, check_inputs
 from cpuforge.sizing import needs
 from cpuforge.sizing.costs import Need, estimated_tokens, utf8_tokens
@@ -233,8 +233,9 @@ def auto_quant_search_job(s: Sizing, w, t):
     model, ev, auto = w["model"], s.spec.eval, s.spec.auto_quant
     typical = s.gguf(model, "q4_0")
     files = candidate_files(s.spec.auto_types, list(s.spec.fixed_types), s.spec.imatrix["enabled"])
-    candidates = [(q, s.gguf(model, q)) for _, _, q, _, _ in files]
-    largest = max((g for _, g in candidates), key=lambda g: g.nbytes, default=typical)
+    given = {listed_name(q, s.spec.uses_imatrix(q)) for q in s.spec.fixed_types}  # the workflow made them
+    candidates = [(q, s.gguf(model, q), name not in given) for name, _, q, _, _ in files]
+    largest = max((g for _, g, _ in candidates), key=lambda g: g.nbytes, default=typical)
     return needs.auto_quant_search_need(s.gguf(model, "f16"), candidates, largest, typical, ev["ctx"], ev["chunks"],
                                         s.task(model), ev["max_new_tokens"], auto["budget"], auto["gen_tokens"],
                                         ev["bench"]["repetitions"], t)  # fmt: skip

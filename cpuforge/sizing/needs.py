@@ -145,22 +145,22 @@ def screen_fraction(f16: Gguf) -> float:
     return (f16.params - layer * (1 - kept)) / f16.params
 
 
-def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf]], largest: Gguf, typical: Gguf, ctx: int,
-                           chunks: int, task: Task, max_new_tokens: int, budget: int, gen_tokens: int,
+def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf, bool]], largest: Gguf, typical: Gguf,
+                           ctx: int, chunks: int, task: Task, max_new_tokens: int, budget: int, gen_tokens: int,
                            repetitions: int, threads: int) -> Need:  # fmt: skip
-    """Every uniform and listed candidate (`candidates`: its type and figures) benched on its screen file, all
-    of them side by side; a third of them made by llama-quantize and verified (the objective's order prunes the
-    rest, which are never made) and `budget` mixes (written from tensors quantized once), each a
-    llama-perplexity run and its answers teacher-forced, after the f16 GGUF's own answers (the peak, above 7B's
-    largest candidate); the passing ones benched again whole: memory as for the `largest` file or the f16
-    GGUF's answers, time as for `typical` ones."""
+    """Every uniform and listed candidate (`candidates`: its type, its figures, and whether the search makes it:
+    the workflow made the listed files it names) benched on its screen file, all of them side by side; a third
+    of them made by llama-quantize and verified (the objective's order prunes the rest, which are never made)
+    and `budget` mixes (written from tensors quantized once), each a llama-perplexity run and its answers
+    teacher-forced against the f16 GGUF's, which eval_task wrote; the passing ones benched again whole: memory as
+    for the `largest` file, time as for `typical` ones."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
-    made = [quantizer(rule, f16, g, q, threads) for q, g in candidates]
+    made = [quantizer(rule, f16, g, q, threads) for q, g, makes in candidates if makes]
     peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
-            answers(rule, f16, task, max_new_tokens, threads), *made]  # fmt: skip
+            *made]  # fmt: skip
     verified = len(candidates) // 3 + 1
-    screens = screen_fraction(f16) * sum(g.nbytes for _, g in candidates)
-    seconds = verified * sum(c.seconds for c in made) / max(1, len(made))
+    screens = screen_fraction(f16) * sum(g.nbytes for _, g, _ in candidates)
+    seconds = verified * sum(c.seconds for c in made) / max(1, len(candidates))
     seconds += repetitions * gen_tokens * (screens + (verified + 1) * typical.nbytes) / BYTES_PER_SECOND
     seconds += (screens + verified * typical.nbytes) / DISK_BYTES_PER_SECOND  # the screen and made files written
     seconds += (verified + budget) * perplexity(rule, typical, ctx, chunks, threads, False).seconds

@@ -107,8 +107,11 @@ def gguf_greedy_choices(llm, prompts: list[list[int]], answers: list[list[int]],
 
 
 def gguf_greedy_answers(llm, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
-    ids = gguf_greedy_ids(llm, prompts, gguf_stop_ids(llm), max_new_tokens)
-    return [llm.detokenize(a).decode("utf-8", errors="replace").strip() for a in ids]
+    return [gguf_decode(llm, a) for a in gguf_greedy_ids(llm, prompts, gguf_stop_ids(llm), max_new_tokens)]
+
+
+def gguf_decode(llm, ids: list[int]) -> str:
+    return llm.detokenize(ids).decode("utf-8", errors="replace").strip()
 
 
 def gguf_greedy_ids(llm, prompts: list[list[int]], stop: list[int], max_new_tokens: int = 48) -> list[list[int]]:
