@@ -252,6 +252,8 @@ def test_the_workflows_listed_files_are_named_by_their_quantize_record_and_a_str
     assert listed_files([], None) == ([], {})
     with pytest.raises(InputError, match=rf"{q4}: made with another importance matrix than {other}; make it again"):
         listed_files([q4], other)
+    with pytest.raises(InputError, match=rf"{q4}: made with an importance matrix, where the search is given none"):
+        listed_files([q4], None)
     stranger = quantized("stranger.gguf", None)
     with pytest.raises(InputError, match=rf"{stranger}: no cpuforge.quantize record in its header"):
         listed_files([q8, stranger], imatrix)

@@ -115,7 +115,9 @@ def listed_files(paths: list[Path], imatrix: Path | None) -> tuple[list[str], di
                              "wrote.")  # fmt: skip
         record = json.loads(text)
         used = record["inputs"].get("imatrix")
-        if used is not None and (imatrix is None or used != sha256_tree(imatrix)):
+        if used is not None and imatrix is None:
+            raise InputError(f"{path}: made with an importance matrix, where the search is given none (--imatrix).")
+        if used is not None and used != sha256_tree(imatrix):
             raise InputError(f"{path}: made with another importance matrix than {imatrix}; make it again.")
         types.append(record["type"])
         given[listed_name(record["type"], used is not None)] = path
