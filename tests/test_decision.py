@@ -136,7 +136,7 @@ def test_the_gate_round_trips_through_its_words():
 
 
 def cand(name, size, tg, passed=True, kl=0.1) -> dict:
-    return {"name": name, "size_bytes": size, "tg_tps": tg, "passed": passed, "kl_divergence": kl}
+    return {"name": name, "tensor_bytes": size, "tg_tps": tg, "passed": passed, "kl_divergence": kl}
 
 
 def test_speeds_within_the_tolerance_tie_and_a_tie_goes_to_the_smaller_file():
@@ -191,7 +191,7 @@ def test_two_candidates_are_compared_in_the_last_run_both_took_part_in():
     b = {**cand("b", 12, None, passed=False), "screen_tg_tps": 90.0}
     c = {**cand("c", 11, 60.0), "screen_tg_tps": 80.0}
     del b["tg_tps"]
-    m = {"name": "mix 3", "size_bytes": 30, "passed": False}
+    m = {"name": "mix 3", "tensor_bytes": 30, "passed": False}
     assert shared_run(a, b) == SCREEN and shared_run(a, c) == FINAL and shared_run(a, m) is None
     mark_dominated([a, b, c, m])
     assert [x["dominated_by"] for x in (a, b, c, m)] == [None, "a", None, None]  # c is faster than a when whole

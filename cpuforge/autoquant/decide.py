@@ -1,6 +1,8 @@
 """Which candidate to ship: the objective over every candidate measured, and which candidates another beats.
 
-A candidate is a record with its size (`size_bytes`), its generation speed measured side by side with the
+A candidate is a record with its size (`tensor_bytes`, its matrices' bytes: the rest of every candidate's file
+is the f16 GGUF's norms and metadata, the same but for a few KB of keys, which a file planned and not yet
+made does not have yet), its generation speed measured side by side with the
 others (`tg_tps`) and, once verified, whether it passes the gate (`passed`). A passing candidate dominates
 another when it is no larger and no slower, and smaller or faster. The objective chooses among the passing
 candidates that no other passing candidate dominates (the front), where two speeds within the bench's
@@ -24,6 +26,7 @@ import math
 
 OBJECTIVES = ("speed", "size")
 FINAL, SCREEN = "tg_tps", "screen_tg_tps"
+SIZE = "tensor_bytes"
 
 
 def faster(a: dict, b: dict, tolerance: float, speed: str = FINAL) -> bool:
@@ -35,9 +38,9 @@ def faster(a: dict, b: dict, tolerance: float, speed: str = FINAL) -> bool:
 
 def dominates(b: dict, a: dict, speed: str = FINAL) -> bool:
     """Whether the passing candidate `b` beats `a`: no larger and no slower, and smaller or faster."""
-    if b is a or not b.get("passed") or b["size_bytes"] > a["size_bytes"] or b[speed] < a[speed]:
+    if b is a or not b.get("passed") or b[SIZE] > a[SIZE] or b[speed] < a[speed]:
         return False
-    return b["size_bytes"] < a["size_bytes"] or b[speed] > a[speed]
+    return b[SIZE] < a[SIZE] or b[speed] > a[speed]
 
 
 def choose(candidates: list[dict], objective: str, tolerance: float, speed: str = FINAL) -> dict | None:
@@ -49,14 +52,14 @@ def choose(candidates: list[dict], objective: str, tolerance: float, speed: str 
     if objective == "speed":
         fastest = max(front, key=lambda c: c[speed])
         front = [c for c in front if not faster(fastest, c, tolerance, speed)]
-    return min(front, key=lambda c: (c["size_bytes"], -c[speed], c["kl_divergence"]))
+    return min(front, key=lambda c: (c[SIZE], -c[speed], c["kl_divergence"]))
 
 
 def order(candidates: list[dict], objective: str, speed: str = FINAL) -> list[dict]:
     """The order to verify candidates in: the objective's best first, so the rest can be pruned."""
     if objective == "size":
-        return sorted(candidates, key=lambda c: (c["size_bytes"], -c[speed]))
-    return sorted(candidates, key=lambda c: (-c[speed], c["size_bytes"]))
+        return sorted(candidates, key=lambda c: (c[SIZE], -c[speed]))
+    return sorted(candidates, key=lambda c: (-c[speed], c[SIZE]))
 
 
 def beaten_by(candidate: dict, verified: list[dict], objective: str, tolerance: float,
@@ -71,7 +74,7 @@ def beaten_by(candidate: dict, verified: list[dict], objective: str, tolerance: 
             return p
         if objective == "speed" and faster(p, candidate, tolerance, speed):
             return p
-        if objective == "size" and p["size_bytes"] < candidate["size_bytes"]:
+        if objective == "size" and p[SIZE] < candidate[SIZE]:
             return p
     return None
 
