@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,11 +37,19 @@ def give_back_freed_memory() -> None:
         pass  # not glibc: its allocator has its own policy
 
 
+def exit_on_terminate() -> None:
+    """SIGTERM (`kill`, SLURM's time limit and scancel) ends the step as an error would: its partial outputs
+    and scratch files are removed on the way out (cpuforge.io.files.atomic_output), and a tool it is running
+    with them, instead of being left until the next run (GBs of candidates in a 7B quant search)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run(main) -> None:
     """Run a step's main(): bad input ends it with its one sentence and exit code 2, a missed quality gate
-    with its sentence and exit code 1."""
+    with its sentence and exit code 1, SIGTERM with its partial outputs removed and exit code 143."""
     give_back_freed_memory()
     setup_logging()
+    exit_on_terminate()
     try:
         main()
     except InputError as e:

@@ -321,3 +321,32 @@ def test_outputs_get_the_modes_of_the_umask(tmp_path, tiny_base, umask, file_mod
     assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "model" / "run.sh").stat().st_mode & 0o777 == file_mode | 0o111 & ~umask
     assert (tmp_path / "model").stat().st_mode & 0o777 == dir_mode
+
+
+def test_a_terminated_step_removes_its_partial_output_and_scratch_files(tmp_path):
+    """SIGTERM (kill, SLURM's time limit) in the middle of a step's atomic_output: the step exits 143, and
+    neither its .partial output nor its .partial.* scratch files stay behind."""
+    import signal
+    import textwrap
+
+    step = textwrap.dedent(f"""
+        import time
+        from cpuforge.cli import run
+        from cpuforge.io.files import atomic_output
+
+        def main():
+            with atomic_output({str(tmp_path / "out.gguf")!r}) as tmp:
+                tmp.write_bytes(b"half")
+                tmp.with_name(tmp.name + ".candidate.gguf").write_bytes(b"scratch")
+                print("writing", flush=True)
+                time.sleep(600)
+
+        run(main)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", step], stdout=subprocess.PIPE, text=True,
+                             cwd=REPO)  # fmt: skip
+    assert child.stdout.readline() == "writing\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf.partial", "out.gguf.partial.candidate.gguf"]
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
