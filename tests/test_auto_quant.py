@@ -389,6 +389,14 @@ def test_a_screen_file_is_planned_as_llama_quantize_writes_and_benches_as_a_cut(
         written = tmp_path / f"{qtype}.gguf"
         run_quantize(llama_bin, k_gguf, written, qtype, 1, pure=pure)
         assert plan == {n: type_name(ggml_type(t.type)) for n, t in read_header(written).tensors.items()}
+        # the search makes the candidate from its plan's matrices, quantized once: llama-quantize's bytes and type
+        ours = tmp_path / f"{qtype}-ours.gguf"
+        matrices = {n: plan[n] for n, t in header.tensors.items() if len(t.shape) == 2}
+        Tensors(llama_bin, k_gguf, None, tmp_path / f"{qtype}-tensors", 1).write(matrices, ours, {"test": 1}, qtype)
+        assert {t.name: (t.tensor_type, bytes(t.data)) for t in open_gguf(ours).tensors} == \
+            {t.name: (t.tensor_type, bytes(t.data)) for t in open_gguf(written).tensors}
+        key = ["general.file_type"]
+        assert read_metadata(ours, key) == read_metadata(written, key)
     last = n_layers(header.tensors) - 1
     write_screen(k_gguf, tmp_path / "screen.gguf", plan, [last])  # the last layer alone, as layer 0
     screen = read_header(tmp_path / "screen.gguf")

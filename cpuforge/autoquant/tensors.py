@@ -1,4 +1,5 @@
-"""The search's candidates made from tensors quantized once: each (tensor, type) kept in a file of its own.
+"""The search's candidates made from tensors quantized once: each (tensor, type) kept in a file of its own,
+shared by the uniform and listed files made with the search's importance matrix and by the mixes.
 
 llama-quantize quantizes every matrix of the f16 GGUF each time it writes a file, while the candidates of
 one search share most of their tensors: at the 1B shape, making three candidates that way took six times as
@@ -77,11 +78,13 @@ class Tensors:
             for packed in pool.map(chunk, range(0, rows, step)):
                 packed.tofile(out)
 
-    def write(self, types: dict[str, str], out: Path, record: dict) -> None:
+    def write(self, types: dict[str, str], out: Path, record: dict, qtype: str | None = None) -> None:
         """The f16 GGUF as `out`, the tensors of `types` in their types (quantized first where missing),
-        `record` its provenance."""
+        `record` its provenance; `qtype`, the llama-quantize type it is made as (general.file_type), else the
+        one whose type holds most of its bytes."""
         self.quantize(types)
-        base = recipe.base_type(types, {name: self.path(name, kind).stat().st_size for name, kind in types.items()})
+        sizes = {name: self.path(name, kind).stat().st_size for name, kind in types.items()}
+        base = qtype or recipe.base_type(types, sizes)
         keys = self.keys | {"general.file_type": int(LlamaFileType[f"MOSTLY_{base.upper()}"])}
         replace = {name: (ggml_type(kind), self.path(name, kind)) for name, kind in types.items()}
         copy_gguf_with_provenance(self.f16, out, "quantize", record, metadata=keys, replace=replace)

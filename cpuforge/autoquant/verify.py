@@ -116,14 +116,17 @@ def plan_files(inp: Inputs, ladder: list[str], listed: list[str]) -> list[dict]:
 
 
 def made(inp: Inputs, c: dict) -> Path:
-    """Candidate `c`'s file: the workflow's where it made it (a listed type), else written by llama-quantize the
-    first time it is asked for."""
+    """Candidate `c`'s file: the workflow's where it made it (a listed type), else written the first time it is
+    asked for, from the tensors quantized once (tensors.py: the bytes llama-quantize writes for its planned
+    types), or by llama-quantize where it is made without the search's importance matrix."""
     if c["name"] in inp.given:
         return inp.given[c["name"]]
     if c["name"] not in inp.files:
         started, out = time.monotonic(), inp.path(c["name"])
-        run_quantize(inp.llama_bin, inp.f16, out, c["qtype"], inp.threads, inp.imatrix if c["imatrix"] else None,
-                     pure=c["pure"])  # fmt: skip
+        if c["imatrix"] == (inp.imatrix is not None):  # its planned types, from the tensors the mixes share
+            inp.tensors.write(c["types"], out, {"candidate": c["name"]}, c["qtype"])
+        else:
+            run_quantize(inp.llama_bin, inp.f16, out, c["qtype"], inp.threads, None, pure=c["pure"])
         inp.files[c["name"]] = out
         c.update(file_figures(out), make_seconds=round(time.monotonic() - started, 1))
         log.info("made %s: %.1f MiB in %.0f s", c["name"], c["size_bytes"] / MIB, c["make_seconds"])
