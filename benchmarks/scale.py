@@ -6,6 +6,10 @@
     python -m benchmarks.scale --shape 1b --auto --keep --target results/scale/ggml-model-auto.gguf \
         results/scale/report/kl_divergence/q4_0.json results/scale/report/task/q4_0.json   # the quant search
 
+The quant search's time against q4_0's eval_kl_divergence + eval_task (logs/benchmarks/scale/) means what a
+user pays only with `--full-eval`: sized down, the evaluation shrinks and the search's making of candidates
+does not.
+
 Builds a synthetic model of real shape with random weights, saved as HF saves one (f16 safetensors
 shards of at most 10 GB, an index, config.json, the real LLaMA tokenizer from the pinned llama.cpp's
 vocabulary files), and LoRA adapters for it: r=16 on the seven projections for `1b` (TinyLlama-1.1B's
