@@ -350,3 +350,28 @@ def test_a_terminated_step_removes_its_partial_output_and_scratch_files(tmp_path
     child.send_signal(signal.SIGTERM)
     assert child.wait(60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_terminated_step_ends_the_tool_it_runs_at_once(tmp_path):
+    """SIGTERM while a step waits on a tool's output (run_tool, as every llama.cpp tool runs): the tool is
+    killed with the step, which exits 143 at once, not when the tool next prints a line."""
+    import os
+    import signal
+    import textwrap
+
+    tool = "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
+    step = textwrap.dedent(f"""
+        import sys
+        from cpuforge.cli import run
+        from cpuforge.llama.runtime import run_tool
+
+        run(lambda: run_tool([sys.executable, "-c", {tool!r}]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", step], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    line = child.stderr.readline()
+    while not line.strip().isdigit():  # the step logs the command first, then the tool's own line
+        line = child.stderr.readline()
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(line), 0)

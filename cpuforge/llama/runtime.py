@@ -144,14 +144,18 @@ def run_tool(cmd: list[str], stop: Callable[[str], bool] | None = None) -> str:
     log.info("running %s", " ".join(map(str, cmd)))
     lines, stopped = [], False
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            lines.append(line)
-            if stop is not None and stop(line):
-                log.info("ended early: its output so far decides")
-                proc.terminate()
-                stopped = True
-                break
+        try:
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                lines.append(line)
+                if stop is not None and stop(line):
+                    log.info("ended early: its output so far decides")
+                    proc.terminate()
+                    stopped = True
+                    break
+        except BaseException:  # the step ends (SIGTERM, Ctrl-C, an error): the tool with it, not at its next line
+            proc.kill()
+            raise
     if proc.returncode != 0 and not stopped:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
     return "".join(lines)
