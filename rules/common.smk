@@ -161,7 +161,8 @@ def get_reference_answers(wildcards):
 
 
 def get_reference_arg(wildcards):
-    return ["--reference", *get_reference_answers(wildcards)] if get_heldout(wildcards) else []
+    reference = get_reference_answers(wildcards)
+    return ["--reference", *reference] if reference else []
 
 
 def get_listed_ggufs(wildcards):

@@ -108,6 +108,7 @@ def listed_files(paths: list[Path], imatrix: Path | None) -> tuple[list[str], di
     """The listed types, and the workflow's files of them by candidate name (llama.quant.listed_name): each
     file's quantize record says its type and whether the importance matrix, this one, went into it."""
     types, given = [], {}
+    ours = sha256_tree(imatrix) if imatrix is not None and paths else None
     for path in paths:
         text = read_metadata(path, ["cpuforge.quantize"]).get("cpuforge.quantize")
         if text is None:
@@ -117,7 +118,7 @@ def listed_files(paths: list[Path], imatrix: Path | None) -> tuple[list[str], di
         used = record["inputs"].get("imatrix")
         if used is not None and imatrix is None:
             raise InputError(f"{path}: made with an importance matrix, where the search is given none (--imatrix).")
-        if used is not None and used != sha256_tree(imatrix):
+        if used is not None and used != ours:
             raise InputError(f"{path}: made with another importance matrix than {imatrix}; make it again.")
         types.append(record["type"])
         given[listed_name(record["type"], used is not None)] = path
