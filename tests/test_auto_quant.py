@@ -15,7 +15,7 @@ from helpers.models import make_tiny_llama
 from cpuforge.autoquant import recipe
 from cpuforge.autoquant.frontier import hull, sweep
 from cpuforge.autoquant.search import (
-    CLEAR_MISS,
+    CLEAR,
     EDGE_STEP,
     KL_MARGIN,
     MIN_SPREAD,
@@ -23,7 +23,7 @@ from cpuforge.autoquant.search import (
     PRIOR,
     KlLaw,
     chosen,
-    clear_miss,
+    decided_early,
     first_probe,
     kl_law,
     next_probe,
@@ -34,7 +34,7 @@ from cpuforge.autoquant.sensitivity import MIN_ROWS, Option, measure, relative_e
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import Gate
-from cpuforge.evaluate.perplexity import running_kl
+from cpuforge.evaluate.perplexity import kl_divergence, perplexity_gguf, running_kl, spread_logits, spread_order
 from cpuforge.evaluate.bench import bench_side_by_side
 from cpuforge.io.gguf import open_gguf, read_header, read_metadata
 from cpuforge.llama.ggml import ggml_type, round_trip, type_name
@@ -216,9 +216,9 @@ def predicted_by(frontier, law: KlLaw, kl: float) -> int:
 
 
 @pytest.mark.unit
-def test_a_clear_miss_is_read_off_llama_perplexity_s_running_row():
+def test_a_kl_run_is_decided_early_on_llama_perplexity_s_running_row():
     """A row of llama-perplexity's KL table (the 7B shape's first candidate, its fourth window): the figures
-    over the windows so far, and the verdict that its run need not go on."""
+    over the windows so far, and the verdict that its run need not go on, either way."""
     row = "   4    70200.5086 ± 2818.7928       0.07100 ±    0.04463       1.09794 ±    0.00194     0.007 ±  0.001 %" \
           "     0.196 ±  0.139 %\n"  # fmt: skip
     figures = running_kl(row, ctx=512)
@@ -227,9 +227,26 @@ def test_a_clear_miss_is_read_off_llama_perplexity_s_running_row():
     assert figures["f16_perplexity"] == pytest.approx(70200.5086 / np.exp(0.07100))
     assert running_kl("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence\n", 512) is None
     gate = Gate(max_kl_divergence=0.4, max_ppl_increase_pct=25, min_accuracy=None)
-    assert clear_miss(gate, figures)
-    assert not clear_miss(gate, {**figures, "windows": MIN_WINDOWS - 1})  # too few windows to judge
-    assert not clear_miss(gate, {**figures, "kl_divergence": CLEAR_MISS * 0.4})  # a miss, not a clear one
+    assert decided_early(gate, figures)  # a clear miss
+    assert not decided_early(gate, {**figures, "windows": MIN_WINDOWS - 1})  # too few windows to judge
+    assert not decided_early(gate, {**figures, "kl_divergence": CLEAR * 0.4})  # a miss, not a clear one
+    # a clear pass: the bound (mean + 1.645 x its error) and the perplexity's +7.4 % within the limits / CLEAR
+    passing = {**figures, "kl_divergence": 0.3, "kl_divergence_err": 0.01}
+    assert decided_early(gate, passing)
+    assert not decided_early(gate, {**passing, "kl_divergence_err": 0.02})  # its bound 0.333 > 0.4 / CLEAR
+    assert not decided_early(Gate(max_ppl_increase_pct=9, min_accuracy=None), passing)  # 7.4 % > 9 % / CLEAR
+
+
+@pytest.mark.unit
+def test_windows_are_spread_so_every_first_few_stand_for_the_whole_text():
+    assert spread_order(16) == [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15]
+    for n in range(1, 70):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+        for k in (2, 4, 8):  # the first k windows: n / k apart, whole windows
+            first = sorted(order[:k])
+            gaps = [b - a for a, b in zip(first, first[1:])] + [n - first[-1] + first[0]]
+            assert n < k or all(n // k <= gap <= -(-n // k) + 1 for gap in gaps), (n, k, first)
 
 
 @pytest.mark.unit
@@ -294,6 +311,34 @@ def test_sampled_rows_and_relative_error():
 def k_gguf(llama_bin, tmp_path_factory):
     work = tmp_path_factory.mktemp("auto_quant")
     return convert(make_tiny_llama(work / "base", **K_SIZES), work / "f16.gguf")
+
+
+@pytest.mark.llama
+def test_a_spread_copy_of_the_f16_logits_scores_the_same_windows_in_its_order(llama_bin, k_gguf, tmp_path):
+    """The search's KL runs read the f16 log-probabilities with their windows spread over the text: llama-perplexity
+    scores the same windows, so its figures over all of them are the file's in the text's order."""
+    from helpers.models import prose
+
+    text = tmp_path / "text.txt"
+    text.write_text(prose(8000))
+    logits, spread, q4 = tmp_path / "f16.kld", tmp_path / "spread.kld", tmp_path / "q4_0.gguf"
+    perplexity_gguf(llama_bin, k_gguf, text, 128, 8, 1, logits)
+    spread_logits(logits, spread)
+    assert spread.stat().st_size == logits.stat().st_size
+    windows = np.fromfile(logits, dtype="<i4", count=8 * 128, offset=20).reshape(8, 128)
+    spread_windows = np.fromfile(spread, dtype="<i4", count=8 * 128, offset=20).reshape(8, 128)
+    assert (spread_windows == windows[spread_order(8)]).all() and not (spread_windows == windows).all()
+    run_quantize(llama_bin, k_gguf, q4, "q4_0", 1)
+    ours, theirs = (kl_divergence(llama_bin, q4, f, 128, 1) for f in (spread, logits))
+    assert ours["windows"] == theirs["windows"] == 8
+    for key in ("kl_divergence", "perplexity", "f16_perplexity", "top1_agreement"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-4), key
+    # a truncated file is refused, naming it, and leaves no copy
+    cut = tmp_path / "cut.kld"
+    cut.write_bytes(logits.read_bytes()[:-2])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(cut))}: not a whole llama-perplexity --save-logits file"):
+        spread_logits(cut, tmp_path / "out.kld")
+    assert not list(tmp_path.glob("out.kld*"))
 
 
 @pytest.mark.llama

@@ -10,8 +10,8 @@ The probes are measured against the f16 logits only; the task (each held-out pro
 batch, teacher-forced: cpuforge.evaluate.task.fidelity_gguf) runs once the bracket is closed, on the smallest
 point that passed: where its accuracy misses, that point fails and the search goes on above it (the next larger
 point that passed, or new probes while the budget lasts). So a search of three probes whose choice keeps
-the task's accuracy runs the task once. A probe whose KL divergence over its first windows misses the gate by
-far is stopped there (clear_miss): it fails, and its figures so far stand for it.
+the task's accuracy runs the task once. A probe's KL run is stopped as soon as its windows so far decide it
+(decided_early): it fails, or passes on to its answers, and its figures so far stand for it.
 
 The KL divergence of a point is predicted from its loss by a power law, scale x loss ** exponent: KL grew as
 about the square root of the loss along the frontier, on the demo (from 0.265 at a loss of 1.13 to 0.308 at
@@ -45,7 +45,7 @@ from cpuforge.evaluate.gate import Gate
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
 EDGE_STEP = 0.03  # of the file's bytes: the step past the smallest passing point when the limit is predicted at it
-CLEAR_MISS = 1.25  # x the gate's KL divergence: a candidate this far past it over its first windows is stopped
+CLEAR = 1.25  # a KL run is decided early when its figures so far are this factor past the gate's limits or within them
 MIN_WINDOWS = 4
 MIN_SPREAD = 1.25  # the ratio of losses, largest to smallest measured, from which the exponent is fitted
 EXPONENTS = (0.25, 1.5)  # the fitted exponent is held within these
@@ -66,13 +66,19 @@ class KlLaw:
 PRIOR = KlLaw(scale=0.3, exponent=0.5)  # the first probe's prediction, before any point is measured
 
 
-def clear_miss(gate: Gate, figures: dict) -> bool:
-    """Whether a candidate's KL divergence over the windows measured so far (at least MIN_WINDOWS) is so far past
-    the gate's that the rest of its run is not worth waiting for: it fails, and its law's point is the figure so
-    far. At the 7B shape the first quarter's figure was within 7 % of the whole run's, where the two candidates
-    it stops missed by 36 % and 2.7 times; on the demo, whose first windows are the task's text, it was 23-42 %
-    lower, so there it stops nothing that would pass."""
-    return figures["windows"] >= MIN_WINDOWS and figures["kl_divergence"] > CLEAR_MISS * gate.max_kl_divergence
+def decided_early(gate: Gate, figures: dict) -> bool:
+    """Whether a KL run's figures over the windows so far (at least MIN_WINDOWS, spread over the held-out text:
+    cpuforge.evaluate.perplexity.spread_logits) decide it, so the rest of its run is not worth waiting for: a
+    clear miss, its KL divergence more than CLEAR times the gate's limit, or a clear pass, its KL divergence's
+    bound and its perplexity's increase within the limits divided by CLEAR. A candidate that passes this way is
+    measured whole again by the report, as every quant of quant_types."""
+    if figures["windows"] < MIN_WINDOWS:
+        return False
+    if figures["kl_divergence"] > CLEAR * gate.max_kl_divergence:
+        return True
+    increase_pct = (figures["perplexity"] / figures["f16_perplexity"] - 1) * 100
+    return (CLEAR * gate.kl_bound(figures) <= gate.max_kl_divergence
+            and CLEAR * increase_pct <= gate.max_ppl_increase_pct)
 
 
 def predicted(frontier: Frontier, law: KlLaw, gate: Gate) -> int:

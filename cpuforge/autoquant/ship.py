@@ -17,6 +17,7 @@ from cpuforge.autoquant.tensors import Tensors
 from cpuforge.autoquant.verify import Inputs, decide_file, made, summary, within_size
 from cpuforge.errors import InputError
 from cpuforge.evaluate.gate import Gate
+from cpuforge.evaluate.perplexity import spread_logits
 from cpuforge.evaluate.task import read_answers
 from cpuforge.io.files import atomic_output, read_json, sha256_tree, write_json
 from cpuforge.io.gguf import check_gguf, read_header, read_metadata
@@ -72,11 +73,12 @@ def auto_quant(llama_bin: Path, f16: Path, sensitivity: Path, imatrix: Path | No
              cpu["cpu"], cpu["backend"])  # fmt: skip
     started = time.monotonic()
     with atomic_output(out) as tmp:
-        quantized = tmp.with_name(tmp.name + ".tensors")
+        quantized, spread = tmp.with_name(tmp.name + ".tensors"), tmp.with_name(tmp.name + ".logits")
         inp = None
         try:
+            spread_logits(logits, spread)  # a KL run's first windows spread over the text: decided early on them
             tensors = Tensors(llama_bin, f16, imatrix, quantized, threads)
-            inp = Inputs(llama_bin, f16, imatrix, tensors, logits, ctx, merged, rows, max_new_tokens, threads, tmp,
+            inp = Inputs(llama_bin, f16, imatrix, tensors, spread, ctx, merged, rows, max_new_tokens, threads, tmp,
                          gate, request.objective, bench["tolerance_pct"] / 100, bench["gen_tokens"],
                          bench["repetitions"], answers, given)  # fmt: skip
             if max_bytes is None:
@@ -91,6 +93,7 @@ def auto_quant(llama_bin: Path, f16: Path, sensitivity: Path, imatrix: Path | No
             recipe.check_written(tmp, best["types"])
         finally:
             shutil.rmtree(quantized, ignore_errors=True)
+            spread.unlink(missing_ok=True)
             for path in (inp.files.values() if inp else ()):
                 path.unlink(missing_ok=True)
     write_provenance(out, record)

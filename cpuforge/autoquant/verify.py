@@ -11,7 +11,7 @@ The candidates:
   `size` over every ladder type, for `speed` over the types whose uniform file ties the fastest passing one.
 
 A candidate is verified as the report measures a quant: KL divergence and perplexity against the f16 GGUF on
-the held-out text (a clear miss stopped early), then, where those pass, its answers against the f16 GGUF's on
+the held-out text (stopped once its windows so far decide it), then, where those pass, its answers against the f16 GGUF's on
 the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the gate (cpuforge.evaluate.gate)
 judges the figures. A candidate's file is made only when it is verified, so a pruned one costs its screen
 file alone. Files are written beside the output under its partial name and deleted when the search ends;
@@ -33,7 +33,7 @@ from pathlib import Path
 from cpuforge.autoquant import decide
 from cpuforge.autoquant.frontier import Frontier, sweep
 from cpuforge.autoquant.screen import cut_layers, n_layers, write_screen
-from cpuforge.autoquant.search import chosen, clear_miss, first_probe, search
+from cpuforge.autoquant.search import chosen, decided_early, first_probe, search
 from cpuforge.autoquant.sensitivity import Option, quantizable
 from cpuforge.autoquant.tensors import Tensors
 from cpuforge.constants import MIB
@@ -175,18 +175,21 @@ def measure_fidelity(inp: Inputs, gguf: Path) -> dict:
 
 
 def verify(inp: Inputs, c: dict, whole: bool = False) -> None:
-    """Candidate `c` measured and judged in place: KL first (a clear miss stopped early), the answers where it
+    """Candidate `c` measured and judged in place: KL first (stopped once it is decided), the answers where it
     passes; `whole`, every figure measured whatever the first ones say (a size limit's one candidate, which the
     report judges)."""
     started = time.monotonic()
     gguf = made(inp, c)
-    c.update(measure_kl(inp, gguf, None if whole else partial(clear_miss, inp.gate)))
+    c.update(measure_kl(inp, gguf, None if whole else partial(decided_early, inp.gate)))
     if inp.rows and (whole or not inp.gate.misses(c)):
         c.update(measure_fidelity(inp, gguf))
     misses = inp.gate.misses(c)
     c.update(passed=not misses, misses=misses, verified=True, seconds=round(time.monotonic() - started, 1))
     f = c.get("fidelity")
-    stopped = f" (stopped after {c['kl']['windows']} windows: a clear miss)" if c["kl"].get("stopped_early") else ""
+    stopped = ""
+    if c["kl"].get("stopped_early"):
+        verdict = "a clear miss" if c["kl_divergence"] > inp.gate.max_kl_divergence else "a clear pass"
+        stopped = f" (stopped after {c['kl']['windows']} windows: {verdict})"
     log.info("%s: KL %.4f, perplexity %+.1f %%%s%s: %s (%.0f s)", c["name"], c["kl_divergence"], c["ppl_increase_pct"],
              stopped, f", {f['agree']}/{f['rows']} answers as f16's, {f['worse']} right->wrong, {f['better']} "
              "wrong->right" if f else "", "passes" if c["passed"] else "; ".join(c["misses"]), c["seconds"])  # fmt: skip
@@ -243,7 +246,7 @@ def search_mixes(inp: Inputs, table: dict[str, list[Option]], candidates: list[d
     def measured(k: int) -> dict:
         started = time.monotonic()
         made[k] = make_mix(inp, below, k, start + k)
-        figures = measure_kl(inp, inp.files[made[k]["name"]], partial(clear_miss, inp.gate))
+        figures = measure_kl(inp, inp.files[made[k]["name"]], partial(decided_early, inp.gate))
         return {**figures, "seconds": round(time.monotonic() - started, 1)}
 
     def tasked(k: int, figures: dict) -> dict:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from cpuforge.errors import InputError
 from cpuforge.io.files import atomic_output
@@ -184,6 +187,39 @@ def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: in
 
     out = run_llama_tool(bin_dir / "llama-perplexity", args, decided if stop else None)
     return {**rows[0], "stopped_early": True} if rows else parse_kl_output(out)
+
+
+LOGITS_HEAD = struct.Struct("<8sIii")  # llama-perplexity --save-logits: "_logits_", n_ctx, n_vocab, n_chunk
+
+
+def spread_order(n: int) -> list[int]:
+    """Windows 0..n-1 in the order of the van der Corput sequence (of 16: 0, 8, 4, 12, 2, 10, …): every first k
+    of them spread evenly over the text, so that the figures over them stand for the whole run's."""
+    bits = max(1, (n - 1).bit_length())
+    order = [(int(f"{j:0{bits}b}"[::-1], 2) * n) >> bits for j in range(1 << bits)]
+    return list(dict.fromkeys(order))
+
+
+def spread_logits(logits: Path, out: Path) -> None:
+    """`logits` (llama-perplexity --save-logits) copied to `out` with its windows in spread_order: a KL run over
+    it scores the same windows, so its figures over all of them are the same, and its figures so far, after
+    each window, are over windows spread across the whole text rather than its beginning."""
+    with open(logits, "rb") as f:
+        head = f.read(LOGITS_HEAD.size)
+        magic, ctx, vocab, n = LOGITS_HEAD.unpack(head) if len(head) == LOGITS_HEAD.size else (b"", 0, 0, 0)
+        # each window: its ctx tokens up front, then a row of log-probabilities per scored token, as uint16
+        block = (ctx - 1 - ctx // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
+        base = LOGITS_HEAD.size + 4 * ctx * n
+        if magic != b"_logits_" or n < 1 or logits.stat().st_size != base + n * block:
+            raise InputError(f"{logits}: not a whole llama-perplexity --save-logits file; make it again.")
+        tokens = np.fromfile(f, dtype="<i4", count=ctx * n).reshape(n, ctx)
+        order = spread_order(n)
+        with atomic_output(out) as tmp, open(tmp, "wb") as w:
+            w.write(head)
+            tokens[order].tofile(w)
+            for window in order:
+                f.seek(base + window * block)
+                w.write(f.read(block))
 
 
 PYDOC = "pydoc_topics"

@@ -26,6 +26,7 @@ from cpuforge.sizing.gguf_size import Gguf
 from cpuforge.sizing.model import Arch, Model, Task, Tensor, lora_gguf_bytes
 from cpuforge.sizing.parts import (
     answers,
+    kld_bytes,
     llama_run,
     perplexity,
     quantizer,
@@ -153,7 +154,8 @@ def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf, bool]], 
     of them made by llama-quantize and verified (the objective's order prunes the rest, which are never made)
     and `budget` mixes (written from tensors quantized once), each a llama-perplexity run and its answers
     teacher-forced against the f16 GGUF's, which eval_task wrote; the passing ones benched again whole: memory as
-    for the `largest` file, time as for `typical` ones."""
+    for the `largest` file, time as for `typical` ones (each KL run whole, though a clear one stops after a
+    quarter); disk, besides, for its copy of the f16 log-probabilities, its windows spread."""
     rule, tokenizer = "auto_quant_search", tokenizer_bytes(f16.arch) / MIB
     made = [quantizer(rule, f16, g, q, threads) for q, g, makes in candidates if makes]
     peak = [perplexity(rule, largest, ctx, chunks, threads, False), answers(rule, largest, task, max_new_tokens, threads),
@@ -167,7 +169,7 @@ def auto_quant_search_need(f16: Gguf, candidates: list[tuple[str, Gguf, bool]], 
     seconds += (verified + budget + 1) * answers(rule, typical, task, max_new_tokens, threads).seconds
     seconds += quantizer(rule, f16, typical, "q4_k_m", threads).seconds * 4 / 3  # the mixes' tensors
     seconds += (budget + 2) * typical.nbytes / DISK_BYTES_PER_SECOND  # the mixes and the chosen file written
-    disk = max(screens, (verified + 3) * typical.nbytes)
+    disk = max(screens, (verified + 3) * typical.nbytes) + kld_bytes(f16.arch, ctx, chunks)
     return Cost(max(c.mem for c in peak) + tokenizer, disk, seconds, typical.nbytes).need()
 
 
