@@ -10,11 +10,12 @@ The candidates:
 - mixes of the frontier (frontier.py) below the best file that passes, searched as search.py does: for
   `size` over every ladder type, for `speed` over the types whose uniform file ties the fastest passing one.
 
-A candidate is verified as the report measures a quant: KL divergence and perplexity against the f16 GGUF on
-the held-out text (stopped once its windows so far decide it), then, where those pass, its answers against the f16 GGUF's on
-the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the gate (cpuforge.evaluate.gate)
-judges the figures. A candidate's file is made only when it is verified, so a pruned one costs its screen
-file alone. Files are written beside the output under its partial name and deleted when the search ends;
+A candidate is verified as the report measures a quant: KL divergence and perplexity against the f16 GGUF on the
+held-out text (stopped once its windows so far decide it: search.decided_early), then, where those pass, its
+answers against the f16 GGUF's on the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the
+gate (cpuforge.evaluate.gate) judges the figures. A candidate's file is made only when it is verified, so a
+pruned one costs its screen file alone. Files are written beside the output under its partial name and deleted
+when the search ends;
 mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a copy.
 """
 
