@@ -15,8 +15,8 @@ held-out text (stopped once its windows so far decide it: search.decided_early),
 answers against the f16 GGUF's on the held-out rows, teacher-forced (cpuforge.evaluate.task.fidelity_gguf); the
 gate (cpuforge.evaluate.gate) judges the figures. A candidate's file is made only when it is verified, so a
 pruned one costs its screen file alone. Files are written beside the output under its partial name and deleted
-when the search ends;
-mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a copy.
+when the search ends; mixes' quantized tensors are kept while it lasts (tensors.py), so a mix made again is a
+copy.
 """
 
 from __future__ import annotations
