@@ -73,6 +73,7 @@ def main() -> None:
         parser.error("--types or --listed must hold q4_0: the search's time is a ratio to q4_0's evaluation.")
 
     from cpuforge import catalogue
+    from cpuforge.autoquant.tensors import Tensors
     from cpuforge.autoquant.verify import Inputs, file_figures, plan_files, verify
     from cpuforge.evaluate.bench import bench_side_by_side
     from cpuforge.evaluate.gate import Gate
@@ -96,7 +97,9 @@ def main() -> None:
         logits = Path(tmp) / "f16.kld"
         perplexity_gguf(bin_dir, results / "ggml-model-f16.gguf", results / "report" / "eval_text.txt", ev["ctx"],
                         ev["chunks"], args.threads, logits)  # fmt: skip
-        inp = Inputs(bin_dir, results / "ggml-model-f16.gguf", results / "imatrix.gguf", None, logits, ev["ctx"],
+        tensors = Tensors(bin_dir, results / "ggml-model-f16.gguf", results / "imatrix.gguf", Path(tmp) / "tensors",
+                          args.threads)  # fmt: skip
+        inp = Inputs(bin_dir, results / "ggml-model-f16.gguf", results / "imatrix.gguf", tensors, logits, ev["ctx"],
                      results / "merged", rows, ev["max_new_tokens"], args.threads, Path(tmp) / "c", gate, "speed",
                      ev["bench"]["tolerance_pct"] / 100, args.gen_tokens, args.repetitions,
                      read_answers(args.workdir / catalogue.figure(args.model, "task", "f16"), len(rows)))  # fmt: skip
