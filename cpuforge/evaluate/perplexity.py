@@ -192,6 +192,17 @@ def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: in
 LOGITS_HEAD = struct.Struct("<8sIii")  # llama-perplexity --save-logits: "_logits_", n_ctx, n_vocab, n_chunk
 
 
+def logits_window_bytes(ctx: int, vocab: int) -> int:
+    """One window's log-probabilities in llama-perplexity's --save-logits file: for every scored position the
+    vocabulary's, as uint16 (an even count, plus 4 for their scale)."""
+    return (ctx - 1 - ctx // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
+
+
+def logits_bytes(ctx: int, vocab: int, windows: int) -> int:
+    """The whole file: its head, every window's tokens, then every window's log-probabilities."""
+    return LOGITS_HEAD.size + 4 * ctx * windows + windows * logits_window_bytes(ctx, vocab)
+
+
 def spread_order(n: int) -> list[int]:
     """Windows 0..n-1 in the order of the van der Corput sequence (of 16: 0, 8, 4, 12, 2, 10, …): every first k
     of them spread evenly over the text, so that the figures over them stand for the whole run's."""
@@ -207,10 +218,8 @@ def spread_logits(logits: Path, out: Path) -> None:
     with open(logits, "rb") as f:
         head = f.read(LOGITS_HEAD.size)
         magic, ctx, vocab, n = LOGITS_HEAD.unpack(head) if len(head) == LOGITS_HEAD.size else (b"", 0, 0, 0)
-        # each window: its ctx tokens up front, then a row of log-probabilities per scored token, as uint16
-        block = (ctx - 1 - ctx // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
-        base = LOGITS_HEAD.size + 4 * ctx * n
-        if magic != b"_logits_" or n < 1 or logits.stat().st_size != base + n * block:
+        block, base = logits_window_bytes(ctx, vocab), LOGITS_HEAD.size + 4 * ctx * n  # tokens, then blocks
+        if magic != b"_logits_" or n < 1 or logits.stat().st_size != logits_bytes(ctx, vocab, n):
             raise InputError(f"{logits}: not a whole llama-perplexity --save-logits file; make it again.")
         tokens = np.fromfile(f, dtype="<i4", count=ctx * n).reshape(n, ctx)
         order = spread_order(n)

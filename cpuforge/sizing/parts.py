@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 from cpuforge.constants import EMBED, LM_HEAD, MIB
+from cpuforge.evaluate.perplexity import logits_bytes
 from cpuforge.sizing.costs import (
     BYTES_PER_SECOND,
     DISK_BYTES_PER_SECOND,
@@ -51,9 +52,8 @@ def llama_run(rule: str, g: Gguf, n_ctx: int, n_outputs: int, threads: int, toke
 
 
 def kld_bytes(arch: Arch, ctx: int, chunks: int) -> int:
-    """llama-perplexity's --kl-divergence-base file: the tokens, then for every scored position the
-    vocabulary's log-probabilities as uint16 (an even count, plus 4 for their scale)."""
-    return 16 + 4 * ctx * chunks + chunks * (ctx - 1 - ctx // 2) * 2 * (2 * ((arch.vocab + 1) // 2) + 4)
+    """llama-perplexity's --kl-divergence-base file (cpuforge.evaluate.perplexity.logits_bytes)."""
+    return logits_bytes(ctx, arch.vocab, chunks)
 
 
 def streamed_forward(rule: str, tensors: dict[str, Tensor], arch: Arch, tokens: int, longest: int,
