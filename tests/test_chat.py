@@ -194,7 +194,7 @@ def test_teacher_forced_answers_are_where_greedy_decoding_writes_them(llama_bin,
     answers agrees on every row and is right exactly where greedy decoding is. The rows: the model's own
     answers (right), each less its last word (wrong: the model goes on) or with a word more (wrong: it stops
     first), and the lessons' own replies."""
-    from cpuforge.evaluate.task import answers_gguf, fidelity_gguf
+    from cpuforge.evaluate.task import answers_gguf, fidelity_gguf, gold_ids, hf_prompts
     from cpuforge.text.task import answer
 
     merged = gguf.parent / "merged"
@@ -220,3 +220,10 @@ def test_teacher_forced_answers_are_where_greedy_decoding_writes_them(llama_bin,
     other = fidelity_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1, {"answers": shifted, "right": greedy})
     assert other["agree"] == [a == b for a, b in zip(shifted, reference["answers"], strict=True)]
     assert not all(other["agree"]) and other["right"] == greedy
+    # a reference that goes on past the model's own answers (each with a word more): they are unlike it, and the
+    # task's answers, the model's own, are checked from where the two part, the prompt and shared tokens kept
+    n = len(lessons)
+    tokenizer, prompts = hf_prompts(merged, rows)
+    longer = [gold_ids(tokenizer, r, p) for r, p in zip(rows[-2 * n : -n], prompts[-2 * n : -n], strict=True)] + ids[n:]
+    parted = fidelity_gguf(gguf, llama_bin, merged, rows, MAX_NEW, 1, {"answers": longer, "right": greedy})
+    assert parted["agree"][:n] == [False] * n and parted["right"] == greedy

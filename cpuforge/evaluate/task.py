@@ -21,9 +21,9 @@ from pathlib import Path
 from cpuforge.text.generate import (
     decode,
     gguf_decode,
-    gguf_greedy_choices,
     gguf_greedy_ids,
     gguf_stop_ids,
+    gguf_teacher_forced,
     greedy_choices,
     greedy_divergence,
     greedy_known,
@@ -92,18 +92,20 @@ def teacher_forced(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[di
 def fidelity_gguf(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
                   threads: int, reference: dict) -> dict:  # fmt: skip
     """Per row, whether the GGUF's greedy answer equals the reference's and whether it is right, by teacher
-    forcing: on the reference's answer, and on the task's answer where the two differ. `reference`: the f16
-    GGUF's answers as token ids and which are right (eval_task's `answer_ids` and `right`)."""
+    forcing (gguf_teacher_forced): on the reference's answer, and where the two differ on the task's answer
+    too, from the first token where it leaves the reference's. `reference`: the f16 GGUF's answers as token ids
+    and which are right (eval_task's `answer_ids` and `right`)."""
+    agree, right = [], list(reference["right"])
     with teacher_forced(gguf, bin_dir, tokenizer_dir, rows, max_new_tokens, threads) as (llm, prompts, golds, stop):
-        choices = gguf_greedy_choices(llm, prompts, reference["answers"], max_new_tokens)
-        agree = [greedy_divergence(c, a, stop, max_new_tokens) is None
-                 for c, a in zip(choices, reference["answers"], strict=True)]  # fmt: skip
-        differ = [i for i, same in enumerate(agree) if not same]
-        gold_choices = gguf_greedy_choices(llm, [prompts[i] for i in differ], [golds[i] for i in differ],
-                                           max_new_tokens)  # fmt: skip
-    right = list(reference["right"])
-    for i, c in zip(differ, gold_choices, strict=True):
-        right[i] = greedy_divergence(c, golds[i], stop, max_new_tokens) is None
+        for i, (prompt, mine, gold) in enumerate(zip(prompts, reference["answers"], golds, strict=True)):
+            choices = gguf_teacher_forced(llm, prompt, mine, max_new_tokens)
+            agree.append(greedy_divergence(choices, mine, stop, max_new_tokens) is None)
+            if not agree[-1]:
+                choices = gguf_teacher_forced(llm, prompt, gold, max_new_tokens)
+                right[i] = greedy_divergence(choices, gold, stop, max_new_tokens) is None
+            if (i + 1) % 10 == 0 or i + 1 == len(rows):
+                log.info("teacher-forced %d/%d answers (%d unlike the reference's)", i + 1, len(rows),
+                         agree.count(False))  # fmt: skip
     return {"agree": agree, "right": right}
 
 

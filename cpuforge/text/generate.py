@@ -10,6 +10,8 @@ from cpuforge.text.stream import next_token_argmax
 
 log = logging.getLogger(__name__)
 
+FIRST_TOKENS = 8  # of an answer, teacher-forced before the rest: an answer unlike it mostly parts from it there
+
 
 def stop_ids(tokenizer) -> list[int]:
     """Where an answer ends: the chat template's end of turn, where it has one, and EOS."""
@@ -91,19 +93,27 @@ def gguf_stop_ids(llm) -> list[int]:
     return stop + ([vocab.token_eos()] if vocab.token_eos() != -1 else [])
 
 
-def gguf_greedy_choices(llm, prompts: list[list[int]], answers: list[list[int]],
-                        max_new_tokens: int) -> list[list[int]]:  # fmt: skip
-    """greedy_choices for a GGUF through llama-cpp-python (loaded with logits_all): each prompt and its answer's
-    first `max_new_tokens` tokens evaluated as one batch, where greedy decoding runs a pass per token."""
-    out = []
-    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True), 1):
-        sequence = prompt + answer[:max_new_tokens]
-        llm.reset()
-        llm.eval(sequence)
-        out.append(llm.scores[len(prompt) - 1 : len(sequence)].argmax(axis=1).tolist())
-        if i % 10 == 0 or i == len(prompts):
-            log.info("teacher-forced %d/%d answers", i, len(prompts))
-    return out
+def gguf_teacher_forced(llm, prompt: list[int], answer: list[int], max_new_tokens: int) -> list[int]:
+    """greedy_choices for one prompt through a GGUF (llama-cpp-python, loaded with logits_all): the choice
+    after the prompt and after each of its answer's first `max_new_tokens` tokens, evaluated in a batch where
+    greedy decoding runs a pass per token, and only as far as greedy_divergence reads them: the answer's first
+    FIRST_TOKENS, then the rest where those agree. The context keeps what it shares with the last sequence
+    evaluated (the prompts' common start; the prompt and the shared tokens of another answer to it), so only the
+    rest is evaluated."""
+    sequence = prompt + answer[:max_new_tokens]
+    llm.n_tokens = shared_prefix(llm.input_ids[: llm.n_tokens].tolist(), sequence)  # eval drops the rest
+    for end in (min(len(sequence), len(prompt) + FIRST_TOKENS), len(sequence)):
+        if llm.n_tokens < end:
+            llm.eval(sequence[llm.n_tokens : end])
+        choices = llm.scores[len(prompt) - 1 : end].argmax(axis=1).tolist()
+        if any(c != t for c, t in zip(choices, answer)):
+            break
+    return choices
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def gguf_greedy_answers(llm, prompts: list[list[int]], max_new_tokens: int = 48) -> list[str]:
