@@ -189,7 +189,7 @@ def test_threads_follow_the_eval_report(tmp_path):
 
 
 def test_teacher_forced_answers_are_where_greedy_decoding_writes_them(llama_bin, gguf):
-    """fidelity_gguf, the quant search's check of a candidate's answers (a batch per row) against the f16
+    """fidelity_gguf, the quant search's check of a candidate's answers (teacher-forced) against the f16
     GGUF's greedy answers as eval_task keeps them (answers_gguf's token ids): a file checked against its own
     answers agrees on every row and is right exactly where greedy decoding is. The rows: the model's own
     answers (right), each less its last word (wrong: the model goes on) or with a word more (wrong: it stops

@@ -75,7 +75,7 @@ def read_answers(path: Path, rows: int | None = None) -> dict:
 @contextmanager
 def teacher_forced(gguf: Path, bin_dir: Path, tokenizer_dir: Path, rows: list[dict], max_new_tokens: int,
                    threads: int) -> Iterator[tuple]:  # fmt: skip
-    """The GGUF loaded to score whole answers in one batch (logits_all), the rows' prompt ids, their task
+    """The GGUF loaded to score answers by teacher forcing (logits_all), the rows' prompt ids, their task
     answers' ids and the vocabulary's stop tokens, for as long as the block lasts."""
     llama_cpp = load_llama_cpp(bin_dir)
     tokenizer, prompts = hf_prompts(tokenizer_dir, rows)
