@@ -227,14 +227,18 @@ def test_a_kl_run_is_decided_early_on_llama_perplexity_s_running_row():
     assert figures["f16_perplexity"] == pytest.approx(70200.5086 / np.exp(0.07100))
     assert running_kl("chunk             PPL               ln(PPL(Q)/PPL(base))          KL Divergence\n", 512) is None
     gate = Gate(max_kl_divergence=0.4, max_ppl_increase_pct=25, min_accuracy=None)
-    assert decided_early(gate, figures)  # a clear miss
-    assert not decided_early(gate, {**figures, "windows": MIN_WINDOWS - 1})  # too few windows to judge
-    assert not decided_early(gate, {**figures, "kl_divergence": CLEAR * 0.4})  # a miss, not a clear one
+    assert decided_early(gate, figures) == "a clear miss"
+    assert decided_early(gate, {**figures, "windows": MIN_WINDOWS - 1}) is None  # too few windows to judge
+    assert decided_early(gate, {**figures, "kl_divergence": CLEAR * 0.4}) is None  # a miss, not a clear one
     # a clear pass: the bound (mean + 1.645 x its error) and the perplexity's +7.4 % within the limits / CLEAR
     passing = {**figures, "kl_divergence": 0.3, "kl_divergence_err": 0.01}
-    assert decided_early(gate, passing)
-    assert not decided_early(gate, {**passing, "kl_divergence_err": 0.02})  # its bound 0.333 > 0.4 / CLEAR
-    assert not decided_early(Gate(max_ppl_increase_pct=9, min_accuracy=None), passing)  # 7.4 % > 9 % / CLEAR
+    assert decided_early(gate, passing) == "a clear pass"
+    assert decided_early(gate, {**passing, "kl_divergence_err": 0.02}) is None  # its bound 0.333 > 0.4 / CLEAR
+    # the perplexity alone: +7.4 % is neither a clear pass at a limit of 9 % nor a clear miss at 6 %, a clear miss
+    # at 5 %
+    assert decided_early(Gate(max_ppl_increase_pct=9, min_accuracy=None), passing) is None
+    assert decided_early(Gate(max_ppl_increase_pct=6, min_accuracy=None), passing) is None
+    assert decided_early(Gate(max_ppl_increase_pct=5, min_accuracy=None), passing) == "a clear miss"
 
 
 @pytest.mark.unit

@@ -66,19 +66,21 @@ class KlLaw:
 PRIOR = KlLaw(scale=0.3, exponent=0.5)  # the first probe's prediction, before any point is measured
 
 
-def decided_early(gate: Gate, figures: dict) -> bool:
-    """Whether a KL run's figures over the windows so far (at least MIN_WINDOWS, spread over the held-out text:
-    cpuforge.evaluate.perplexity.spread_logits) decide it, so the rest of its run is not worth waiting for: a
-    clear miss, its KL divergence more than CLEAR times the gate's limit, or a clear pass, its KL divergence's
-    bound and its perplexity's increase within the limits divided by CLEAR. A candidate that passes this way is
-    measured whole again by the report, as every quant of quant_types."""
+def decided_early(gate: Gate, figures: dict) -> str | None:
+    """How a KL run's figures over the windows so far (at least MIN_WINDOWS, spread over the held-out text:
+    cpuforge.evaluate.perplexity.spread_logits) decide it, so the rest of its run is not worth waiting for: "a
+    clear miss", its KL divergence or its perplexity's increase more than CLEAR times the gate's limit, or "a
+    clear pass", its KL divergence's bound and its perplexity's increase within the limits divided by CLEAR;
+    None while neither. A candidate that passes this way is measured whole again by the report, as every quant
+    of quant_types."""
     if figures["windows"] < MIN_WINDOWS:
-        return False
-    if figures["kl_divergence"] > CLEAR * gate.max_kl_divergence:
-        return True
+        return None
     increase_pct = (figures["perplexity"] / figures["f16_perplexity"] - 1) * 100
-    return (CLEAR * gate.kl_bound(figures) <= gate.max_kl_divergence
-            and CLEAR * increase_pct <= gate.max_ppl_increase_pct)
+    if figures["kl_divergence"] > CLEAR * gate.max_kl_divergence or increase_pct > CLEAR * gate.max_ppl_increase_pct:
+        return "a clear miss"
+    if CLEAR * gate.kl_bound(figures) <= gate.max_kl_divergence and CLEAR * increase_pct <= gate.max_ppl_increase_pct:
+        return "a clear pass"
+    return None
 
 
 def predicted(frontier: Frontier, law: KlLaw, gate: Gate) -> int:

@@ -187,10 +187,8 @@ def verify(inp: Inputs, c: dict, whole: bool = False) -> None:
     misses = inp.gate.misses(c)
     c.update(passed=not misses, misses=misses, verified=True, seconds=round(time.monotonic() - started, 1))
     f = c.get("fidelity")
-    stopped = ""
-    if c["kl"].get("stopped_early"):
-        verdict = "a clear miss" if c["kl_divergence"] > inp.gate.max_kl_divergence else "a clear pass"
-        stopped = f" (stopped after {c['kl']['windows']} windows: {verdict})"
+    why = c["kl"].get("stopped_early")
+    stopped = f" (stopped after {c['kl']['windows']} windows: {why})" if why else ""
     log.info("%s: KL %.4f, perplexity %+.1f %%%s%s: %s (%.0f s)", c["name"], c["kl_divergence"], c["ppl_increase_pct"],
              stopped, f", {f['agree']}/{f['rows']} answers as f16's, {f['worse']} right->wrong, {f['better']} "
              "wrong->right" if f else "", "passes" if c["passed"] else "; ".join(c["misses"]), c["seconds"])  # fmt: skip

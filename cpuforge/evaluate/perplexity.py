@@ -167,11 +167,11 @@ def running_kl(line: str, ctx: int) -> dict | None:
 
 
 def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = (),
-                  stop: Callable[[dict], bool] | None = None) -> dict:  # fmt: skip
+                  stop: Callable[[dict], object] | None = None) -> dict:  # fmt: skip
     """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
     time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them. With `stop`, the run
-    ends after the first window where `stop(the figures so far)` is true, and those figures are returned, with
-    `stopped_early`."""
+    ends after the first window where `stop(the figures so far)` says why (anything true), and those figures are
+    returned, with `stopped_early`: what it said."""
     args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads,
             *LOAD_MODE]  # fmt: skip
     for lora in loras:
@@ -180,13 +180,13 @@ def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: in
 
     def decided(line: str) -> bool:
         row = running_kl(line, ctx)
-        if row is None or not stop(row):
-            return False
-        rows.append(row)
-        return True
+        why = None if row is None else stop(row)
+        if why:
+            rows.append({**row, "stopped_early": why})
+        return bool(why)
 
     out = run_llama_tool(bin_dir / "llama-perplexity", args, decided if stop else None)
-    return {**rows[0], "stopped_early": True} if rows else parse_kl_output(out)
+    return rows[0] if rows else parse_kl_output(out)
 
 
 LOGITS_HEAD = struct.Struct("<8sIii")  # llama-perplexity --save-logits: "_logits_", n_ctx, n_vocab, n_chunk
