@@ -53,15 +53,16 @@ def small_task(folder, heldout: int = 6):
     return folder
 
 
-def tiny_config(workdir, name: str, task=True, inputs=None, auto=True, **gate):
+def tiny_config(workdir, name: str, task=True, inputs=None, auto=True, chunks=EVAL["chunks"], **gate):
     """A config in `workdir` for the tiny model in `inputs` (default: workdir/inputs); with `auto`, the quant
-    search is one of its quant types."""
+    search is one of its quant types; `chunks`, the held-out text's windows."""
     inputs = inputs or workdir / "inputs"
     model = {"name": "tiny", "base": str(inputs / "base"), "adapters": [str(inputs / "adapter")]}
     if task:
         model["task_data"] = {split: str(inputs / "task" / f"{split}.jsonl") for split in ("train", "heldout")}
     extra = AUTO_QUANT if auto else {}
-    return write_config(workdir / name, [model], eval={**EVAL, "gate": {**PASSING_GATE, **gate}}, **extra)
+    return write_config(workdir / name, [model], eval={**EVAL, "chunks": chunks, "gate": {**PASSING_GATE, **gate}},
+                        **extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -492,7 +493,9 @@ def test_the_quant_search_fails_naming_the_best_candidate(own_eval_run, eval_run
     """No candidate within the gate: the search fails with one sentence, on the terminal, naming the best
     candidate and the figure it missed, and leaves nothing under the output's name."""
     workdir, _ = own_eval_run
-    config = tiny_config(workdir, "impossible.yaml", inputs=eval_run[0] / "inputs", max_kl_divergence=1e-9)
+    # more windows than the 4 a KL run is first judged on, so that one can be stopped before its last
+    config = tiny_config(workdir, "impossible.yaml", inputs=eval_run[0] / "inputs", chunks=6,
+                         max_kl_divergence=1e-9)  # fmt: skip
     result = snakemake(workdir, "results/tiny/ggml-model-auto.gguf", "--configfile", str(config), check=False)
     out = result.stdout + result.stderr
     assert result.returncode != 0

@@ -170,17 +170,20 @@ def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: in
                   stop: Callable[[dict], object] | None = None) -> dict:  # fmt: skip
     """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
     time (each at scale 1, on its own alpha / r), as llama-server's --lora applies them. With `stop`, the run
-    ends after the first window where `stop(the figures so far)` says why (anything true), and those figures are
-    returned, with `stopped_early`: what it said."""
+    ends after the first window before its last where `stop(the figures so far)` says why (anything true), and
+    those figures are returned, with `stopped_early`: what it said."""
     args = ["-m", gguf, "--kl-divergence-base", logits, "--kl-divergence", "-c", ctx, "-b", ctx, "-t", threads,
             *LOAD_MODE]  # fmt: skip
     for lora in loras:
         args += ["--lora", lora]
     rows: list[dict] = []
+    windows = [0]  # the run's, from its "computing over" line: at the last one, its summary says it all
 
     def decided(line: str) -> bool:
+        if m := KL_CHUNKS.search(line):
+            windows[0] = int(m[1])
         row = running_kl(line, ctx)
-        why = None if row is None else stop(row)
+        why = None if row is None or row["windows"] >= windows[0] else stop(row)
         if why:
             rows.append({**row, "stopped_early": why})
         return bool(why)
