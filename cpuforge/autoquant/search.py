@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from cpuforge.autoquant.frontier import Frontier
 from cpuforge.evaluate.gate import Gate
+from cpuforge.evaluate.perplexity import ppl_increase_pct
 
 KL_MARGIN = 0.85
 RESOLUTION = 0.01
@@ -75,7 +76,7 @@ def decided_early(gate: Gate, figures: dict) -> str | None:
     of quant_types."""
     if figures["windows"] < MIN_WINDOWS:
         return None
-    increase_pct = (figures["perplexity"] / figures["f16_perplexity"] - 1) * 100
+    increase_pct = ppl_increase_pct(figures)
     if figures["kl_divergence"] > CLEAR * gate.max_kl_divergence or increase_pct > CLEAR * gate.max_ppl_increase_pct:
         return "a clear miss"
     if CLEAR * gate.kl_bound(figures) <= gate.max_kl_divergence and CLEAR * increase_pct <= gate.max_ppl_increase_pct:

@@ -42,7 +42,7 @@ from cpuforge.errors import GateError
 from cpuforge.evaluate.bench import bench_side_by_side
 from cpuforge.evaluate.fidelity import compare
 from cpuforge.evaluate.gate import Gate
-from cpuforge.evaluate.perplexity import kl_divergence
+from cpuforge.evaluate.perplexity import kl_divergence, ppl_increase_pct
 from cpuforge.evaluate.task import fidelity_gguf
 from cpuforge.io.gguf import read_header, row_bytes
 from cpuforge.llama.ggml import ggml_type, type_name
@@ -159,12 +159,12 @@ def measure_speed(inp: Inputs, candidates: list[dict]) -> None:
         c.update(row)
 
 
-def measure_kl(inp: Inputs, gguf: Path, stop: Callable[[dict], bool] | None) -> dict:
+def measure_kl(inp: Inputs, gguf: Path, stop: Callable[[dict], object] | None) -> dict:
     """A file's KL divergence figures against the f16 logits (the perplexity among them)."""
     kl = kl_divergence(inp.llama_bin, gguf, inp.logits, inp.ctx, inp.threads, stop=stop)
     return {"kl": kl, "kl_divergence": kl["kl_divergence"], "kl_divergence_err": kl.get("kl_divergence_err", 0.0),
             "top1_agreement": kl["top1_agreement"],
-            "ppl_increase_pct": (kl["perplexity"] / kl["f16_perplexity"] - 1) * 100}  # fmt: skip
+            "ppl_increase_pct": ppl_increase_pct(kl)}  # fmt: skip
 
 
 def measure_fidelity(inp: Inputs, gguf: Path) -> dict:

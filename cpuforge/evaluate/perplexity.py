@@ -166,6 +166,11 @@ def running_kl(line: str, ctx: int) -> dict | None:
             "scored_tokens": scored_tokens(windows, ctx)}  # fmt: skip
 
 
+def ppl_increase_pct(figures: dict) -> float:
+    """A KL run's perplexity over the f16 GGUF's, as an increase in percent."""
+    return (figures["perplexity"] / figures["f16_perplexity"] - 1) * 100
+
+
 def kl_divergence(bin_dir: Path, gguf: Path, logits: Path, ctx: int, threads: int, loras: list[Path] = (),
                   stop: Callable[[dict], object] | None = None) -> dict:  # fmt: skip
     """`gguf` against the saved f16 log-probabilities; with `loras`, GGUF LoRA adapters applied to it at run
