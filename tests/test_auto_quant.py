@@ -454,5 +454,6 @@ def test_a_screen_file_is_planned_as_llama_quantize_writes_and_benches_as_a_cut(
     assert last > 0 and set(screen.tensors) == set(kept)
     assert all(type_name(ggml_type(t.type)) == plan[kept[n]] for n, t in screen.tensors.items())
     assert read_metadata(tmp_path / "screen.gguf", ["llama.block_count"]) == {"llama.block_count": 1}
-    (row,) = bench_side_by_side(llama_bin, [tmp_path / "screen.gguf"], 1, 4, 1)
-    assert row["tg_tps"] > 0
+    (row,) = bench_side_by_side(llama_bin, [tmp_path / "screen.gguf"], 1, 4, 2)
+    # four tokens of a one-layer tiny model take far less than a second: timed again, generating more
+    assert row["tg_tps"] > 0 and row["tg_tokens"] > 4 and "tg_tps_std" in row

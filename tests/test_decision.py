@@ -19,6 +19,7 @@ from cpuforge.autoquant.decide import (
     shared_run,
 )
 from cpuforge.errors import InputError
+from cpuforge.evaluate.bench import lasting_tokens, over_rounds, turned
 from cpuforge.evaluate.fidelity import (
     certifies,
     compare,
@@ -204,6 +205,24 @@ def test_a_difference_inside_the_runs_noise_is_a_tie():
     a["tg_tps_std"], b["tg_tps_std"] = 12.0, 16.0  # combined 20: the difference is inside the noise
     assert not faster(a, b, 0.05) and choose([a, b], "speed", 0.05) is b
     assert faster({**a, "tg_tps": 101.0}, b, 0.05)
+
+
+def test_a_speed_is_timed_over_repetitions_of_at_least_a_second_where_a_few_hundred_tokens_allow():
+    assert lasting_tokens(32, 100.0) == 128  # 0.32 s a repetition: four times as many tokens
+    assert lasting_tokens(32, 32.0) == 32  # exactly a second
+    assert lasting_tokens(32, 20.0) == 32  # a 7B file: 1.6 s already
+    assert lasting_tokens(32, 270.0) == 256  # nine times would be 288: a tiny model stops at 256
+    assert lasting_tokens(300, 5000.0) == 300  # never fewer than asked
+
+
+def test_side_by_side_rounds_turn_the_files_order_and_a_files_speed_is_its_rounds_mean():
+    files = [Path(f"{i}.gguf") for i in range(5)]
+    assert [turned(files, r, 3) for r in range(3)] == [files, files[1:] + files[:1], files[3:] + files[:3]]
+    assert turned(files, 0, 1) == files
+    row = over_rounds([{"tg_tps": 100.0}, {"tg_tps": 110.0}, {"tg_tps": 120.0}])
+    assert row == {"tg_tps": 110.0, "tg_tps_std": 10.0}
+    assert over_rounds([{"pp_tps": 900.0, "tg_tps": 100.0}]) == {"pp_tps": 900.0, "pp_tps_std": 0.0, "tg_tps": 100.0,
+                                                               "tg_tps_std": 0.0}  # fmt: skip
 
 
 def test_the_f16_answers_are_read_as_eval_task_keeps_them_and_an_old_or_short_record_is_refused(tmp_path):

@@ -69,7 +69,7 @@ class Inputs:
     gate: Gate
     objective: str
     tolerance: float  # speeds within this fraction of the faster are a tie
-    gen_tokens: int  # llama-bench's generation test
+    gen_tokens: int  # llama-bench's generation test, at least (bench_side_by_side)
     repetitions: int
     reference: dict | None  # the f16 GGUF's answers as token ids, and which are right (evaluate.task.read_answers)
     given: dict[str, Path] = field(default_factory=dict)  # candidate name -> the workflow's file of a listed type
@@ -148,7 +148,8 @@ def measure_screen(inp: Inputs, candidates: list[dict]) -> None:
         for path in files:
             path.unlink(missing_ok=True)
     for c, row in zip(candidates, rows, strict=True):
-        c.update(screen_tg_tps=row["tg_tps"], screen_tg_tps_std=row["tg_tps_std"], screen_layers=len(layers))
+        c.update(screen_tg_tps=row["tg_tps"], screen_tg_tps_std=row["tg_tps_std"], screen_tg_tokens=row["tg_tokens"],
+                 screen_layers=len(layers))  # fmt: skip
 
 
 def measure_speed(inp: Inputs, candidates: list[dict]) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,11 @@ from cpuforge.errors import InputError
 from cpuforge.llama.runtime import LOAD_MODE, check_threads
 
 log = logging.getLogger(__name__)
+
+# A generation repetition shorter than this is timed mostly as the machine's jitter: on a 2-core machine two
+# files' order flipped from run to run at 0.15 s a repetition, and held at 2 s.
+MIN_REPETITION_SECONDS = 1.0
+MAX_GEN_TOKENS = 256  # a tiny model's repetitions stay short, rather than long contexts of it
 
 
 def parse_threads(text: str) -> list[int]:
@@ -60,14 +67,49 @@ def bench(bin_dir: Path, gguf: Path, threads: list[int], prompt_tokens: int, gen
 
 def bench_side_by_side(bin_dir: Path, files: list[Path], threads: int, gen_tokens: int, repetitions: int,
                        prompt_tokens: int = 0) -> list[dict]:  # fmt: skip
-    """Generation speed (and with `prompt_tokens`, prompt processing's) of several GGUF files in one llama-bench
-    run, one after another at `threads`: the only way their speeds compare on a noisy machine. One row per
-    file: mean and standard deviation of tokens/s."""
-    measured = llama_bench(bin_dir, files, [threads], prompt_tokens, gen_tokens, repetitions)
-    rows = [measured[(str(f), threads)] for f in files]
+    """Generation speed (and with `prompt_tokens`, prompt processing's) of several GGUF files side by side at
+    `threads`, the only way their speeds compare on a noisy machine: `repetitions` rounds, each one llama-bench
+    run over every file once, the order turned a step each round (turned), so a machine that slows down or
+    speeds up during the runs moves every file alike. Where a repetition of `gen_tokens` lasts under
+    MIN_REPETITION_SECONDS on the fastest file of the first round, the rounds start again generating enough
+    more (lasting_tokens). One row per file: mean and standard deviation of tokens/s over the rounds, and the
+    tokens each generated (`tg_tokens`)."""
+    rounds = [llama_bench(bin_dir, files, [threads], prompt_tokens, gen_tokens, 1)]
+    fastest = max(row["tg_tps"] for row in rounds[0].values())
+    if (longer := lasting_tokens(gen_tokens, fastest)) > gen_tokens:
+        log.info("%d tokens last %.2f s on the fastest file, too short to time: measured again generating %d",
+                 gen_tokens, gen_tokens / fastest, longer)  # fmt: skip
+        rounds, gen_tokens = [], longer
+    while len(rounds) < repetitions:
+        order = turned(files, len(rounds), repetitions)
+        rounds.append(llama_bench(bin_dir, order, [threads], prompt_tokens, gen_tokens, 1))
+    rows = [{**over_rounds([r[(str(f), threads)] for r in rounds]), "tg_tokens": gen_tokens} for f in files]
     for f, row in zip(files, rows, strict=True):
         log.info("%s: tg %.1f ± %.1f t/s", f.name, row["tg_tps"], row["tg_tps_std"])
     return rows
+
+
+def turned(files: list[Path], round_: int, rounds: int) -> list[Path]:
+    """The files in round `round_` of `rounds`: the list turned by that share of its length."""
+    step = round_ * len(files) // rounds
+    return files[step:] + files[:step]
+
+
+def over_rounds(runs: list[dict]) -> dict:
+    """One file's tokens/s of every round: each test's mean and standard deviation (0 for one round)."""
+    row = {}
+    for key in ("pp_tps", "tg_tps"):
+        if key in runs[0]:
+            values = [run[key] for run in runs]
+            row[key], row[f"{key}_std"] = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return row
+
+
+def lasting_tokens(gen_tokens: int, tps: float) -> int:
+    """The tokens a generation repetition needs at `tps` tokens/s to last MIN_REPETITION_SECONDS: a multiple of
+    `gen_tokens`, never fewer, and no more than MAX_GEN_TOKENS unless `gen_tokens` is."""
+    times = math.ceil(MIN_REPETITION_SECONDS * tps / gen_tokens)
+    return max(gen_tokens, min(times * gen_tokens, MAX_GEN_TOKENS))
 
 
 def fewest_threads(runs: list[dict], key: str, tolerance_pct: float) -> int:

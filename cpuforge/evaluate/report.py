@@ -143,7 +143,8 @@ def auto_quant_html(auto: dict | None) -> str:
     )  # fmt: skip
     b = auto["bench"]
     return (f"<p>Objective: {html.escape(auto['objective'])}; speeds from llama-bench on {html.escape(b['cpu'])} "
-            f"({html.escape(b['backend'])}), {b['threads']} threads, {b['gen_tokens']} tokens × {b['repetitions']}, "
+            f"({html.escape(b['backend'])}), {b['threads']} threads, {b['repetitions']} rounds of at least "
+            f"{b['gen_tokens']} tokens, "
             f"side by side: every candidate on its screen file (its types on an evenly spaced cut of the layers, "
             f"nothing quantized), the passing ones again whole; speeds within {auto['tolerance'] * 100:g} % of one "
             f"run are a tie. {len(auto['candidates'])} "
