@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # A generation repetition shorter than this is timed mostly as the machine's jitter: on a 2-core machine two
 # files' order flipped from run to run at 0.15 s a repetition, and held at 2 s.
 MIN_REPETITION_SECONDS = 1.0
-MAX_GEN_TOKENS = 256  # a tiny model's repetitions stay short, rather than long contexts of it
+MAX_GEN_TOKENS = 256  # the most lasting_tokens asks for: a tiny model's repetition stays under a second
 
 
 def parse_threads(text: str) -> list[int]:
